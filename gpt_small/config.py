@@ -1,0 +1,285 @@
+"""Configuration as data: the model and training dataclasses, the preset table, TOML in and out.
+
+No torch here, so `gpt-small info` and config checks stay instant. Every default lives in exactly
+one place: the dataclass field. Presets list only what differs from those defaults. CLI flags,
+`--set key=value` and TOML files are all applied through `apply_overrides`, which parses each value
+by the field's type and names any unknown key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+from .errors import ConfigError
+
+ACTIVATIONS = ("relu", "gelu", "relu2")
+POS_ENCODINGS = ("learned", "sinusoidal", "rope")
+
+
+@dataclass(kw_only=True)
+class GPTConfig:
+    """Shape of a decoder-only transformer."""
+
+    vocab_size: int = 128  # tokens in the vocabulary (set from the tokenizer when training)
+    block_size: int = 256  # longest context, in tokens
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads per block
+    n_embd: int = 384  # residual stream width
+    dropout: float = 0.0  # dropout on attention weights, residual branches and embeddings
+    bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2 has them)
+    activation: Literal["relu", "gelu", "relu2"] = "relu"  # feed-forward non-linearity
+    mlp_ratio: int = 4  # feed-forward hidden width = mlp_ratio * n_embd
+    pos_encoding: Literal["learned", "sinusoidal", "rope"] = "learned"  # where positions come from
+    rope_theta: float = 10000.0  # RoPE base: angle of pair j is pos / theta^(2j/head_size)
+    tie_embeddings: bool = True  # the output head shares the token embedding matrix
+    qk_norm: bool = False  # LayerNorm on each head's queries and keys before attention
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.pos_encoding not in POS_ENCODINGS:
+            raise ConfigError(
+                f"pos_encoding must be one of {', '.join(POS_ENCODINGS)}, got {self.pos_encoding!r}"
+            )
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.pos_encoding == "rope" and self.head_size % 2:
+            raise ConfigError(f"rope needs an even head size, got n_embd/n_head = {self.head_size}")
+        if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
+            raise ConfigError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "GPTConfig":
+        """The named preset with `overrides` applied (`GPTConfig.from_preset("tiny", pos_encoding="rope")`)."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+        return from_dict(cls, d)
+
+    # --- closed-form sizes, used by `info`, MFU and the parameter-count tests ---
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count from the shape alone (equals the built model's)."""
+        C, V, L = self.n_embd, self.vocab_size, self.n_layer
+        H = self.mlp_ratio * C
+        b = 1 if self.bias else 0
+        ln = 2 * C if self.bias else C  # weight (+ bias)
+        attn = C * 3 * C + b * 3 * C + C * C + b * C
+        mlp = C * H + b * H + H * C + b * C
+        qk = 2 * (2 * self.head_size if self.bias else self.head_size) if self.qk_norm else 0
+        block = 2 * ln + attn + mlp + qk
+        wte = V * C
+        wpe = self.block_size * C if self.pos_encoding == "learned" else 0
+        head = 0 if self.tie_embeddings else V * C
+        total = wte + wpe + L * block + ln + head
+        if non_embedding:  # as in nanoGPT/Kaplan: without the token and position tables
+            total -= wte + wpe
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token: 6N for the matmuls plus attention's 6 * L * T * C (PaLM appendix B).
+
+        N counts every matrix that is multiplied (the output head included, the embedding lookups
+        not). T is the context; the causal mask halves nothing here, as is the convention for MFU.
+        """
+        T = seq_len or self.block_size
+        N = self.num_params(non_embedding=True) + self.vocab_size * self.n_embd
+        return 6 * N + 6 * self.n_layer * T * self.n_embd
+
+
+# Only what differs from the GPTConfig defaults. Parameter counts are in the README (`gpt-small info`).
+PRESETS: dict[str, dict[str, Any]] = {
+    # A debug size for the tests: a training step takes milliseconds.
+    "tiny": dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32),
+    # nanoGPT's "baby" shape (anchors.md shape A).
+    "baby": dict(block_size=64, n_layer=4, n_head=4, n_embd=128),
+    # The CPU preset that `make poem` trains in ten minutes on two cores (tuned in configs/poem-cpu.toml).
+    "poem-cpu": dict(
+        block_size=128, n_layer=4, n_head=4, n_embd=192, activation="relu2",
+        pos_encoding="rope", bias=False, tie_embeddings=False, qk_norm=True,
+    ),
+    # nanoGPT's shakespeare_char shape (anchors.md shape B).
+    "shakespeare-char": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+    # The original project's model: 12 layers, 16 heads of 64, 1024 wide, ReLU, learned positions.
+    "small-150m": dict(vocab_size=118, block_size=512, n_layer=12, n_head=16, n_embd=1024),
+    # Exactly OpenAI's GPT-2 small: 124,439,808 parameters.
+    "gpt2-124m": dict(
+        vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, activation="gelu",
+    ),
+}
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """How to train: optimisation, schedule, budget, evaluation and checkpoints."""
+
+    batch_size: int = 12  # sequences per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the decay
+    warmup_steps: int = 100  # linear warm-up from 0 to lr
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"  # decay shape after warm-up
+    decay_frac: float = 0.2  # wsd only: the last fraction of the run that decays linearly to min_lr
+    weight_decay: float = 0.1  # AdamW decay on matrices (never on norms, biases, position tables)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the gradient norm to this (0 = off)
+    max_steps: int = 5000  # optimizer steps (the schedule's length)
+    max_time: float = 0.0  # wall-clock budget in seconds (0 = none); stops early, schedule follows time
+    eval_interval: int = 250  # steps between evaluations
+    eval_batches: int = 20  # batches in each interval evaluation (fixed windows of the val split)
+    log_interval: int = 10  # steps between metrics.jsonl lines
+    checkpoint_interval: int = 500  # steps between checkpoints (also at the end and on SIGINT/SIGTERM)
+    final_eval: bool = True  # evaluate the whole validation split at the end
+    seed: int = 1337  # seeds the weights, the data order and dropout
+    device: str = "auto"  # auto = cuda, then mps, then cpu
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model
+    threads: int = 0  # CPU threads for torch (0 = the cores this process may use)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
+                     "log_interval", "checkpoint_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr!r}")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
+        if not 0 < self.decay_frac <= 1:
+            raise ConfigError(f"decay_frac must be in (0, 1], got {self.decay_frac!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
+        if self.max_time < 0:
+            raise ConfigError(f"max_time must be >= 0 seconds, got {self.max_time!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device must be auto, cpu, mps or cuda[:N], got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- building configs from dicts, TOML and key=value strings ---
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def parse_value(cls: type, key: str, raw: Any) -> Any:
+    """Convert `raw` (a string from the command line, or a TOML value) to the type of `cls.key`."""
+    types = _field_types(cls)
+    if key not in types:
+        raise ConfigError(f"unknown {cls.__name__} key {key!r}; known keys: {', '.join(types)}")
+    typ = types[key]
+    if getattr(typ, "__origin__", None) is Literal:
+        choices = get_args(typ)
+        if raw not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {raw!r}")
+        return raw
+    if not isinstance(raw, str):
+        if typ is float and isinstance(raw, int) and not isinstance(raw, bool):
+            return float(raw)
+        if typ is bool and not isinstance(raw, bool) or typ is int and isinstance(raw, bool):
+            raise ConfigError(f"{key} must be a {typ.__name__}, got {raw!r}")
+        if not isinstance(raw, typ):
+            raise ConfigError(f"{key} must be a {typ.__name__}, got {raw!r}")
+        return raw
+    try:
+        if typ is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is float and key == "max_time":
+            return parse_duration(raw)
+        return typ(raw)
+    except ValueError:
+        raise ConfigError(f"{key} must be a {typ.__name__}, got {raw!r}") from None
+
+
+def parse_duration(text: str) -> float:
+    """'90' or '90s' -> 90.0, '10m' -> 600.0, '1.5h' -> 5400.0."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(text))
+    if not m:
+        raise ConfigError(f"max_time must look like 600, 600s, 10m or 1.5h, got {text!r}")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def from_dict(cls: type, d: dict[str, Any]) -> Any:
+    return cls(**{k: parse_value(cls, k, v) for k, v in d.items()})
+
+
+def apply_overrides(obj: Any, overrides: dict[str, Any]) -> Any:
+    """A copy of dataclass `obj` with `overrides` parsed and applied (checks run again)."""
+    parsed = {k: parse_value(type(obj), k, v) for k, v in overrides.items()}
+    return dataclasses.replace(obj, **parsed)
+
+
+def parse_set_args(items: list[str]) -> dict[str, str]:
+    """['lr=3e-4', 'model.n_layer=8'] -> {'lr': '3e-4', 'model.n_layer': '8'}."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file as data: {'preset': ..., 'model': {...}, 'train': {...}}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    unknown = set(data) - {"preset", "model", "train"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; use preset, [model], [train]")
+    return data
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
