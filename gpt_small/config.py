@@ -107,7 +107,9 @@ class GPTConfig:
         not). T is the context; the causal mask halves nothing here, as is the convention for MFU.
         """
         T = seq_len or self.block_size
-        N = self.num_params(non_embedding=True) + self.vocab_size * self.n_embd
+        N = self.num_params(non_embedding=True)  # includes an untied head already
+        if self.tie_embeddings:  # the tied head is the wte matrix that non_embedding left out
+            N += self.vocab_size * self.n_embd
         return 6 * N + 6 * self.n_layer * T * self.n_embd
 
 
@@ -283,3 +285,33 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 def dump_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
+def resolve_configs(*, preset: str | None = None, config_file: str | Path | None = None,
+                    model_overrides: dict[str, Any] | None = None, train_overrides: dict[str, Any] | None = None,
+                    sets: list[str] | None = None) -> tuple[str, GPTConfig, TrainConfig]:
+    """preset < config file < flags < --set. Returns (preset name, model config, train config).
+
+    `--set` keys may be qualified (`model.n_layer=8`, `train.lr=3e-4`) or bare (`lr=3e-4`); a bare
+    key goes to whichever config has that field.
+    """
+    file = load_toml(config_file) if config_file else {}
+    name = preset or file.get("preset") or "poem-cpu"
+    model_kv: dict[str, Any] = dict(file.get("model", {}))
+    train_kv: dict[str, Any] = dict(file.get("train", {}))
+    model_kv.update(model_overrides or {})
+    train_kv.update(train_overrides or {})
+    model_fields = {f.name for f in fields(GPTConfig)}
+    train_fields = {f.name for f in fields(TrainConfig)}
+    for key, value in parse_set_args(sets or []).items():
+        section, _, bare = key.rpartition(".")
+        if section == "model" or (not section and bare in model_fields):
+            model_kv[bare] = value
+        elif section == "train" or (not section and bare in train_fields):
+            train_kv[bare] = value
+        else:
+            raise ConfigError(f"unknown --set key {key!r}; keys are GPTConfig fields ({', '.join(sorted(model_fields))}) "
+                              f"or TrainConfig fields ({', '.join(sorted(train_fields))})")
+    model = apply_overrides(GPTConfig.from_preset(name), model_kv)
+    train = apply_overrides(TrainConfig(), train_kv)
+    return name, model, train

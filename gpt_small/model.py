@@ -1,0 +1,221 @@
+"""The GPT: a decoder-only transformer of pre-norm blocks, nothing else.
+
+Names follow nanoGPT and Hugging Face's GPT-2 (`transformer.wte`, `transformer.h.0.attn.c_attn`,
+...), so weights map one to one onto `GPT2LMHeadModel` (whose Conv1D stores them transposed).
+The model knows nothing about files, devices, DDP or compile: those wrap it from outside.
+
+Shapes: B batch, T time (tokens), C = n_embd, nh = n_head, hs = head size.
+
+KV cache (gpt-fast style): `setup_kv_cache(batch_size, max_seq_len)` preallocates a key and value
+buffer per layer; `forward(idx, input_pos=pos)` then writes the new keys/values at `pos` and attends
+to everything cached up to the last position. `clear_kv_cache()` frees them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import overload
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import GPTConfig
+from .positional import LearnedPositions, RotaryEmbedding, SinusoidalPositions
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size: int, n_head: int, max_seq_len: int, head_size: int,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        shape = (batch_size, n_head, max_seq_len, head_size)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, nh, T, hs) at positions pos (T,); return the cache up to pos[-1] inclusive."""
+        B = k.shape[0]
+        self.k[:B, :, pos] = k
+        self.v[:B, :, pos] = v
+        end = int(pos[-1]) + 1
+        return self.k[:B, :, :end], self.v[:B, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        C = config.n_embd
+        self.n_head = config.n_head
+        self.head_size = config.head_size
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(C, C, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:
+            self.q_norm = nn.LayerNorm(self.head_size, bias=config.bias)
+            self.k_norm = nn.LayerNorm(self.head_size, bias=config.bias)
+        else:
+            self.q_norm = self.k_norm = None
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, pos: Tensor, rope: RotaryEmbedding | None, cached: bool) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q, k, pos)
+
+        mask, is_causal = None, True
+        if cached:
+            k, v = self.kv_cache.update(pos, k, v)  # (B, nh, end, hs)
+            if T == 1:  # one new token sees the whole cache
+                is_causal = False
+            elif int(pos[0]) != 0:  # a chunk after a prefix: query at pos[i] sees keys 0..pos[i]
+                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= pos[:, None]  # (T, end)
+                is_causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = config.mlp_ratio * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.activation = config.activation
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.c_fc(x)
+        if self.activation == "relu":
+            h = F.relu(h)
+        elif self.activation == "gelu":
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        else:  # relu2: squared ReLU (Primer, So et al. 2021)
+            h = F.relu(h).square()
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, pos: Tensor, rope: RotaryEmbedding | None, cached: bool) -> Tensor:
+        x = x + self.attn(self.ln_1(x), pos, rope, cached)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, C),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(C, bias=config.bias),
+        ))
+        if config.pos_encoding == "learned":
+            self.transformer["wpe"] = LearnedPositions(config.block_size, C)
+        elif config.pos_encoding == "sinusoidal":
+            self.transformer["wpe"] = SinusoidalPositions(config.block_size, C)
+        self.rope = (RotaryEmbedding(config.head_size, config.block_size, config.rope_theta)
+                     if config.pos_encoding == "rope" else None)
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            elif p.dim() >= 2:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+            elif "ln" in name or "norm" in name:
+                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+            else:  # biases
+                nn.init.zeros_(p)
+        if self.config.pos_encoding == "learned":
+            nn.init.normal_(self.transformer.wpe.weight, mean=0.0, std=0.01)  # as GPT-2
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters of the built model (a tied head counts once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel()
+            if self.config.pos_encoding == "learned":
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    @overload
+    def forward(self, idx: Tensor, targets: None = None, *, input_pos: Tensor | None = None) -> Tensor: ...
+    @overload
+    def forward(self, idx: Tensor, targets: Tensor, *, input_pos: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
+
+    def forward(self, idx, targets=None, *, input_pos=None):
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T) also the mean cross-entropy.
+
+        input_pos (T,) are the absolute positions of idx when decoding with the KV cache; without it
+        the positions are 0..T-1 and no cache is used.
+        """
+        B, T = idx.shape
+        cached = input_pos is not None
+        if cached:
+            if self.transformer.h[0].attn.kv_cache is None:
+                raise RuntimeError("input_pos given but no KV cache: call setup_kv_cache() first")
+            pos = input_pos
+        else:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+            pos = torch.arange(T, device=idx.device)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:
+            if isinstance(self.transformer.wpe, LearnedPositions) and int(pos[-1]) >= self.config.block_size:
+                raise ValueError(f"position {int(pos[-1])} is past the learned table of {self.config.block_size}")
+            x = x + self.transformer.wpe(pos).to(x.dtype)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, pos, self.rope, cached)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # --- KV cache for generation ---
+
+    def setup_kv_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Preallocate a key/value cache per layer for `batch_size` sequences of `max_seq_len` tokens."""
+        if self.config.pos_encoding == "learned" and max_seq_len > self.config.block_size:
+            max_seq_len = self.config.block_size  # learned positions never go further
+        p = self.transformer.wte.weight
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_seq_len, self.config.head_size,
+                                          dtype or p.dtype, p.device)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    @property
+    def kv_cache_len(self) -> int:
+        cache = self.transformer.h[0].attn.kv_cache
+        return 0 if cache is None else cache.k.shape[2]

@@ -1,0 +1,83 @@
+"""`gpt-small info` and the CLI shell: JSON output, one-line errors with exit code 2, `--help` listing
+every verb, and no torch import for a command that only does arithmetic on a config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gpt_small.cli import VERBS, main
+from gpt_small.config import GPTConfig
+
+
+def test_info_json_gpt2(capsys):
+    assert main(["info", "--preset", "gpt2-124m", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["preset"] == "gpt2-124m"
+    assert out["params"] == 124_439_808
+    assert out["non_embedding_params"] == 85_056_000
+    assert out["config"] == GPTConfig.from_preset("gpt2-124m").to_dict()
+    assert out["train_flops_per_token"] == GPTConfig.from_preset("gpt2-124m").flops_per_token()
+
+
+def test_info_text(capsys):
+    assert main(["info", "--preset", "gpt2-124m"]) == 0
+    out = capsys.readouterr().out
+    assert "124,439,808" in out and "gelu" in out
+
+
+def test_info_overrides(capsys):
+    assert main(["info", "--preset", "tiny", "--pos", "rope", "--vocab-size", "100",
+                 "--set", "n_layer=3", "--set", "qk_norm=true", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    cfg = GPTConfig.from_preset("tiny", pos_encoding="rope", vocab_size=100, n_layer=3, qk_norm=True)
+    assert out["config"] == cfg.to_dict()
+    assert out["params"] == cfg.num_params()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["info", "--preset", "nope"], ["nope", "tiny"]),
+    (["info", "--preset", "tiny", "--set", "bogus=1"], ["bogus"]),
+    (["info", "--preset", "tiny", "--set", "n_layer"], ["key=value"]),
+    (["info", "--preset", "tiny", "--pos", "alibi"], ["pos_encoding", "alibi"]),
+    (["info", "--preset", "tiny", "--set", "n_head=5"], ["n_embd"]),
+])
+def test_info_errors_are_one_line(capsys, argv, words):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("gpt-small info: error: ")
+    assert all(w in lines[0] for w in words), lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_help_lists_every_verb(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "info" in out
+    for verb in VERBS:
+        assert verb in out, verb
+
+
+def test_verb_help_and_usage_errors(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["info", "--help"])
+    assert info.value.code == 0 and "--preset" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main([])  # a verb is required: argparse's usage error
+    assert info.value.code == 2
+
+
+def test_info_does_not_import_torch():
+    code = ("import sys; from gpt_small.cli import main; rc = main(['info', '--preset', 'tiny', '--json']); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["params"] == GPTConfig.from_preset("tiny").num_params()

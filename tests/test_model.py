@@ -1,0 +1,239 @@
+"""The GPT against references: Hugging Face's GPT-2 logits, the closed-form parameter count, causal
+masking, cached decoding equal to the uncached forward, a safetensors round trip, and a tiny model
+that memorises one batch. All on the CPU in float32, seeded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt_small import GPT, GPTConfig
+from gpt_small.config import PRESETS
+
+ENCODINGS = ["learned", "sinusoidal", "rope"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These models are too small to gain from threads, and on a busy 2-core machine two spinning
+    # threads made the overfit test 10x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig.from_preset("tiny", **overrides)).eval()
+
+
+def tokens(B: int, T: int, vocab_size: int = 64, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- parameter counts
+
+@pytest.mark.parametrize("enc", ENCODINGS)
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_built_model_matches_closed_form_count(name, enc):
+    cfg = GPTConfig.from_preset(name, pos_encoding=enc)
+    with torch.device("meta"):  # shapes only: the 150M presets build in milliseconds
+        model = GPT(cfg)
+    assert model.num_params() == cfg.num_params()
+    assert model.num_params(non_embedding=True) == cfg.num_params(non_embedding=True)
+
+
+@pytest.mark.parametrize("bias, tie, qk_norm", [(True, True, False), (False, False, True), (True, False, True)])
+@pytest.mark.parametrize("enc", ENCODINGS)
+def test_built_tiny_model_counts(enc, bias, tie, qk_norm):
+    cfg = GPTConfig.from_preset("tiny", pos_encoding=enc, bias=bias, tie_embeddings=tie, qk_norm=qk_norm)
+    model = GPT(cfg)
+    assert model.num_params() == cfg.num_params()
+    assert model.num_params(non_embedding=True) == cfg.num_params(non_embedding=True)
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tie
+
+
+def test_gpt2_124m_built_for_real():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("gpt2-124m"))
+    assert model.num_params() == 124_439_808
+    # GPT-2 initialisation: N(0, 0.02), residual projections shrunk by 1/sqrt(2 * n_layer), wpe N(0, 0.01)
+    assert model.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert model.transformer.h[0].attn.c_proj.weight.std().item() == pytest.approx(0.02 / 24**0.5, rel=0.02)
+    assert model.transformer.wpe.weight.std().item() == pytest.approx(0.01, rel=0.02)
+    assert torch.equal(model.transformer.h[0].ln_1.weight, torch.ones(768))
+
+
+# ---------------------------------------------------------------- Hugging Face reference
+
+def test_logits_equal_huggingface_gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=64, activation="gelu",
+                    pos_encoding="learned", bias=True, tie_embeddings=True)
+    torch.manual_seed(0)
+    ours = GPT(cfg).eval()
+    with torch.no_grad():  # non-zero biases and norms, so a skipped copy shows up
+        for name, p in ours.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=97, n_positions=32, n_embd=64, n_layer=2, n_head=4, activation_function="gelu_new",
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=0, attn_implementation="eager",  # the plain softmax(QK^T)V reference
+    )
+    torch.manual_seed(1)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    assert hf.config._attn_implementation == "eager"
+    assert hf.num_parameters() == ours.num_params() == cfg.num_params()
+
+    idx = tokens(3, 32, vocab_size=97)
+    with torch.no_grad():
+        expected_before = hf(idx).logits
+    assert not torch.allclose(ours(idx), expected_before, atol=1e-3)  # a no-op copy would fail below
+
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    ours_sd = ours.state_dict()
+    hf_sd = hf.state_dict()
+    assert set(hf_sd) == set(ours_sd)  # same names, one to one
+    with torch.no_grad():
+        for name, t in hf_sd.items():
+            src = ours_sd[name]
+            t.copy_(src.t() if name.endswith(conv1d) else src)  # HF's Conv1D stores (in, out)
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got = ours(idx)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- causality
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("enc", ENCODINGS)
+def test_future_tokens_do_not_change_past_logits(enc, qk_norm):
+    model = tiny_model(pos_encoding=enc, qk_norm=qk_norm)
+    idx = tokens(2, 24)
+    with torch.no_grad():
+        base = model(idx)
+        for t in (0, 7, 23):
+            changed = idx.clone()
+            changed[:, t] = (changed[:, t] + 1) % 64
+            out = model(changed)
+            torch.testing.assert_close(out[:, :t], base[:, :t], atol=1e-6, rtol=0)
+            assert (out[:, t] - base[:, t]).abs().max() > 1e-3, t
+            if t + 1 < idx.shape[1]:  # later positions attend to it (weakly, at initialisation)
+                assert (out[:, t + 1:] - base[:, t + 1:]).abs().max() > 1e-5, t
+
+
+# ---------------------------------------------------------------- forward contract
+
+def test_targets_give_mean_cross_entropy():
+    model = tiny_model(pos_encoding="rope")
+    idx, targets = tokens(2, 16), tokens(2, 16, seed=2)
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+        assert logits.shape == (2, 16, 64)
+        assert torch.equal(logits, model(idx))
+        torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 64), targets.reshape(-1)))
+        targets[:, :4] = -1  # ignored positions, as padding
+        _, masked = model(idx, targets)
+        torch.testing.assert_close(masked, F.cross_entropy(logits[:, 4:].reshape(-1, 64), targets[:, 4:].reshape(-1)))
+
+
+def test_learned_positions_reject_long_sequences():
+    model = tiny_model(pos_encoding="learned")
+    with pytest.raises(ValueError, match="block_size"):
+        model(tokens(1, 33))
+    model.setup_kv_cache(1, 64)
+    assert model.kv_cache_len == 32  # a learned table cannot go further, so neither does the cache
+    with pytest.raises(ValueError, match="32"):
+        model(tokens(1, 1), input_pos=torch.tensor([32]))
+
+
+def test_dropout_only_in_training():
+    model = tiny_model(dropout=0.5)
+    idx = tokens(2, 16)
+    with torch.no_grad():
+        assert torch.equal(model(idx), model(idx))
+        model.train()
+        assert not torch.equal(model(idx), model(idx))
+
+
+# ---------------------------------------------------------------- KV cache
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("enc", ENCODINGS)
+def test_cached_decoding_equals_uncached(enc, qk_norm):
+    model = tiny_model(pos_encoding=enc, qk_norm=qk_norm)
+    idx = tokens(2, 20)
+    with torch.no_grad():
+        full = model(idx)
+        model.setup_kv_cache(batch_size=4, max_seq_len=32)  # larger than needed: only [:B] is used
+        for attempt in range(2):  # a second request reuses the cache written by the first
+            parts = [model(idx[:, :10], input_pos=torch.arange(10)),  # prefill
+                     model(idx[:, 10:15], input_pos=torch.arange(10, 15))]  # a chunk after a prefix
+            parts += [model(idx[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(15, 20)]
+            torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+    model.clear_kv_cache()
+    assert model.kv_cache_len == 0
+    with pytest.raises(RuntimeError, match="setup_kv_cache"):
+        model(idx, input_pos=torch.arange(20))
+
+
+@pytest.mark.parametrize("enc", ["sinusoidal", "rope"])
+def test_fixed_encodings_decode_past_block_size(enc):
+    # Nothing in these models depends on block_size, so the same weights with a longer block_size
+    # give the reference for positions 32..39 that the tiny model's cache reaches by extension.
+    model = tiny_model(pos_encoding=enc)
+    longer = GPT(GPTConfig.from_preset("tiny", pos_encoding=enc, block_size=64)).eval()
+    longer.load_state_dict(model.state_dict())
+    idx = tokens(1, 40)
+    with torch.no_grad():
+        expected = longer(idx)
+        model.setup_kv_cache(1, 48)
+        parts = [model(idx[:, :30], input_pos=torch.arange(30))]
+        parts += [model(idx[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(30, 40)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), expected, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- safetensors
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_safetensors_round_trip(tmp_path, tie):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model = tiny_model(seed=0, pos_encoding="rope", qk_norm=True, tie_embeddings=tie)
+    path = tmp_path / "model.safetensors"
+    sd = model.state_dict()
+    if tie:  # safetensors refuses shared storage: save the head once, as wte
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    safetensors_torch.save_file(sd, str(path))
+
+    loaded = tiny_model(seed=1, pos_encoding="rope", qk_norm=True, tie_embeddings=tie)
+    idx = tokens(2, 32)
+    with torch.no_grad():
+        assert not torch.equal(loaded(idx), model(idx))
+        missing, unexpected = loaded.load_state_dict(safetensors_torch.load_file(str(path)), strict=False)
+        assert unexpected == [] and missing == (["lm_head.weight"] if tie else [])
+        assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == tie
+        assert torch.equal(loaded(idx), model(idx))
+
+
+# ---------------------------------------------------------------- end to end at toy scale
+
+@pytest.mark.parametrize("enc", ENCODINGS)
+def test_tiny_model_overfits_one_batch(enc):
+    model = tiny_model(pos_encoding=enc).train()
+    batch = tokens(4, 33)
+    x, y = batch[:, :-1], batch[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(300):
+        _, loss = model(x, y)
+        if loss.item() < 0.1:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
