@@ -1,0 +1,374 @@
+"""Prepared data: text -> `train.bin`, `val.bin`, `tokenizer.json`, `meta.json`; and batches from them.
+
+`prepare` writes a folder that training reads without the text, the corpus package or pandas:
+  train.bin, val.bin  token ids, native little-endian uint16 (uint32 when an id can exceed 65535)
+  tokenizer.json      see tokenizer.py
+  meta.json           source (name, sha256, bytes, chars, lines), split, token and character counts,
+                      chars per token, dtype, tokenizer, unknown characters in validation
+The split is by lines and deterministic: the last `val_fraction` of the lines (rounded, at least
+one) is validation; the char vocabulary and the BPE merges come from the training lines only.
+Text is streamed in chunks of whole lines, so memory stays bounded by the chunk size, not the text.
+Nothing is half-written: the folder is built as `<out>.tmp-XXXX` beside `out` and renamed at the
+end, so an interrupted prepare leaves no `out` that looks complete.
+
+`PreparedData` opens such a folder (memmaps); `BatchSampler` draws random windows from a split,
+rank-aware and resumable through `state_dict`; `eval_windows` is the fixed set used for
+interval evaluations. torch is imported only where tensors are made.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import __version__
+from .corpus import CHUNK_BYTES, CORPORA, corpus_path, iter_text_bytes, scan_text, source_files
+from .errors import GPTSmallError
+from .tokenizer import KINDS, Tokenizer, load_tokenizer, make_tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+# prepare cannot know the block_size training will use; it only refuses texts too small for any
+# model: 2 windows of 8+1 tokens to train on and one to validate on. Training checks its own
+# block_size against the split sizes (BatchSampler).
+MIN_WINDOW = 8
+MIN_TRAIN_TOKENS = 2 * (MIN_WINDOW + 1)
+MIN_VAL_TOKENS = MIN_WINDOW + 1
+SPLIT_RULE = "by lines: the last val_fraction of the lines (rounded, at least one) is validation"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id (0..vocab_size-1) fits in it, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def prepare(*, out: str | Path, corpus: str | None = None, text: str | Path | None = None,
+            tokenizer: str = "char", vocab_size: int | None = None, val_fraction: float = 0.1,
+            force: bool = False) -> dict[str, Any]:
+    """Tokenize a built-in corpus or the user's text into `out`; return the meta dict."""
+    t0 = time.perf_counter()
+    if (corpus is None) == (text is None):
+        raise GPTSmallError("give exactly one text source: --corpus NAME or --text PATH")
+    if tokenizer not in KINDS:
+        raise GPTSmallError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(KINDS)}")
+    if not 0.0 < val_fraction < 1.0:
+        raise GPTSmallError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    out = Path(out)
+    _check_out(out, force)  # before the work, not after minutes of it
+    if corpus is not None:
+        if corpus not in CORPORA:
+            raise GPTSmallError(f"unknown corpus {corpus!r}; built-in corpora: {', '.join(CORPORA)}")
+        path = corpus_path(corpus)
+        files, source, source_path = [path], corpus, str(path)
+    else:
+        files, source, source_path = source_files(text), str(text), str(Path(text).resolve())
+    stats = scan_text(files)
+    if stats.lines < 2:
+        raise GPTSmallError(f"{source} has 1 line; the split needs at least 2 (training lines, then validation lines)")
+    val_lines = min(stats.lines - 1, max(1, round(stats.lines * val_fraction)))
+    train_lines = stats.lines - val_lines
+    split = _line_offset(files, train_lines)
+
+    log.info("%s: %d lines, %.1f MB; making the %s tokenizer", source, stats.lines, stats.bytes / 1e6, tokenizer)
+    tok = make_tokenizer(tokenizer, _iter_lines(files, 0, split), vocab_size)
+    dtype = token_dtype(tok.vocab_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    try:
+        n_train, train_chars, _ = _write_tokens(tok, _iter_lines(files, 0, split), tmp / "train.bin", dtype)
+        n_val, val_chars, unknown = _write_tokens(tok, _iter_lines(files, split, stats.bytes), tmp / "val.bin",
+                                                  dtype, count_unknown=True)
+        if n_train < MIN_TRAIN_TOKENS:
+            raise GPTSmallError(f"text too small: the training split has {n_train} tokens, fewer than "
+                                f"{MIN_TRAIN_TOKENS} (two windows of {MIN_WINDOW}+1); give more text")
+        if n_val < MIN_VAL_TOKENS:
+            raise GPTSmallError(f"text too small: the validation split ({val_lines} lines) has {n_val} tokens, fewer "
+                                f"than one window of {MIN_WINDOW}+1 = {MIN_VAL_TOKENS}; give more text or a "
+                                "larger --val-fraction")
+        tok.save(tmp)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "source": source,
+            "source_kind": "corpus" if corpus is not None else "text",
+            "source_path": source_path,
+            "source_files": len(files),
+            "source_sha256": stats.sha256,
+            "source_bytes": stats.bytes,
+            "source_chars": stats.chars,
+            "source_lines": stats.lines,
+            "split": SPLIT_RULE,
+            "val_fraction": val_fraction,
+            "train_lines": train_lines,
+            "val_lines": val_lines,
+            "train_bytes": split,
+            "val_bytes": stats.bytes - split,
+            "tokenizer": tok.kind,
+            "vocab_size": tok.vocab_size,
+            "dtype": dtype.name,
+            "train_tokens": n_train,
+            "val_tokens": n_val,
+            "train_chars": train_chars,
+            "val_chars": val_chars,
+            "train_chars_per_token": train_chars / n_train,
+            "val_chars_per_token": val_chars / n_val,
+            "val_unknown_chars": sum(unknown.values()),
+            "val_unknown_top": dict(unknown.most_common(20)),
+            "created_by": f"gpt-small {__version__}",
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        with open(tmp / "meta.json", "w", encoding="utf-8") as f:  # last: its presence marks a whole folder
+            json.dump(meta, f, indent=2, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise GPTSmallError(f"--out {out} exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "meta.json").is_file():
+        raise GPTSmallError(f"--out {out} is not empty and holds no prepared data; refusing to replace it")
+    if not force:
+        raise GPTSmallError(f"--out {out} already holds prepared data; use --force to replace it")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    # A rename cannot replace a non-empty folder, so the old one steps aside first; between the
+    # two renames `out` is briefly absent, never half-written.
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # make the renames durable
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _line_offset(files: list[Path], n_lines: int) -> int:
+    """Byte offset just after the n-th newline of the joined text."""
+    pos, remaining = 0, n_lines
+    for block in iter_text_bytes(files, CHUNK_BYTES):
+        count = block.count(b"\n")
+        if count >= remaining:
+            newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == ord("\n"))
+            return pos + int(newlines[remaining - 1]) + 1
+        remaining -= count
+        pos += len(block)
+    raise AssertionError("fewer lines than counted")
+
+
+def _iter_lines(files: list[Path], start: int, end: int) -> Iterator[str]:
+    """Text of bytes [start, end) of the joined source, in chunks ending at newlines.
+
+    Cutting after b"\\n" never splits a UTF-8 character (0x0A occurs only as itself)."""
+    pos, buf = 0, b""
+    for block in iter_text_bytes(files, CHUNK_BYTES):
+        lo, pos = pos, pos + len(block)
+        if pos <= start:
+            continue
+        if lo >= end:
+            break
+        buf += block[max(0, start - lo) : end - lo]
+        if (cut := buf.rfind(b"\n") + 1) > 0:
+            yield buf[:cut].decode("utf-8")
+            buf = buf[cut:]
+    if buf:
+        yield buf.decode("utf-8")
+
+
+def _write_tokens(tok: Tokenizer, chunks: Iterable[str], path: Path, dtype: np.dtype,
+                  count_unknown: bool = False) -> tuple[int, int, collections.Counter[str]]:
+    """Encode the chunks into `path`; return (tokens, characters, unknown characters)."""
+    n_tokens, n_chars, unknown = 0, 0, collections.Counter()
+
+    def counted(chunks: Iterable[str]) -> Iterator[str]:
+        nonlocal n_chars
+        for chunk in chunks:
+            n_chars += len(chunk)
+            if count_unknown:
+                unknown.update(tok.count_unknown(chunk))
+            yield chunk
+
+    with open(path, "wb") as f:
+        for ids in tok.encode_stream(counted(chunks)):
+            ids.astype(dtype.newbyteorder("<")).tofile(f)
+            n_tokens += len(ids)
+        f.flush()
+        os.fsync(f.fileno())
+    return n_tokens, n_chars, unknown
+
+
+# ---------------------------------------------------------------- reading
+
+
+class PreparedData:
+    """A folder written by `prepare`: `.meta`, `.tokenizer`, and `.train` / `.val` as read-only memmaps."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise GPTSmallError(f"prepared data folder {self.directory} does not exist; make it with `gpt-small prepare`")
+        meta_path = self.directory / "meta.json"
+        if not meta_path.is_file():
+            raise GPTSmallError(f"{self.directory} holds no meta.json; it is not a folder made by `gpt-small prepare`")
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise GPTSmallError(f"{meta_path} is not valid JSON: {e}") from None
+        version = self.meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise GPTSmallError(f"{self.directory} has data format_version {version}; this gpt-small reads "
+                                f"{FORMAT_VERSION}; run `gpt-small prepare` again")
+        self.train = self._open("train")
+        self.val = self._open("val")
+
+    def _open(self, split: str) -> np.memmap:
+        path = self.directory / f"{split}.bin"
+        dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        expected = self.meta[f"{split}_tokens"]
+        if not path.is_file() or path.stat().st_size != expected * dtype.itemsize:
+            raise GPTSmallError(f"{path} is missing or does not hold the {expected} tokens meta.json records; "
+                                "run `gpt-small prepare --force` again")
+        return np.memmap(path, dtype=dtype, mode="r")
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.directory)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    def chars_per_token(self, split: str = "val") -> float:
+        if split not in ("train", "val"):
+            raise GPTSmallError(f"split must be 'train' or 'val', got {split!r}")
+        return float(self.meta[f"{split}_chars_per_token"])
+
+    def __repr__(self) -> str:
+        return (f"PreparedData({str(self.directory)!r}, {self.meta['tokenizer']} vocab {self.vocab_size}, "
+                f"train {len(self.train):,} / val {len(self.val):,} tokens)")
+
+
+def _check_windows(data: np.ndarray, block_size: int, name: str) -> None:
+    if block_size < 1:
+        raise GPTSmallError(f"block_size must be at least 1, got {block_size}")
+    if len(data) < block_size + 1:
+        raise GPTSmallError(f"{name} split has {len(data)} tokens, fewer than one window of block_size+1 = "
+                            f"{block_size + 1}; use a smaller --block-size or more text")
+
+
+def _windows(data: np.ndarray, starts: np.ndarray, block_size: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    import torch
+
+    w = torch.from_numpy(np.asarray(data[starts[:, None] + np.arange(block_size + 1)], dtype=np.int64))
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()  # x, y: (B, T), y is x shifted by one
+
+
+def to_device(x: "torch.Tensor", y: "torch.Tensor", device: "str | torch.device") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Move a batch; on CUDA through pinned memory so the copy overlaps the previous step."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+class BatchSampler:
+    """Random windows of block_size+1 tokens; each rank its own windows; resumable exactly.
+
+    Every rank runs the same PCG64 stream (seeded by `seed`) and draws the starts of the whole
+    global batch, world_size * batch_size windows, then keeps its own slice. So the ranks never
+    share a window, rank 0's state (the one a checkpoint holds) is every rank's state, and
+    N processes of batch B see exactly the windows of one process of batch N*B (the DDP test
+    relies on it). `state_dict` holds only plain ints, strings and dicts (JSON, or a
+    torch.load(weights_only=True) checkpoint)."""
+
+    def __init__(self, data: np.ndarray, *, batch_size: int, block_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, name: str = "training"):
+        _check_windows(data, block_size, name)
+        if batch_size < 1:
+            raise GPTSmallError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise GPTSmallError(f"rank {rank} is outside world_size {world_size}")
+        self.data, self.batch_size, self.block_size = data, batch_size, block_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
+        self.batches = 0  # drawn so far: a readable position for logs and checks
+
+    def next_batch(self, device: "str | torch.device | None" = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+        B = self.batch_size
+        starts = self.rng.integers(0, len(self.data) - self.block_size, size=B * self.world_size)
+        starts = starts[self.rank * B:(self.rank + 1) * B]
+        self.batches += 1
+        x, y = _windows(self.data, starts, self.block_size)
+        return (x, y) if device is None else to_device(x, y, device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "batch_size": self.batch_size, "block_size": self.block_size, "batches": self.batches,
+                "bit_generator": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Another seed is a different run. The rank may differ (all ranks share the stream), and so
+        # may batch and block size (the stream stays valid, just not equal).
+        for key in ("seed",):
+            if state[key] != getattr(self, key):
+                raise GPTSmallError(f"sampler state is for {key} {state[key]}, this sampler has {key} {getattr(self, key)}")
+        self.rng.bit_generator.state = state["bit_generator"]
+        self.batches = int(state["batches"])
+
+
+class EvalWindows:
+    """A fixed list of (x, y) batches, made on access: 200 batches of 64 x 1024 tokens would hold
+    200 MB of int64 if built up front. Indexing and iterating give the same windows every time."""
+
+    def __init__(self, data: np.ndarray, starts: np.ndarray, block_size: int):
+        self.data, self.starts, self.block_size = data, starts, block_size  # starts: (n_batches, B)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+        return _windows(self.data, self.starts[i], self.block_size)
+
+    def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+        return (self[i] for i in range(len(self)))
+
+
+def eval_windows(data: np.ndarray, *, block_size: int, n_batches: int, batch_size: int,
+                 name: str = "validation") -> EvalWindows:
+    """The same n_batches x batch_size windows every call, spread evenly from start to end of `data`."""
+    _check_windows(data, block_size, name)
+    if n_batches < 1 or batch_size < 1:
+        raise GPTSmallError(f"eval needs at least one batch of one window, got {n_batches} x {batch_size}")
+    starts = np.linspace(0, len(data) - block_size - 1, num=n_batches * batch_size).round().astype(np.int64)
+    return EvalWindows(data, starts.reshape(n_batches, batch_size), block_size)
