@@ -54,8 +54,110 @@ def _run_info(args: argparse.Namespace) -> None:
     print(f"training FLOPs / token  {info['train_flops_per_token']:,}  (6N + 6*n_layer*block_size*n_embd)")
 
 
+# ---------------------------------------------------------------- prepare
+
+def _args_prepare(p: argparse.ArgumentParser) -> None:
+    # exactly one of --corpus / --text: checked by prepare(), so the error is the usual one line
+    p.add_argument("--corpus", help="built-in corpus: eng-poem (20 MB) or gutenberg-poetry (122 MB)")
+    p.add_argument("--text", help="a UTF-8 text file, or a folder of .txt files")
+    p.add_argument("--tokenizer", default="char", help="char, bpe or gpt2 (default: char)")
+    p.add_argument("--vocab-size", type=int, help="bpe vocabulary size (default: 8192)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of lines kept for validation (default: 0.1)")
+    p.add_argument("--out", help="output folder (default: data/<corpus or text name>-<tokenizer>)")
+    p.add_argument("--force", action="store_true", help="replace an --out folder that already holds prepared data")
+
+
+def _run_prepare(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .data import prepare
+
+    name = args.corpus or (Path(args.text).stem if args.text else "")
+    out = Path(args.out or f"data/{name}-{args.tokenizer}")
+    m = prepare(out=out, corpus=args.corpus, text=args.text, tokenizer=args.tokenizer,
+                vocab_size=args.vocab_size, val_fraction=args.val_fraction, force=args.force)
+    print(f"prepared {out}  from {m['source']} ({m['source_bytes']:,} bytes, {m['source_lines']:,} lines)")
+    print(f"  tokenizer {m['tokenizer']}, vocab {m['vocab_size']:,}, {m['dtype']}")
+    print(f"  tokens    train {m['train_tokens']:,}  val {m['val_tokens']:,}")
+    print(f"  chars/token val {m['val_chars_per_token']:.3f}  train {m['train_chars_per_token']:.3f}"
+          + (f"  ({m['val_unknown_chars']} unknown chars in val)" if m["val_unknown_chars"] else ""))
+    print(f"  {m['seconds']:.1f} s")
+
+
+# ---------------------------------------------------------------- train
+
+# flag -> (config section, field); each flag's type and check come from the dataclass field.
+TRAIN_FLAGS = {
+    "--batch-size": ("train", "batch_size"), "--grad-accum": ("train", "grad_accum"), "--lr": ("train", "lr"),
+    "--min-lr": ("train", "min_lr"), "--warmup-steps": ("train", "warmup_steps"),
+    "--schedule": ("train", "schedule"), "--weight-decay": ("train", "weight_decay"),
+    "--grad-clip": ("train", "grad_clip"), "--max-steps": ("train", "max_steps"),
+    "--max-time": ("train", "max_time"), "--eval-interval": ("train", "eval_interval"),
+    "--eval-batches": ("train", "eval_batches"), "--log-interval": ("train", "log_interval"),
+    "--checkpoint-interval": ("train", "checkpoint_interval"), "--seed": ("train", "seed"),
+    "--device": ("train", "device"), "--dtype": ("train", "dtype"), "--threads": ("train", "threads"),
+    "--block-size": ("model", "block_size"), "--n-layer": ("model", "n_layer"), "--n-head": ("model", "n_head"),
+    "--n-embd": ("model", "n_embd"), "--dropout": ("model", "dropout"), "--pos": ("model", "pos_encoding"),
+    "--activation": ("model", "activation"),
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="model preset (default: the config file's, else poem-cpu)")
+    p.add_argument("--config", help="TOML file with preset, [model] and [train] tables")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any GPTConfig or TrainConfig field, e.g. --set lr=3e-4 --set model.qk_norm=true")
+    for flag, (section, name) in TRAIN_FLAGS.items():
+        p.add_argument(flag, dest=f"{section}__{name}", metavar=name.upper(), help=f"{section} config {name}")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+
+
+def _configs_from_args(args: argparse.Namespace, **model_extra):
+    from .config import resolve_configs
+
+    model_kv, train_kv = dict(model_extra), {}
+    for section, name in TRAIN_FLAGS.values():
+        value = getattr(args, f"{section}__{name}")
+        if value is not None:
+            (model_kv if section == "model" else train_kv)[name] = value
+    if args.compile:
+        train_kv["compile"] = True
+    return resolve_configs(preset=args.preset, config_file=args.config, model_overrides=model_kv,
+                           train_overrides=train_kv, sets=args.set)
+
+
+def _args_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="folder made by `gpt-small prepare`")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, curves.png)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_flags(p)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .data import PreparedData
+    from .distributed import print0, teardown_distributed
+    from .train import Trainer, format_summary
+
+    data = PreparedData(args.data)
+    _, model_cfg, train_cfg = _configs_from_args(args, vocab_size=data.tokenizer.vocab_size)
+    trainer = Trainer(model_cfg, train_cfg, data, args.out, resume=args.resume, show_progress=not args.no_progress)
+    try:
+        summary = trainer.fit()
+        print0(format_summary(summary))
+        if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
+            print0(f"interrupted by {summary['stopped_by']}; continue with: gpt-small train --data {args.data} "
+                   f"--out {args.out} --resume")
+            return 130
+        return 0
+    finally:
+        teardown_distributed()
+
+
 VERBS: dict[str, tuple[str, Callable, Callable]] = {
     "info": ("show a preset's configuration, parameter count and FLOPs per token", _args_info, _run_info),
+    "train": ("train a model on prepared data (resumable, kill-safe checkpoints)", _args_train, _run_train),
+    "prepare": ("tokenize a built-in corpus or your text into train/val token files", _args_prepare, _run_prepare),
 }
 
 
@@ -74,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
-        VERBS[args.verb][2](args)
+        return VERBS[args.verb][2](args) or 0
     except GPTSmallError as e:
         print(f"gpt-small {args.verb}: error: {e}", file=sys.stderr)
         return 2
@@ -83,4 +185,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `gpt-small generate | head`
         return 0
-    return 0

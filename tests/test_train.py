@@ -1,0 +1,310 @@
+"""Training: schedule, decay groups, exact resume, kill-safe checkpoints, signals, NaN, DDP, bad flags."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gpt_small import GPT, GPTConfig, TrainConfig
+from gpt_small.checkpoint import find_checkpoint, load_checkpoint, load_trainer_state, save_checkpoint
+from gpt_small.cli import main
+from gpt_small.data import PreparedData, prepare
+from gpt_small.errors import GPTSmallError
+from gpt_small.train import Trainer, lr_at, param_groups
+
+WORDS = "the sea moon night star love heart dream rose wind song light over under and".split()
+
+
+def _poem_text(n_lines: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n_lines)) + "\n"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train_data")
+    (root / "poems.txt").write_text(_poem_text(1500))
+    prepare(out=root / "data", text=root / "poems.txt", tokenizer="char")
+    return root / "data"
+
+
+def _configs(data_dir: Path, **train) -> tuple[GPTConfig, TrainConfig]:
+    vocab = PreparedData(data_dir).tokenizer.vocab_size
+    model = GPTConfig.from_preset("tiny", vocab_size=vocab, dropout=0.1)
+    defaults = dict(batch_size=4, max_steps=20, warmup_steps=5, eval_interval=5, eval_batches=2,
+                    log_interval=1, checkpoint_interval=10, final_eval=False, threads=1)
+    return model, TrainConfig(**{**defaults, **train})
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+# ---------------------------------------------------------------- pure pieces
+
+def test_schedule_values_at_known_steps():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110, schedule="cosine")
+    wp = 10 / 110
+    assert lr_at(0, 0.0, cfg, wp) == pytest.approx(1e-4)  # (0+1)/10 of lr
+    assert lr_at(9, 9 / 110, cfg, wp) == pytest.approx(1e-3)
+    assert lr_at(10, 10 / 110, cfg, wp) == pytest.approx(1e-3)  # decay starts at the peak
+    assert lr_at(60, 60 / 110, cfg, wp) == pytest.approx(5.5e-4)  # half-way: the mean of lr and min_lr
+    assert lr_at(110, 1.0, cfg, wp) == pytest.approx(1e-4)
+    wsd = TrainConfig(lr=1e-3, min_lr=0.0, warmup_steps=0, max_steps=100, schedule="wsd", decay_frac=0.2)
+    assert lr_at(50, 0.5, wsd) == pytest.approx(1e-3)
+    assert lr_at(80, 0.8, wsd) == pytest.approx(1e-3)
+    assert lr_at(90, 0.9, wsd) == pytest.approx(5e-4)
+    assert lr_at(100, 1.0, wsd) == pytest.approx(0.0)
+    const = TrainConfig(lr=2e-3, min_lr=0.0, warmup_steps=4, schedule="constant")
+    assert [lr_at(s, 0.5, const) for s in (0, 3, 50)] == pytest.approx([5e-4, 2e-3, 2e-3])
+
+
+def test_weight_decay_groups():
+    model = GPT(GPTConfig.from_preset("tiny", pos_encoding="learned", tie_embeddings=False))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "transformer.wte.weight" in decayed and "lm_head.weight" in decayed
+    assert "transformer.h.0.attn.c_attn.weight" in decayed
+    assert "transformer.wpe.weight" in kept  # position table
+    assert all(n.endswith("bias") or "ln" in n or "wpe" in n for n in kept)
+    assert len(decayed) + len(kept) == len(list(model.parameters()))
+
+
+# ---------------------------------------------------------------- runs
+
+def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
+    model, cfg = _configs(data_dir, max_steps=20)
+    Trainer(model, cfg, data_dir, tmp_path / "a", show_progress=False).fit()
+
+    first = Trainer(model, cfg, data_dir, tmp_path / "b", show_progress=False).fit(stop_after=10)
+    assert first["stopped_by"] == "stop_after" and first["steps"] == 10
+    Trainer(model, cfg, data_dir, tmp_path / "b", resume=True, show_progress=False).fit()
+
+    la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(la) == sorted(lb) == list(range(1, 21))
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], abs=1e-6), step
+    wa = load_file(str(find_checkpoint(tmp_path / "a", "last") / "model.safetensors"))
+    wb = load_file(str(find_checkpoint(tmp_path / "b", "last") / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+def test_half_schedule_differs_so_resume_test_means_something(data_dir, tmp_path):
+    """A 10-step run decays to min_lr by step 10; its losses must differ from the 20-step run's
+    after warm-up, otherwise the resume test above could not tell a wrong schedule apart."""
+    model, cfg = _configs(data_dir, max_steps=20)
+    Trainer(model, cfg, data_dir, tmp_path / "a", show_progress=False).fit()
+    Trainer(model, TrainConfig(**{**cfg.to_dict(), "max_steps": 10}), data_dir, tmp_path / "b",
+            show_progress=False).fit()
+    assert _losses(tmp_path / "a")[10] != _losses(tmp_path / "b")[10]
+
+
+def test_checkpoint_contents_and_loading(data_dir, tmp_path):
+    model, cfg = _configs(data_dir, max_steps=6, final_eval=True)
+    summary = Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False).fit()
+    ckpt = find_checkpoint(tmp_path / "run", "last")
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "config.json", "tokenizer.json",
+                                                "trainer_state.pt"}
+    meta = json.loads((ckpt / "config.json").read_text())
+    assert meta["format_version"] == 1 and meta["step"] == 6 and meta["model"]["n_layer"] == 2
+    state = load_trainer_state(ckpt)  # weights_only=True inside
+    assert state["step"] == 6 and "optimizer" in state and "sampler" in state
+    loaded = load_checkpoint(tmp_path / "run")
+    assert loaded.tokenizer.vocab_size == model.vocab_size
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    fv = summary["final_val"]
+    assert fv["bits_per_char"] == pytest.approx(fv["loss"] / math.log(2) / fv["chars_per_token"])
+    assert fv["tokens"] == len(PreparedData(data_dir).val) - 1  # every val token after the first, once
+
+
+def test_interval_evaluation_is_deterministic(data_dir, tmp_path):
+    model, cfg = _configs(data_dir, max_steps=5)
+    t = Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False)
+    t.setup()
+    assert t.evaluate() == t.evaluate()
+
+
+def test_existing_run_needs_resume(data_dir, tmp_path):
+    model, cfg = _configs(data_dir, max_steps=2)
+    Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False).fit()
+    with pytest.raises(GPTSmallError, match="--resume"):
+        Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False)
+
+
+def test_resume_refuses_data_from_another_tokenizer(data_dir, tmp_path):
+    model, cfg = _configs(data_dir, max_steps=2)
+    Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False).fit()
+    (tmp_path / "other.txt").write_text(_poem_text(1500).upper())
+    prepare(out=tmp_path / "other", text=tmp_path / "other.txt", tokenizer="char")
+    other = PreparedData(tmp_path / "other")
+    model2 = GPTConfig(**{**model.to_dict(), "vocab_size": other.tokenizer.vocab_size})
+    with pytest.raises(GPTSmallError, match="another tokenizer|differs"):
+        Trainer(model2, cfg, other, tmp_path / "run", resume=True, show_progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    model, cfg = _configs(data_dir, max_steps=50, checkpoint_interval=4, eval_interval=100)
+    original = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, **kw):
+        out = original(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] > 6:
+                logits, loss = out
+                return logits, loss * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(GPTSmallError, match="nan at step 7"):
+        Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False).fit()
+    ckpt = find_checkpoint(tmp_path / "run", "last")
+    assert ckpt.name == "step-000004"
+    for v in load_file(str(ckpt / "model.safetensors")).values():
+        assert torch.isfinite(v).all()
+
+
+# ---------------------------------------------------------------- processes
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gpt_small", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_continues(data_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cli("train", "--data", str(data_dir), "--out", str(run), "--preset", "tiny",
+                                 "--max-steps", "100000", "--batch-size", "4", "--eval-interval", "100000",
+                                 "--checkpoint-interval", "100000", "--log-interval", "1", "--no-progress",
+                                 "--threads", "1"),
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGTERM" in out
+    state = load_trainer_state(find_checkpoint(run, "last"))
+    assert state["step"] >= 1 and not state["finished"]
+    resumed = subprocess.run(_cli("train", "--data", str(data_dir), "--out", str(run), "--resume",
+                                  "--preset", "tiny", "--batch-size", "4", "--max-steps", str(state["step"] + 3),
+                                  "--eval-interval", "100000", "--checkpoint-interval", "100000",
+                                  "--log-interval", "1", "--no-progress", "--threads", "1"),
+                             env=_env(), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_trainer_state(find_checkpoint(run, "last"))["step"] == state["step"] + 3
+
+
+KILLER = """
+import sys, torch
+from gpt_small import GPT, GPTConfig
+from gpt_small.checkpoint import save_checkpoint
+from gpt_small.tokenizer import CharTokenizer
+model = GPT(GPTConfig(vocab_size=64, block_size=64, n_layer=4, n_head=4, n_embd=256))
+tok = CharTokenizer(list("abcdefgh"))
+step = 0
+while True:
+    step += 1
+    with torch.no_grad():
+        model.transformer.wte.weight.fill_(step)
+    save_checkpoint(sys.argv[1], step=step, model=model, tokenizer=tok, config={"model": model.config.to_dict()},
+                    trainer_state={"step": step, "optimizer": {"big": torch.full((500_000,), float(step))}})
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_during_checkpoint_writes_leaves_last_loadable(tmp_path):
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    rng = random.Random(0)
+    for attempt in range(6):
+        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")], env=_env(),
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline()  # one checkpoint is complete
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.kill()
+        proc.wait()
+        ckpt = load_checkpoint(tmp_path / "run", prefer="last")
+        step = json.loads((ckpt.path / "config.json").read_text())["step"]
+        assert float(ckpt.model.transformer.wte.weight[0, 0].detach()) == step  # weights of the same step
+        assert load_trainer_state(ckpt.path)["step"] == step
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_single_process(data_dir, tmp_path):
+    common = ["--data", str(data_dir), "--preset", "tiny", "--max-steps", "4", "--eval-interval", "100",
+              "--log-interval", "1", "--no-progress", "--set", "dropout=0", "--set", "final_eval=false",
+              "--threads", "1", "--warmup-steps", "1"]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "gpt_small", "train", "--out", str(tmp_path / "ddp"),
+                          "--batch-size", "4", *common],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run(_cli("train", "--out", str(tmp_path / "one"), "--batch-size", "8", *common),
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    wd = load_file(str(find_checkpoint(tmp_path / "ddp", "last") / "model.safetensors"))
+    ws = load_file(str(find_checkpoint(tmp_path / "one", "last") / "model.safetensors"))
+    for k in ws:
+        torch.testing.assert_close(wd[k], ws[k], rtol=1e-4, atol=1e-5)
+    ld, ls = _losses(tmp_path / "ddp"), _losses(tmp_path / "one")
+    # rank 0 logs its own micro-batch loss (half the global batch); the weights are the real check
+    assert sorted(ld) == sorted(ls) == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- bad flags
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-1"], "lr must be positive"),
+    (["--set", "nonsense=3"], "unknown --set key 'nonsense'"),
+    (["--max-time", "ten minutes"], "max_time"),
+    (["--batch-size", "0"], "batch_size must be a positive integer"),
+    (["--pos", "spiral"], "pos_encoding must be one of"),
+    (["--block-size", "100000"], "fewer than one window"),
+])
+def test_bad_flags_give_one_line_errors(data_dir, tmp_path, capsys, flags, message):
+    code = main(["train", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--preset", "tiny",
+                 "--no-progress", *flags])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("gpt-small train: error:") and err.count("\n") == 1
+    assert message in err
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_resume_block_size_change_is_refused(data_dir, tmp_path, capsys):
+    args = ["train", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--preset", "tiny",
+            "--max-steps", "2", "--no-progress", "--set", "final_eval=false"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--resume", "--block-size", "64"]) == 2
+    assert "block_size" in capsys.readouterr().err
