@@ -4,22 +4,34 @@ Every token after the first is predicted exactly once. With `stride == context` 
 not overlap (each token sees the context since its window began); with a smaller stride each
 window scores only its last `stride` targets, so every prediction gets at least
 `context - stride` tokens of left context (the "sliding window" perplexity of Hugging Face's
-docs). The sum is accumulated in float64, so the result is the same on every run.
+docs). Each target's loss is taken from the model's logits (float32, or float64 for a float64
+model) and summed in float64, so the result is the same on every run.
 
 Units: nats per token (the cross-entropy), perplexity = e^loss, and bits per character =
 loss / ln 2 / characters-per-token, which compares runs with different tokenizers.
+
+`evaluate_checkpoint` is what `gpt-small eval` calls: a checkpoint on a text file, a built-in
+corpus or a prepared split. Its default stride is context // 2: every scored token then has at
+least half a context of left context, at twice the cost of non-overlapping windows (the
+training's final evaluation uses stride = context, so the two numbers differ slightly).
+A context past `block_size` is the length-extrapolation measurement: sinusoidal and RoPE models
+extend their tables; a learned table cannot, and asking for it is an error.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import Checkpoint, load_checkpoint
 from .errors import GPTSmallError
 
 
@@ -99,10 +111,128 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, *, context: int,
             x, y = x.to(device), y.to(device)
             with autocast(device, autocast_dtype):
                 logits = model(x)
-            nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
-                                  ignore_index=-1, reduction="sum")
-            total += nll.double().item()
+            # float32 per target (float64 if the model is), summed in float64: a float32 sum over a
+            # long text would drift, and its order would depend on the batch layout
+            logits = logits if logits.dtype == torch.float64 else logits.float()
+            nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="none")
+            total += nll.double().sum().item()
             count += int((y >= 0).sum())
     model.train(was_training)
     return EvalResult(loss=total / count, tokens=count, chars_per_token=chars_per_token,
                       seconds=time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- a checkpoint on a text
+
+def default_stride(context: int) -> int:
+    return max(1, context // 2)
+
+
+def check_context(block_size: int, pos_encoding: str, context: int) -> None:
+    """A context the model can run: positive, and within the table of learned positions."""
+    if context < 1:
+        raise GPTSmallError(f"context must be a positive number of tokens, got {context}")
+    if pos_encoding == "learned" and context > block_size:
+        raise GPTSmallError(f"context {context} is longer than the learned position table ({block_size}); "
+                            "only sinusoidal and rope models evaluate past block_size")
+
+
+def unknown_note(unknown: collections.Counter[str] | dict[str, int], top: int = 10) -> str:
+    """'12 characters outside the vocabulary (mapped to <unk>): '§' x7, ...' ('' when none)."""
+    n = sum(unknown.values())
+    if not n:
+        return ""
+    common = sorted(unknown.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{c!r} x{k}" for c, k in common[:top])
+    more = f", and {len(common) - top} other kinds" if len(common) > top else ""
+    return f"{n} character{'s' if n != 1 else ''} outside the vocabulary (mapped to <unk>): {shown}{more}"
+
+
+def _same_tokenizer(ckpt_dir: Path, ckpt_tok: Any, data_dir: Path, data_tok: Any) -> bool:
+    a, b = ckpt_dir / "tokenizer.json", data_dir / "tokenizer.json"
+    if a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes():
+        return True
+    return ckpt_tok.kind == data_tok.kind and ckpt_tok.to_json() == data_tok.to_json()
+
+
+def _tokens_of(ckpt: Checkpoint, *, text: str | Path | None, corpus: str | None, data: str | Path | None,
+               split: str) -> tuple[np.ndarray, float, str, collections.Counter[str] | dict[str, int]]:
+    """(token ids, characters per token, a description of the source, unknown characters)."""
+    if sum(x is not None for x in (text, corpus, data)) != 1:
+        raise GPTSmallError("give exactly one thing to evaluate: --text FILE, --corpus NAME or --data DIR")
+    if data is not None:
+        from .data import PreparedData
+
+        prepared = PreparedData(data)
+        if not _same_tokenizer(ckpt.path, ckpt.tokenizer, prepared.directory, prepared.tokenizer):
+            raise GPTSmallError(f"{prepared.directory} was prepared with another tokenizer ({prepared.meta['tokenizer']}, "
+                                f"vocab {prepared.vocab_size}) than the checkpoint's ({ckpt.tokenizer.kind}, "
+                                f"vocab {ckpt.tokenizer.vocab_size}); prepare the text with the checkpoint's "
+                                "tokenizer or use --text")
+        tokens = prepared.val if split == "val" else prepared.train
+        # prepare builds the vocabulary from the training lines, so only validation can hold unknowns
+        unknown = prepared.meta.get("val_unknown_top", {}) if split == "val" else {}
+        if split == "val" and prepared.meta.get("val_unknown_chars", 0) > sum(unknown.values()):
+            unknown = {**unknown, "(others)": prepared.meta["val_unknown_chars"] - sum(unknown.values())}
+        return tokens, prepared.chars_per_token(split), f"{split} split of {prepared.directory}", unknown
+    from .corpus import corpus_path, read_text_source
+
+    path = corpus_path(corpus) if corpus is not None else Path(text)
+    content = read_text_source(path)
+    tokens = ckpt.tokenizer.encode_to_array(content, unknown="unk")
+    if len(tokens) == 0:
+        raise GPTSmallError(f"{path} encodes to no tokens")
+    source = f"corpus {corpus}" if corpus is not None else str(path)
+    return tokens, len(content) / len(tokens), source, ckpt.tokenizer.count_unknown(content)
+
+
+def evaluate_checkpoint(checkpoint: str | Path | Checkpoint, *, text: str | Path | None = None,
+                        corpus: str | None = None, data: str | Path | None = None,
+                        split: Literal["val", "train"] = "val", context: int | None = None,
+                        stride: int | None = None, batch_size: int = 8, device: str = "auto",
+                        dtype: str = "float32") -> dict[str, Any]:
+    """Loss, perplexity and bits per character of a checkpoint (path or loaded) on one text source.
+
+    context defaults to the model's block_size, stride to context // 2. dtype float32 by default:
+    the exact number, not the fastest one (bfloat16 on a GPU is the faster choice).
+    """
+    from .device import pick_device, pick_dtype
+
+    if split not in ("val", "train"):
+        raise GPTSmallError(f"split must be val or train, got {split!r}")
+    if batch_size < 1:
+        raise GPTSmallError(f"batch size must be at least 1, got {batch_size}")
+    dev = pick_device(device)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, device=dev)
+    ckpt.model.to(dev)
+    cfg = ckpt.model_config
+    context = cfg.block_size if context is None else context
+    check_context(cfg.block_size, cfg.pos_encoding, context)
+    stride = default_stride(context) if stride is None else stride
+    if not 1 <= stride <= context:
+        raise GPTSmallError(f"stride must be between 1 and the context ({context}), got {stride}")
+    tokens, cpt, source, unknown = _tokens_of(ckpt, text=text, corpus=corpus, data=data, split=split)
+    res = evaluate_tokens(ckpt.model, tokens, context=context, stride=stride, batch_size=batch_size,
+                          chars_per_token=cpt, device=dev, autocast_dtype=pick_dtype(dtype, dev))
+    return {
+        "checkpoint": str(ckpt.path), "step": ckpt.meta.get("step"), "source": source,
+        "pos_encoding": cfg.pos_encoding, "block_size": cfg.block_size,
+        "context": context, "stride": stride, "context_over_block_size": context / cfg.block_size,
+        **res.to_dict(),
+        "unknown_chars": int(sum(unknown.values())), "unknown_top": dict(unknown),
+        "unknown_note": unknown_note(unknown), "device": str(dev), "dtype": dtype,
+    }
+
+
+def format_eval(r: dict[str, Any]) -> str:
+    """The lines `gpt-small eval` prints."""
+    lines = [f"{r['checkpoint']} (step {r['step']}, {r['pos_encoding']}, block_size {r['block_size']}) "
+             f"on {r['source']}",
+             f"  {r['tokens']:,} tokens scored, context {r['context']}, stride {r['stride']}"
+             + (f" ({r['context_over_block_size']:g}x the training context)" if r["context"] != r["block_size"] else ""),
+             f"  loss {r['loss']:.4f} nats/token   perplexity {r['perplexity']:.3f}   "
+             f"{r['bits_per_char']:.4f} bits/char ({r['chars_per_token']:.3f} chars/token)",
+             f"  {r['tokens_per_second']:,.0f} tokens/s, {r['seconds']:.1f} s on {r['device']}"]
+    if r["unknown_note"]:
+        lines.append(f"  note: {r['unknown_note']}")
+    return "\n".join(lines)

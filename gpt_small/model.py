@@ -182,7 +182,8 @@ class GPT(nn.Module):
                 raise RuntimeError("input_pos given but no KV cache: call setup_kv_cache() first")
             pos = input_pos
         else:
-            if T > self.config.block_size:
+            # only a learned table has an end; fixed encodings extend (length-extrapolation evaluation)
+            if T > self.config.block_size and self.config.pos_encoding == "learned":
                 raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
             pos = torch.arange(T, device=idx.device)
         x = self.transformer.wte(idx)  # (B, T, C)
