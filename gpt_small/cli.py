@@ -154,10 +154,146 @@ def _run_train(args: argparse.Namespace) -> int:
         teardown_distributed()
 
 
+# ---------------------------------------------------------------- generate and poem
+
+def _args_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run folder (its best checkpoint) or checkpoint folder")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default="", help="text to continue (default: start a new line)")
+    src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--lines", type=int, help="stop after this many complete verse lines")
+    p.add_argument("--stop", help="stop after this text")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    from .checkpoint import load_checkpoint
+    from .corpus import read_text_source
+    from .device import pick_device
+    from .generate import generate_text
+
+    prompt = read_text_source(args.prompt_file) if args.prompt_file else args.prompt
+    ckpt = load_checkpoint(args.checkpoint, device=pick_device(args.device))
+    ckpt.tokenizer.encode(prompt, unknown="error")  # a bad prompt fails before anything is printed
+    stream = None
+    if args.num_samples == 1 and not args.no_stream:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        stream = lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush())  # noqa: E731
+    samples = generate_text(ckpt.model, ckpt.tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+                            lines=args.lines, stop=args.stop, num_samples=args.num_samples,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed, stream=stream)
+    if stream is not None:
+        print()
+        return
+    for i, text in enumerate(samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(text)
+
+
+def _args_poem(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="data/eng-poem-char", help="prepared data (made from eng-poem if missing)")
+    p.add_argument("--out", default="runs/poem-cpu", help="run folder (reused or resumed if present)")
+    p.add_argument("--config", default="configs/poem-cpu.toml", help="training config (TOML)")
+    p.add_argument("--minutes", type=float, help="training budget (default: 10 on a CPU, 3 on a GPU)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+
+
+def _run_poem(args: argparse.Namespace) -> None:
+    from .poem import make_poem
+
+    if args.minutes is not None and args.minutes <= 0:
+        raise GPTSmallError(f"--minutes must be positive, got {args.minutes}")
+    make_poem(data_dir=args.data, run_dir=args.out, config_file=args.config, minutes=args.minutes, sets=args.set)
+
+
+# ---------------------------------------------------------------- eval and compare
+
+def _args_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run folder (its best checkpoint) or checkpoint folder")
+    # exactly one source: checked by evaluate_checkpoint, so the error is the usual one line
+    p.add_argument("--text", help="a UTF-8 text file (or folder of .txt files), encoded with the checkpoint's tokenizer")
+    p.add_argument("--corpus", help="a built-in corpus: eng-poem or gutenberg-poetry")
+    p.add_argument("--data", help="prepared data folder (same tokenizer as the checkpoint)")
+    p.add_argument("--split", default="val", help="with --data: val (default) or train")
+    p.add_argument("--context", type=int, help="tokens per window (default: the model's block_size; longer = "
+                   "length extrapolation, sinusoidal and rope only)")
+    p.add_argument("--stride", type=int, help="new tokens scored per window (default: context // 2)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
+    p.add_argument("--dtype", default="float32", help="float32 (default, exact) or bfloat16/float16 autocast")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0 = all cores)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from .device import set_threads
+    from .evaluate import evaluate_checkpoint, format_eval
+
+    if args.dtype not in ("float32", "bfloat16", "float16"):
+        raise GPTSmallError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
+    set_threads(args.threads)
+    result = evaluate_checkpoint(args.checkpoint, text=args.text, corpus=args.corpus, data=args.data,
+                                 split=args.split, context=args.context, stride=args.stride,
+                                 batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_eval(result))
+
+
+_ALL_POS = "learned,sinusoidal,rope"
+
+
+def _args_compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="folder made by `gpt-small prepare`")
+    p.add_argument("--out", help="study folder (default: runs/compare-<timestamp>)")
+    p.add_argument("--seeds", type=int, default=1, help="runs per encoding, seeds seed, seed+1, ... (default: 1)")
+    p.add_argument("--extrapolation-tokens", type=int, help="validation tokens scored at 1x/2x/4x the context "
+                   "(default: 16384)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_flags(p)
+    # --pos is the config flag reused: here it takes a comma-separated list
+    p.set_defaults(model__pos_encoding=_ALL_POS)
+    p.epilog = (f"--pos takes a comma-separated list here (default: {_ALL_POS}). --max-time is a budget per "
+                "model; --max-steps compares equal work.")
+
+
+def _run_compare(args: argparse.Namespace) -> None:
+    import time
+
+    from .data import PreparedData
+    from .study import EXTRAPOLATION_TOKENS, compare_encodings, format_results, parse_encodings
+
+    encodings = parse_encodings(args.model__pos_encoding)
+    args.model__pos_encoding = None  # the study sets it per run
+    if args.seeds < 1:
+        raise GPTSmallError(f"--seeds must be at least 1, got {args.seeds}")
+    data = PreparedData(args.data)
+    _, model_cfg, train_cfg = _configs_from_args(args, vocab_size=data.tokenizer.vocab_size)
+    out = args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    results = compare_encodings(encodings, model_config=model_cfg, train_config=train_cfg, data=data, out_dir=out,
+                                seeds=args.seeds, show_progress=not args.no_progress,
+                                extrapolation_tokens=args.extrapolation_tokens or EXTRAPOLATION_TOKENS)
+    print(format_results(results))
+
+
 VERBS: dict[str, tuple[str, Callable, Callable]] = {
     "info": ("show a preset's configuration, parameter count and FLOPs per token", _args_info, _run_info),
     "train": ("train a model on prepared data (resumable, kill-safe checkpoints)", _args_train, _run_train),
+    "generate": ("write text with a trained model (KV cache, streaming)", _args_generate, _run_generate),
+    "poem": ("the main job: prepare eng-poem, train the CPU preset, print three poems", _args_poem, _run_poem),
     "prepare": ("tokenize a built-in corpus or your text into train/val token files", _args_prepare, _run_prepare),
+    "eval": ("loss, perplexity and bits/char of a checkpoint on a text or prepared split", _args_eval, _run_eval),
+    "compare": ("train learned, sinusoidal and rope models side by side and compare them", _args_compare,
+                _run_compare),
 }
 
 

@@ -127,7 +127,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # nanoGPT's shakespeare_char shape (anchors.md shape B).
     "shakespeare-char": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
     # The original project's model: 12 layers, 16 heads of 64, 1024 wide, ReLU, learned positions.
-    "small-150m": dict(vocab_size=118, block_size=512, n_layer=12, n_head=16, n_embd=1024),
+    "small-150m": dict(vocab_size=115, block_size=512, n_layer=12, n_head=16, n_embd=1024),
     # Exactly OpenAI's GPT-2 small: 124,439,808 parameters.
     "gpt2-124m": dict(
         vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, activation="gelu",

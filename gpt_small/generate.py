@@ -1,0 +1,288 @@
+"""Sampling from a GPT: small pure steps over token ids, with text only at the edge.
+
+The steps (gpt-fast, litgpt):
+  apply_repetition_penalty  CTRL's penalty on the tokens already in each row
+  top_p_mask, sample        temperature, top-k, nucleus; greedy at temperature 0
+  prefill                   a chunk of tokens through the KV cache -> logits of its last position
+  decode_one                one token per row at one position -> logits
+  generate_tokens           the loop: yields one new token per row per step; knows nothing of text
+  generate_text             the edge: a str prompt in, str samples out, `lines` / `stop`, streaming
+
+Contract. `generate_tokens` yields exactly the tokens of nanoGPT's uncached `generate`: at every
+step the model sees the last `block_size` tokens at positions 0..T-1 and the next token is drawn
+from the logits of the last one. The same seed gives the same tokens.
+
+The KV cache is sized per request, min(T0 + max_new_tokens, block_size), and written at input_pos.
+While the sequence fits in block_size there is one prefill and then one cached decode per token.
+
+Past block_size every step re-prefills the last block_size tokens at positions 0..block_size-1,
+for all three positional encodings:
+- learned / sinusoidal: moving the window by one token changes every token's absolute position,
+  so every cached key and value is stale; re-prefilling is the only exact rule. The usual shortcut
+  (drop the oldest half, re-prefill the rest, decode on with the cache) shows the model contexts
+  that the per-step reference never shows it, so its tokens differ.
+- rope: we slide too rather than continue. Continuing with the cache past block_size is possible
+  (attention depends only on distances) but the model never saw distances >= block_size in
+  training, so it would sample from a regime no loss or evaluation measured. Sliding keeps one
+  rule and one reference for all encodings. An O(1) exact RoPE slide would need a ring-buffer
+  cache with windowed attention in model.py; verse-length samples rarely reach the window.
+
+Rows of a batch are independent samples; `stop` ends the loop once every row has stopped (rows
+that stopped early keep being computed, as the batch has one shape, and their tokens are ignored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .errors import GPTSmallError
+
+_REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete UTF-8 character
+
+
+class TextTokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str, *, unknown: str = ...) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None,
+                        repetition_penalty: float = 1.0) -> None:
+    """Raise GPTSmallError naming the first impossible sampling setting."""
+    if not temperature >= 0:  # also catches NaN
+        raise GPTSmallError(f"temperature must be >= 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise GPTSmallError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise GPTSmallError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not repetition_penalty > 0:
+        raise GPTSmallError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
+
+
+def _check_count(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise GPTSmallError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+# --- pure steps ---
+
+
+def apply_repetition_penalty(logits: Tensor, prev_ids: Tensor, penalty: float) -> Tensor:
+    """CTRL (Keskar et al. 2019): for tokens already in a row, divide positive logits by `penalty`
+    and multiply negative ones by it. logits (B, V), prev_ids (B, L) -> new logits (B, V)."""
+    if penalty == 1.0 or prev_ids.shape[1] == 0:
+        return logits
+    score = logits.gather(1, prev_ids)  # (B, L); a repeated id gathers and scatters the same value
+    score = torch.where(score > 0, score / penalty, score * penalty)
+    return logits.scatter(1, prev_ids, score)
+
+
+def top_p_mask(probs: Tensor, top_p: float) -> Tensor:
+    """Nucleus (Holtzman et al. 2020): True for the smallest set of most likely tokens whose
+    probability reaches `top_p`; always at least the most likely one. probs (B, V) -> bool (B, V)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # Mass ranked strictly above each token: an exclusive cumsum by shifting, not `cumsum - p`,
+    # whose rounding can move a token across the threshold (0.95 - 0.15 != 0.8 in float32).
+    above = torch.cat((torch.zeros_like(sorted_probs[:, :1]), sorted_probs.cumsum(dim=-1)[:, :-1]), dim=-1)
+    keep_sorted = above < top_p  # the first token has 0 above it, so it is always kept
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Draw one token per row from logits (B, V) -> ids (B,). Temperature 0 or top_k 1 is argmax."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:  # at exactly 1 a rounded cumsum could drop the tail
+        probs = probs * top_p_mask(probs, top_p)  # multinomial needs no renormalising
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def prefill(model: nn.Module, idx: Tensor, input_pos: Tensor) -> Tensor:
+    """Run idx (B, T) at positions input_pos (T,) through the KV cache -> logits (B, V) of the last."""
+    return model(idx, input_pos=input_pos)[:, -1]
+
+
+@torch.inference_mode()
+def decode_one(model: nn.Module, cur: Tensor, input_pos: Tensor) -> Tensor:
+    """One token per row, cur (B,), at position input_pos (1,) -> logits (B, V)."""
+    return model(cur[:, None], input_pos=input_pos)[:, -1]
+
+
+# --- the token loop ---
+
+
+def _prompt_batch(prompt_ids: Sequence[int] | Tensor, num_samples: int, vocab_size: int,
+                  device: torch.device) -> Tensor:
+    """A list or 1-D tensor becomes num_samples equal rows; each row of a (B, T0) tensor is
+    repeated num_samples times. Ids are checked here, where the message can say what is wrong."""
+    idx = torch.as_tensor(prompt_ids, dtype=torch.long)
+    if idx.dim() == 1:
+        idx = idx[None]
+    if idx.dim() != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
+        raise GPTSmallError(f"the prompt must hold at least one token per row, got shape {tuple(idx.shape)}")
+    if int(idx.min()) < 0 or int(idx.max()) >= vocab_size:
+        raise GPTSmallError(f"prompt token ids must be in [0, {vocab_size}), got {int(idx.min())}..{int(idx.max())}")
+    return idx.repeat_interleave(num_samples, dim=0).to(device)
+
+
+def generate_tokens(model: nn.Module, prompt_ids: Sequence[int] | Tensor, *, max_new_tokens: int,
+                    num_samples: int = 1, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
+                    stop: Callable[[Tensor], Tensor] | None = None,
+                    banned_ids: Sequence[int] = ()) -> Iterator[Tensor]:
+    """Yield the next token of every row, (B,) int64, up to max_new_tokens times.
+
+    `seed=None` draws from torch's global RNG (so `torch.manual_seed` governs it); an int seeds a
+    private generator on the model's device. The repetition penalty looks at every token of the
+    row so far, prompt included (as CTRL and Hugging Face do). `stop(new_ids (B,)) -> bool (B,)`
+    marks rows as finished, e.g. `lambda t: t == eos_id`; the loop ends when all rows are.
+    `banned_ids` are never sampled (a char tokenizer's `<unk>`, which stands for no character).
+    Arguments are checked here, at the call, not at the first `next()`.
+    """
+    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+    _check_count("max_new_tokens", max_new_tokens)
+    _check_count("num_samples", num_samples)
+    device = next(model.parameters()).device
+    idx = _prompt_batch(prompt_ids, num_samples, model.config.vocab_size, device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    return _token_loop(model, idx, max_new_tokens, generator, stop,
+                       dict(temperature=temperature, top_k=top_k, top_p=top_p), repetition_penalty,
+                       list(banned_ids))
+
+
+def _token_loop(model: nn.Module, idx: Tensor, max_new_tokens: int, generator: torch.Generator | None,
+                stop: Callable[[Tensor], Tensor] | None, sampling: dict, repetition_penalty: float,
+                banned_ids: list[int] | None = None) -> Iterator[Tensor]:
+    B, T0 = idx.shape
+    window = model.config.block_size
+    total = T0 + max_new_tokens
+    was_training = model.training
+    model.eval()
+    try:
+        # inference_mode is entered per step, never around a `yield`: it is thread-local state
+        # and would leak into the caller's code while the generator is suspended.
+        with torch.inference_mode():
+            seq = torch.empty(B, total, dtype=torch.long, device=idx.device)  # prompt + new tokens
+            seq[:, :T0] = idx
+            positions = torch.arange(max(total, window), device=idx.device)  # sliced, never rebuilt
+            model.setup_kv_cache(B, min(total, window))
+            start = max(0, T0 - window)  # a prompt longer than the window is cropped, as nanoGPT does
+            logits = prefill(model, seq[:, start:T0], positions[:T0 - start])
+            done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for T in range(T0, total):  # T tokens so far; the new one goes at index T
+            with torch.inference_mode():
+                if banned_ids:
+                    logits[:, banned_ids] = float("-inf")
+                if repetition_penalty != 1.0:
+                    logits = apply_repetition_penalty(logits, seq[:, :T], repetition_penalty)
+                cur = sample(logits, generator=generator, **sampling)  # (B,)
+                seq[:, T] = cur
+            yield cur
+            if stop is not None:
+                with torch.inference_mode():
+                    done |= stop(cur)
+                    if bool(done.all()):
+                        return
+            if T + 1 == total:
+                return
+            with torch.inference_mode():
+                if T + 1 <= window:  # the whole sequence is the context: decode with the cache
+                    logits = decode_one(model, cur, positions[T:T + 1])
+                else:  # the window slides: every position changes, re-prefill it (module docstring)
+                    logits = prefill(model, seq[:, T + 1 - window:T + 1], positions[:window])
+    finally:
+        model.clear_kv_cache()
+        model.train(was_training)
+
+
+# --- text at the edge ---
+
+
+def _finish(text: str, lines: int | None, stop: str | None) -> tuple[str, bool]:
+    """Cut a continuation right after its `lines`-th newline or after the first `stop`, whichever
+    comes first; say whether it was cut (the sample is finished)."""
+    end = None
+    if lines is not None:
+        k = -1
+        for _ in range(lines):
+            k = text.find("\n", k + 1)
+            if k < 0:
+                break
+        else:
+            end = k + 1
+    if stop is not None:
+        k = text.find(stop)
+        if k >= 0:
+            end = k + len(stop) if end is None else min(end, k + len(stop))
+    return (text, False) if end is None else (text[:end], True)
+
+
+def generate_text(model: nn.Module, tokenizer: TextTokenizer, prompt: str, *, max_new_tokens: int = 500,
+                  lines: int | None = None, stop: str | None = None, num_samples: int = 1,
+                  temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+                  repetition_penalty: float = 1.0, seed: int | None = None,
+                  stream: Callable[[int, str], None] | None = None) -> list[str]:
+    """Sample num_samples continuations of `prompt`; return each as prompt + continuation.
+
+    An empty prompt starts from "\\n" (the corpus has one verse line per row), which is not part of
+    the returned text. `lines=N` ends a sample right after the N-th newline of its continuation;
+    `stop` ends it right after the first occurrence of the stop string, which is kept (like the
+    newline of `lines`). A stop string that straddles the prompt and the continuation is not seen.
+    A finished sample stops growing and streaming; the loop ends when all are finished or after
+    max_new_tokens. `stream(i, text)` receives sample i's text as it grows; the pieces concatenate
+    to the continuation. A character still incomplete (decoded as U+FFFD, as when a byte-level
+    BPE token splits UTF-8) is held back until it completes or the sample ends.
+    """
+    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+    _check_count("max_new_tokens", max_new_tokens)
+    _check_count("num_samples", num_samples)
+    _check_count("lines", lines)
+    if stop is not None and (not isinstance(stop, str) or stop == ""):
+        raise GPTSmallError(f"stop must be a non-empty string, got {stop!r}")
+    ids = tokenizer.encode(prompt or "\n", unknown="error")  # names an unknown character
+
+    new_ids: list[list[int]] = [[] for _ in range(num_samples)]
+    texts = [""] * num_samples
+    emitted = [0] * num_samples  # characters of texts[i] already streamed
+    finished = [False] * num_samples
+
+    def emit(i: int, flush: bool) -> None:
+        if stream is not None and len(texts[i]) > emitted[i] and (flush or not texts[i].endswith(_REPLACEMENT)):
+            stream(i, texts[i][emitted[i]:])
+            emitted[i] = len(texts[i])
+
+    tokens = generate_tokens(model, ids, max_new_tokens=max_new_tokens, num_samples=num_samples,
+                             temperature=temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty, seed=seed,
+                             banned_ids=[u] if (u := getattr(tokenizer, "unk_id", None)) is not None else [])
+    try:
+        for cur in tokens:
+            for i, token in enumerate(cur.tolist()):
+                if finished[i]:
+                    continue
+                new_ids[i].append(token)
+                # Decoding the whole continuation (not the token alone) lets split characters join.
+                texts[i], finished[i] = _finish(tokenizer.decode(new_ids[i]), lines, stop)
+                emit(i, flush=finished[i])
+            if all(finished):
+                break
+    finally:
+        tokens.close()  # restores the model's mode and frees the cache now, not at garbage collection
+    for i in range(num_samples):
+        emit(i, flush=True)
+    return [prompt + text for text in texts]

@@ -1,0 +1,94 @@
+"""The main job, `make poem`: prepare eng-poem, train the CPU preset for a bounded time, write poems.
+
+Run twice, it does the least work it can: prepared data is reused, a finished run is reused, and an
+interrupted run is resumed from its last checkpoint (its time budget counts the time already spent).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from .distributed import print0
+
+PROMPTS = ("The sea", "O moon, ", "When I")
+
+
+def default_minutes(device: str = "auto") -> float:
+    """10 minutes on a CPU; 3 on a GPU, which gets further in less time."""
+    from .device import pick_device
+
+    return 3.0 if pick_device(device).type == "cuda" else 10.0
+
+
+def ensure_data(data_dir: Path) -> None:
+    from .data import prepare
+
+    if (data_dir / "meta.json").is_file():
+        print0(f"[1/3] prepared data: reusing {data_dir}")
+        return
+    print0(f"[1/3] preparing the built-in eng-poem corpus (char tokenizer) into {data_dir}")
+    prepare(out=data_dir, corpus="eng-poem", tokenizer="char")
+
+
+def ensure_model(data_dir: Path, run_dir: Path, config_file: str | None, minutes: float,
+                 sets: list[str] | None = None) -> dict[str, Any] | None:
+    """Train, resume or reuse; returns the training summary (None when an existing run is reused)."""
+    from .checkpoint import find_checkpoint, load_trainer_state
+    from .config import resolve_configs
+    from .data import PreparedData
+    from .train import Trainer, format_summary
+
+    data = PreparedData(data_dir)
+    resume = (run_dir / "last").exists()
+    if resume:
+        state = load_trainer_state(find_checkpoint(run_dir, prefer="last"))
+        if state.get("finished"):
+            print0(f"[2/3] model: reusing the finished run {run_dir} ({state['step']:,} steps, "
+                   f"{state['elapsed'] / 60:.1f} min); delete that folder to train again")
+            return None
+        print0(f"[2/3] model: resuming {run_dir} from step {state['step']:,}")
+    else:
+        print0(f"[2/3] training the CPU preset for {minutes:g} minutes into {run_dir}")
+    _, model_cfg, train_cfg = resolve_configs(
+        config_file=config_file, model_overrides={"vocab_size": data.tokenizer.vocab_size},
+        train_overrides={"max_time": minutes * 60}, sets=sets)
+    summary = Trainer(model_cfg, train_cfg, data, run_dir, resume=resume).fit()
+    print0(format_summary(summary))
+    if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
+        raise KeyboardInterrupt
+    return summary
+
+
+def write_poems(run_dir: Path, *, lines: int = 12, prompts: tuple[str, ...] = PROMPTS, seed: int = 7,
+                temperature: float = 0.8) -> list[str]:
+    from .checkpoint import load_checkpoint
+    from .device import pick_device
+    from .generate import generate_text
+
+    ckpt = load_checkpoint(run_dir, device=pick_device("auto"), prefer="best")
+    print0(f"[3/3] three {lines}-line poems from {ckpt.path}\n")
+    poems = []
+    for i, prompt in enumerate(prompts):
+        print0(f"--- poem {i + 1} ---")
+        sys.stdout.write(prompt)
+        text = generate_text(ckpt.model, ckpt.tokenizer, prompt, lines=lines, max_new_tokens=2000,
+                             temperature=temperature, seed=seed + i,
+                             stream=lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush()))[0]
+        sys.stdout.write("\n" if not text.endswith("\n") else "")
+        print0()
+        poems.append(text)
+    return poems
+
+
+def make_poem(*, data_dir: str | Path, run_dir: str | Path, config_file: str | None,
+              minutes: float | None = None, sets: list[str] | None = None) -> list[str]:
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    minutes = default_minutes() if minutes is None else minutes
+    ensure_data(data_dir)
+    ensure_model(data_dir, run_dir, config_file, minutes, sets)
+    poems = write_poems(run_dir)
+    print0(f"The checkpoint is in {run_dir}. Write more with:\n"
+           f"  gpt-small generate --checkpoint {run_dir} --lines 12 --prompt \"The night\"")
+    return poems

@@ -1,0 +1,120 @@
+"""The CLI as a user meets it: generate from a checkpoint, the `poem` job end to end, bad input."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from gpt_small.cli import VERBS, build_parser, main
+from gpt_small.data import prepare
+
+WORDS = "The sea O moon When I night star love heart dream rose wind song light over under and, the".split()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    rng = random.Random(1)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(1200)]
+    (root / "poems.txt").write_text("\n".join(lines) + "\n")
+    prepare(out=root / "data", text=root / "poems.txt", tokenizer="char")
+    (root / "tiny.toml").write_text(
+        'preset = "tiny"\n[model]\nblock_size = 32\n[train]\nbatch_size = 4\nthreads = 1\n'
+        "eval_interval = 20\neval_batches = 2\nwarmup_steps = 5\nmax_steps = 40\nfinal_eval = false\n")
+    assert main(["train", "--data", str(root / "data"), "--out", str(root / "run"), "--config",
+                 str(root / "tiny.toml"), "--no-progress"]) == 0
+    return root
+
+
+def test_help_lists_every_verb(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for verb in ("prepare", "train", "generate", "eval", "compare", "poem", "info"):
+        assert verb in VERBS and verb in out
+
+
+def test_generate_streams_and_stops_after_lines(workspace, capsys):
+    code = main(["generate", "--checkpoint", str(workspace / "run"), "--prompt", "The sea", "--lines", "2",
+                 "--seed", "3", "--max-new-tokens", "400"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.startswith("The sea")
+    assert out.rstrip("\n").count("\n") <= 2  # two verse lines after the prompt's line, at most
+    assert "\ufffd" not in out  # the <unk> id is never sampled
+
+
+def test_generate_same_seed_same_text(workspace, capsys):
+    args = ["generate", "--checkpoint", str(workspace / "run"), "--max-new-tokens", "60", "--seed", "5",
+            "--num-samples", "2"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first
+    assert "--- sample 2 ---" in first
+
+
+def _one_line_error(capsys, verb: str) -> str:
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"gpt-small {verb}: error:") and captured.err.count("\n") == 1
+    return captured.err
+
+
+def test_generate_unknown_prompt_character(workspace, capsys):
+    assert main(["generate", "--checkpoint", str(workspace / "run"), "--prompt", "The §"]) == 2
+    assert "'§'" in _one_line_error(capsys, "generate")
+
+
+def test_generate_missing_checkpoint(tmp_path, capsys):
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "not found" in _one_line_error(capsys, "generate")
+
+
+def test_generate_corrupt_checkpoint(workspace, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree((workspace / "run" / "last").resolve(), bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["generate", "--checkpoint", str(bad)]) == 2
+    assert "corrupt" in _one_line_error(capsys, "generate")
+
+
+def test_checkpoint_of_another_format_version(workspace, tmp_path, capsys):
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree((workspace / "run" / "last").resolve(), old)
+    meta = json.loads((old / "config.json").read_text())
+    meta["format_version"] = 99
+    (old / "config.json").write_text(json.dumps(meta))
+    assert main(["generate", "--checkpoint", str(old)]) == 2
+    assert "format 99" in _one_line_error(capsys, "generate")
+
+
+def test_bad_sampling_flags(workspace, capsys):
+    assert main(["generate", "--checkpoint", str(workspace / "run"), "--temperature", "-1"]) == 2
+    assert "temperature" in _one_line_error(capsys, "generate")
+
+
+def test_poem_job_trains_once_then_reuses(workspace, tmp_path, capsys):
+    args = ["poem", "--data", str(workspace / "data"), "--out", str(tmp_path / "poem"), "--config",
+            str(workspace / "tiny.toml"), "--minutes", "0.05"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[1/3] prepared data: reusing" in out
+    assert "--- poem 3 ---" in out and "gpt-small generate --checkpoint" in out
+    assert (tmp_path / "poem" / "last").exists()
+    assert main(args) == 0
+    assert "reusing the finished run" in capsys.readouterr().out
+
+
+def test_poem_rejects_a_non_positive_budget(workspace, tmp_path, capsys):
+    assert main(["poem", "--data", str(workspace / "data"), "--out", str(tmp_path / "p"), "--minutes", "0"]) == 2
+    assert "--minutes" in _one_line_error(capsys, "poem")
