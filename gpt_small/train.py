@@ -344,8 +344,11 @@ class Trainer:
         old_handlers = self._install_signal_handlers()
         self._t_start = time.perf_counter()
         start_step = self.step
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.show_progress and self.dist.is_main),
-                   dynamic_ncols=True, unit="step")
+        # The bar follows progress(): the fraction of max_steps or of max_time, whichever is further,
+        # so its time-left estimate is right for step and for wall-clock budgets alike.
+        bar = tqdm(total=100, initial=int(self.progress() * 100), unit="%", dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}",
+                   disable=not (self.show_progress and self.dist.is_main))
         stop_reason = "max_steps"
         last_saved_step = self.step if self._resume_from is not None else -1
         t_log, tokens_since_log = time.perf_counter(), 0
@@ -353,7 +356,7 @@ class Trainer:
             while self.step < cfg.max_steps:
                 loss = self.train_step()
                 tokens_since_log += self.tokens_per_step
-                bar.update(1)
+                bar.update(max(0, int(self.progress() * 100) - bar.n))
                 if self.step % cfg.log_interval == 0 or self.step == 1:
                     now = time.perf_counter()
                     tps = tokens_since_log / (now - t_log)
@@ -361,11 +364,7 @@ class Trainer:
                     self.log({"kind": "train", "step": self.step, "loss": loss, "lr": self._lr,
                               "tokens": self.step * self.tokens_per_step, "elapsed": self.elapsed_total(),
                               "tokens_per_s": tps})
-                    left = ""
-                    if cfg.max_time:
-                        left = f"{max(0.0, cfg.max_time - self.elapsed_total()) / 60:.1f}m"
-                    bar.set_postfix_str(f"loss {loss:.4f} lr {self._lr:.2e} {tps:,.0f} tok/s"
-                                        + (f" left {left}" if left else ""))
+                    bar.set_postfix_str(f"step {self.step} loss {loss:.4f} lr {self._lr:.2e} {tps:,.0f} tok/s")
                 out_of_time = bool(cfg.max_time) and self.elapsed_total() >= cfg.max_time
                 paused = stop_after is not None and self.step - start_step >= stop_after
                 stop = broadcast_flag(self._signal is not None or out_of_time or paused, self.device)

@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 _WORDS = ("the night wind sings of silver rain upon a lonely shore where ancient willows weep "
           "and golden morning breaks o'er hill and dale while dreaming roses fade").split()
@@ -78,3 +79,14 @@ def builtin_corpora() -> dict[str, Path]:
     from gpt_small.corpus import CORPORA, corpus_path
 
     return {name: corpus_path(name) for name in CORPORA}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One torch thread for the whole suite: the test models are tiny, extra OpenMP threads only add
+    synchronisation, and on a busy 2-core machine their spin-waits made tests 10x slower.
+    Subprocesses started by tests get OMP_NUM_THREADS=1 or --threads 1 for the same reason."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,12 +23,6 @@ from gpt_small.train import Trainer
 WORDS = "the sea moon night star love heart dream rose wind song light over under and".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _poem_text(n_lines: int, seed: int = 0) -> str:

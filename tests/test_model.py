@@ -14,14 +14,6 @@ from gpt_small.config import PRESETS
 ENCODINGS = ["learned", "sinusoidal", "rope"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are too small to gain from threads, and on a busy 2-core machine two spinning
-    # threads made the overfit test 10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model(seed: int = 0, **overrides) -> GPT:

@@ -20,12 +20,6 @@ ENCODINGS = ("learned", "sinusoidal", "rope")
 WORDS = "the sea moon night star love heart dream rose wind song light over under and".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
