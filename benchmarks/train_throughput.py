@@ -13,6 +13,9 @@ Shapes (anchors.md): A = nanoGPT "baby" 4x4x128, block 64, batch 12, dropout 0;
 B = shakespeare_char 6x6x384, block 256, batch 64, dropout 0.2; 150m = our small-150m preset,
 block 512, batch 4 (ours only: the baseline's LayerNorm-without-bias model differs in shape).
 Both sides run the same model shape with GELU and no biases; ours with our default trainer settings.
+`ours-compile` (--compile) is `ours` under torch.compile; its warm-up steps absorb the compilation.
+`ours-relu` is the same shape with ReLU, our default activation (the original spec): a different
+model, listed apart, never as the like-for-like ratio.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ SHAPES = {
     "B": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, steps=6),
     "150m": dict(n_layer=12, n_head=16, n_embd=1024, block_size=512, batch_size=4, dropout=0.0, steps=4),
 }
-WARMUP = {"A": 10, "B": 2, "150m": 1}
+WARMUP = {"A": 10, "B": 2, "150m": 1}  # steps before timing (compilation happens in the first)
 
 
 def matmul_peak(n: int = 4096, reps: int = 5) -> float:
@@ -71,7 +74,8 @@ def worker(impl: str, shape_name: str, steps: int) -> dict:
                             n_head=s["n_head"], n_embd=s["n_embd"], dropout=s["dropout"], batch_size=s["batch_size"])
         step = t.train_step
     else:
-        step = _our_step(s, vocab)
+        step = _our_step(s, vocab, activation="relu" if impl == "ours-relu" else "gelu",
+                         preset="small-150m" if shape_name == "150m" else None, compile=impl == "ours-compile")
     times = []
     for i in range(WARMUP[shape_name] + steps):
         t0 = time.perf_counter()
@@ -83,7 +87,7 @@ def worker(impl: str, shape_name: str, steps: int) -> dict:
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def _our_step(s: dict, vocab: int):
+def _our_step(s: dict, vocab: int, activation: str, preset: str | None, compile: bool = False):
     """Our real Trainer.train_step on a throw-away prepared-data folder of the same tokens."""
     from gpt_small import GPTConfig, TrainConfig
     from gpt_small.data import PreparedData, prepare
@@ -93,9 +97,13 @@ def _our_step(s: dict, vocab: int):
     src = ROOT / "data" / "eng-poem-char"
     data_dir = src if src.exists() else _tiny_prepared(tmp, prepare)
     data = PreparedData(data_dir)
-    model = GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=s["block_size"], n_layer=s["n_layer"],
-                      n_head=s["n_head"], n_embd=s["n_embd"], dropout=s["dropout"], activation="gelu", bias=False)
-    train = TrainConfig(batch_size=s["batch_size"], max_steps=10**6, warmup_steps=10)
+    if preset:  # the real preset (ReLU, biases), not the baseline's shape
+        model = GPTConfig.from_preset(preset, vocab_size=data.tokenizer.vocab_size)
+    else:
+        model = GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=s["block_size"], n_layer=s["n_layer"],
+                          n_head=s["n_head"], n_embd=s["n_embd"], dropout=s["dropout"], activation=activation,
+                          bias=False)
+    train = TrainConfig(batch_size=s["batch_size"], max_steps=10**6, warmup_steps=10, compile=compile)
     trainer = Trainer(model, train, data, tmp / "run", show_progress=False)
     trainer.setup()
     return trainer.train_step
@@ -114,6 +122,7 @@ def main() -> None:
     p.add_argument("--shapes", default="A,B,150m")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, help="timed steps per child (default per shape)")
+    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile (slow to start)")
     p.add_argument("--worker", nargs=3, metavar=("IMPL", "SHAPE", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -131,7 +140,9 @@ def main() -> None:
         steps = args.steps or s["steps"]
         cfg = GPTConfig(vocab_size=118, block_size=s["block_size"], n_layer=s["n_layer"], n_head=s["n_head"],
                         n_embd=s["n_embd"], bias=False)
-        impls = ["ours"] if shape == "150m" else ["baseline", "ours"]
+        impls = ["ours"] if shape == "150m" else ["baseline", "ours", "ours-relu"]
+        if args.compile and shape != "150m":
+            impls.append("ours-compile")
         results: dict[str, list[dict]] = {i: [] for i in impls}
         for _ in range(args.repeats):
             for impl in impls:
@@ -146,7 +157,7 @@ def main() -> None:
             mfu = cfg.flops_per_token() * m["tokens_per_s"] / peak
             ratio = f"{m['tokens_per_s'] / med['baseline']['tokens_per_s']:.2f}x" if "baseline" in med else "-"
             print(f"{shape:<6} {impl:<9} {m['ms_per_step']:>9.1f} {m['tokens_per_s']:>9,.0f} {mfu:>6.1%} "
-                  f"{m['peak_rss_gib']:>8.2f}G   {ratio if impl == 'ours' else ''}")
+                  f"{m['peak_rss_gib']:>8.2f}G   {ratio if impl != 'baseline' else ''}")
         sys.stdout.flush()
 
 

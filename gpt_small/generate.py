@@ -111,13 +111,13 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None
 @torch.inference_mode()
 def prefill(model: nn.Module, idx: Tensor, input_pos: Tensor) -> Tensor:
     """Run idx (B, T) at positions input_pos (T,) through the KV cache -> logits (B, V) of the last."""
-    return model(idx, input_pos=input_pos)[:, -1]
+    return model(idx, input_pos=input_pos, last_only=True)[:, -1]
 
 
 @torch.inference_mode()
 def decode_one(model: nn.Module, cur: Tensor, input_pos: Tensor) -> Tensor:
     """One token per row, cur (B,), at position input_pos (1,) -> logits (B, V)."""
-    return model(cur[:, None], input_pos=input_pos)[:, -1]
+    return model(cur[:, None], input_pos=input_pos, last_only=True)[:, -1]
 
 
 # --- the token loop ---

