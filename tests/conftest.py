@@ -90,3 +90,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def verse_data(tmp_path_factory, verse) -> Path:
+    """A char-level prepared-data folder of 1,500 verse lines, shared by the training-side tests."""
+    from gpt_small.data import prepare
+
+    root = tmp_path_factory.mktemp("verse_data")
+    (root / "poems.txt").write_text(verse(1500))
+    prepare(out=root / "data", text=root / "poems.txt", tokenizer="char")
+    return root / "data"

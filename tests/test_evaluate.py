@@ -20,16 +20,6 @@ from gpt_small.errors import GPTSmallError
 from gpt_small.evaluate import bits_per_char, evaluate_checkpoint, evaluate_tokens, strided_windows, unknown_note
 from gpt_small.train import Trainer
 
-WORDS = "the sea moon night star love heart dream rose wind song light over under and".split()
-
-
-
-
-def _poem_text(n_lines: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n_lines)) + "\n"
-
-
 def _train(data_dir: Path, out: Path, **model) -> Path:
     vocab = PreparedData(data_dir).tokenizer.vocab_size
     cfg = GPTConfig.from_preset("tiny", vocab_size=vocab, **model)
@@ -40,9 +30,9 @@ def _train(data_dir: Path, out: Path, **model) -> Path:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, Path]:
+def env(tmp_path_factory, verse) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
-    (root / "poems.txt").write_text(_poem_text(400))
+    (root / "poems.txt").write_text(verse(400))
     prepare(out=root / "char", text=root / "poems.txt", tokenizer="char")
     prepare(out=root / "bpe", text=root / "poems.txt", tokenizer="bpe", vocab_size=300)
     return {
@@ -136,14 +126,14 @@ def test_stride_equal_to_context_matches_the_trainers_final_eval(env):
     assert r["loss"] == pytest.approx(summary["final_val"]["loss"], rel=1e-6)
 
 
-def test_bits_per_char_with_bpe(env):
+def test_bits_per_char_with_bpe(env, verse):
     data = PreparedData(env["bpe"])
     r = evaluate_checkpoint(env["bpe_run"], data=env["bpe"], device="cpu")
     assert data.tokenizer.kind == "bpe" and r["chars_per_token"] == data.chars_per_token("val") > 1.2
     assert r["bits_per_char"] == pytest.approx(r["loss"] / math.log(2) / r["chars_per_token"])
     assert r["bits_per_char"] == pytest.approx(bits_per_char(r["loss"], r["chars_per_token"]))
     text = env["root"] / "bpe-text.txt"
-    text.write_text(_poem_text(30, seed=5))
+    text.write_text(verse(30, seed=5))
     t = evaluate_checkpoint(env["bpe_run"], text=text, device="cpu")
     n_tokens = len(data.tokenizer.encode(text.read_text()))
     assert t["tokens"] == n_tokens - 1
@@ -151,9 +141,9 @@ def test_bits_per_char_with_bpe(env):
     assert t["bits_per_char"] == pytest.approx(t["loss"] / math.log(2) / t["chars_per_token"])
 
 
-def test_text_outside_the_char_vocabulary_is_reported(env, capsys):
+def test_text_outside_the_char_vocabulary_is_reported(env, capsys, verse):
     path = env["root"] / "odd.txt"
-    text = _poem_text(20, seed=3) + "§ the sea § moon § Ω Ω\n"
+    text = verse(20, seed=3) + "§ the sea § moon § Ω Ω\n"
     path.write_text(text)
     r = evaluate_checkpoint(env["learned"], text=path, device="cpu")
     assert r["tokens"] == len(text) - 1  # nothing dropped: unknown characters are scored as <unk>

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import re
 import statistics
 from pathlib import Path
@@ -17,19 +16,11 @@ from gpt_small.data import PreparedData, prepare
 from gpt_small.study import SharedInitTrainer, extrapolation_plan, initial_model, parse_encodings, verdict
 
 ENCODINGS = ("learned", "sinusoidal", "rope")
-WORDS = "the sea moon night star love heart dream rose wind song light over under and".split()
-
-
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("study")
-    rng = random.Random(0)
-    text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(400)) + "\n"
-    (root / "poems.txt").write_text(text)
-    prepare(out=root / "data", text=root / "poems.txt", tokenizer="char")
-    return root / "data"
+def data_dir(verse_data) -> Path:
+    return verse_data
 
 
 def _shared(model: GPT) -> dict[str, torch.Tensor]:

@@ -23,20 +23,10 @@ from gpt_small.data import PreparedData, prepare
 from gpt_small.errors import GPTSmallError
 from gpt_small.train import Trainer, lr_at, param_groups
 
-WORDS = "the sea moon night star love heart dream rose wind song light over under and".split()
-
-
-def _poem_text(n_lines: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n_lines)) + "\n"
-
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train_data")
-    (root / "poems.txt").write_text(_poem_text(1500))
-    prepare(out=root / "data", text=root / "poems.txt", tokenizer="char")
-    return root / "data"
+def data_dir(verse_data) -> Path:
+    return verse_data
 
 
 def _configs(data_dir: Path, **train) -> tuple[GPTConfig, TrainConfig]:
@@ -148,10 +138,10 @@ def test_existing_run_needs_resume(data_dir, tmp_path):
         Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False)
 
 
-def test_resume_refuses_data_from_another_tokenizer(data_dir, tmp_path):
+def test_resume_refuses_data_from_another_tokenizer(data_dir, tmp_path, verse):
     model, cfg = _configs(data_dir, max_steps=2)
     Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False).fit()
-    (tmp_path / "other.txt").write_text(_poem_text(1500).upper())
+    (tmp_path / "other.txt").write_text(verse(1500).upper())
     prepare(out=tmp_path / "other", text=tmp_path / "other.txt", tokenizer="char")
     other = PreparedData(tmp_path / "other")
     model2 = GPTConfig(**{**model.to_dict(), "vocab_size": other.tokenizer.vocab_size})
