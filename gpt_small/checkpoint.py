@@ -169,17 +169,22 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", pre
     except (KeyError, TypeError, ValueError) as e:
         raise GPTSmallError(f"{ckpt / CONFIG}: bad model config: {e}") from None
     model = GPT(cfg)
+    load_weights(model, ckpt)
+    tokenizer = load_tokenizer(ckpt)
+    return Checkpoint(ckpt, meta, model.to(device), tokenizer)
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """Load a checkpoint's safetensors weights into `model` in place (a tied head is re-tied)."""
     try:
         sd = load_file(str(ckpt / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise GPTSmallError(f"{ckpt / WEIGHTS} is unreadable or corrupt: {e}") from None
-    if cfg.tie_embeddings and "transformer.wte.weight" in sd:
+    if model.config.tie_embeddings and "transformer.wte.weight" in sd:
         sd["lm_head.weight"] = sd["transformer.wte.weight"]
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise GPTSmallError(f"{ckpt / WEIGHTS} does not match its config: missing {missing}, unexpected {unexpected}")
-    tokenizer = load_tokenizer(ckpt)
-    return Checkpoint(ckpt, meta, model.to(device), tokenizer)
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import GPTSmallError
+from .tokenizer import same_tokenizer
 
 
 @dataclass
@@ -148,13 +149,6 @@ def unknown_note(unknown: collections.Counter[str] | dict[str, int], top: int = 
     return f"{n} character{'s' if n != 1 else ''} outside the vocabulary (mapped to <unk>): {shown}{more}"
 
 
-def _same_tokenizer(ckpt_dir: Path, ckpt_tok: Any, data_dir: Path, data_tok: Any) -> bool:
-    a, b = ckpt_dir / "tokenizer.json", data_dir / "tokenizer.json"
-    if a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes():
-        return True
-    return ckpt_tok.kind == data_tok.kind and ckpt_tok.to_json() == data_tok.to_json()
-
-
 def _tokens_of(ckpt: Checkpoint, *, text: str | Path | None, corpus: str | None, data: str | Path | None,
                split: str) -> tuple[np.ndarray, float, str, collections.Counter[str] | dict[str, int]]:
     """(token ids, characters per token, a description of the source, unknown characters)."""
@@ -164,7 +158,7 @@ def _tokens_of(ckpt: Checkpoint, *, text: str | Path | None, corpus: str | None,
         from .data import PreparedData
 
         prepared = PreparedData(data)
-        if not _same_tokenizer(ckpt.path, ckpt.tokenizer, prepared.directory, prepared.tokenizer):
+        if not same_tokenizer(ckpt.tokenizer, prepared.tokenizer):
             raise GPTSmallError(f"{prepared.directory} was prepared with another tokenizer ({prepared.meta['tokenizer']}, "
                                 f"vocab {prepared.vocab_size}) than the checkpoint's ({ckpt.tokenizer.kind}, "
                                 f"vocab {ckpt.tokenizer.vocab_size}); prepare the text with the checkpoint's "

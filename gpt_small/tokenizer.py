@@ -281,6 +281,11 @@ def make_tokenizer(kind: str, train_text: str | Iterable[str] = "", vocab_size: 
     raise GPTSmallError(f"unknown tokenizer {kind!r}; choose one of {', '.join(KINDS)}")
 
 
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """True when a and b give every text the same ids: the same kind and the same saved vocabulary."""
+    return a.kind == b.kind and a.to_json() == b.to_json()
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """The tokenizer saved in `directory/tokenizer.json` (or given the file itself)."""
     path = Path(directory)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import find_checkpoint, load_trainer_state, read_checkpoint_config, save_checkpoint
+from .checkpoint import find_checkpoint, load_trainer_state, load_weights, read_checkpoint_config, save_checkpoint
 from .config import GPTConfig, TrainConfig
 from .data import BatchSampler, PreparedData, eval_windows
 from .device import autocast, keep_freed_memory, pick_device, pick_dtype, set_threads
@@ -36,6 +36,7 @@ from .distributed import DistInfo, all_reduce_mean, broadcast_flag, print0, setu
 from .errors import GPTSmallError
 from .evaluate import bits_per_char, evaluate_tokens
 from .model import GPT
+from .tokenizer import load_tokenizer, same_tokenizer
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig, warmup_progress: float = 0.0) -> float:
@@ -116,8 +117,7 @@ class Trainer:
                                     "block_size or more text")
 
     def _check_same_tokenizer(self, ckpt: Path) -> None:
-        a, b = ckpt / "tokenizer.json", Path(self.data.directory) / "tokenizer.json"
-        if a.read_bytes() != b.read_bytes():
+        if not same_tokenizer(load_tokenizer(ckpt), self.data.tokenizer):
             raise GPTSmallError(f"--resume: the data in {self.data.directory} was prepared with another "
                                 f"tokenizer than the checkpoint {ckpt}")
 
@@ -212,13 +212,7 @@ class Trainer:
             torch.manual_seed(self.config.seed + self.dist.rank + 1_000_003 * self.step)
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        from .checkpoint import WEIGHTS
-        from safetensors.torch import load_file
-
-        sd = load_file(str(self._resume_from / WEIGHTS), device=str(self.device))
-        if self.model_config.tie_embeddings:
-            sd["lm_head.weight"] = sd["transformer.wte.weight"]
-        self.model.load_state_dict(sd)
+        load_weights(self.model, self._resume_from)
 
     def elapsed_total(self) -> float:
         return self.elapsed + (time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0)
