@@ -224,6 +224,8 @@ def parse_value(cls: type, key: str, raw: Any) -> Any:
         if not isinstance(raw, typ):
             raise ConfigError(f"{key} must be a {typ.__name__}, got {raw!r}")
         return raw
+    if typ is float and key == "max_time":
+        return parse_duration(raw)  # its own message (ConfigError is a ValueError: not inside the try)
     try:
         if typ is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -231,8 +233,6 @@ def parse_value(cls: type, key: str, raw: Any) -> Any:
             if raw.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError
-        if typ is float and key == "max_time":
-            return parse_duration(raw)
         return typ(raw)
     except ValueError:
         raise ConfigError(f"{key} must be a {typ.__name__}, got {raw!r}") from None

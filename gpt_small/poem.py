@@ -71,6 +71,9 @@ def write_poems(run_dir: Path, *, lines: int = 12, prompts: tuple[str, ...] = PR
     print0(f"[3/3] three {lines}-line poems from {ckpt.path}\n")
     poems = []
     for i, prompt in enumerate(prompts):
+        if ckpt.tokenizer.count_unknown(prompt):  # a model trained on other text than eng-poem
+            print0(f"(the prompt {prompt!r} has characters this model never saw; starting from a new line)")
+            prompt = ""
         print0(f"--- poem {i + 1} ---")
         sys.stdout.write(prompt)
         text = generate_text(ckpt.model, ckpt.tokenizer, prompt, lines=lines, max_new_tokens=2000,

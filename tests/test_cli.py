@@ -118,3 +118,14 @@ def test_poem_job_trains_once_then_reuses(workspace, tmp_path, capsys):
 def test_poem_rejects_a_non_positive_budget(workspace, tmp_path, capsys):
     assert main(["poem", "--data", str(workspace / "data"), "--out", str(tmp_path / "p"), "--minutes", "0"]) == 2
     assert "--minutes" in _one_line_error(capsys, "poem")
+
+
+def test_poem_on_text_without_the_prompt_characters_starts_from_a_new_line(workspace, tmp_path, capsys):
+    (tmp_path / "lower.txt").write_text("\n".join(["the sea and the moon over the night"] * 400) + "\n")
+    prepare(out=tmp_path / "data", text=tmp_path / "lower.txt", tokenizer="char")
+    args = ["poem", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "poem"), "--config",
+            str(workspace / "tiny.toml"), "--minutes", "0.02"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "has characters this model never saw; starting from a new line" in out
+    assert "--- poem 3 ---" in out
