@@ -9,10 +9,9 @@ by the field's type and names any unknown key.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
@@ -282,9 +281,6 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; use preset, [model], [train]")
     return data
 
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
 
 
 def resolve_configs(*, preset: str | None = None, config_file: str | Path | None = None,

@@ -14,10 +14,8 @@ loss stops before anything is saved, so the last good checkpoint stays.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
 import random
 import signal
 import time

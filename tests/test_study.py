@@ -12,7 +12,7 @@ import torch
 
 from gpt_small import GPT, GPTConfig, TrainConfig
 from gpt_small.cli import main
-from gpt_small.data import PreparedData, prepare
+from gpt_small.data import PreparedData
 from gpt_small.study import SharedInitTrainer, extrapolation_plan, initial_model, parse_encodings, verdict
 
 ENCODINGS = ("learned", "sinusoidal", "rope")

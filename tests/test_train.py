@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from gpt_small import GPT, GPTConfig, TrainConfig
-from gpt_small.checkpoint import find_checkpoint, load_checkpoint, load_trainer_state, save_checkpoint
+from gpt_small.checkpoint import find_checkpoint, load_checkpoint, load_trainer_state
 from gpt_small.cli import main
 from gpt_small.data import PreparedData, prepare
 from gpt_small.errors import GPTSmallError
