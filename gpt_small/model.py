@@ -44,6 +44,68 @@ class KVCache(nn.Module):
         return self.k[:B, :, :end], self.v[:B, :, :end]
 
 
+# --- dropout on the CPU ---
+#
+# torch's CPU dropout draws one Mersenne-Twister number and one float compare per element
+# (bernoulli_): at the shakespeare_char shape it is a fifth of a training step, most of it on the
+# (B, nh, T, T) attention probabilities. Here one 64-bit draw gives four 15-bit uniform integers;
+# a keep mask is an integer compare, and the drop probability is p rounded to a multiple of 2**-15
+# (0.2 -> 0.20001), with the scale computed from the rounded value so the expectation stays exact.
+# 3-5x faster than bernoulli_ on 2 cores, the same torch generator (seeding, checkpointed RNG state).
+# CUDA keeps torch's own dropout (Philox, fused into SDPA).
+
+_DROP_BITS = 15
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[Tensor, float]:
+    """A bool mask that keeps each element with probability 1 - p' (p' = p rounded to 2**-15), and
+    the scale 1 / (1 - p') that keeps the expectation of the kept values."""
+    numel = math.prod(shape)
+    threshold = round(p * 2**_DROP_BITS)
+    if threshold >= 2**_DROP_BITS:
+        return torch.zeros(shape, dtype=torch.bool, device=device), 0.0
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_()  # 63 random bits each
+    r = words.view(torch.int16)[:numel].bitwise_and_(2**_DROP_BITS - 1)  # four 15-bit uniforms per word
+    return (r >= threshold).view(shape), 2**_DROP_BITS / (2**_DROP_BITS - threshold)
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    keep, scale = keep_mask(x.shape, p, x.device)
+    # A float mask times x: one multiply forward and one backward (measured fastest of x * keep *
+    # scale, where(keep, x * scale, 0) and native_dropout_backward; it keeps 4 bytes per element).
+    return x * (keep * scale).to(x.dtype)
+
+
+class Dropout(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def causal_attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, p: float) -> Tensor:
+    """softmax(q k^T / sqrt(hs) + causal mask), dropped out, times v: what SDPA computes with
+    dropout_p = p, spelled out for the CPU, where SDPA with dropout runs this same math path but
+    with bernoulli_ masks. (B, nh, T, hs) -> (B, nh, T, hs)."""
+    B, nh, T, hs = q.shape
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
+    bias = torch.zeros(T, T, dtype=q.dtype, device=q.device).masked_fill_(future, float("-inf"))
+    # one GEMM adds the mask and applies the 1/sqrt(hs) scale: bias + scale * q @ k^T
+    att = torch.baddbmm(bias.expand(B * nh, T, T), q.reshape(B * nh, T, hs),
+                        k.reshape(B * nh, T, hs).transpose(1, 2), alpha=1.0 / math.sqrt(hs))
+    att = dropout(att.softmax(dim=-1), p, training=True)
+    return torch.bmm(att, v.reshape(B * nh, T, hs)).view(B, nh, T, hs)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -53,7 +115,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(C, C, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.resid_dropout = Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if config.qk_norm:
             self.q_norm = nn.LayerNorm(self.head_size, bias=config.bias)
             self.k_norm = nn.LayerNorm(self.head_size, bias=config.bias)
@@ -81,10 +143,13 @@ class CausalSelfAttention(nn.Module):
             elif start != 0:  # a chunk after a prefix: query at pos[i] sees keys 0..pos[i]
                 mask = torch.arange(k.shape[2], device=x.device)[None, :] <= pos[:, None]  # (T, end)
                 is_causal = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (B, nh, T, hs)
+        if self.training and self.dropout > 0 and x.device.type == "cpu" and start is None:
+            y = causal_attention_with_dropout(q, k, v, self.dropout)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0,
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -96,7 +161,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.activation = config.activation
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.c_fc(x)
@@ -130,7 +195,7 @@ class GPT(nn.Module):
         C = config.n_embd
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, C),
-            drop=nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity(),
+            drop=Dropout(config.dropout) if config.dropout > 0 else nn.Identity(),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(C, bias=config.bias),
         ))

@@ -154,6 +154,57 @@ def test_dropout_only_in_training():
         assert not torch.equal(model(idx), model(idx))
 
 
+def test_keep_mask_rate_and_scale_are_exact_in_every_lane():
+    """Each 64-bit draw feeds four 15-bit lanes; the top lane must not be biased by the sign bit."""
+    from gpt_small.model import keep_mask
+
+    torch.manual_seed(0)
+    keep, scale = keep_mask(torch.Size([1000, 1024]), 0.2, torch.device("cpu"))
+    assert keep.dtype == torch.bool and keep.shape == (1000, 1024)
+    p_rounded = round(0.2 * 2**15) / 2**15
+    assert scale == pytest.approx(1 / (1 - p_rounded), rel=1e-12)
+    lanes = keep.view(-1, 4).double().mean(0)  # one mean per lane of the 64-bit word
+    assert torch.all((lanes - (1 - p_rounded)).abs() < 0.004), lanes  # ~5 standard deviations
+    torch.manual_seed(0)
+    assert torch.equal(keep_mask(torch.Size([1000, 1024]), 0.2, torch.device("cpu"))[0], keep)
+    assert keep_mask(torch.Size([3, 5]), 0.0, torch.device("cpu"))[0].all()  # odd sizes, nothing dropped
+    assert not keep_mask(torch.Size([7]), 1.0, torch.device("cpu"))[0].any()
+
+
+def test_cpu_dropout_keeps_the_expectation():
+    from gpt_small.model import dropout
+
+    torch.manual_seed(1)
+    x = torch.ones(2_000_000)
+    y = dropout(x, 0.3, training=True)
+    values = y.unique()
+    assert len(values) == 2 and values[0] == 0.0
+    assert values[1].item() == pytest.approx(1 / (1 - round(0.3 * 2**15) / 2**15), rel=1e-6)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.003)
+    assert dropout(x, 0.3, training=False) is x
+
+
+def test_attention_with_dropout_is_sdpa_math_with_our_mask():
+    from gpt_small.model import causal_attention_with_dropout, keep_mask
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=g, requires_grad=True) for _ in range(3))
+    # p = 0: exactly causal SDPA
+    torch.testing.assert_close(causal_attention_with_dropout(q, k, v, 0.0),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-6, rtol=0)
+    # p > 0: softmax(causal scores), times the mask a fresh seed gives, times v
+    torch.manual_seed(5)
+    got = causal_attention_with_dropout(q, k, v, 0.25)
+    torch.manual_seed(5)
+    keep, scale = keep_mask(torch.Size([6, 10, 10]), 0.25, torch.device("cpu"))
+    scores = (q @ k.transpose(-2, -1)) / 8**0.5
+    scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
+    expected = (scores.softmax(-1) * keep.view(2, 3, 10, 10) * scale) @ v
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    got.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
 # ---------------------------------------------------------------- KV cache
 
 @pytest.mark.parametrize("qk_norm", [False, True])
