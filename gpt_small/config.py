@@ -148,6 +148,9 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW decay on matrices (never on norms, biases, position tables)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float = 0.02  # muon only: peak learning rate of the Muon matrices (follows the same schedule)
+    muon_momentum: float = 0.95  # muon only: Nesterov momentum
     grad_clip: float = 1.0  # clip the gradient norm to this (0 = off)
     max_steps: int = 5000  # optimizer steps (the schedule's length)
     max_time: float = 0.0  # wall-clock budget in seconds (0 = none); stops early, schedule follows time
@@ -184,6 +187,12 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if not self.muon_lr > 0:
+            raise ConfigError(f"muon_lr must be positive, got {self.muon_lr!r}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
         if self.grad_clip < 0:
             raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
         if self.max_time < 0:

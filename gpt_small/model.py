@@ -178,6 +178,25 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class ReluSquared(torch.autograd.Function):
+    """relu(x)^2 with a one-multiply backward, 2 * relu(x) * grad, saving relu(x) only.
+
+    Autograd's relu().square() runs pow's and relu's backward separately: 3.1 against 1.6 ms
+    forward + backward on a (2048, 512) activation, poem-cpu's, on 2 cores (about 5% of a step).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (r,) = ctx.saved_tensors
+        return grad.mul(r).mul_(2.0)
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -194,7 +213,7 @@ class MLP(nn.Module):
         elif self.activation == "gelu":
             h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
         else:  # relu2: squared ReLU (Primer, So et al. 2021)
-            h = F.relu(h).square()
+            h = ReluSquared.apply(h)
         return self.dropout(self.c_proj(h))
 
 

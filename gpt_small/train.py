@@ -19,6 +19,7 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from .distributed import DistInfo, all_reduce_mean, broadcast_flag, print0, setu
 from .errors import GPTSmallError
 from .evaluate import bits_per_char, evaluate_tokens
 from .model import GPT
+from .optim import MuonWithAdamW, is_hidden_matrix
 from .tokenizer import load_tokenizer, same_tokenizer
 
 
@@ -57,11 +59,13 @@ def lr_at(step: int, progress: float, cfg: TrainConfig, warmup_progress: float =
     return cfg.lr + (q - stable) / cfg.decay_frac * (cfg.min_lr - cfg.lr)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (Linear weights, token embeddings); never norms, biases or position tables."""
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 skip: Callable[[str, torch.nn.Parameter], bool] = lambda name, p: False) -> list[dict[str, Any]]:
+    """Decay matrices (Linear weights, token embeddings); never norms, biases or position tables.
+    Parameters for which skip(name, p) is true belong to another optimizer."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or skip(name, p):
             continue
         if p.dim() >= 2 and "wpe" not in name:
             decay.append(p)
@@ -97,6 +101,10 @@ class Trainer:
                         if getattr(model_config, k) != v}
                 raise GPTSmallError(f"--resume: the model differs from the checkpoint's ({diff}); "
                                     "leave the model flags as they were")
+            saved_optimizer = meta.get("train", {}).get("optimizer", "adamw")
+            if saved_optimizer != train_config.optimizer:
+                raise GPTSmallError(f"--resume: the checkpoint was trained with optimizer={saved_optimizer}, "
+                                    f"not {train_config.optimizer}; its optimizer state cannot be carried over")
             self._check_same_tokenizer(ckpt)
             self._resume_from = ckpt
         else:
@@ -141,8 +149,15 @@ class Trainer:
         random.seed(cfg.seed + self.dist.rank)
         np.random.seed((cfg.seed + self.dist.rank) % 2**32)
         fused = self.device.type in ("cuda", "cpu")
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.beta1, cfg.beta2), fused=fused)
+        if cfg.optimizer == "muon":
+            self.optimizer = MuonWithAdamW(
+                [p for name, p in self.model.named_parameters() if is_hidden_matrix(name, p)],
+                param_groups(self.model, cfg.weight_decay, skip=is_hidden_matrix),
+                lr=cfg.lr, muon_lr=cfg.muon_lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2),
+                fused=fused)
+        else:
+            self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                               betas=(cfg.beta1, cfg.beta2), fused=fused)
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
         self.forward_model: torch.nn.Module = self.model
         if cfg.compile:
@@ -288,7 +303,7 @@ class Trainer:
         cfg = self.config
         lr = lr_at(self.step, self.progress(), cfg, self.warmup_progress)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)
         total = 0.0
         for micro in range(cfg.grad_accum):
             x, y = self.sampler.next_batch()

@@ -280,3 +280,29 @@ def test_tiny_model_overfits_one_batch(enc):
         loss.backward()
         opt.step()
     assert loss.item() < 0.1
+
+
+def test_inference_linear_equals_f_linear():
+    """Large Linears run oneDNN without autograd on the CPU: the same function as F.linear."""
+    from gpt_small.model import _ONEDNN_MIN_WEIGHTS, Linear
+
+    torch.manual_seed(0)
+    layer = Linear(512, _ONEDNN_MIN_WEIGHTS // 512, bias=True)
+    x = torch.randn(3, 5, 512)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(layer(x[:, -1:]), F.linear(x[:, -1:], layer.weight, layer.bias),
+                                   atol=1e-4, rtol=1e-5)  # a non-contiguous slice, as last_only gives
+    y = layer(x)  # with autograd: F.linear itself
+    assert torch.equal(y, F.linear(x, layer.weight, layer.bias))
+    y.sum().backward()
+    assert layer.weight.grad is not None
+
+
+def test_relu_squared_matches_autograd():
+    from gpt_small.model import ReluSquared
+
+    x = torch.randn(64, 32, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ReluSquared.apply, (x,))
+    y = torch.randn(64, 32)
+    torch.testing.assert_close(ReluSquared.apply(y), F.relu(y).square(), atol=0, rtol=0)
