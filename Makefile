@@ -31,6 +31,7 @@ poem: setup
 bench: setup
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/generate_throughput.py
+	$(PY) benchmarks/weight_streaming.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
