@@ -54,17 +54,19 @@ class KVCache(nn.Module):
 # So without autograd, on the CPU in fp32, a Linear of at least 2**17 weights (512 KiB) calls
 # oneDNN: same weights, same layout, results equal to F.linear up to summation order. Training
 # keeps F.linear (MKL's GEMM runs near peak there).
-_onednn_linear = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-                  if torch.backends.mkldnn.is_available() else None)
+# onednn_linear: the op, or None where this torch build lacks it (benchmarks/weight_streaming.py
+# times the same op).
+onednn_linear = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+                 if torch.backends.mkldnn.is_available() else None)
 _ONEDNN_MIN_WEIGHTS = 2**17
 
 
 class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        if (_onednn_linear is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
+        if (onednn_linear is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
                 and x.dtype == torch.float32 and self.weight.dtype == torch.float32
                 and self.weight.numel() >= _ONEDNN_MIN_WEIGHTS):
-            return _onednn_linear(x.contiguous(), self.weight, self.bias, "none", [], "")
+            return onednn_linear(x.contiguous(), self.weight, self.bias, "none", [], "")
         return super().forward(x)
 
 
