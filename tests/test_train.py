@@ -77,8 +77,9 @@ def test_weight_decay_groups():
 
 # ---------------------------------------------------------------- runs
 
-def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
-    model, cfg = _configs(data_dir, max_steps=20)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_equals_uninterrupted_run(data_dir, tmp_path, optimizer):
+    model, cfg = _configs(data_dir, max_steps=20, optimizer=optimizer)
     Trainer(model, cfg, data_dir, tmp_path / "a", show_progress=False).fit()
 
     first = Trainer(model, cfg, data_dir, tmp_path / "b", show_progress=False).fit(stop_after=10)
@@ -136,6 +137,27 @@ def test_existing_run_needs_resume(data_dir, tmp_path):
     Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False).fit()
     with pytest.raises(GPTSmallError, match="--resume"):
         Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False)
+
+
+def test_muon_run_learns_and_schedules_its_own_lr(data_dir, tmp_path):
+    model, cfg = _configs(data_dir, warmup_steps=2, optimizer="muon", muon_lr=0.05)
+    Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False).fit()
+    losses = _losses(tmp_path / "run")
+    assert losses[20] < losses[1] - 0.3  # it learns
+    # the scheduled lr reaches Muon's groups scaled by muon_lr / lr
+    t = Trainer(model, cfg, data_dir, tmp_path / "run", resume=True, show_progress=False)
+    t.setup()
+    t.train_step()
+    lrs = {g.get("lr_ratio", 1.0): g["lr"] for g in t.optimizer.param_groups}
+    assert lrs[cfg.muon_lr / cfg.lr] == pytest.approx(lrs[1.0] * cfg.muon_lr / cfg.lr)
+
+
+def test_resume_with_another_optimizer_is_refused(data_dir, tmp_path):
+    model, cfg = _configs(data_dir, max_steps=2, optimizer="muon")
+    Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False).fit()
+    with pytest.raises(GPTSmallError, match="optimizer=muon"):
+        Trainer(model, TrainConfig(**{**cfg.to_dict(), "optimizer": "adamw"}), data_dir, tmp_path / "run",
+                resume=True, show_progress=False)
 
 
 def test_resume_refuses_data_from_another_tokenizer(data_dir, tmp_path, verse):
