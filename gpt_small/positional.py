@@ -89,10 +89,34 @@ class RotaryEmbedding(nn.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) in float32: four in-place ops into one
+    output, no temporaries."""
+    h = x.shape[-1] // 2
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1.0)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """The rotation with its own backward: the transpose of a rotation is the rotation by the
+    opposite angle, so the gradient is _rotate(grad, cos, -sin). Autograd through the chunk / mul
+    / cat spelling took about 40% longer forward + backward at poem-cpu's shape."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin).to(grad.dtype), None, None
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Half-split rotation: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), computed in float32."""
-    dtype = x.dtype
-    x = x.float()
-    x1, x2 = x.chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(dtype)
+    """Half-split rotation of x (..., T, hs) by cos/sin (T, hs/2): (x1, x2) -> (x1 cos - x2 sin,
+    x2 cos + x1 sin), computed in float32, returned in x's dtype."""
+    return _Rotary.apply(x, cos, sin)

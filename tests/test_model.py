@@ -184,17 +184,22 @@ def test_cpu_dropout_keeps_the_expectation():
     assert dropout(x, 0.3, training=False) is x
 
 
-def test_attention_with_dropout_is_sdpa_math_with_our_mask():
-    from gpt_small.model import causal_attention_with_dropout, keep_mask
+def test_spelled_out_attention_is_sdpa_math_with_our_mask():
+    from gpt_small.model import causal_attention, keep_mask
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 10, 8, generator=g, requires_grad=True) for _ in range(3))
-    # p = 0: exactly causal SDPA
-    torch.testing.assert_close(causal_attention_with_dropout(q, k, v, 0.0),
+    # p = 0: exactly causal SDPA, values and gradients (training at T <= 128 takes this path)
+    dy = torch.randn(2, 3, 10, 8, generator=g)
+    ours = torch.autograd.grad(causal_attention(q, k, v), (q, k, v), dy)
+    sdpa = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), dy)
+    torch.testing.assert_close(causal_attention(q, k, v, 0.0),
                                F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-6, rtol=0)
+    for a, b in zip(ours, sdpa):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     # p > 0: softmax(causal scores), times the mask a fresh seed gives, times v
     torch.manual_seed(5)
-    got = causal_attention_with_dropout(q, k, v, 0.25)
+    got = causal_attention(q, k, v, 0.25)
     torch.manual_seed(5)
     keep, scale = keep_mask(torch.Size([6, 10, 10]), 0.25, torch.device("cpu"))
     scores = (q @ k.transpose(-2, -1)) / 8**0.5
@@ -203,6 +208,26 @@ def test_attention_with_dropout_is_sdpa_math_with_our_mask():
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     got.sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_model_gives_the_same_loss_and_gradients_on_either_attention_path(monkeypatch):
+    import gpt_small.model as model_module
+
+    model = tiny_model(pos_encoding="rope", qk_norm=True)
+    idx = tokens(2, 16)
+
+    def loss_and_grads():
+        model.zero_grad()
+        _, loss = model(idx, idx)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    spelled_out = loss_and_grads()  # 16 tokens: under the threshold
+    monkeypatch.setattr(model_module, "_EXPLICIT_ATTENTION_MAX_T", 0)
+    flash = loss_and_grads()
+    torch.testing.assert_close(spelled_out[0], flash[0], atol=1e-6, rtol=0)
+    for a, b in zip(spelled_out[1], flash[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- KV cache

@@ -121,6 +121,24 @@ def test_apply_rotary_keeps_dtype():
     assert torch.equal(apply_rotary(x, cos, sin), x)
 
 
+def test_apply_rotary_gradient_is_autograd_of_the_formula():
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 7, HS, requires_grad=True)
+    angles = torch.rand(7, HS // 2) * 6
+    cos, sin = angles.cos(), angles.sin()
+    grad = torch.randn(2, 3, 7, HS)
+    (ours,) = torch.autograd.grad(apply_rotary(x, cos, sin), x, grad)
+    x1, x2 = x.chunk(2, dim=-1)
+    formula = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    torch.testing.assert_close(apply_rotary(x, cos, sin), formula)
+    (expected,) = torch.autograd.grad(formula, x, grad)
+    torch.testing.assert_close(ours, expected)
+    # also through a non-contiguous view, as q and k are (a transpose of the fused qkv output)
+    xt = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    (through_view,) = torch.autograd.grad(apply_rotary(xt, cos, sin), xt, grad)
+    torch.testing.assert_close(through_view, expected)
+
+
 # ---------------------------------------------------------------- sinusoidal
 
 @pytest.mark.parametrize("pos, i", [(0, 0), (1, 0), (1, 3), (7, 1), (20, 5), (49, 7), (33, 2)])
