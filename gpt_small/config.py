@@ -38,6 +38,8 @@ class GPTConfig:
     rope_theta: float = 10000.0  # RoPE base: angle of pair j is pos / theta^(2j/head_size)
     tie_embeddings: bool = True  # the output head shares the token embedding matrix
     qk_norm: bool = False  # LayerNorm on each head's queries and keys before attention
+    ngram: int = 1  # > 1: add hashed embeddings of the 2..ngram tokens ending at each position to the input
+    ngram_buckets: int = 16384  # rows of each n-gram table (n-grams are hashed into them)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
@@ -58,6 +60,10 @@ class GPTConfig:
             raise ConfigError(f"rope needs an even head size, got n_embd/n_head = {self.head_size}")
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
             raise ConfigError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
+        if not isinstance(self.ngram, int) or not 1 <= self.ngram <= 4:
+            raise ConfigError(f"ngram must be 1 (token embeddings only) to 4, got {self.ngram!r}")
+        if not isinstance(self.ngram_buckets, int) or self.ngram_buckets <= 0:
+            raise ConfigError(f"ngram_buckets must be a positive integer, got {self.ngram_buckets!r}")
         if self.rope_theta <= 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
 
@@ -91,11 +97,11 @@ class GPTConfig:
         mlp = C * H + b * H + H * C + b * C
         qk = 2 * (2 * self.head_size if self.bias else self.head_size) if self.qk_norm else 0
         block = 2 * ln + attn + mlp + qk
-        wte = V * C
+        wte = V * C + (self.ngram - 1) * self.ngram_buckets * C  # lookups, not matmuls
         wpe = self.block_size * C if self.pos_encoding == "learned" else 0
         head = 0 if self.tie_embeddings else V * C
         total = wte + wpe + L * block + ln + head
-        if non_embedding:  # as in nanoGPT/Kaplan: without the token and position tables
+        if non_embedding:  # as in nanoGPT/Kaplan: without the token, n-gram and position tables
             total -= wte + wpe
         return total
 
@@ -121,7 +127,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The CPU preset that `make poem` trains in ten minutes on two cores (tuned in configs/poem-cpu.toml).
     "poem-cpu": dict(
         block_size=128, n_layer=4, n_head=4, n_embd=128, activation="relu2",
-        pos_encoding="rope", bias=False, tie_embeddings=False, qk_norm=True,
+        pos_encoding="rope", bias=False, tie_embeddings=False, qk_norm=True, ngram=4, ngram_buckets=32768,
     ),
     # nanoGPT's shakespeare_char shape (anchors.md shape B).
     "shakespeare-char": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),

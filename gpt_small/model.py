@@ -39,9 +39,10 @@ class KVCache(nn.Module):
         end is a Python int, so no device-to-host read per layer.
         """
         B, end = k.shape[0], start + k.shape[2]
-        self.k[:B, :, start:end] = k
-        self.v[:B, :, start:end] = v
-        return self.k[:B, :, :end], self.v[:B, :, :end]
+        kc, vc = (self.k, self.v) if B == self.k.shape[0] else (self.k[:B], self.v[:B])
+        kc.narrow(2, start, end - start).copy_(k)  # narrow + copy_: fewer dispatches than [..., a:b] =
+        vc.narrow(2, start, end - start).copy_(v)
+        return kc.narrow(2, 0, end), vc.narrow(2, 0, end)
 
 
 # --- inference matmuls on the CPU ---
@@ -161,10 +162,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, pos: Tensor, rope: RotaryEmbedding | None, start: int | None) -> Tensor:
         """start: the first position of x in the KV cache, or None to run without the cache."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)
-        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        # (B, T, 3C) -> q, k, v, each (B, nh, T, hs): views, no copies
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_size).permute(2, 0, 3, 1, 4).unbind(0)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -184,7 +183,7 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                dropout_p=p)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, C)  # a view when T = 1
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -241,6 +240,40 @@ class Block(nn.Module):
         return x
 
 
+class NgramEmbeddings(nn.Module):
+    """Hashed n-gram input embeddings: for n = 2..n_max, a table row for the n tokens ending at each
+    position, added to the token embedding. More parameters at the cost of lookups, not matmuls: a
+    character model then starts its first block knowing the last few characters, not just one.
+
+    The n-gram t[i-n+1..i] is hashed as sum_j t[i-j] (V + 1)^j mod buckets (V = vocab_size; V itself
+    stands for "before the window"), so bigrams of a vocabulary up to sqrt(buckets) - 1 get a row
+    each. Positions before the window count as that padding token everywhere (training, evaluation,
+    generation with or without the KV cache), so every path computes the same function.
+    """
+
+    def __init__(self, vocab_size: int, n_max: int, buckets: int, n_embd: int):
+        super().__init__()
+        self.pad = vocab_size
+        self.buckets = buckets
+        self.tables = nn.ModuleList(nn.Embedding(buckets, n_embd) for _ in range(2, n_max + 1))
+
+    @property
+    def context(self) -> int:
+        """Tokens before the first position that the n-grams reach back to."""
+        return len(self.tables)
+
+    def forward(self, idx: Tensor, before: Tensor) -> Tensor:
+        """idx (B, T) token ids, before (B, context) the tokens preceding them -> (B, T, C)."""
+        k, T = self.context, idx.shape[1]
+        tokens = torch.cat((before, idx), dim=1)
+        h, base, out = idx, 1, 0
+        for i, table in enumerate(self.tables):  # n = i + 2
+            base *= self.pad + 1
+            h = h + tokens[:, k - 1 - i:k - 1 - i + T] * base
+            out = out + table(h % self.buckets)
+        return out
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -252,6 +285,8 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(C, bias=config.bias),
         ))
+        if config.ngram > 1:
+            self.transformer["ngram"] = NgramEmbeddings(config.vocab_size, config.ngram, config.ngram_buckets, C)
         if config.pos_encoding == "learned":
             self.transformer["wpe"] = LearnedPositions(config.block_size, C)
         elif config.pos_encoding == "sinusoidal":
@@ -267,7 +302,9 @@ class GPT(nn.Module):
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.startswith("transformer.ngram."):  # n-grams start silent: at step 0 a plain model
+                nn.init.zeros_(p)
+            elif name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
             elif p.dim() >= 2:
                 nn.init.normal_(p, mean=0.0, std=0.02)
@@ -285,6 +322,8 @@ class GPT(nn.Module):
             n -= self.transformer.wte.weight.numel()
             if self.config.pos_encoding == "learned":
                 n -= self.transformer.wpe.weight.numel()
+            if "ngram" in self.transformer:
+                n -= sum(p.numel() for p in self.transformer.ngram.parameters())
         return n
 
     @overload
@@ -315,6 +354,8 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
             pos = torch.arange(T, device=idx.device)
         x = self.transformer.wte(idx)  # (B, T, C)
+        if "ngram" in self.transformer:
+            x = x + self._ngram_embeddings(idx, start)
         if self.config.pos_encoding == "sinusoidal":
             # Vaswani et al. 3.4: embeddings times sqrt(d_model). Without it the fixed table (values
             # of +-1) drowns token embeddings initialised at std 0.02 (measured: 0.35 nats worse
@@ -337,6 +378,20 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def _ngram_embeddings(self, idx: Tensor, start: int | None) -> Tensor:
+        """The n-gram embeddings of idx; with the KV cache, the tokens before a chunk come from
+        the cache's history (padding at position 0), and the history moves on."""
+        ngram = self.transformer.ngram
+        B = idx.shape[0]
+        if start:
+            before = self._ngram_history[:B]
+        else:
+            before = torch.full((B, ngram.context), ngram.pad, dtype=idx.dtype, device=idx.device)
+        out = ngram(idx, before)
+        if start is not None:  # after the lookup: `before` may be a view of the history
+            self._ngram_history[:B] = torch.cat((before, idx), dim=1)[:, -ngram.context:]
+        return out
+
     # --- KV cache for generation ---
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
@@ -347,6 +402,9 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_seq_len, self.config.head_size,
                                           dtype or p.dtype, p.device)
+        if "ngram" in self.transformer:  # the last tokens fed, for the next chunk's n-grams
+            self._ngram_history = torch.zeros(batch_size, self.transformer.ngram.context, dtype=torch.long,
+                                              device=p.device)
 
     def clear_kv_cache(self) -> None:
         for block in self.transformer.h:

@@ -115,8 +115,9 @@ def run(model, prompt, n, **kw) -> torch.Tensor:
 
 @pytest.mark.parametrize("pos_encoding", ENCODINGS)
 @pytest.mark.parametrize("T0", [5, 40])  # 40 > block_size 32: the prompt itself is cropped
-def test_cached_greedy_equals_uncached_past_the_window(pos_encoding, T0):
-    model = tiny_gpt(pos_encoding)
+@pytest.mark.parametrize("ngram", [1, 3])
+def test_cached_greedy_equals_uncached_past_the_window(pos_encoding, T0, ngram):
+    model = tiny_gpt(pos_encoding, ngram=ngram, ngram_buckets=4225)  # 65^2: bigrams exact, trigrams hashed
     prompt = torch.randint(0, 64, (2, T0), generator=torch.Generator().manual_seed(1))
     n = 70  # runs well past block_size = 32, so the window slides
     ours = run(model, prompt, n, temperature=0)

@@ -47,6 +47,53 @@ def test_built_tiny_model_counts(enc, bias, tie, qk_norm):
     assert (model.lm_head.weight is model.transformer.wte.weight) == tie
 
 
+@pytest.mark.parametrize("ngram", [2, 4])
+def test_ngram_model_counts_and_starts_as_the_plain_model(ngram):
+    cfg = GPTConfig.from_preset("tiny", ngram=ngram, ngram_buckets=1000)
+    plain = tiny_model()
+    model = tiny_model(ngram=ngram, ngram_buckets=1000)
+    assert model.num_params() == cfg.num_params() == plain.num_params() + (ngram - 1) * 1000 * 32
+    assert model.num_params(non_embedding=True) == plain.num_params(non_embedding=True)
+    assert cfg.flops_per_token() == plain.config.flops_per_token()  # lookups, not matmuls
+    assert all(t.weight.abs().max() == 0 for t in model.transformer.ngram.tables)
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert all(k.startswith("transformer.ngram.") for k in missing) and not unexpected
+    idx = tokens(2, 12)
+    with torch.no_grad():  # zero tables: the plain model's logits
+        torch.testing.assert_close(model(idx), plain(idx))
+
+
+def test_ngram_rows_are_the_hash_of_the_last_n_tokens():
+    from gpt_small.model import NgramEmbeddings
+
+    V, buckets = 10, 121  # 121 = (V + 1)^2: one row per bigram, pad included
+    emb = NgramEmbeddings(V, 3, buckets, 4)
+    with torch.no_grad():
+        for table in emb.tables:
+            table.weight.copy_(torch.arange(buckets, dtype=torch.float32)[:, None].expand(buckets, 4))
+    idx = torch.tensor([[3, 7, 2, 9]])
+    before = torch.full((1, 2), V)  # the window starts here
+    out = emb(idx, before)[0, :, 0]
+    seq = [V, V, 3, 7, 2, 9]
+    for i in range(4):
+        t = i + 2
+        bigram = seq[t] + seq[t - 1] * (V + 1)
+        trigram = (bigram + seq[t - 2] * (V + 1) ** 2) % buckets
+        assert out[i].item() == bigram + trigram
+    # bigrams of a vocabulary up to sqrt(buckets) - 1 never share a row
+    a, b = torch.meshgrid(torch.arange(V + 1), torch.arange(V), indexing="ij")
+    rows = b.flatten() + a.flatten() * (V + 1)
+    assert rows.unique().numel() == (V + 1) * V and rows.max() < buckets
+
+
+@pytest.mark.parametrize("bad", [0, 5, "two"])
+def test_ngram_out_of_range_is_a_config_error(bad):
+    from gpt_small.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ngram must be"):
+        GPTConfig.from_preset("tiny", ngram=bad)
+
+
 def test_gpt2_124m_built_for_real():
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("gpt2-124m"))
@@ -232,10 +279,14 @@ def test_model_gives_the_same_loss_and_gradients_on_either_attention_path(monkey
 
 # ---------------------------------------------------------------- KV cache
 
-@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("qk_norm, ngram", [(False, 1), (True, 1), (False, 3)])
 @pytest.mark.parametrize("enc", ENCODINGS)
-def test_cached_decoding_equals_uncached(enc, qk_norm):
-    model = tiny_model(pos_encoding=enc, qk_norm=qk_norm)
+def test_cached_decoding_equals_uncached(enc, qk_norm, ngram):
+    model = tiny_model(pos_encoding=enc, qk_norm=qk_norm, ngram=ngram, ngram_buckets=500)
+    with torch.no_grad():  # n-gram tables start at zero; give them weight so a wrong history shows
+        for p in model.parameters():
+            if p.dim() == 2 and p.abs().max() == 0:
+                p.normal_(0.0, 0.5)
     idx = tokens(2, 20)
     with torch.no_grad():
         full = model(idx)
