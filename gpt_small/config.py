@@ -60,8 +60,8 @@ class GPTConfig:
             raise ConfigError(f"rope needs an even head size, got n_embd/n_head = {self.head_size}")
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
             raise ConfigError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
-        if not isinstance(self.ngram, int) or not 1 <= self.ngram <= 4:
-            raise ConfigError(f"ngram must be 1 (token embeddings only) to 4, got {self.ngram!r}")
+        if not isinstance(self.ngram, int) or isinstance(self.ngram, bool) or not 1 <= self.ngram <= 8:
+            raise ConfigError(f"ngram must be 1 (token embeddings only) to 8, got {self.ngram!r}")
         if not isinstance(self.ngram_buckets, int) or self.ngram_buckets <= 0:
             raise ConfigError(f"ngram_buckets must be a positive integer, got {self.ngram_buckets!r}")
         if self.rope_theta <= 0:
@@ -127,7 +127,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The CPU preset that `make poem` trains in ten minutes on two cores (tuned in configs/poem-cpu.toml).
     "poem-cpu": dict(
         block_size=128, n_layer=4, n_head=4, n_embd=128, activation="relu2",
-        pos_encoding="rope", bias=False, tie_embeddings=False, qk_norm=True, ngram=4, ngram_buckets=32768,
+        pos_encoding="rope", bias=False, tie_embeddings=False, qk_norm=True, ngram=6, ngram_buckets=32768,
     ),
     # nanoGPT's shakespeare_char shape (anchors.md shape B).
     "shakespeare-char": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),

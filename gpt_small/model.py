@@ -266,11 +266,11 @@ class NgramEmbeddings(nn.Module):
         """idx (B, T) token ids, before (B, context) the tokens preceding them -> (B, T, C)."""
         k, T = self.context, idx.shape[1]
         tokens = torch.cat((before, idx), dim=1)
-        h, base, out = idx, 1, 0
-        for i, table in enumerate(self.tables):  # n = i + 2
-            base *= self.pad + 1
-            h = h + tokens[:, k - 1 - i:k - 1 - i + T] * base
-            out = out + table(h % self.buckets)
+        h, base, out = idx % self.buckets, 1, 0
+        for i, table in enumerate(self.tables):  # n = i + 2; all mod buckets, so nothing overflows
+            base = base * (self.pad + 1) % self.buckets
+            h = (h + tokens[:, k - 1 - i:k - 1 - i + T] * base) % self.buckets
+            out = out + table(h)
         return out
 
 

@@ -80,13 +80,22 @@ def test_ngram_rows_are_the_hash_of_the_last_n_tokens():
         bigram = seq[t] + seq[t - 1] * (V + 1)
         trigram = (bigram + seq[t - 2] * (V + 1) ** 2) % buckets
         assert out[i].item() == bigram + trigram
+    # GPT-2's vocabulary, 8-grams: (V + 1)^7 overflows int64, the hash taken mod buckets does not
+    big = NgramEmbeddings(50257, 8, 1_000_003, 1)
+    for table in big.tables:
+        table.weight.data = torch.arange(1_000_003, dtype=torch.float32)[:, None]
+    ids = torch.tensor([[50256, 50255, 17, 0, 50000, 3, 9, 42, 50256]])
+    got = big(ids, torch.full((1, 7), 50257))[0, -1, 0].item()
+    seq = [50257] * 7 + ids[0].tolist()
+    expected = sum(sum(seq[-1 - j] * 50258**j for j in range(n)) % 1_000_003 for n in range(2, 9))
+    assert got == expected  # float32 holds these sums exactly (< 2^24)
     # bigrams of a vocabulary up to sqrt(buckets) - 1 never share a row
     a, b = torch.meshgrid(torch.arange(V + 1), torch.arange(V), indexing="ij")
     rows = b.flatten() + a.flatten() * (V + 1)
     assert rows.unique().numel() == (V + 1) * V and rows.max() < buckets
 
 
-@pytest.mark.parametrize("bad", [0, 5, "two"])
+@pytest.mark.parametrize("bad", [0, 9, "two"])
 def test_ngram_out_of_range_is_a_config_error(bad):
     from gpt_small.errors import ConfigError
 
