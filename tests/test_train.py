@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -77,9 +78,10 @@ def test_weight_decay_groups():
 
 # ---------------------------------------------------------------- runs
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_equals_uninterrupted_run(data_dir, tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, ngram", [("adamw", 1), ("muon", 1), ("muon", 3)])
+def test_resume_equals_uninterrupted_run(data_dir, tmp_path, optimizer, ngram):
     model, cfg = _configs(data_dir, max_steps=20, optimizer=optimizer)
+    model = dataclasses.replace(model, ngram=ngram, ngram_buckets=512)
     Trainer(model, cfg, data_dir, tmp_path / "a", show_progress=False).fit()
 
     first = Trainer(model, cfg, data_dir, tmp_path / "b", show_progress=False).fit(stop_after=10)
