@@ -294,6 +294,7 @@ class GPT(nn.Module):
         self.rope = (RotaryEmbedding(config.head_size, config.block_size, config.rope_theta)
                      if config.pos_encoding == "rope" else None)
         self._emb_scale = math.sqrt(C)
+        self._ngram_history: Tensor | None = None  # with a KV cache: the last tokens fed (n-gram models)
         self.lm_head = Linear(C, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -409,6 +410,7 @@ class GPT(nn.Module):
     def clear_kv_cache(self) -> None:
         for block in self.transformer.h:
             block.attn.kv_cache = None
+        self._ngram_history = None
 
     @property
     def kv_cache_len(self) -> int:
