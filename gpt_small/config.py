@@ -151,7 +151,8 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warm-up from 0 to lr
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"  # decay shape after warm-up
     decay_frac: float = 0.2  # wsd only: the last fraction of the run that decays linearly to min_lr
-    weight_decay: float = 0.1  # AdamW decay on matrices (never on norms, biases, position tables)
+    weight_decay: float = 0.1  # AdamW decay on matrices (never on norms, biases, position or n-gram tables)
+    head_lr_scale: float = 1.0  # an untied lm_head trains at lr * head_lr_scale
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
@@ -190,6 +191,8 @@ class TrainConfig:
             raise ConfigError(f"decay_frac must be in (0, 1], got {self.decay_frac!r}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not self.head_lr_scale > 0:
+            raise ConfigError(f"head_lr_scale must be positive, got {self.head_lr_scale!r}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")

@@ -59,19 +59,30 @@ def lr_at(step: int, progress: float, cfg: TrainConfig, warmup_progress: float =
     return cfg.lr + (q - stable) / cfg.decay_frac * (cfg.min_lr - cfg.lr)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float,
+def param_groups(model: torch.nn.Module, weight_decay: float, *, head_lr_scale: float = 1.0,
                  skip: Callable[[str, torch.nn.Parameter], bool] = lambda name, p: False) -> list[dict[str, Any]]:
-    """Decay matrices (Linear weights, token embeddings); never norms, biases or position tables.
-    Parameters for which skip(name, p) is true belong to another optimizer."""
-    decay, no_decay = [], []
+    """AdamW groups: decayed matrices, undecayed rest, and an untied head with its own learning rate.
+
+    Decay Linear weights and token embeddings; never norms, biases, position tables or n-gram
+    tables (most n-gram rows see a gradient a few times per run, so decay would fade what they
+    learn between visits). An untied `lm_head` gets its own group whose `lr_ratio` scales the
+    scheduled lr (tied to the embedding, it stays with the matrices). Parameters for which
+    skip(name, p) is true belong to another optimizer.
+    """
+    decay, no_decay, head = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad or skip(name, p):
             continue
-        if p.dim() >= 2 and "wpe" not in name:
+        if name == "lm_head.weight":
+            head.append(p)
+        elif p.dim() >= 2 and "wpe" not in name and ".ngram." not in f".{name}":
             decay.append(p)
         else:
             no_decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if head:
+        groups.append({"params": head, "weight_decay": weight_decay, "lr_ratio": head_lr_scale})
+    return groups
 
 
 def _numpy_state() -> dict[str, Any]:
@@ -152,12 +163,12 @@ class Trainer:
         if cfg.optimizer == "muon":
             self.optimizer = MuonWithAdamW(
                 [p for name, p in self.model.named_parameters() if is_hidden_matrix(name, p)],
-                param_groups(self.model, cfg.weight_decay, skip=is_hidden_matrix),
+                param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale, skip=is_hidden_matrix),
                 lr=cfg.lr, muon_lr=cfg.muon_lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2),
                 fused=fused)
         else:
-            self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                               betas=(cfg.beta1, cfg.beta2), fused=fused)
+            groups = param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale)
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
         self.forward_model: torch.nn.Module = self.model
         if cfg.compile:
@@ -213,7 +224,11 @@ class Trainer:
         self.elapsed = float(state["elapsed"])
         self.warmup_progress = float(state["warmup_progress"])
         self.finished = bool(state.get("finished", False))
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # parameter groups laid out otherwise (a checkpoint of an older gpt-small)
+            raise GPTSmallError(f"--resume: the optimizer state in {self._resume_from} does not fit this "
+                                f"version's parameter groups ({e}); start a new run") from None
         self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         rng = state["rng"]

@@ -157,6 +157,7 @@ def test_parse_set_args():
     (dict(schedule="linear"), "schedule"),
     (dict(decay_frac=0.0), "decay_frac"),
     (dict(beta2=1.0), "beta2"),
+    (dict(head_lr_scale=0.0), "head_lr_scale"),
     (dict(grad_clip=-1.0), "grad_clip"),
     (dict(max_time=-1.0), "max_time"),
     (dict(dtype="float8"), "dtype"),

@@ -63,17 +63,27 @@ def test_schedule_values_at_known_steps():
 
 
 def test_weight_decay_groups():
-    model = GPT(GPTConfig.from_preset("tiny", pos_encoding="learned", tie_embeddings=False))
-    decay, no_decay = param_groups(model, 0.1)
+    model = GPT(GPTConfig.from_preset("tiny", pos_encoding="learned", tie_embeddings=False, ngram=3))
+    decay, no_decay, head = param_groups(model, 0.1, head_lr_scale=0.3)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     kept = {names[id(p)] for p in no_decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert "transformer.wte.weight" in decayed and "lm_head.weight" in decayed
-    assert "transformer.h.0.attn.c_attn.weight" in decayed
+    assert "transformer.wte.weight" in decayed and "transformer.h.0.attn.c_attn.weight" in decayed
     assert "transformer.wpe.weight" in kept  # position table
-    assert all(n.endswith("bias") or "ln" in n or "wpe" in n for n in kept)
-    assert len(decayed) + len(kept) == len(list(model.parameters()))
+    assert {"transformer.ngram.tables.0.weight", "transformer.ngram.tables.1.weight"} <= kept  # n-gram tables
+    assert all(n.endswith("bias") or "ln" in n or "wpe" in n or ".ngram." in n for n in kept)
+    # the untied head: decayed, in its own group at lr * head_lr_scale
+    assert [names[id(p)] for p in head["params"]] == ["lm_head.weight"]
+    assert head["weight_decay"] == 0.1 and head["lr_ratio"] == 0.3
+    assert len(decayed) + len(kept) + 1 == len(list(model.parameters()))
+
+
+def test_tied_head_stays_with_the_matrices():
+    model = GPT(GPTConfig.from_preset("tiny", tie_embeddings=True))
+    groups = param_groups(model, 0.1, head_lr_scale=0.3)
+    assert len(groups) == 2  # the head is the token embedding: no group of its own
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
 # ---------------------------------------------------------------- runs
@@ -154,12 +164,37 @@ def test_muon_run_learns_and_schedules_its_own_lr(data_dir, tmp_path):
     assert lrs[cfg.muon_lr / cfg.lr] == pytest.approx(lrs[1.0] * cfg.muon_lr / cfg.lr)
 
 
+def test_head_lr_scale_scales_the_untied_heads_lr(data_dir, tmp_path):
+    model, cfg = _configs(data_dir, max_steps=3, warmup_steps=0, head_lr_scale=0.25)
+    model = dataclasses.replace(model, tie_embeddings=False)
+    t = Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False)
+    t.setup()
+    t.train_step()
+    head = next(g for g in t.optimizer.param_groups if g["params"][0] is t.model.lm_head.weight)
+    body = next(g for g in t.optimizer.param_groups if g["params"][0] is t.model.transformer.wte.weight)
+    assert head["lr"] == pytest.approx(0.25 * body["lr"]) and body["lr"] > 0
+
+
 def test_resume_with_another_optimizer_is_refused(data_dir, tmp_path):
     model, cfg = _configs(data_dir, max_steps=2, optimizer="muon")
     Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False).fit()
     with pytest.raises(GPTSmallError, match="optimizer=muon"):
         Trainer(model, TrainConfig(**{**cfg.to_dict(), "optimizer": "adamw"}), data_dir, tmp_path / "run",
                 resume=True, show_progress=False)
+
+
+def test_resume_with_other_parameter_groups_is_refused(data_dir, tmp_path):
+    # A checkpoint whose optimizer state has the groups of an older gpt-small (no head group).
+    model, cfg = _configs(data_dir, max_steps=2)
+    model = dataclasses.replace(model, tie_embeddings=False)
+    Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False).fit()
+    path = tmp_path / "run" / "last" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    state["optimizer"]["param_groups"].pop()
+    torch.save(state, path)
+    t = Trainer(model, cfg, data_dir, tmp_path / "run", resume=True, show_progress=False)
+    with pytest.raises(GPTSmallError, match="--resume: the optimizer state .* parameter groups"):
+        t.setup()
 
 
 def test_resume_refuses_data_from_another_tokenizer(data_dir, tmp_path, verse):
