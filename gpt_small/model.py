@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .config import GPTConfig
 from .positional import LearnedPositions, RotaryEmbedding, SinusoidalPositions
 
@@ -49,25 +50,35 @@ class KVCache(nn.Module):
 #
 # Decoding one token multiplies a few vectors by every weight matrix, so it is bound by how fast
 # the weights stream from memory. MKL's GEMV, behind F.linear on the CPU, streams them at about
-# 10 GB/s on the development VM (AMD EPYC, 2 threads), while the same VM sums them at over 30 GB/s;
-# oneDNN's linear (the op torch.compile's CPU freezing path emits) reaches about 20 GB/s, but
-# costs ~15 us more per call, which loses on small matrices that stay in cache.
-# So without autograd, on the CPU in fp32, a Linear of at least 2**17 weights (512 KiB) calls
-# oneDNN: same weights, same layout, results equal to F.linear up to summation order. Training
-# keeps F.linear (MKL's GEMM runs near peak there).
+# 10 GB/s on the development VM (AMD EPYC, 2 threads), while the same VM sums them at over 25 GB/s;
+# oneDNN's linear (the op torch.compile's CPU freezing path emits) reaches about 14-20 GB/s, but
+# costs ~15 us more per call, which loses on small matrices that stay in cache. A 40-line C
+# kernel (kernels.py, built at first use) streams them at about 25 GB/s.
+# So without autograd, on the CPU in fp32: 1-8 rows of input (a decoding step) go to that kernel
+# when it is available; otherwise, and for more rows (a prompt), a Linear of at least 2**17
+# weights (512 KiB) calls oneDNN. Same weights, same layout, results equal to F.linear up to
+# summation order. Training keeps F.linear (MKL's GEMM runs near peak there).
 # onednn_linear: the op, or None where this torch build lacks it (benchmarks/weight_streaming.py
 # times the same op).
 onednn_linear = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
                  if torch.backends.mkldnn.is_available() else None)
 _ONEDNN_MIN_WEIGHTS = 2**17
+_SKINNY_MIN_WEIGHTS = 2**12
 
 
 class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        if (onednn_linear is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and self.weight.numel() >= _ONEDNN_MIN_WEIGHTS):
-            return onednn_linear(x.contiguous(), self.weight, self.bias, "none", [], "")
+        w = self.weight
+        if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
+                or w.dtype != torch.float32):
+            return super().forward(x)
+        rows = x.numel() // w.shape[1]
+        if (0 < rows <= kernels.MAX_ROWS and w.numel() >= _SKINNY_MIN_WEIGHTS and w.is_contiguous()
+                and kernels.available()):
+            y = kernels.skinny_linear(x.reshape(rows, w.shape[1]).contiguous(), w, self.bias)
+            return y.view(*x.shape[:-1], w.shape[0])
+        if onednn_linear is not None and w.numel() >= _ONEDNN_MIN_WEIGHTS:
+            return onednn_linear(x.contiguous(), w, self.bias, "none", [], "")
         return super().forward(x)
 
 

@@ -1,0 +1,72 @@
+/* y = x @ W.T + bias for a few rows of x (decoding: one row per sample), fp32, on the CPU.
+ *
+ * W is a torch Linear weight, (N, K) row-major. With B <= 8 rows of x the product is bound by
+ * reading W from memory once: each weight row is loaded into vector registers one time and
+ * multiplied against all B rows of x (which stay in L1/L2), and the N weight rows are split
+ * into one contiguous block per thread, so each thread streams its part of W sequentially.
+ * torch's fp32 kernels read such weights at about half the memory bandwidth (README, "Generation
+ * speed"). Summation order differs from torch's, so results match F.linear to rounding.
+ *
+ * Built at first use by gpt_small/kernels.py: cc -O3 -march=native -fopenmp -shared -fPIC.
+ * OpenMP comes from the libgomp that torch has already loaded, so torch and this kernel share
+ * one thread pool.
+ */
+#include <stddef.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));  /* unaligned loads */
+
+static inline v16 load16(const float *p) { return *(const v16u *)p; }
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+/* A pairwise sum (halves, then quarters, ...): three vector adds, not 15 dependent scalar adds. */
+static inline float hsum(v16 v) {
+    v8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+         + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+/* Rows [n0, n1) of y for B rows of x; B is a compile-time constant at each call site. */
+static inline __attribute__((always_inline)) void linear_rows(
+        const float *x, const float *W, const float *bias, float *y,
+        const int B, long K, long N, long n0, long n1) {
+    const long K16 = K & ~15L;
+    for (long n = n0; n < n1; n++) {
+        const float *w = W + n * K;
+        v16 acc[8] = {0};
+        for (long k = 0; k < K16; k += 16) {
+            v16 wv = load16(w + k);
+            for (int b = 0; b < B; b++) acc[b] += wv * load16(x + b * K + k);
+        }
+        for (int b = 0; b < B; b++) {
+            float s = hsum(acc[b]);
+            for (long k = K16; k < K; k++) s += w[k] * x[b * K + k];
+            y[b * N + n] = bias ? s + bias[n] : s;
+        }
+    }
+}
+
+#define CASE(b) case b: linear_rows(x, W, bias, y, b, K, N, n0, n1); break;
+
+/* x: (B, K), W: (N, K), bias: (N,) or NULL, y: (B, N); 1 <= B <= 8. Returns 0, or -1 for B out of range. */
+int skinny_linear(const float *x, const float *W, const float *bias, float *y,
+                  int B, long K, long N, int threads) {
+    if (B < 1 || B > 8) return -1;
+    if (threads < 1) threads = 1;
+    #pragma omp parallel num_threads(threads)
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        extern int omp_get_thread_num(void);
+        extern int omp_get_num_threads(void);
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        long n0 = N * t / nt, n1 = N * (t + 1) / nt;
+        switch (B) { CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) }
+    }
+    return 0;
+}

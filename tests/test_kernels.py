@@ -1,0 +1,101 @@
+"""The decoding kernel (gpt_small/kernels.py): equal to F.linear to rounding, used by the model at
+inference, and a clean fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt_small import kernels
+from gpt_small.config import GPTConfig
+from gpt_small.model import GPT
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason=kernels.describe())
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", range(1, kernels.MAX_ROWS + 1))
+@pytest.mark.parametrize("k, n", [(384, 1152), (1536, 384), (7, 5), (17, 33), (128, 65)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_skinny_linear_equals_f_linear(rows, k, n, bias):
+    g = torch.Generator().manual_seed(rows * 1000 + k + n)
+    x = torch.randn(rows, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g) if bias else None
+    torch.testing.assert_close(kernels.skinny_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_skinny_linear_splits_rows_over_threads(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, w = torch.randn(3, 64), torch.randn(5, 64)  # fewer weight rows than some thread counts
+        torch.testing.assert_close(kernels.skinny_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_skinny_linear_refuses_what_it_cannot_take():
+    w = torch.randn(8, 16)
+    for x in (torch.randn(kernels.MAX_ROWS + 1, 16), torch.randn(2, 15), torch.randn(16, 2).t(),
+              torch.randn(2, 16, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="skinny_linear"):
+            kernels.skinny_linear(x, w)
+
+
+@needs_kernel
+def test_model_decoding_uses_the_kernel_and_matches_autograd_path():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=50)).eval()
+    idx = torch.randint(0, 50, (2, 1))
+    calls = []
+    real = kernels.skinny_linear
+    kernels.skinny_linear = lambda *a: calls.append(1) or real(*a)
+    try:
+        with torch.no_grad():
+            fast, _ = model(idx)
+    finally:
+        kernels.skinny_linear = real
+    reference, _ = model(idx)  # with autograd: F.linear everywhere
+    assert calls, "no Linear went through the kernel"
+    torch.testing.assert_close(fast, reference.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_switched_off_the_model_still_runs_and_says_why(tmp_path):
+    code = ("import torch; from gpt_small import kernels; from gpt_small.model import GPT; "
+            "from gpt_small.config import GPTConfig\n"
+            "m = GPT(GPTConfig.from_preset('tiny', vocab_size=50)).eval()\n"
+            "with torch.no_grad(): m(torch.zeros(1, 1, dtype=torch.long))\n"
+            "print(kernels.available(), kernels.describe())")
+    env = {**os.environ, "GPT_SMALL_KERNELS": "0", "GPT_SMALL_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "False skinny_linear: off (GPT_SMALL_KERNELS=0)"
+
+
+def test_without_a_compiler_it_falls_back(tmp_path):
+    code = ("from gpt_small import kernels\n"
+            "print(kernels.available(), kernels.describe())")
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "GPT_SMALL_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.startswith("False skinny_linear: off (")
+    assert not list(tmp_path.glob("kernels/*.so"))
+
+
+@needs_kernel
+def test_built_once_into_the_cache(tmp_path):
+    code = "from gpt_small import kernels; print(kernels.describe())"
+    env = {**os.environ, "GPT_SMALL_CACHE": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so" and str(built[0]) in first
+    mtime = built[0].stat().st_mtime_ns
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").iterdir()] == [mtime]  # reused, no temp left
