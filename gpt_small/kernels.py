@@ -1,10 +1,12 @@
-"""A hand-written fp32 kernel for decoding on the CPU: `skinny_linear`, y = x @ W.T + b for 1-8 rows.
+"""Hand-written fp32 kernels for decoding on the CPU (csrc/decode.c), compiled at first use.
 
-Decoding multiplies one row of activations per sample by every weight matrix, so a token costs a
-read of all the weights; at the 6x384 shape (42 MB, more than the L3 cache) that read is the step.
-torch's fp32 kernels (MKL, oneDNN) stream such weights at about half the memory bandwidth on our
-2-core machine; the 40 lines of C in csrc/skinny_linear.c reach it (README, "Generation speed";
-benchmarks/weight_streaming.py times both).
+- `skinny_linear`: y = x @ W.T + b for 1-8 rows of x. Decoding multiplies one row of activations
+  per sample by every weight matrix, so a token costs a read of all the weights; at the 6x384
+  shape (42 MB, more than the L3 cache) that read is the step. torch's fp32 kernels (MKL, oneDNN)
+  stream such weights at about half the memory bandwidth on our 2-core machine; this kernel
+  reaches it (README, "Generation speed"; benchmarks/weight_streaming.py times them all).
+- `decode_attention`: one new token's attention over the KV cache, which at batch 8 is as many
+  bytes as the weights; SDPA's CPU kernel reads it at about a third of the speed.
 
 The C file is compiled at first use with the system's C compiler (`cc -O3 -march=native
 -fopenmp`, about a second) into `kernels/` of the cache (`$GPT_SMALL_CACHE`, default
@@ -31,12 +33,13 @@ from torch import Tensor
 
 from .corpus import cache_dir
 
-SOURCE = Path(__file__).with_name("csrc") / "skinny_linear.c"
-MAX_ROWS = 8  # rows of x the kernel takes (batch size when decoding)
+SOURCE = Path(__file__).with_name("csrc") / "decode.c"
+MAX_ROWS = 8  # rows of x skinny_linear takes (batch size when decoding)
+MAX_CACHED = 65536  # cached positions decode_attention takes
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
-_fn: ctypes._CFuncPtr | None = None
+_lib: ctypes.CDLL | None = None
 _state = ""  # "" = not tried yet; else a description of what was loaded or why not
 
 
@@ -55,7 +58,7 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _build() -> tuple[ctypes._CFuncPtr | None, str]:
+def _build() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("GPT_SMALL_KERNELS", "1") == "0":
         return None, "off (GPT_SMALL_KERNELS=0)"
     cc = _compiler()
@@ -64,13 +67,13 @@ def _build() -> tuple[ctypes._CFuncPtr | None, str]:
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *FLAGS, _cpu_id()]).encode())
-        lib_path = cache_dir() / "kernels" / f"skinny_linear-{key.hexdigest()[:16]}.so"
+        lib_path = cache_dir() / "kernels" / f"decode-{key.hexdigest()[:16]}.so"
         if not lib_path.exists():
             lib_path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
             os.close(fd)
             try:
-                done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
                                       timeout=120)
                 if done.returncode != 0:
                     first = (done.stderr.strip().splitlines() or ["no message"])[0]
@@ -79,28 +82,30 @@ def _build() -> tuple[ctypes._CFuncPtr | None, str]:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        fn = ctypes.CDLL(str(lib_path)).skinny_linear
+        lib = ctypes.CDLL(str(lib_path))
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"off ({type(e).__name__}: {e})"
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn, f"on ({lib_path})"
+    c_int, c_long, ptr = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
+    lib.skinny_linear.argtypes = [ptr] * 4 + [c_int, c_long, c_long, c_int]
+    lib.decode_attention.argtypes = [ptr] * 4 + [c_int, c_int] + [c_long] * 6 + [ctypes.c_float, c_int]
+    lib.skinny_linear.restype = lib.decode_attention.restype = c_int
+    return lib, f"on ({lib_path})"
 
 
 def available() -> bool:
-    """Whether skinny_linear can run here (builds the kernel on the first call)."""
-    global _fn, _state
+    """Whether the kernels can run here (builds them on the first call)."""
+    global _lib, _state
     if not _state:
         with _lock:
             if not _state:
-                _fn, _state = _build()
-    return _fn is not None
+                _lib, _state = _build()
+    return _lib is not None
 
 
 def describe() -> str:
     """'on (path of the library)' or 'off (why)'."""
     available()
-    return f"skinny_linear: {_state}"
+    return f"decoding kernels: {_state}"
 
 
 def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -114,6 +119,24 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
         raise ValueError(f"skinny_linear takes contiguous fp32 x (1..{MAX_ROWS}, K) and weight (N, K); got "
                          f"{tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
     y = torch.empty(B, N, dtype=torch.float32)
-    _fn(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+    _lib.skinny_linear(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
         B, K, N, torch.get_num_threads())
+    return y
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(hs)) v for one new token over S cached positions, fp32 on the CPU.
+
+    q (B, nh, 1, hs); k, v (B, nh, S, hs) with rows of hs contiguous floats (a KV cache or a view
+    of one). Returns (B, 1, nh * hs), the layout the output projection takes."""
+    B, nh, T, hs = q.shape
+    S = k.shape[2]
+    if not (T == 1 and k.shape == v.shape == (B, nh, S, hs) and 1 <= S <= MAX_CACHED
+            and q.stride(3) == 1 and k.stride()[2:] == (hs, 1) and v.stride() == k.stride()
+            and q.dtype == k.dtype == v.dtype == torch.float32):
+        raise ValueError(f"decode_attention takes fp32 q (B, nh, 1, hs) and k, v (B, nh, S, hs) with "
+                         f"contiguous rows; got {tuple(q.shape)}, {tuple(k.shape)} {k.stride()}, {q.dtype}")
+    y = torch.empty(B, 1, nh * hs, dtype=torch.float32)
+    _lib.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B, nh, S, hs,
+                          q.stride(0), q.stride(1), k.stride(0), k.stride(1), hs**-0.5, torch.get_num_threads())
     return y

@@ -189,6 +189,9 @@ class CausalSelfAttention(nn.Module):
                 mask = torch.arange(k.shape[2], device=x.device)[None, :] <= pos[:, None]  # (T, end)
                 is_causal = False
         p = self.dropout if self.training else 0.0
+        if (T == 1 and start is not None and p == 0 and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.is_grad_enabled() and kernels.available()):
+            return self.resid_dropout(self.c_proj(kernels.decode_attention(q, k, v)))  # (B, 1, C)
         if x.device.type == "cpu" and start is None and (p > 0 or T <= _EXPLICIT_ATTENTION_MAX_T):
             y = causal_attention(q, k, v, p)
         else:

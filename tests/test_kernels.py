@@ -52,6 +52,29 @@ def test_skinny_linear_refuses_what_it_cannot_take():
 
 
 @needs_kernel
+@pytest.mark.parametrize("batch, n_head, cached, hs", [(1, 4, 1, 32), (2, 6, 37, 64), (8, 6, 216, 64),
+                                                       (3, 2, 300, 40), (1, 1, 5, 7)])
+def test_decode_attention_equals_sdpa(batch, n_head, cached, hs):
+    g = torch.Generator().manual_seed(cached)
+    # q as model.py makes it: a strided view of the fused q, k, v projection of one token
+    qkv = torch.randn(batch, 1, 3, n_head, hs, generator=g).permute(2, 0, 3, 1, 4)
+    q = qkv[0]
+    cache = torch.randn(2, batch + 1, n_head, cached + 9, hs, generator=g)  # room to spare, as a KVCache has
+    k, v = cache[0, :batch, :, :cached], cache[1, :batch, :, :cached]
+    expected = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, 1, n_head * hs)
+    torch.testing.assert_close(kernels.decode_attention(q, k, v), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_decode_attention_refuses_what_it_cannot_take():
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 5, 16)
+    for args in ((torch.randn(1, 2, 2, 16), k, k), (q, k.transpose(2, 3).contiguous().transpose(2, 3), k),
+                 (q.double(), k.double(), k.double()), (q, k, torch.randn(1, 2, 6, 16))):
+        with pytest.raises(ValueError, match="decode_attention"):
+            kernels.decode_attention(*args)
+
+
+@needs_kernel
 def test_model_decoding_uses_the_kernel_and_matches_autograd_path():
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("tiny", vocab_size=50)).eval()
@@ -77,7 +100,7 @@ def test_switched_off_the_model_still_runs_and_says_why(tmp_path):
             "print(kernels.available(), kernels.describe())")
     env = {**os.environ, "GPT_SMALL_KERNELS": "0", "GPT_SMALL_CACHE": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    assert out.strip() == "False skinny_linear: off (GPT_SMALL_KERNELS=0)"
+    assert out.strip() == "False decoding kernels: off (GPT_SMALL_KERNELS=0)"
 
 
 def test_without_a_compiler_it_falls_back(tmp_path):
@@ -85,7 +108,7 @@ def test_without_a_compiler_it_falls_back(tmp_path):
             "print(kernels.available(), kernels.describe())")
     env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "GPT_SMALL_CACHE": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    assert out.startswith("False skinny_linear: off (")
+    assert out.startswith("False decoding kernels: off (")
     assert not list(tmp_path.glob("kernels/*.so"))
 
 
