@@ -58,7 +58,7 @@ def test_decode_attention_equals_sdpa(batch, n_head, cached, hs):
     g = torch.Generator().manual_seed(cached)
     # q as model.py makes it: a strided view of the fused q, k, v projection of one token
     qkv = torch.randn(batch, 1, 3, n_head, hs, generator=g).permute(2, 0, 3, 1, 4)
-    q = qkv[0]
+    q = qkv[0] * (1 + cached % 7)  # sharper softmaxes too: scores far below the maximum
     cache = torch.randn(2, batch + 1, n_head, cached + 9, hs, generator=g)  # room to spare, as a KVCache has
     k, v = cache[0, :batch, :, :cached], cache[1, :batch, :, :cached]
     expected = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, 1, n_head * hs)
