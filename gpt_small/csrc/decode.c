@@ -42,6 +42,9 @@ static inline __attribute__((always_inline)) void linear_rows(
         v16 acc[8] = {0};
         for (long k = 0; k < K16; k += 16) {
             v16 wv = load16(w + k);
+            /* From 5 rows of x on, compute slows the weight stream enough that asking for the
+             * weights 4 KiB ahead pays: 13-23% at batch 6 and 8 in an A/B; 0 to -15% below. */
+            if (B >= 5) __builtin_prefetch(w + k + 1024, 0, 0);
             for (int b = 0; b < B; b++) acc[b] += wv * load16(x + b * K + k);
         }
         for (int b = 0; b < B; b++) {
