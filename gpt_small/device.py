@@ -45,6 +45,22 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def native_bf16_matmul(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: CUDA GPUs with bf16, and x86 CPUs
+    with AVX512-BF16 or AMX (read from /proc/cpuinfo; elsewhere torch emulates bf16 on the CPU,
+    slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()

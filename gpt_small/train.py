@@ -30,7 +30,7 @@ import torch
 from .checkpoint import find_checkpoint, load_trainer_state, load_weights, read_checkpoint_config, save_checkpoint
 from .config import GPTConfig, TrainConfig
 from .data import BatchSampler, PreparedData, eval_windows
-from .device import autocast, keep_freed_memory, pick_device, pick_dtype, set_threads
+from .device import autocast, keep_freed_memory, native_bf16_matmul, pick_device, pick_dtype, set_threads
 from .distributed import DistInfo, all_reduce_mean, broadcast_flag, print0, setup_distributed
 from .errors import GPTSmallError
 from .evaluate import bits_per_char, evaluate_tokens
@@ -165,7 +165,7 @@ class Trainer:
                 [p for name, p in self.model.named_parameters() if is_hidden_matrix(name, p)],
                 param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale, skip=is_hidden_matrix),
                 lr=cfg.lr, muon_lr=cfg.muon_lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2),
-                fused=fused)
+                fused=fused, ns_dtype=torch.bfloat16 if native_bf16_matmul(self.device) else torch.float32)
         else:
             groups = param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale)
             self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)

@@ -9,15 +9,16 @@ from gpt_small import GPT, GPTConfig
 from gpt_small.optim import Muon, is_hidden_matrix, orthogonalize
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(64, 16), (16, 64), (32, 32)])
-def test_orthogonalize_flattens_singular_values(shape):
+def test_orthogonalize_flattens_singular_values(shape, dtype):
     g = torch.Generator().manual_seed(0)
     k = min(shape)
     U, _ = torch.linalg.qr(torch.randn(shape[0], k, generator=g))
     V, _ = torch.linalg.qr(torch.randn(shape[1], k, generator=g))
     G = U @ torch.diag(torch.logspace(0, 2, k)) @ V.T  # singular values spread over 100x
-    X = orthogonalize(G)
-    assert X.shape == G.shape
+    X = orthogonalize(G, dtype=dtype)
+    assert X.shape == G.shape and X.dtype == G.dtype
     s = torch.linalg.svdvals(X)
     assert s.min() > 0.5 and s.max() < 1.3, s  # the quintic iteration's band
     # the same singular vectors: X is close to U V^T of G
@@ -31,6 +32,13 @@ def test_orthogonalize_batches_matrices_independently():
     batched = orthogonalize(G)
     for i in range(3):
         torch.testing.assert_close(batched[i], orthogonalize(G[i]), atol=1e-5, rtol=0)
+
+
+def test_orthogonalize_in_bf16_stays_near_fp32():
+    G = torch.randn(4, 32, 96, generator=torch.Generator().manual_seed(2))
+    full, half = orthogonalize(G), orthogonalize(G, dtype=torch.bfloat16)
+    assert half.dtype == torch.float32
+    assert ((half - full).norm() / full.norm()) < 0.05  # bf16's 8 mantissa bits, five iterations
 
 
 def test_muon_rejects_vectors_and_takes_only_block_matrices():

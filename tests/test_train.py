@@ -21,6 +21,7 @@ from gpt_small import GPT, GPTConfig, TrainConfig
 from gpt_small.checkpoint import find_checkpoint, load_checkpoint, load_trainer_state
 from gpt_small.cli import main
 from gpt_small.data import PreparedData, prepare
+from gpt_small.device import native_bf16_matmul
 from gpt_small.errors import GPTSmallError
 from gpt_small.train import Trainer, lr_at, param_groups
 
@@ -162,6 +163,9 @@ def test_muon_run_learns_and_schedules_its_own_lr(data_dir, tmp_path):
     t.train_step()
     lrs = {g.get("lr_ratio", 1.0): g["lr"] for g in t.optimizer.param_groups}
     assert lrs[cfg.muon_lr / cfg.lr] == pytest.approx(lrs[1.0] * cfg.muon_lr / cfg.lr)
+    # Newton-Schulz in bf16 where this CPU multiplies bf16 natively, as the Muon reference does
+    native = native_bf16_matmul(torch.device("cpu"))
+    assert t.optimizer.muon.ns_dtype == (torch.bfloat16 if native else torch.float32)
 
 
 def test_head_lr_scale_scales_the_untied_heads_lr(data_dir, tmp_path):
