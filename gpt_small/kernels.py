@@ -4,9 +4,9 @@
   per sample by every weight matrix, so a token costs a read of all the weights; at the 6x384
   shape (42 MB, more than the L3 cache) that read is the step. torch's fp32 kernels (MKL, oneDNN)
   stream such weights at about half the memory bandwidth on our 2-core machine; this kernel
-  reaches it (README, "Generation speed"; benchmarks/weight_streaming.py times them all).
+  reaches it (README, "Speed"; benchmarks/weight_streaming.py times them all).
 - `decode_attention`: one new token's attention over the KV cache, which at batch 8 is as many
-  bytes as the weights; SDPA's CPU kernel reads it at about a third of the speed.
+  bytes as the weights; faster than SDPA's CPU kernel in cache and out (README, "Speed").
 
 The C file is compiled at first use with the system's C compiler (`cc -O3 -march=native
 -fopenmp`, about a second) into `kernels/` of the cache (`$GPT_SMALL_CACHE`, default

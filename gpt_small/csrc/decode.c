@@ -6,8 +6,8 @@
  * reading W from memory once: each weight row is loaded into vector registers one time and
  * multiplied against all B rows of x (which stay in L1/L2), and the N weight rows are split
  * into one contiguous block per thread, so each thread streams its part of W sequentially.
- * torch's fp32 kernels read such weights at about half the memory bandwidth (README, "Generation
- * speed"). Summation order differs from torch's, so results match F.linear to rounding.
+ * torch's fp32 kernels read such weights at about half the memory bandwidth (README, "Speed").
+ * Summation order differs from torch's, so results match F.linear to rounding.
  *
  * Built at first use by gpt_small/kernels.py: cc -O3 -march=native -fopenmp -shared -fPIC ... -lm.
  * OpenMP comes from the libgomp that torch has already loaded, so torch and this kernel share
@@ -24,7 +24,8 @@ static inline v16 load16(const float *p) { return *(const v16u *)p; }
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 
-/* A pairwise sum (halves, then quarters, ...): three vector adds, not 15 dependent scalar adds. */
+/* A pairwise sum (halves, quarters, then pairs): two vector adds and three scalar ones, not 15
+ * dependent scalar adds. */
 static inline float hsum(v16 v) {
     v8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
          + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -83,7 +84,8 @@ int skinny_linear(const float *x, const float *W, const float *bias, float *y,
  * written to y as (B, nh * hs), the layout the output projection takes. q, k and v are given by
  * their sample and head strides (in floats); within a head, keys and values are rows of hs floats
  * one after another (a KV cache). Parallel over the B * nh (sample, head) pairs.
- * SDPA's CPU kernel reads the cache at about a third of the speed here (README, "Generation speed").
+ * In cache it takes 22 us where SDPA's CPU kernel takes 30 (batch 8, 4 heads, 116 positions,
+ * head size 32); out of cache SDPA read the cache at about 12 GB/s (README, "Speed").
  */
 typedef int vi16 __attribute__((vector_size(64)));
 
