@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -45,20 +46,24 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def native_bf16_matmul(device: torch.device) -> bool:
-    """Whether `device` multiplies bf16 matrices in hardware: CUDA GPUs with bf16, and x86 CPUs
-    with AVX512-BF16 or AMX (read from /proc/cpuinfo; elsewhere torch emulates bf16 on the CPU,
-    slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
+@functools.cache
+def cpu_flags() -> tuple[str, ...]:
+    """The CPU's feature flags from /proc/cpuinfo ("flags" on x86, "Features" on ARM); empty
+    where there is no such file."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
+            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return ()
+    return tuple(line.partition(":")[2].split())
+
+
+def native_bf16_matmul(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: CUDA GPUs with bf16, and x86 CPUs
+    with AVX512-BF16 or AMX (elsewhere torch emulates bf16 on the CPU, slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and ("avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags())
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

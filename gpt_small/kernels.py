@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .corpus import cache_dir
+from .device import cpu_flags
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"
 MAX_ROWS = 8  # rows of x skinny_linear takes (batch size when decoding)
@@ -41,17 +42,6 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _state = ""  # "" = not tried yet; else a description of what was loaded or why not
-
-
-def _cpu_id() -> str:
-    """What -march=native depends on: the machine and, on Linux, the CPU's feature flags."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return platform.machine() + line
-    except OSError:
-        pass
-    return platform.machine() + platform.processor()
 
 
 def _compiler() -> str | None:
@@ -66,7 +56,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, "off (no C compiler found; set CC)"
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *FLAGS, _cpu_id()]).encode())
+        # what -march=native depends on: the machine and, on Linux, the CPU's feature flags
+        cpu = [platform.machine(), platform.processor(), *cpu_flags()]
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *FLAGS, *cpu]).encode())
         lib_path = cache_dir() / "kernels" / f"decode-{key.hexdigest()[:16]}.so"
         if not lib_path.exists():
             lib_path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,8 +52,8 @@ class KVCache(nn.Module):
 # the weights stream from memory. MKL's GEMV, behind F.linear on the CPU, streams them at about
 # 10 GB/s on the development VM (AMD EPYC, 2 threads), while the same VM sums them at over 25 GB/s;
 # oneDNN's linear (the op torch.compile's CPU freezing path emits) reaches about 14-20 GB/s, but
-# costs ~15 us more per call, which loses on small matrices that stay in cache. A 40-line C
-# kernel (kernels.py, built at first use) streams them at about 25 GB/s.
+# costs ~15 us more per call, which loses on small matrices that stay in cache. A small C
+# kernel (kernels.py, built at first use) streams them at 25-34 GB/s.
 # So without autograd, on the CPU in fp32: 1-8 rows of input (a decoding step) go to that kernel
 # when it is available; otherwise, and for more rows (a prompt), a Linear of at least 2**17
 # weights (512 KiB) calls oneDNN. Same weights, same layout, results equal to F.linear up to
