@@ -1,6 +1,7 @@
 """Training throughput: gpt-small's trainer against a nanoGPT-equivalent baseline, same machine, same run.
 
     python benchmarks/train_throughput.py [--shapes A,B,150m] [--steps N] [--repeats R]
+    python benchmarks/train_throughput.py --device cuda --shapes 150m --batch 64 --compile
 
 For each shape the baseline (benchmarks/nanogpt_like.py) and our `Trainer.train_step` run in
 alternating child processes (baseline, ours, baseline, ours, ...), so the two see the same machine
@@ -16,6 +17,11 @@ Both sides run the same model shape with GELU and no biases; ours with our defau
 `ours-compile` (--compile) is `ours` under torch.compile; its warm-up steps absorb the compilation.
 `ours-relu` is the same shape with ReLU, our default activation (the original spec): a different
 model, listed apart, never as the like-for-like ratio.
+
+`--device cuda`: ours only (the baseline is nanoGPT's CPU set-up), with the trainer's defaults
+there (bf16 autocast, TF32, fused AdamW), each step timed to a CUDA synchronize; MFU against
+the bf16 matmul peak measured at the start (torch.mm, n = 8192), memory = peak allocated on the
+GPU. `--batch` overrides every shape's batch size (a GPU wants more than the CPU's 4 at 150m).
 """
 
 from __future__ import annotations
@@ -43,15 +49,24 @@ SHAPES = {
 WARMUP = {"A": 10, "B": 2, "150m": 1}  # steps before timing (compilation happens in the first)
 
 
-def matmul_peak(n: int = 4096, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int = 4096, reps: int = 5, device: str = "cpu") -> float:
+    """FLOP/s of one n x n matmul, median of reps: fp32 on the CPU, bf16 on CUDA."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
     times = []
     for _ in range(reps):
+        _sync(device)
         t = time.perf_counter()
         torch.mm(a, b)
+        _sync(device)
         times.append(time.perf_counter() - t)
     return 2 * n**3 / statistics.median(times)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def _data() -> np.ndarray:
@@ -62,8 +77,8 @@ def _data() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 118, size=2_000_000, dtype=np.uint16)
 
 
-def worker(impl: str, shape_name: str, steps: int) -> dict:
-    s = SHAPES[shape_name]
+def worker(impl: str, shape_name: str, steps: int, device: str = "cpu", batch: int | None = None) -> dict:
+    s = {**SHAPES[shape_name], **({"batch_size": batch} if batch else {})}
     data = _data()
     vocab = 118
     if impl == "baseline":
@@ -75,19 +90,26 @@ def worker(impl: str, shape_name: str, steps: int) -> dict:
         step = t.train_step
     else:
         step = _our_step(s, vocab, activation="relu" if impl == "ours-relu" else "gelu",
-                         preset="small-150m" if shape_name == "150m" else None, compile=impl == "ours-compile")
+                         preset="small-150m" if shape_name == "150m" else None, compile=impl == "ours-compile",
+                         device=device)
+    warmup = WARMUP[shape_name] if device == "cpu" else 5  # CUDA: compilation, autotuning, the allocator
     times = []
-    for i in range(WARMUP[shape_name] + steps):
+    for i in range(warmup + steps):
+        _sync(device)
         t0 = time.perf_counter()
         step()
-        if i >= WARMUP[shape_name]:
+        _sync(device)
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     ms = statistics.median(times) * 1000
+    memory = (torch.cuda.max_memory_allocated() if device == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"ms_per_step": ms, "tokens_per_s": s["batch_size"] * s["block_size"] / (ms / 1000),
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "peak_memory_gib": memory / 2**30}
 
 
-def _our_step(s: dict, vocab: int, activation: str, preset: str | None, compile: bool = False):
+def _our_step(s: dict, vocab: int, activation: str, preset: str | None, compile: bool = False,
+              device: str = "cpu"):
     """Our real Trainer.train_step on a throw-away prepared-data folder of the same tokens."""
     from gpt_small import GPTConfig, TrainConfig
     from gpt_small.data import PreparedData, prepare
@@ -103,7 +125,7 @@ def _our_step(s: dict, vocab: int, activation: str, preset: str | None, compile:
         model = GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=s["block_size"], n_layer=s["n_layer"],
                           n_head=s["n_head"], n_embd=s["n_embd"], dropout=s["dropout"], activation=activation,
                           bias=False)
-    train = TrainConfig(batch_size=s["batch_size"], max_steps=10**6, warmup_steps=10, compile=compile)
+    train = TrainConfig(batch_size=s["batch_size"], max_steps=10**6, warmup_steps=10, compile=compile, device=device)
     trainer = Trainer(model, train, data, tmp / "run", show_progress=False)
     trainer.setup()
     return trainer.train_step
@@ -123,30 +145,39 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, help="timed steps per child (default per shape)")
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile (slow to start)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--batch", type=int, help="batch size for every shape (default: each shape's own)")
     p.add_argument("--worker", nargs=3, metavar=("IMPL", "SHAPE", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         impl, shape, steps = args.worker
-        print(json.dumps(worker(impl, shape, int(steps))))
+        print(json.dumps(worker(impl, shape, int(steps), args.device, args.batch)))
         return
 
     from gpt_small import GPTConfig
 
-    peak = matmul_peak()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'shape':<6} {'impl':<9} {'ms/step':>9} {'tokens/s':>9} {'MFU':>6} {'peak RSS':>9}   ratio (tokens/s)")
+    cuda = args.device == "cuda"
+    if cuda:
+        peak = matmul_peak(8192, device="cuda")
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
+    else:
+        peak = matmul_peak()
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    memory = "GPU mem" if cuda else "peak RSS"
+    print(f"{'shape':<6} {'impl':<12} {'batch':>5} {'ms/step':>9} {'tokens/s':>10} {'MFU':>6} {memory:>9}   ratio (tokens/s)")
     for shape in args.shapes.split(","):
-        s = SHAPES[shape]
+        s = {**SHAPES[shape], **({"batch_size": args.batch} if args.batch else {})}
         steps = args.steps or s["steps"]
         cfg = GPTConfig(vocab_size=118, block_size=s["block_size"], n_layer=s["n_layer"], n_head=s["n_head"],
                         n_embd=s["n_embd"], bias=False)
-        impls = ["ours"] if shape == "150m" else ["baseline", "ours", "ours-relu"]
-        if args.compile and shape != "150m":
+        impls = ["ours"] if shape == "150m" or cuda else ["baseline", "ours", "ours-relu"]
+        if args.compile and (shape != "150m" or cuda):
             impls.append("ours-compile")
         results: dict[str, list[dict]] = {i: [] for i in impls}
         for _ in range(args.repeats):
             for impl in impls:
-                out = subprocess.run([sys.executable, __file__, "--worker", impl, shape, str(steps)],
+                extra = ["--device", args.device] + (["--batch", str(args.batch)] if args.batch else [])
+                out = subprocess.run([sys.executable, __file__, "--worker", impl, shape, str(steps), *extra],
                                      capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
                 if out.returncode != 0:
                     raise SystemExit(f"{impl} {shape} failed:\n{out.stderr[-2000:]}")
@@ -155,9 +186,10 @@ def main() -> None:
         for impl in impls:
             m = med[impl]
             mfu = cfg.flops_per_token() * m["tokens_per_s"] / peak
-            ratio = f"{m['tokens_per_s'] / med['baseline']['tokens_per_s']:.2f}x" if "baseline" in med else "-"
-            print(f"{shape:<6} {impl:<9} {m['ms_per_step']:>9.1f} {m['tokens_per_s']:>9,.0f} {mfu:>6.1%} "
-                  f"{m['peak_rss_gib']:>8.2f}G   {ratio if impl != 'baseline' else ''}")
+            base = "baseline" if "baseline" in med else "ours"
+            ratio = f"{m['tokens_per_s'] / med[base]['tokens_per_s']:.2f}x vs {base}" if impl != base else ""
+            print(f"{shape:<6} {impl:<12} {s['batch_size']:>5} {m['ms_per_step']:>9.1f} {m['tokens_per_s']:>10,.0f} "
+                  f"{mfu:>6.1%} {m['peak_memory_gib']:>8.2f}G   {ratio}")
         sys.stdout.flush()
 
 

@@ -169,7 +169,7 @@ class Trainer:
         else:
             groups = param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale)
             self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
-        self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.forward_model: torch.nn.Module = self.model
         if cfg.compile:
             self.forward_model = torch.compile(self.model)
