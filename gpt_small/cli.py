@@ -156,12 +156,18 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- generate and poem
 
+# --lines N without --max-new-tokens: room for N lines of a char model (eng-poem's lines average
+# ~38 characters; 500 tokens cut a 12-line poem short).
+_LINE_TOKENS = 200
+
+
 def _args_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder (its best checkpoint) or checkpoint folder")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="", help="text to continue (default: start a new line)")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--max-new-tokens", type=int,
+                   help=f"at most this many tokens per sample (default: {_LINE_TOKENS} per --lines line, else 500)")
     p.add_argument("--lines", type=int, help="stop after this many complete verse lines")
     p.add_argument("--stop", help="stop after this text")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -188,17 +194,28 @@ def _run_generate(args: argparse.Namespace) -> None:
         sys.stdout.write(prompt)
         sys.stdout.flush()
         stream = lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush())  # noqa: E731
-    samples = generate_text(ckpt.model, ckpt.tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+    max_new = args.max_new_tokens
+    if max_new is None:
+        max_new = _LINE_TOKENS * args.lines if args.lines and args.lines > 0 else 500
+    samples = generate_text(ckpt.model, ckpt.tokenizer, prompt, max_new_tokens=max_new,
                             lines=args.lines, stop=args.stop, num_samples=args.num_samples,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, seed=args.seed, stream=stream)
     if stream is not None:
         print()
-        return
+    else:
+        for i, text in enumerate(samples):
+            if args.num_samples > 1:
+                print(f"--- sample {i + 1} ---")
+            print(text)
     for i, text in enumerate(samples):
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1} ---")
-        print(text)
+        rest = text[len(prompt):]
+        short = ((args.lines and rest.count("\n") < args.lines and f"its {args.lines} lines")
+                 or (args.stop and args.stop not in rest and f"the stop text {args.stop!r}"))
+        if short:
+            which = f"sample {i + 1}" if args.num_samples > 1 else "the sample"
+            print(f"note: {which} reached --max-new-tokens {max_new} before {short}; "
+                  "pass a larger --max-new-tokens", file=sys.stderr)
 
 
 def _args_poem(p: argparse.ArgumentParser) -> None:

@@ -47,6 +47,32 @@ def test_generate_streams_and_stops_after_lines(workspace, capsys):
     assert "\ufffd" not in out  # the <unk> id is never sampled
 
 
+def test_generate_says_when_max_new_tokens_cut_the_lines_short(workspace, capsys):
+    code = main(["generate", "--checkpoint", str(workspace / "run"), "--prompt", "The sea", "--lines", "3",
+                 "--seed", "3", "--max-new-tokens", "5"])
+    captured = capsys.readouterr()
+    assert code == 0 and captured.out.startswith("The sea")
+    assert captured.err == ("note: the sample reached --max-new-tokens 5 before its 3 lines; "
+                            "pass a larger --max-new-tokens\n")
+
+
+@pytest.mark.parametrize("flags, cap", [([], 500), (["--lines", "12"], 2400), (["--lines", "12", "--max-new-tokens", "30"], 30)])
+def test_generate_token_cap_leaves_room_for_the_lines(workspace, capsys, monkeypatch, flags, cap):
+    """A 12-line poem of a char model runs past 500 tokens: --lines raises the default cap."""
+    import gpt_small.generate
+
+    seen = {}
+
+    def fake_generate_text(model, tokenizer, prompt, *, max_new_tokens, **kw):
+        seen["cap"] = max_new_tokens
+        return [prompt + "\n" * 12]
+
+    monkeypatch.setattr(gpt_small.generate, "generate_text", fake_generate_text)
+    assert main(["generate", "--checkpoint", str(workspace / "run"), "--no-stream", *flags]) == 0
+    assert seen["cap"] == cap
+    assert capsys.readouterr().err == ""
+
+
 def test_generate_same_seed_same_text(workspace, capsys):
     args = ["generate", "--checkpoint", str(workspace / "run"), "--max-new-tokens", "60", "--seed", "5",
             "--num-samples", "2"]
