@@ -16,7 +16,9 @@ block 512, batch 4 (ours only: the baseline's LayerNorm-without-bias model diffe
 Both sides run the same model shape with GELU and no biases; ours with our default trainer settings.
 `ours-compile` (--compile) is `ours` under torch.compile; its warm-up steps absorb the compilation.
 `ours-relu` is the same shape with ReLU, our default activation (the original spec): a different
-model, listed apart, never as the like-for-like ratio.
+model, listed apart, never as the like-for-like ratio. `ours-bf16` (--bf16) is `ours` under bf16
+autocast, also listed apart: the target is fp32, and bf16 helps only on CPUs whose bf16 matmuls
+beat fp32 (MFU still counts against the fp32 peak).
 
 `--device cuda`: ours only (the baseline is nanoGPT's CPU set-up), with the trainer's defaults
 there (bf16 autocast, TF32, fused AdamW), each step timed to a CUDA synchronize; MFU against
@@ -91,7 +93,7 @@ def worker(impl: str, shape_name: str, steps: int, device: str = "cpu", batch: i
     else:
         step = _our_step(s, vocab, activation="relu" if impl == "ours-relu" else "gelu",
                          preset="small-150m" if shape_name == "150m" else None, compile=impl == "ours-compile",
-                         device=device)
+                         device=device, dtype="bfloat16" if impl == "ours-bf16" else "auto")
     warmup = WARMUP[shape_name] if device == "cpu" else 5  # CUDA: compilation, autotuning, the allocator
     times = []
     for i in range(warmup + steps):
@@ -109,7 +111,7 @@ def worker(impl: str, shape_name: str, steps: int, device: str = "cpu", batch: i
 
 
 def _our_step(s: dict, vocab: int, activation: str, preset: str | None, compile: bool = False,
-              device: str = "cpu"):
+              device: str = "cpu", dtype: str = "auto"):
     """Our real Trainer.train_step on a throw-away prepared-data folder of the same tokens."""
     from gpt_small import GPTConfig, TrainConfig
     from gpt_small.data import PreparedData, prepare
@@ -125,7 +127,8 @@ def _our_step(s: dict, vocab: int, activation: str, preset: str | None, compile:
         model = GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=s["block_size"], n_layer=s["n_layer"],
                           n_head=s["n_head"], n_embd=s["n_embd"], dropout=s["dropout"], activation=activation,
                           bias=False)
-    train = TrainConfig(batch_size=s["batch_size"], max_steps=10**6, warmup_steps=10, compile=compile, device=device)
+    train = TrainConfig(batch_size=s["batch_size"], max_steps=10**6, warmup_steps=10, compile=compile, device=device,
+                        dtype=dtype)
     trainer = Trainer(model, train, data, tmp / "run", show_progress=False)
     trainer.setup()
     return trainer.train_step
@@ -145,6 +148,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, help="timed steps per child (default per shape)")
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile (slow to start)")
+    p.add_argument("--bf16", action="store_true", help="also time ours under bf16 autocast on the CPU")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch", type=int, help="batch size for every shape (default: each shape's own)")
     p.add_argument("--worker", nargs=3, metavar=("IMPL", "SHAPE", "STEPS"), help=argparse.SUPPRESS)
@@ -173,6 +177,8 @@ def main() -> None:
         impls = ["ours"] if shape == "150m" or cuda else ["baseline", "ours", "ours-relu"]
         if args.compile and (shape != "150m" or cuda):
             impls.append("ours-compile")
+        if args.bf16 and not cuda:
+            impls.append("ours-bf16")
         results: dict[str, list[dict]] = {i: [] for i in impls}
         for _ in range(args.repeats):
             for impl in impls:

@@ -19,6 +19,7 @@ from .errors import ConfigError
 
 ACTIVATIONS = ("relu", "gelu", "relu2")
 POS_ENCODINGS = ("learned", "sinusoidal", "rope")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "bfloat16-if-faster")
 
 
 @dataclass(kw_only=True)
@@ -168,7 +169,10 @@ class TrainConfig:
     final_eval: bool = True  # evaluate the whole validation split at the end
     seed: int = 1337  # seeds the weights, the data order and dropout
     device: str = "auto"  # auto = cuda, then mps, then cpu
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    # auto = bf16 autocast on CUDA (fp16 where bf16 is missing), fp32 on the CPU; bfloat16-if-faster =
+    # bf16 autocast where bf16 matmuls run faster than fp32 (CUDA; a CPU where a timed bf16 matmul
+    # beats fp32 by 1.25x or more), else fp32
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "bfloat16-if-faster"] = "auto"
     compile: bool = False  # torch.compile the model
     threads: int = 0  # CPU threads for torch (0 = the cores this process may use)
 
@@ -206,8 +210,8 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
         if self.max_time < 0:
             raise ConfigError(f"max_time must be >= 0 seconds, got {self.max_time!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, mps or cuda[:N], got {self.device!r}")
 

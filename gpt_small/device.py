@@ -1,8 +1,9 @@
 """Where and how a run executes: device, precision, CPU threads and the memory allocator.
 
 Kept out of the model (STYLE.md item 2). `auto` picks CUDA, then Apple MPS, then the CPU; on CUDA
-it picks bf16 autocast where the card has it, else fp16 with a GradScaler; on the CPU, fp32 (on
-the CPUs we measured, bf16 matmuls run at half the fp32 speed: see shared/anchors.md).
+it picks bf16 autocast where the card has it, else fp16 with a GradScaler; on the CPU, fp32.
+`bfloat16-if-faster` picks bf16 autocast wherever bf16 matmuls beat fp32, measured on the CPU (2.2
+to 3x faster on an AMD Zen 4, half as fast on the anchors' Intel Xeon: see below).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype (float32 = no autocast)."""
+    """The autocast dtype (float32 = no autocast) for a TrainConfig.dtype name."""
+    if name == "bfloat16-if-faster":
+        return torch.bfloat16 if bf16_matmul_is_faster(device) else torch.float32
     if name != "auto":
         return _DTYPES[name]
     if device.type == "cuda":
@@ -58,12 +61,41 @@ def cpu_flags() -> tuple[str, ...]:
     return tuple(line.partition(":")[2].split())
 
 
-def native_bf16_matmul(device: torch.device) -> bool:
-    """Whether `device` multiplies bf16 matrices in hardware: CUDA GPUs with bf16, and x86 CPUs
-    with AVX512-BF16 or AMX (elsewhere torch emulates bf16 on the CPU, slower than fp32)."""
+# A bf16 matmul beats fp32 on the CPU only where the hardware multiplies bf16 and torch's kernels
+# use it: 2.2-3.0x faster on the development VM's AMD Zen 4 (AVX512-BF16), but half the fp32 speed
+# on the anchors' Intel Xeon, which has the same AVX512-BF16 flag (shared/anchors.md). So the
+# CPU's answer is measured, once per process and thread count, not read from /proc/cpuinfo.
+_BF16_MIN_SPEEDUP = 1.25
+
+
+@functools.cache
+def cpu_bf16_matmul_speedup(threads: int) -> float:
+    """fp32 time / bf16 time of a 512 x 512 x 512 CPU matmul at `threads` threads (median of 5
+    each, after a warm-up; about 30 ms). `threads` is part of the cache key only: pass
+    torch.get_num_threads()."""
+    import time
+
+    def median_time(a: torch.Tensor) -> float:
+        torch.mm(a, a)
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            torch.mm(a, a)
+            times.append(time.perf_counter() - t)
+        return sorted(times)[2]
+
+    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))  # the global RNG untouched
+    return median_time(a) / median_time(a.bfloat16())
+
+
+def bf16_matmul_is_faster(device: torch.device) -> bool:
+    """Whether bf16 matmuls run faster than fp32 on `device`: CUDA GPUs with bf16, and CPUs where
+    a measured bf16 matmul is at least 1.25x faster than fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and ("avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags())
+    if device.type != "cpu":
+        return False
+    return cpu_bf16_matmul_speedup(torch.get_num_threads()) >= _BF16_MIN_SPEEDUP
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

@@ -30,7 +30,7 @@ import torch
 from .checkpoint import find_checkpoint, load_trainer_state, load_weights, read_checkpoint_config, save_checkpoint
 from .config import GPTConfig, TrainConfig
 from .data import BatchSampler, PreparedData, eval_windows
-from .device import autocast, keep_freed_memory, native_bf16_matmul, pick_device, pick_dtype, set_threads
+from .device import autocast, bf16_matmul_is_faster, keep_freed_memory, pick_device, pick_dtype, set_threads
 from .distributed import DistInfo, all_reduce_mean, broadcast_flag, print0, setup_distributed
 from .errors import GPTSmallError
 from .evaluate import bits_per_char, evaluate_tokens
@@ -165,7 +165,7 @@ class Trainer:
                 [p for name, p in self.model.named_parameters() if is_hidden_matrix(name, p)],
                 param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale, skip=is_hidden_matrix),
                 lr=cfg.lr, muon_lr=cfg.muon_lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2),
-                fused=fused, ns_dtype=torch.bfloat16 if native_bf16_matmul(self.device) else torch.float32)
+                fused=fused, ns_dtype=torch.bfloat16 if bf16_matmul_is_faster(self.device) else torch.float32)
         else:
             groups = param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale)
             self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
@@ -267,10 +267,12 @@ class Trainer:
         return all_reduce_mean(float(np.mean(losses)), self.device)
 
     def evaluate_full(self):
-        """Loss on the whole validation split, every token predicted once (non-overlapping windows)."""
+        """Loss on the whole validation split, every token predicted once (non-overlapping windows),
+        without autocast whatever the training dtype: the run's headline figure compares across
+        dtypes (on CUDA the trainer's TF32 matmuls stay on)."""
         return evaluate_tokens(self.model, self.data.val, context=self.model_config.block_size,
                                batch_size=max(8, self.config.batch_size), device=self.device,
-                               chars_per_token=self.data.chars_per_token("val"), autocast_dtype=self.amp_dtype)
+                               chars_per_token=self.data.chars_per_token("val"), autocast_dtype=torch.float32)
 
     # ------------------------------------------------------------------ checkpoints and logs
 
@@ -358,7 +360,8 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             run_config = {"model": self.model_config.to_dict(), "train": cfg.to_dict(),
-                          "data": str(self.data.directory), "world_size": self.dist.world_size}
+                          "data": str(self.data.directory), "world_size": self.dist.world_size,
+                          "device": str(self.device), "autocast": str(self.amp_dtype).removeprefix("torch.")}
             (self.out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
         if self._resume_from is not None:
             self._trim_metrics()

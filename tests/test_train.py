@@ -21,7 +21,7 @@ from gpt_small import GPT, GPTConfig, TrainConfig
 from gpt_small.checkpoint import find_checkpoint, load_checkpoint, load_trainer_state
 from gpt_small.cli import main
 from gpt_small.data import PreparedData, prepare
-from gpt_small.device import native_bf16_matmul
+from gpt_small import device
 from gpt_small.errors import GPTSmallError
 from gpt_small.train import Trainer, lr_at, param_groups
 
@@ -163,9 +163,42 @@ def test_muon_run_learns_and_schedules_its_own_lr(data_dir, tmp_path):
     t.train_step()
     lrs = {g.get("lr_ratio", 1.0): g["lr"] for g in t.optimizer.param_groups}
     assert lrs[cfg.muon_lr / cfg.lr] == pytest.approx(lrs[1.0] * cfg.muon_lr / cfg.lr)
-    # Newton-Schulz in bf16 where this CPU multiplies bf16 natively, as the Muon reference does
-    native = native_bf16_matmul(torch.device("cpu"))
-    assert t.optimizer.muon.ns_dtype == (torch.bfloat16 if native else torch.float32)
+    # Newton-Schulz in bf16 where bf16 matmuls beat fp32 here, as the Muon reference does
+    faster = device.bf16_matmul_is_faster(torch.device("cpu"))
+    assert t.optimizer.muon.ns_dtype == (torch.bfloat16 if faster else torch.float32)
+
+
+@pytest.mark.parametrize("speedup, expected", [(2.6, torch.bfloat16), (0.5, torch.float32), (1.1, torch.float32)])
+def test_bfloat16_if_faster_follows_the_measured_cpu_speedup(monkeypatch, speedup, expected):
+    """bf16 only where this CPU's bf16 matmul measured faster: the same AVX512-BF16 flag meant
+    2.6x faster on one CPU and half as fast on another."""
+    monkeypatch.setattr(device, "cpu_bf16_matmul_speedup", lambda threads: speedup)
+    cpu = torch.device("cpu")
+    assert device.pick_dtype("bfloat16-if-faster", cpu) == expected
+    assert device.pick_dtype("auto", cpu) == torch.float32  # auto stays fp32 on the CPU
+    assert device.pick_dtype("bfloat16", cpu) == torch.bfloat16
+
+
+def test_cpu_bf16_speedup_is_measured_once():
+    first = device.cpu_bf16_matmul_speedup(torch.get_num_threads())
+    assert math.isfinite(first) and first > 0
+    assert device.cpu_bf16_matmul_speedup(torch.get_num_threads()) == first  # cached: one answer per run
+
+
+def test_bf16_run_reports_an_fp32_whole_split_loss(data_dir, tmp_path):
+    """Training under bf16 autocast; the final whole-split figure is the fp32 loss of its weights."""
+    from gpt_small.evaluate import evaluate_tokens
+
+    model, cfg = _configs(data_dir, max_steps=8, dtype="bfloat16", final_eval=True)
+    summary = Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False).fit()
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["autocast"] == "bfloat16"
+    ckpt = load_checkpoint(tmp_path / "run", prefer="last")
+    data = PreparedData(data_dir)
+    fp32 = evaluate_tokens(ckpt.model, data.val, context=model.block_size, batch_size=8)
+    bf16 = evaluate_tokens(ckpt.model, data.val, context=model.block_size, batch_size=8,
+                           autocast_dtype=torch.bfloat16)
+    assert summary["final_val"]["loss"] == pytest.approx(fp32.loss, abs=1e-6)
+    assert abs(bf16.loss - fp32.loss) > 1e-6  # the two differ, so the check above can tell
 
 
 def test_head_lr_scale_scales_the_untied_heads_lr(data_dir, tmp_path):
