@@ -127,7 +127,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "baby": dict(block_size=64, n_layer=4, n_head=4, n_embd=128),
     # The CPU preset that `make poem` trains in ten minutes on two cores (tuned in configs/poem-cpu.toml).
     "poem-cpu": dict(
-        block_size=128, n_layer=4, n_head=4, n_embd=128, activation="relu2",
+        block_size=256, n_layer=4, n_head=4, n_embd=128, activation="relu2",
         pos_encoding="rope", bias=False, tie_embeddings=False, qk_norm=True, ngram=6, ngram_buckets=32768,
     ),
     # nanoGPT's shakespeare_char shape (anchors.md shape B).
