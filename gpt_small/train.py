@@ -149,7 +149,13 @@ class Trainer:
         if self.device.type == "cpu":
             set_threads(cfg.threads, self.dist.local_world_size)
             keep_freed_memory()
-        self.amp_dtype = pick_dtype(cfg.dtype, self.device)
+        # One answer on every rank, as their own timings could differ (bf16 if any rank found it
+        # faster): the autocast dtype and Muon's Newton-Schulz dtype must match across ranks.
+        bf16_faster = broadcast_flag(bf16_matmul_is_faster(self.device), self.device)
+        if cfg.dtype == "bfloat16-if-faster":
+            self.amp_dtype = torch.bfloat16 if bf16_faster else torch.float32
+        else:
+            self.amp_dtype = pick_dtype(cfg.dtype, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -165,7 +171,7 @@ class Trainer:
                 [p for name, p in self.model.named_parameters() if is_hidden_matrix(name, p)],
                 param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale, skip=is_hidden_matrix),
                 lr=cfg.lr, muon_lr=cfg.muon_lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2),
-                fused=fused, ns_dtype=torch.bfloat16 if bf16_matmul_is_faster(self.device) else torch.float32)
+                fused=fused, ns_dtype=torch.bfloat16 if bf16_faster else torch.float32)
         else:
             groups = param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale)
             self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
