@@ -38,10 +38,14 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype (float32 = no autocast) for a TrainConfig.dtype name."""
+def pick_dtype(name: str, device: torch.device, bf16_faster: bool | None = None) -> torch.dtype:
+    """The autocast dtype (float32 = no autocast) for a TrainConfig.dtype name. `bf16_faster`:
+    the answer of bf16_matmul_is_faster(device) where the caller has it (one for all DDP ranks);
+    None = ask it here."""
     if name == "bfloat16-if-faster":
-        return torch.bfloat16 if bf16_matmul_is_faster(device) else torch.float32
+        if bf16_faster is None:
+            bf16_faster = bf16_matmul_is_faster(device)
+        return torch.bfloat16 if bf16_faster else torch.float32
     if name != "auto":
         return _DTYPES[name]
     if device.type == "cuda":

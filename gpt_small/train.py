@@ -149,13 +149,12 @@ class Trainer:
         if self.device.type == "cpu":
             set_threads(cfg.threads, self.dist.local_world_size)
             keep_freed_memory()
-        # One answer on every rank, as their own timings could differ (bf16 if any rank found it
-        # faster): the autocast dtype and Muon's Newton-Schulz dtype must match across ranks.
-        bf16_faster = broadcast_flag(bf16_matmul_is_faster(self.device), self.device)
-        if cfg.dtype == "bfloat16-if-faster":
-            self.amp_dtype = torch.bfloat16 if bf16_faster else torch.float32
-        else:
-            self.amp_dtype = pick_dtype(cfg.dtype, self.device)
+        # Asked only where a choice depends on it (a timed matmul on the CPU), and one answer on
+        # every rank, as their own timings could differ (bf16 if any rank found it faster): the
+        # autocast dtype and Muon's Newton-Schulz dtype must match across ranks.
+        bf16_faster = ((cfg.dtype == "bfloat16-if-faster" or cfg.optimizer == "muon")
+                       and broadcast_flag(bf16_matmul_is_faster(self.device), self.device))
+        self.amp_dtype = pick_dtype(cfg.dtype, self.device, bf16_faster)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
