@@ -279,6 +279,24 @@ class Trainer:
                                batch_size=max(8, self.config.batch_size), device=self.device,
                                chars_per_token=self.data.chars_per_token("val"), autocast_dtype=torch.float32)
 
+    def _evaluate_best_checkpoint(self) -> dict[str, Any] | None:
+        """The whole-split loss of the `best` checkpoint where it is not the last one (an
+        overfitting run: `generate` and `eval` take `best` by default, so its figure is the one a
+        user samples from). Chosen on the interval windows, which are part of this split. The
+        final weights are put back afterwards. None where `best` is `last` or is not on this
+        rank's disk (rank 0 writes checkpoints)."""
+        best, last = self.out_dir / "best", self.out_dir / "last"
+        if not (self.dist.is_main and best.exists() and last.exists()) or best.resolve() == last.resolve():
+            return None
+        final = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        try:
+            load_weights(self.model, best.resolve())
+            res = self.evaluate_full()
+        finally:
+            self.model.load_state_dict(final)
+        step = json.loads((best / "config.json").read_text()).get("step")
+        return {"step": step, "checkpoint": str(best), **res.to_dict()}
+
     # ------------------------------------------------------------------ checkpoints and logs
 
     def save(self, *, best: bool = False) -> Path | None:
@@ -440,6 +458,10 @@ class Trainer:
             res = self.evaluate_full()
             summary["final_val"] = res.to_dict()
             self.log({"kind": "final_eval", "step": self.step, **res.to_dict()})
+            best = self._evaluate_best_checkpoint()
+            if best is not None:
+                summary["best_checkpoint_val"] = best
+                self.log({"kind": "final_eval_best", **best})
         if self.dist.is_main:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             try:
@@ -461,6 +483,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f = s["final_val"]
         text += (f" Whole validation split: {f['loss']:.4f} nats/token, perplexity {f['perplexity']:.2f}, "
                  f"{f['bits_per_char']:.3f} bits/char over {f['tokens']:,} tokens.")
+    if "best_checkpoint_val" in s:
+        b = s["best_checkpoint_val"]
+        text += (f" The best checkpoint (step {b['step']:,}, what generate and eval load by default) on the "
+                 f"whole split: {b['loss']:.4f} nats/token, {b['bits_per_char']:.3f} bits/char.")
     text += f" Checkpoint: {s['checkpoint']}"
     if "plot" in s:
         text += f"; curves: {s['plot']}"

@@ -4,6 +4,7 @@ build, and the closed-form sizes agree with counts written out by hand. No torch
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from gpt_small.config import (
     parse_duration,
     parse_set_args,
     parse_value,
+    resolve_configs,
 )
 from gpt_small.errors import ConfigError, GPTSmallError
 
@@ -233,3 +235,15 @@ def test_flops_per_token():
         tied = GPTConfig.from_preset(name, tie_embeddings=True)
         untied = GPTConfig.from_preset(name, tie_embeddings=False)
         assert tied.flops_per_token() == untied.flops_per_token(), name
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_config_files_resolve(path):
+    """Every config the README names loads into valid configs (a typo there would surface only on a GPU)."""
+    data = load_toml(path)
+    name, model, train = resolve_configs(config_file=path)
+    assert name == data["preset"]
+    for key, value in data.get("model", {}).items():
+        assert getattr(model, key) == value, key
+    for key, value in data.get("train", {}).items():
+        assert getattr(train, key) == value, key

@@ -138,6 +138,43 @@ def test_checkpoint_contents_and_loading(data_dir, tmp_path):
     assert fv["tokens"] == len(PreparedData(data_dir).val) - 1  # every val token after the first, once
 
 
+def test_overfit_run_also_reports_the_best_checkpoints_whole_split_loss(data_dir, tmp_path, monkeypatch):
+    """Where validation rose after its best (an overfitting run), `best` (what generate and eval
+    load) is scored on the whole split too, and the trainer keeps the final weights."""
+    from gpt_small.evaluate import evaluate_tokens
+    from gpt_small.train import format_summary
+
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: float(self.step))  # rises: best = step 5
+    model, cfg = _configs(data_dir, max_steps=20, final_eval=True)
+    t = Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False)
+    summary = t.fit()
+    data = PreparedData(data_dir)
+
+    def whole(prefer):
+        return evaluate_tokens(load_checkpoint(tmp_path / "run", prefer=prefer).model, data.val,
+                               context=model.block_size, batch_size=8).loss
+
+    best = summary["best_checkpoint_val"]
+    assert best["step"] == 5 and Path(best["checkpoint"]).name == "best"
+    assert best["loss"] == pytest.approx(whole("best"), abs=1e-6)
+    assert summary["final_val"]["loss"] == pytest.approx(whole("last"), abs=1e-6)
+    assert abs(best["loss"] - summary["final_val"]["loss"]) > 1e-4  # two different weight sets
+    last = load_file(str(find_checkpoint(tmp_path / "run", "last") / "model.safetensors"))
+    for k, v in t.model.state_dict().items():  # the final weights were put back
+        if k in last:
+            torch.testing.assert_close(v, last[k], rtol=0, atol=0)
+    assert "best checkpoint (step 5" in format_summary(summary)
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert kinds[-2:] == ["final_eval", "final_eval_best"]
+
+
+def test_no_best_checkpoint_figure_when_best_is_last(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: -float(self.step))  # falls: best = last
+    model, cfg = _configs(data_dir, max_steps=10, final_eval=True)
+    summary = Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False).fit()
+    assert "final_val" in summary and "best_checkpoint_val" not in summary
+
+
 def test_interval_evaluation_is_deterministic(data_dir, tmp_path):
     model, cfg = _configs(data_dir, max_steps=5)
     t = Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False)
