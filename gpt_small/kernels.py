@@ -1,4 +1,4 @@
-"""Hand-written fp32 kernels for decoding on the CPU (csrc/decode.c), compiled at first use.
+"""Hand-written fp32 kernels for the CPU (csrc/decode.c, csrc/gelu.c), compiled at first use.
 
 - `skinny_linear`: y = x @ W.T + b for 1-8 rows of x. Decoding multiplies one row of activations
   per sample by every weight matrix, so a token costs a read of all the weights; at the 6x384
@@ -7,8 +7,11 @@
   reaches it (README, "Speed"; benchmarks/weight_streaming.py times them all).
 - `decode_attention`: one new token's attention over the KV cache, which at batch 8 is as many
   bytes as the weights; faster than SDPA's CPU kernel in cache and out (README, "Speed").
+- `gelu_tanh_forward`, `gelu_tanh_backward`: GELU in GPT-2's tanh form, which torch's CPU kernel
+  runs 3x slower than the exact GELU; the model's `gelu_tanh` uses them in training and at
+  inference.
 
-The C file is compiled at first use with the system's C compiler (`cc -O3 -march=native
+The C files are compiled at first use with the system's C compiler (`cc -O3 -march=native
 -fopenmp`, about a second) into `kernels/` of the cache (`$GPT_SMALL_CACHE`, default
 `~/.cache/gpt-small`), keyed by the source, compiler, flags and CPU, and loaded with ctypes: no
 build step at install, no torch headers. Without a compiler, or with `GPT_SMALL_KERNELS=0`,
@@ -34,7 +37,7 @@ from torch import Tensor
 from .corpus import cache_dir
 from .device import cpu_flags
 
-SOURCE = Path(__file__).with_name("csrc") / "decode.c"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("decode.c", "gelu.c")]
 MAX_ROWS = 8  # rows of x skinny_linear takes (batch size when decoding)
 MAX_CACHED = 65536  # cached positions decode_attention takes
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
@@ -58,14 +61,14 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
         # what -march=native depends on: the machine and, on Linux, the CPU's feature flags
         cpu = [platform.machine(), platform.processor(), *cpu_flags()]
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *FLAGS, *cpu]).encode())
-        lib_path = cache_dir() / "kernels" / f"decode-{key.hexdigest()[:16]}.so"
+        key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), cc, version, *FLAGS, *cpu]).encode())
+        lib_path = cache_dir() / "kernels" / f"cpu-{key.hexdigest()[:16]}.so"
         if not lib_path.exists():
             lib_path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
             os.close(fd)
             try:
-                done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                done = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True,
                                       timeout=120)
                 if done.returncode != 0:
                     first = (done.stderr.strip().splitlines() or ["no message"])[0]
@@ -81,6 +84,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.skinny_linear.argtypes = [ptr] * 4 + [c_int, c_long, c_long, c_int]
     lib.decode_attention.argtypes = [ptr] * 4 + [c_int, c_int] + [c_long] * 6 + [ctypes.c_float, c_int]
     lib.skinny_linear.restype = lib.decode_attention.restype = c_int
+    lib.gelu_tanh_forward.argtypes = [ptr, ptr, c_long, c_int]
+    lib.gelu_tanh_backward.argtypes = [ptr, ptr, ptr, c_long, c_int]
+    lib.gelu_tanh_forward.restype = lib.gelu_tanh_backward.restype = None
     return lib, f"on ({lib_path})"
 
 
@@ -114,6 +120,29 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     _lib.skinny_linear(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
         B, K, N, torch.get_num_threads())
     return y
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """F.gelu(x, approximate="tanh") for a contiguous fp32 CPU tensor (to rounding)."""
+    _check_elementwise(x)
+    y = torch.empty_like(x)
+    _lib.gelu_tanh_forward(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
+    return y
+
+
+def gelu_tanh_backward(grad: Tensor, x: Tensor) -> Tensor:
+    """grad * d gelu_tanh(x) / dx for contiguous fp32 CPU tensors of one shape."""
+    _check_elementwise(x, grad)
+    dx = torch.empty_like(x)
+    _lib.gelu_tanh_backward(x.data_ptr(), grad.data_ptr(), dx.data_ptr(), x.numel(), torch.get_num_threads())
+    return dx
+
+
+def _check_elementwise(*ts: Tensor) -> None:
+    if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and t.shape == ts[0].shape
+               for t in ts):
+        raise ValueError("gelu_tanh takes contiguous fp32 CPU tensors of one shape; got "
+                         + ", ".join(f"{tuple(t.shape)} {t.dtype} on {t.device}" for t in ts))
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -220,6 +220,31 @@ class ReluSquared(torch.autograd.Function):
         return grad.mul(r).mul_(2.0)
 
 
+class GeluTanh(torch.autograd.Function):
+    """GELU in GPT-2's tanh form through the C kernels (kernels.py): torch's CPU kernel for it
+    runs 3x slower than its exact GELU; ours is ~3x faster than torch's, forward and backward
+    (2 ms of a 37 ms step at nanoGPT's baby shape). Saves the input, as torch's does."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return kernels.gelu_tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return kernels.gelu_tanh_backward(grad.contiguous(), x)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """F.gelu(x, approximate="tanh"); on the CPU in fp32 through our kernel where it is built
+    (not while torch.compile traces: it fuses its own)."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+            and not torch.compiler.is_compiling() and kernels.available()):
+        return GeluTanh.apply(x)
+    return F.gelu(x, approximate="tanh")
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -234,7 +259,7 @@ class MLP(nn.Module):
         if self.activation == "relu":
             h = F.relu(h)
         elif self.activation == "gelu":
-            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+            h = gelu_tanh(h)  # GPT-2's "gelu_new"
         else:  # relu2: squared ReLU (Primer, So et al. 2021)
             h = ReluSquared.apply(h)
         return self.dropout(self.c_proj(h))

@@ -122,3 +122,53 @@ def test_built_once_into_the_cache(tmp_path):
     mtime = built[0].stat().st_mtime_ns
     subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").iterdir()] == [mtime]  # reused, no temp left
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 8191, 8192 * 3 + 5])  # tails, one thread and several
+def test_gelu_tanh_matches_torch_and_a_float64_reference(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * 3
+    x[: min(n, 6)] = torch.tensor([0.0, -1e-30, 9.0, -9.0, 1e4, -1e4])[: min(n, 6)]
+    grad = torch.randn(n, generator=g)
+    ref = x.double().requires_grad_()
+    F.gelu(ref, approximate="tanh").backward(grad.double())
+    y, dx = kernels.gelu_tanh(x), kernels.gelu_tanh_backward(grad, x)
+    # as close to float64 as torch's own fp32 kernel is
+    torch.testing.assert_close(y.double(), F.gelu(x.double(), approximate="tanh"), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx.double(), ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, F.gelu(x, approximate="tanh"), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_gelu_tanh_keeps_nan_and_inf():
+    """Non-finite in, non-finite out (as torch's: -inf gives NaN there, -inf here), so the trainer's
+    NaN check still sees a diverged run."""
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0])
+    y = kernels.gelu_tanh(x)
+    assert y[0].isnan() and y[1] == float("inf") and not y[2].isfinite()
+    assert y[3].item() == pytest.approx(0.841192, abs=1e-6)
+
+
+@needs_kernel
+def test_model_gelu_uses_the_kernel_and_its_gradient_matches_torch(monkeypatch):
+    from gpt_small import model as model_module
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, activation="gelu")
+    m = GPT(cfg)
+    idx = torch.randint(0, 50, (3, 16))
+    calls = []
+    real = kernels.gelu_tanh
+    monkeypatch.setattr(kernels, "gelu_tanh", lambda x: calls.append(x.shape) or real(x))
+    _, loss = m(idx, idx)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in m.named_parameters()}
+    assert len(calls) == cfg.n_layer
+    m.zero_grad()
+    monkeypatch.setattr(model_module, "gelu_tanh", lambda x: F.gelu(x, approximate="tanh"))
+    _, loss_torch = m(idx, idx)
+    loss_torch.backward()
+    torch.testing.assert_close(loss, loss_torch, rtol=1e-6, atol=1e-6)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
