@@ -142,16 +142,19 @@ def _run_train(args: argparse.Namespace) -> int:
     data = PreparedData(args.data)
     _, model_cfg, train_cfg = _configs_from_args(args, vocab_size=data.tokenizer.vocab_size)
     trainer = Trainer(model_cfg, train_cfg, data, args.out, resume=args.resume, show_progress=not args.no_progress)
+    ok = False
     try:
         summary = trainer.fit()
         print0(format_summary(summary))
-        if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
+        interrupted = summary["stopped_by"] in ("SIGINT", "SIGTERM")
+        if interrupted:
             print0(f"interrupted by {summary['stopped_by']}; continue with: gpt-small train --data {args.data} "
                    f"--out {args.out} --resume")
-            return 130
-        return 0
+        ok = True
     finally:
-        teardown_distributed()
+        trainer.close()  # DDP's reducer goes before its process group, while Python is fully alive
+        teardown_distributed(ok)
+    return 130 if interrupted else 0
 
 
 # ---------------------------------------------------------------- generate and poem

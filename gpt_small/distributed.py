@@ -48,8 +48,13 @@ def setup_distributed(device_type: str) -> DistInfo:
     return info
 
 
-def teardown_distributed() -> None:
+def teardown_distributed(ok: bool = True) -> None:
+    """Leave the process group. After a run that ended normally the ranks first wait for each
+    other (rank 0 may still be writing the checkpoint and plot), so none tears down gloo's
+    connections under a peer; after an error there is no barrier, which a dead peer would hang."""
     if dist.is_initialized():
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()
 
 

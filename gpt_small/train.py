@@ -14,6 +14,7 @@ loss stops before anything is saved, so the last good checkpoint stays.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -200,6 +201,12 @@ class Trainer:
     def tokens_per_step(self) -> int:
         c = self.config
         return c.batch_size * c.grad_accum * self.model_config.block_size * self.dist.world_size
+
+    def close(self) -> None:
+        """Drop the DistributedDataParallel wrapper (and a compiled module), keeping the model."""
+        if hasattr(self, "forward_model"):
+            self.forward_model = self.model
+            gc.collect()
 
     # ------------------------------------------------------------------ state
 
