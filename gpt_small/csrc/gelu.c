@@ -11,6 +11,7 @@
  *
  * Built with decode.c into one library by gpt_small/kernels.py.
  */
+#include <stddef.h>
 #include <string.h>
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -56,39 +57,31 @@ static inline void backward16(const float *x, const float *g, float *dx) {
     store16(dx, load16(g) * (s + 2.0f * K0 * v * s * (1.0f - s) * (1.0f + 3.0f * K1 * v * v)));
 }
 
-/* y = gelu(x) for n contiguous floats; the last n % 16 go through a zero-padded buffer. */
-void gelu_tanh_forward(const float *x, float *y, long n, int threads) {
+/* 16 floats: out = gelu(x), or with g, out = g * gelu'(x). */
+static inline void block16(const float *x, const float *g, float *out) {
+    if (g) backward16(x, g, out);
+    else forward16(x, out);
+}
+
+/* n contiguous floats, 16 at a time; the last n % 16 go through zero-padded buffers. */
+static void run(const float *x, const float *g, float *out, long n, int threads) {
     long blocks = (n + 15) / 16;
     if (threads < 1) threads = 1;
     #pragma omp parallel for schedule(static) num_threads(threads) if (n >= 8192)
     for (long b = 0; b < blocks; b++) {
         long i = b * 16;
         if (i + 16 <= n) {
-            forward16(x + i, y + i);
+            block16(x + i, g ? g + i : NULL, out + i);
         } else {
-            float xi[16] = {0}, yi[16];
+            float xi[16] = {0}, gi[16] = {0}, oi[16];
             memcpy(xi, x + i, (n - i) * sizeof(float));
-            forward16(xi, yi);
-            memcpy(y + i, yi, (n - i) * sizeof(float));
+            if (g) memcpy(gi, g + i, (n - i) * sizeof(float));
+            block16(xi, g ? gi : NULL, oi);
+            memcpy(out + i, oi, (n - i) * sizeof(float));
         }
     }
 }
 
-/* dx = g * gelu'(x) for n contiguous floats. */
-void gelu_tanh_backward(const float *x, const float *g, float *dx, long n, int threads) {
-    long blocks = (n + 15) / 16;
-    if (threads < 1) threads = 1;
-    #pragma omp parallel for schedule(static) num_threads(threads) if (n >= 8192)
-    for (long b = 0; b < blocks; b++) {
-        long i = b * 16;
-        if (i + 16 <= n) {
-            backward16(x + i, g + i, dx + i);
-        } else {
-            float xi[16] = {0}, gi[16] = {0}, di[16];
-            memcpy(xi, x + i, (n - i) * sizeof(float));
-            memcpy(gi, g + i, (n - i) * sizeof(float));
-            backward16(xi, gi, di);
-            memcpy(dx + i, di, (n - i) * sizeof(float));
-        }
-    }
-}
+void gelu_tanh_forward(const float *x, float *y, long n, int threads) { run(x, NULL, y, n, threads); }
+
+void gelu_tanh_backward(const float *x, const float *g, float *dx, long n, int threads) { run(x, g, dx, n, threads); }
