@@ -236,12 +236,18 @@ class GeluTanh(torch.autograd.Function):
         return kernels.gelu_tanh_backward(grad.contiguous(), x)
 
 
+_GELU_KERNEL_MIN = 4096  # below this many elements (decoding one token) the call costs more than torch's op
+
+
 def gelu_tanh(x: Tensor) -> Tensor:
     """F.gelu(x, approximate="tanh"); on the CPU in fp32 through our kernel where it is built
-    (not while torch.compile traces: it fuses its own)."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
-            and not torch.compiler.is_compiling() and kernels.available()):
-        return GeluTanh.apply(x)
+    (not while torch.compile traces: it fuses its own), without autograd's wrapper where no
+    gradient is wanted."""
+    if (x.numel() >= _GELU_KERNEL_MIN and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.is_contiguous() and not torch.compiler.is_compiling() and kernels.available()):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return GeluTanh.apply(x)
+        return kernels.gelu_tanh(x)
     return F.gelu(x, approximate="tanh")
 
 

@@ -172,3 +172,20 @@ def test_model_gelu_uses_the_kernel_and_its_gradient_matches_torch(monkeypatch):
     torch.testing.assert_close(loss, loss_torch, rtol=1e-6, atol=1e-6)
     for n, p in m.named_parameters():
         torch.testing.assert_close(ours[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@needs_kernel
+def test_model_gelu_without_grad_and_below_the_size_threshold(monkeypatch):
+    """No autograd wrapper where no gradient is wanted; torch's op for small tensors (one decoded
+    token), where a call into the library costs more than it saves."""
+    from gpt_small import model as model_module
+
+    x = torch.randn(8, 1024)
+    calls = []
+    real = kernels.gelu_tanh
+    monkeypatch.setattr(kernels, "gelu_tanh", lambda t: calls.append(t.numel()) or real(t))
+    with torch.no_grad():
+        y = model_module.gelu_tanh(x)
+    small = model_module.gelu_tanh(torch.randn(1, model_module._GELU_KERNEL_MIN - 1))
+    assert calls == [x.numel()] and not y.requires_grad and small.shape[1] == model_module._GELU_KERNEL_MIN - 1
+    torch.testing.assert_close(y, F.gelu(x, approximate="tanh"), rtol=1e-6, atol=1e-6)
