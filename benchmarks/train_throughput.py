@@ -13,7 +13,8 @@ times tokens/s, divided by the fp32 matmul peak measured at the start of this ru
 Shapes (anchors.md): A = nanoGPT "baby" 4x4x128, block 64, batch 12, dropout 0;
 B = shakespeare_char 6x6x384, block 256, batch 64, dropout 0.2; 150m = our small-150m preset,
 block 512, batch 4 (ours only: the baseline's LayerNorm-without-bias model differs in shape).
-Both sides run the same model shape with GELU and no biases; ours with our default trainer settings.
+Both sides run the same model shape with GELU and no biases (ours: GELU's tanh form, GPT-2's, through
+our C kernel; the baseline: nanoGPT's exact GELU); ours with our default trainer settings.
 `ours-compile` (--compile) is `ours` under torch.compile; its warm-up steps absorb the compilation.
 `ours-relu` is the same shape with ReLU, our default activation (the original spec): a different
 model, listed apart, never as the like-for-like ratio. `ours-bf16` (--bf16) is `ours` under bf16

@@ -223,7 +223,7 @@ class ReluSquared(torch.autograd.Function):
 class GeluTanh(torch.autograd.Function):
     """GELU in GPT-2's tanh form through the C kernels (kernels.py): torch's CPU kernel for it
     runs 3x slower than its exact GELU; ours is ~3x faster than torch's, forward and backward
-    (2 ms of a 37 ms step at nanoGPT's baby shape). Saves the input, as torch's does."""
+    (a step at nanoGPT's baby shape: 36.0 -> 34.9 ms). Saves the input, as torch's does."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:

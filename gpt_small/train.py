@@ -297,12 +297,11 @@ class Trainer:
             return None
         final = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         try:
-            load_weights(self.model, best.resolve())
+            load_weights(self.model, best)
             res = self.evaluate_full()
         finally:
             self.model.load_state_dict(final)
-        step = json.loads((best / "config.json").read_text()).get("step")
-        return {"step": step, "checkpoint": str(best), **res.to_dict()}
+        return {"step": read_checkpoint_config(best)["step"], "checkpoint": str(best), **res.to_dict()}
 
     # ------------------------------------------------------------------ checkpoints and logs
 
