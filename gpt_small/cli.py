@@ -20,24 +20,24 @@ from .errors import GPTSmallError
 # ---------------------------------------------------------------- info
 
 def _args_info(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="small-150m", help="preset name (default: small-150m)")
-    p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary size")
-    p.add_argument("--pos", dest="pos_encoding", help="positional encoding: learned, sinusoidal, rope")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any GPTConfig field")
+    # The same config flags as train, resolved the same way, so `info` shows the model train would build.
+    p.add_argument("--data", help="prepared data folder: take the vocabulary from it, as train does")
+    p.add_argument("--vocab-size", type=int, help="vocabulary size (default: --data's, else the preset's)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_config_flags(p)
 
 
 def _run_info(args: argparse.Namespace) -> None:
-    from .config import GPTConfig, apply_overrides, parse_set_args
+    extra = {}
+    if args.data:
+        from .data import PreparedData
 
-    overrides = parse_set_args(args.set)
+        extra["vocab_size"] = PreparedData(args.data).vocab_size
     if args.vocab_size is not None:
-        overrides["vocab_size"] = args.vocab_size
-    if args.pos_encoding:
-        overrides["pos_encoding"] = args.pos_encoding
-    cfg = apply_overrides(GPTConfig.from_preset(args.preset), overrides)
+        extra["vocab_size"] = args.vocab_size
+    name, cfg, _ = _configs_from_args(args, **extra)
     info = {
-        "preset": args.preset,
+        "preset": name,
         "config": cfg.to_dict(),
         "params": cfg.num_params(),
         "non_embedding_params": cfg.num_params(non_embedding=True),
@@ -46,7 +46,7 @@ def _run_info(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(info, indent=2))
         return
-    print(f"preset {args.preset}")
+    print(f"preset {name}")
     for k, v in cfg.to_dict().items():
         print(f"  {k:<15} {v}")
     print(f"parameters              {info['params']:,}")
@@ -306,7 +306,7 @@ def _run_compare(args: argparse.Namespace) -> None:
 
 
 VERBS: dict[str, tuple[str, Callable, Callable]] = {
-    "info": ("show a preset's configuration, parameter count and FLOPs per token", _args_info, _run_info),
+    "info": ("show the model train would build: its configuration, parameters and FLOPs per token", _args_info, _run_info),
     "train": ("train a model on prepared data (resumable, kill-safe checkpoints)", _args_train, _run_train),
     "generate": ("write text with a trained model (KV cache, streaming)", _args_generate, _run_generate),
     "poem": ("the main job: prepare eng-poem, train the CPU preset, print three poems", _args_poem, _run_poem),

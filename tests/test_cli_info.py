@@ -1,5 +1,6 @@
-"""`gpt-small info` and the CLI shell: JSON output, one-line errors with exit code 2, `--help` listing
-every verb, and no torch import for a command that only does arithmetic on a config."""
+"""`gpt-small info` and the CLI shell: JSON output, the same defaults and config resolution as `train`,
+one-line errors with exit code 2, `--help` listing every verb, and no torch import for a command that
+only does arithmetic on a config."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import sys
 import pytest
 
 from gpt_small.cli import VERBS, main
-from gpt_small.config import GPTConfig
+from gpt_small.config import GPTConfig, resolve_configs
+from gpt_small.data import prepare
 
 
 def test_info_json_gpt2(capsys):
@@ -38,12 +40,41 @@ def test_info_overrides(capsys):
     assert out["params"] == cfg.num_params()
 
 
+def test_info_defaults_are_trains(capsys):
+    """No flags: the preset train picks without flags, with that preset's vocabulary."""
+    assert main(["info", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    name, model, _ = resolve_configs()
+    assert out["preset"] == name == "poem-cpu"
+    assert out["config"] == model.to_dict()
+
+
+def test_info_shows_the_model_train_builds(tmp_path, verse, capsys):
+    """The same flags on `info` and `train` give the same model config: vocabulary from --data, the
+    TOML file's preset and [model] table, flags, then --set."""
+    (tmp_path / "poems.txt").write_text(verse(300), encoding="utf-8")
+    prepare(out=tmp_path / "data", text=tmp_path / "poems.txt", tokenizer="char")
+    (tmp_path / "c.toml").write_text('preset = "tiny"\n[model]\nn_embd = 48\n[train]\nbatch_size = 2\n'
+                                     "threads = 1\nmax_steps = 1\nfinal_eval = false\n")
+    flags = ["--data", str(tmp_path / "data"), "--config", str(tmp_path / "c.toml"), "--pos", "rope",
+             "--set", "n_head=3"]
+    assert main(["info", *flags, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert main(["train", *flags, "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    trained = json.loads((tmp_path / "run" / "run_config.json").read_text())["model"]
+    assert info["preset"] == "tiny"
+    assert info["config"] == trained
+    assert trained["vocab_size"] != GPTConfig.from_preset("tiny").vocab_size  # it came from the data
+    assert (trained["n_embd"], trained["n_head"], trained["pos_encoding"]) == (48, 3, "rope")
+
+
 @pytest.mark.parametrize("argv, words", [
     (["info", "--preset", "nope"], ["nope", "tiny"]),
     (["info", "--preset", "tiny", "--set", "bogus=1"], ["bogus"]),
     (["info", "--preset", "tiny", "--set", "n_layer"], ["key=value"]),
     (["info", "--preset", "tiny", "--pos", "alibi"], ["pos_encoding", "alibi"]),
     (["info", "--preset", "tiny", "--set", "n_head=5"], ["n_embd"]),
+    (["info", "--data", "no/such/folder"], ["no/such/folder", "does not exist"]),
 ])
 def test_info_errors_are_one_line(capsys, argv, words):
     assert main(argv) == 2
