@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script for a machine lent for a few minutes (README "On a GPU"):
+# The GPU checks, as one script for a machine lent for a few minutes (docs/results.md, "small-150m on a GPU"):
 # the environment, the CUDA tests, small-150m's training throughput eager against compiled, a
 # time-boxed small-150m training run on eng-poem, and a poem from it. Each step has its own time
 # limit and its own log, and a failed step does not stop the next. The training gets MINUTES, or

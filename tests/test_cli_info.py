@@ -5,13 +5,15 @@ only does arithmetic on a config."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from gpt_small.cli import VERBS, main
-from gpt_small.config import GPTConfig, resolve_configs
+from gpt_small.config import PRESETS, GPTConfig, resolve_configs
 from gpt_small.data import prepare
 
 
@@ -66,6 +68,33 @@ def test_info_shows_the_model_train_builds(tmp_path, verse, capsys):
     assert info["config"] == trained
     assert trained["vocab_size"] != GPTConfig.from_preset("tiny").vocab_size  # it came from the data
     assert (trained["n_embd"], trained["n_head"], trained["pos_encoding"]) == (48, 3, "rope")
+
+
+def _shows(cell: str, value: int) -> bool:
+    """'151,798,784' exactly, or '21.8M' rounded to the digits shown."""
+    number, millions = re.match(r"\s*\**([\d,.]+)(M?)", cell).groups()
+    if millions:
+        return f"{value / 1e6:.{len(number.partition('.')[2])}f}" == number
+    return int(number.replace(",", "")) == value
+
+
+def test_readme_presets_table_is_what_info_prints(capsys):
+    """README's table: vocabulary 115 (eng-poem's characters, `--data data/eng-poem-char`), except
+    `tiny` and `gpt2-124m` at their own."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = [line.split("|")[1:-1] for line in readme.splitlines() if line.startswith("| `")]
+    seen = set()
+    for cells in rows:
+        name = re.match(r"\s*`([^`]+)`", cells[0]).group(1)
+        vocab = [] if name in ("tiny", "gpt2-124m") else ["--vocab-size", "115"]
+        assert main(["info", "--preset", name, *vocab, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        c = out["config"]
+        assert cells[1].strip() == f"{c['n_layer']} x {c['n_head']} x {c['n_embd']}", name
+        assert int(cells[2]) == c["block_size"] and cells[3].strip() == c["pos_encoding"], name
+        assert _shows(cells[5], out["params"]) and _shows(cells[6], out["train_flops_per_token"]), name
+        seen.add(name)
+    assert seen == set(PRESETS)
 
 
 @pytest.mark.parametrize("argv, words", [
