@@ -257,8 +257,8 @@ def _args_poem(p: argparse.ArgumentParser) -> None:
 def _run_poem(args: argparse.Namespace) -> None:
     from .poem import make_poem
 
-    if args.minutes is not None and args.minutes <= 0:
-        raise GPTSmallError(f"--minutes must be positive, got {args.minutes}")
+    if args.minutes is not None and not 0 < args.minutes < float("inf"):
+        raise GPTSmallError(f"--minutes must be a positive number, got {args.minutes}")
     make_poem(data_dir=args.data, run_dir=args.out, config_file=args.config, minutes=args.minutes, sets=args.set)
 
 
