@@ -23,6 +23,7 @@ config.json, the tokenizer's size against its vocab_size) and names any mismatch
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -32,7 +33,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from . import __version__
 from .config import GPTConfig
@@ -65,15 +67,23 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: torch.nn.Module, t
         for stale in ckpt_root.glob("*.tmp-*"):  # left by a run killed mid-write (the run lock excludes a live writer)
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format_version": str(FORMAT_VERSION)})
+        # Serialized in memory, then written by plain file writes: torch.save and safetensors
+        # report a full disk as "unexpected pos" or a Rust error, a plain write as ENOSPC. The cost
+        # is one transient copy of the weights and optimizer state in host memory.
         meta = {"format_version": FORMAT_VERSION, "gpt_small_version": __version__, "step": step, **config}
-        (tmp / CONFIG).write_text(strict_json(meta, indent=2) + "\n")
-        tokenizer.save(tmp)
+        files = {WEIGHTS: safetensors_bytes(model_state(model), metadata={"format_version": str(FORMAT_VERSION)}),
+                 CONFIG: (strict_json(meta, indent=2) + "\n").encode()}
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            buf = io.BytesIO()
+            torch.save(trainer_state, buf)
+            files[TRAINER_STATE] = buf.getvalue()
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        del files
+        tokenizer.save(tmp)  # atomic_write: fsync'd
         fsync_dir(tmp)
         where = final
         if final.exists():  # the same step saved twice (e.g. interval and end): replace it
@@ -89,12 +99,11 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: torch.nn.Module, t
         for name in links:
             _point(run_dir / name, Path("checkpoints") / final.name)
         fsync_dir(run_dir)
-    except (OSError, RuntimeError, SafetensorError) as e:
-        # safetensors reports a full disk as RuntimeError/SafetensorError, not OSError
+    except (OSError, GPTSmallError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise write_error(where, e) from None
-        raise GPTSmallError(f"cannot write {where}: {e}") from None
+        raise
     _prune(run_dir)
     return final
 
