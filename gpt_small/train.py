@@ -413,8 +413,8 @@ class Trainer:
                           "data": str(self.data.directory), "world_size": self.dist.world_size,
                           "device": str(self.device), "autocast": str(self.amp_dtype).removeprefix("torch.")}
             atomic_write(self.out_dir / "run_config.json", strict_json(run_config, indent=2) + "\n")
+        self._trim_metrics()  # a fresh start (step 0) drops the log of a run killed before its first checkpoint
         if self._resume_from is not None:
-            self._trim_metrics()
             print0(f"resuming {self.out_dir} at step {self.step}")
         old_handlers = self._install_signal_handlers()
         self._t_start = time.perf_counter()
