@@ -61,7 +61,7 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: torch.nn.Module, t
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f"step-{step:06d}.tmp-{os.getpid()}"
-    where = tmp
+    where = final  # what the user's message names: the checkpoint, not its temporary folder
     try:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         for stale in ckpt_root.glob("*.tmp-*"):  # left by a run killed mid-write (the run lock excludes a live writer)
@@ -85,7 +85,6 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: torch.nn.Module, t
         del files
         tokenizer.save(tmp)  # atomic_write: fsync'd
         fsync_dir(tmp)
-        where = final
         if final.exists():  # the same step saved twice (e.g. interval and end): replace it
             old = final.with_name(final.name + f".old-{os.getpid()}")
             os.replace(final, old)

@@ -338,10 +338,17 @@ class Trainer:
             append_line(self.out_dir / "metrics.jsonl", strict_json(record))
 
     def _trim_metrics(self) -> None:
-        """On resume, drop log lines written after the checkpoint (they will be written again)."""
+        """On resume, drop log lines written after the checkpoint (they will be written again), and a
+        last line cut short by a kill or a full disk."""
         path = self.out_dir / "metrics.jsonl"
         if self.dist.is_main and path.exists():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            keep = []
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.step:
+                        keep.append(line)
+                except (ValueError, KeyError, TypeError):
+                    pass
             atomic_write(path, "".join(line + "\n" for line in keep))
 
     # ------------------------------------------------------------------ the loop
