@@ -348,7 +348,7 @@ from gpt_small import GPT, GPTConfig
 from gpt_small.checkpoint import save_checkpoint
 from gpt_small.tokenizer import CharTokenizer
 model = GPT(GPTConfig(vocab_size=64, block_size=64, n_layer=4, n_head=4, n_embd=256))
-tok = CharTokenizer(list("abcdefgh"))
+tok = CharTokenizer([chr(c) for c in range(33, 96)])  # 63 characters + <unk> = vocab_size 64
 step = 0
 while True:
     step += 1
