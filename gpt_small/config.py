@@ -408,7 +408,8 @@ def set_assignments(sets: list[str] | None) -> list[Assignment]:
     return out
 
 
-def _apply(model: GPTConfig, train: TrainConfig, assignments: list[Assignment]) -> tuple[GPTConfig, TrainConfig]:
+def apply_assignments(model: GPTConfig, train: TrainConfig,
+                      assignments: list[Assignment]) -> tuple[GPTConfig, TrainConfig]:
     model_kv = {a.name: a.value for a in assignments if a.section == "model"}
     train_kv = {a.name: a.value for a in assignments if a.section == "train"}
     return apply_overrides(model, model_kv), apply_overrides(train, train_kv)
@@ -424,34 +425,5 @@ def resolve_configs(*, preset: str | None = None, config_file: str | Path | None
     given = (from_file + [Assignment("", "model", k, v) for k, v in (model_overrides or {}).items()]
              + [Assignment("", "train", k, v) for k, v in (train_overrides or {}).items()]
              + list(flags or []) + set_assignments(sets))
-    model, train = _apply(GPTConfig.from_preset(name), TrainConfig(), given)
+    model, train = apply_assignments(GPTConfig.from_preset(name), TrainConfig(), given)
     return name, model, train
-
-
-def resume_configs(saved: dict[str, Any], *, preset: str | None = None, config_file: str | Path | None = None,
-                   sets: list[str] | None = None,
-                   flags: list[Assignment] | None = None) -> tuple[GPTConfig, TrainConfig]:
-    """The configs of a resumed run: the saved ones, with only `resume=True` fields changed by the
-    user. Any other change is refused in one line naming the flag and both values. A config file's
-    `preset` key is not applied (the saved config already holds the preset's values); an explicit
-    --preset is, and is refused where it differs from the run."""
-    try:
-        model = GPTConfig.from_dict(saved["model"])
-        train = TrainConfig(**{k: v for k, v in saved["train"].items() if k in _field_types(TrainConfig)})
-    except (KeyError, TypeError) as e:
-        raise ConfigError(f"the run's saved config is incomplete or damaged ({e}); start a new run") from None
-    _, from_file = file_assignments(config_file)
-    given = list(from_file)
-    if preset:
-        given += [Assignment(f"--preset {preset}", "model", k, v) for k, v in GPTConfig.from_preset(preset).to_dict().items()
-                  if k != "vocab_size"]
-    given += list(flags or []) + set_assignments(sets)
-    resumable = {f.name for cls in (GPTConfig, TrainConfig) for f in fields(cls) if f.metadata.get("resume")}
-    for a in given:
-        old = getattr(model if a.section == "model" else train, a.name, None)
-        new = parse_value(GPTConfig if a.section == "model" else TrainConfig, a.name, a.value)
-        if new != old and a.name not in resumable:
-            raise ConfigError(f"--resume: {a.source} would change {a.name} from {old!r} (the run's) to {new!r}; a "
-                              f"resumed run keeps its model, data and optimizer; only {', '.join(sorted(resumable))} "
-                              "may change (start a new run with another --out to change it)")
-    return _apply(model, train, given)
