@@ -197,16 +197,20 @@ class TrainConfig:
     muon_momentum: float = setting(0.95, "muon only: Nesterov momentum")
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)")
     max_steps: int = setting(5000, "optimizer steps (the schedule's length)", unit="steps", resume=True)
-    max_time: float = setting(0.0, "wall-clock budget (0 = none; 600, 600s, 10m, 1.5h); stops early, schedule follows time", unit="seconds", resume=True)
+    max_time: float = setting(0.0, "wall-clock budget (0 = none; 600, 600s, 10m, 1.5h); stops early, schedule "
+                              "follows time", unit="seconds", resume=True)
     eval_interval: int = setting(250, "steps between evaluations", unit="steps", resume=True)
-    eval_batches: int = setting(20, "batches in each interval evaluation (fixed windows of the val split)", unit="batches")
+    eval_batches: int = setting(20, "batches in each interval evaluation (fixed windows of the val split)",
+                                unit="batches")
     log_interval: int = setting(10, "steps between metrics.jsonl lines", unit="steps", resume=True)
-    checkpoint_interval: int = setting(500, "steps between checkpoints (also at the end and on SIGINT/SIGTERM)", unit="steps", resume=True)
+    checkpoint_interval: int = setting(500, "steps between checkpoints (also at the end and on SIGINT/SIGTERM)",
+                                       unit="steps", resume=True)
     final_eval: bool = setting(True, "evaluate the whole validation split at the end", resume=True)
     seed: int = setting(1337, "seeds the weights, the data order and dropout")
     device: str = setting("auto", "auto, cpu, mps or cuda[:N]; auto = cuda, then mps, then cpu", resume=True)
     dtype: Literal["auto", "float32", "bfloat16", "float16", "bfloat16-if-faster"] = setting(
-        "auto", "autocast dtype; auto = bf16 on CUDA, fp32 on the CPU; bfloat16-if-faster = bf16 where a timed bf16 matmul beats fp32")
+        "auto", "autocast dtype; auto = bf16 on CUDA, fp32 on the CPU; bfloat16-if-faster = bf16 where a timed "
+        "bf16 matmul beats fp32")
     compile: bool = setting(False, "torch.compile the model")
     threads: int = setting(0, "CPU threads for torch (0 = the cores this process may use)", unit="threads", resume=True)
 
