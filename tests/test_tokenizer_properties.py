@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from gpt_small.tokenizer import CharTokenizer, gpt2_tokenizer, train_bpe
 
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200)  # any encodable Unicode
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.fixture(scope="module")
