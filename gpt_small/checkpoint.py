@@ -12,7 +12,10 @@ Atomicity: a checkpoint is written into a temporary folder, every file fsync'd, 
 to its final name, and only then is the `last`/`best` link replaced with `os.replace` (atomic on
 POSIX). A kill -9 at any moment therefore leaves `last` pointing at a complete checkpoint; a
 half-written folder keeps its `.tmp-` name and is swept by the next save. Old step folders that no
-link points at are deleted after the switch.
+link points at are deleted after the switch. A failed write (full disk, read-only folder) removes
+its temporary folder and raises one line naming the path and the reason; `last` still points at the
+previous checkpoint. Loading checks the checkpoint against itself (every tensor's shape against
+config.json, the tokenizer's size against its vocab_size) and names any mismatch in one line.
 
 `trainer_state.pt` holds only tensors, numbers, strings, lists and dicts, and is read with
 `torch.load(weights_only=True)`, so loading a checkpoint never runs code from the file.
@@ -20,6 +23,7 @@ link points at are deleted after the switch.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -29,27 +33,16 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from . import __version__
 from .config import GPTConfig
 from .errors import GPTSmallError
+from .fileio import fsync_dir, strict_json, write_error
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TOKENIZER, TRAINER_STATE = "model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt"
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -66,39 +59,56 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: torch.nn.Module, t
     """Write checkpoint `step` under run_dir/checkpoints atomically and point `links` at it."""
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    for stale in ckpt_root.glob("*.tmp-*"):  # left by a run killed mid-write
-        shutil.rmtree(stale, ignore_errors=True)
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f"step-{step:06d}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format_version": str(FORMAT_VERSION)})
-    meta = {"format_version": FORMAT_VERSION, "gpt_small_version": __version__, "step": step, **config}
-    (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    tokenizer.save(tmp)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    _fsync_dir(tmp)
-    if final.exists():  # the same step saved twice (e.g. interval and end): replace it
-        old = final.with_name(final.name + f".old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        _relink_all(run_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
-    for name in links:
-        _point(run_dir / name, Path("checkpoints") / final.name)
-    _fsync_dir(run_dir)
+    where = final  # what the user's message names: the checkpoint, not its temporary folder
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_root.glob("*.tmp-*"):  # left by a run killed mid-write (the run lock excludes a live writer)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        # Serialized in memory, then written by plain file writes: torch.save and safetensors
+        # report a full disk as "unexpected pos" or a Rust error, a plain write as ENOSPC. The cost
+        # is one transient copy of the weights and optimizer state in host memory.
+        meta = {"format_version": FORMAT_VERSION, "gpt_small_version": __version__, "step": step, **config}
+        files = {WEIGHTS: safetensors_bytes(model_state(model), metadata={"format_version": str(FORMAT_VERSION)}),
+                 CONFIG: (strict_json(meta, indent=2) + "\n").encode()}
+        if trainer_state is not None:
+            buf = io.BytesIO()
+            torch.save(trainer_state, buf)
+            files[TRAINER_STATE] = buf.getvalue()
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        del files
+        tokenizer.save(tmp)  # atomic_write: fsync'd
+        fsync_dir(tmp)
+        if final.exists():  # the same step saved twice (e.g. interval and end): replace it
+            old = final.with_name(final.name + f".old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            _relink_all(run_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(ckpt_root)
+        where = run_dir
+        for name in links:
+            _point(run_dir / name, Path("checkpoints") / final.name)
+        fsync_dir(run_dir)
+    except (OSError, GPTSmallError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(where, e) from None
+        raise
     _prune(run_dir)
     return final
 
 
 def _point(link: Path, target: Path) -> None:
-    tmp_link = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    tmp_link = link.with_name(f".{link.name}.tmp-{os.getpid()}")  # not swept by save: overwritten here
     if tmp_link.is_symlink() or tmp_link.exists():
         tmp_link.unlink()
     tmp_link.symlink_to(target)
@@ -168,9 +178,12 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", pre
         cfg = GPTConfig.from_dict(meta["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise GPTSmallError(f"{ckpt / CONFIG}: bad model config: {e}") from None
+    tokenizer = load_tokenizer(ckpt)
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise GPTSmallError(f"{ckpt} disagrees with itself: {TOKENIZER} has {tokenizer.vocab_size} tokens, "
+                            f"{CONFIG} says vocab_size {cfg.vocab_size}")
     model = GPT(cfg)
     load_weights(model, ckpt)
-    tokenizer = load_tokenizer(ckpt)
     return Checkpoint(ckpt, meta, model.to(device), tokenizer)
 
 
@@ -182,6 +195,12 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
         raise GPTSmallError(f"{ckpt / WEIGHTS} is unreadable or corrupt: {e}") from None
     if model.config.tie_embeddings and "transformer.wte.weight" in sd:
         sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    expected = model.state_dict()
+    for name, tensor in sd.items():
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+            raise GPTSmallError(f"{ckpt} disagrees with itself: {name} has shape {tuple(tensor.shape)} in {WEIGHTS}, "
+                                f"{CONFIG} implies {tuple(expected[name].shape)} (vocab_size {model.config.vocab_size}, "
+                                f"block_size {model.config.block_size}, n_embd {model.config.n_embd})")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise GPTSmallError(f"{ckpt / WEIGHTS} does not match its config: missing {missing}, unexpected {unexpected}")

@@ -1,8 +1,11 @@
 """`gpt-small <verb>`: a thin shell over the Python API.
 
 Each verb is a pair: `_args_<verb>(parser)` declares its flags, `_run_<verb>(args)` calls the API.
-The table `VERBS` maps names to the pair. A `GPTSmallError` from anywhere becomes one line on
-stderr and exit code 2; Ctrl-C becomes exit 130 (training saves a checkpoint before that).
+The table `VERBS` maps names to the pair. A `GPTSmallError` from anywhere, an OS error (full
+disk, read-only folder) and a bad flag alike become one line on stderr and exit code 2; Ctrl-C
+becomes exit 130 and SIGTERM 143 (training saves a checkpoint before either). The train/model flags
+are derived from the config dataclasses (`config.config_flags`), so `--help` shows each field's
+meaning, unit and default from one place.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
+import signal
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from . import __version__
 from .errors import GPTSmallError
@@ -82,54 +87,52 @@ def _run_prepare(args: argparse.Namespace) -> None:
     print(f"  chars/token val {m['val_chars_per_token']:.3f}  train {m['train_chars_per_token']:.3f}"
           + (f"  ({m['val_unknown_chars']} unknown chars in val)" if m["val_unknown_chars"] else ""))
     print(f"  {m['seconds']:.1f} s")
+    if args.vocab_size is not None and m["vocab_size"] != args.vocab_size:
+        print(f"note: --vocab-size {args.vocab_size} asked for, the {args.tokenizer} tokenizer of this text has "
+              f"{m['vocab_size']} tokens (all the merges the training text allows)", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- train
 
-# flag -> (config section, field); each flag's type and check come from the dataclass field.
-TRAIN_FLAGS = {
-    "--batch-size": ("train", "batch_size"), "--grad-accum": ("train", "grad_accum"), "--lr": ("train", "lr"),
-    "--min-lr": ("train", "min_lr"), "--warmup-steps": ("train", "warmup_steps"),
-    "--schedule": ("train", "schedule"), "--weight-decay": ("train", "weight_decay"),
-    "--grad-clip": ("train", "grad_clip"), "--max-steps": ("train", "max_steps"),
-    "--max-time": ("train", "max_time"), "--eval-interval": ("train", "eval_interval"),
-    "--eval-batches": ("train", "eval_batches"), "--log-interval": ("train", "log_interval"),
-    "--checkpoint-interval": ("train", "checkpoint_interval"), "--seed": ("train", "seed"),
-    "--device": ("train", "device"), "--dtype": ("train", "dtype"), "--threads": ("train", "threads"),
-    "--block-size": ("model", "block_size"), "--n-layer": ("model", "n_layer"), "--n-head": ("model", "n_head"),
-    "--n-embd": ("model", "n_embd"), "--dropout": ("model", "dropout"), "--pos": ("model", "pos_encoding"),
-    "--activation": ("model", "activation"),
-}
-
-
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """--preset, --config, --set, and one flag per GPTConfig/TrainConfig field (config.config_flags)."""
+    from .config import config_flags, flag_help
+
     p.add_argument("--preset", help="model preset (default: the config file's, else poem-cpu)")
     p.add_argument("--config", help="TOML file with preset, [model] and [train] tables")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any GPTConfig or TrainConfig field, e.g. --set lr=3e-4 --set model.qk_norm=true")
-    for flag, (section, name) in TRAIN_FLAGS.items():
-        p.add_argument(flag, dest=f"{section}__{name}", metavar=name.upper(), help=f"{section} config {name}")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    model = p.add_argument_group("model flags (GPTConfig)", "defaults are GPTConfig's; a preset sets some of them")
+    train = p.add_argument_group("training flags (TrainConfig)")
+    for flag, (section, f) in config_flags().items():
+        group = model if section == "model" else train
+        # values stay strings here: config.parse_value parses them by the field's type, with the
+        # same rule and message as --set and TOML. A bool flag alone means true (--compile).
+        metavar = {"int": "N", "float": "X", "bool": "BOOL"}.get(str(f.type), "NAME")
+        extra = dict(nargs="?", const="true") if metavar == "BOOL" else {}
+        group.add_argument(flag, dest=f"{section}__{f.name}", metavar=metavar, help=flag_help(f), **extra)
+
+
+def _flag_assignments(args: argparse.Namespace):
+    from .config import Assignment, config_flags
+
+    return [Assignment(flag, section, f.name, getattr(args, f"{section}__{f.name}"))
+            for flag, (section, f) in config_flags().items()
+            if getattr(args, f"{section}__{f.name}", None) is not None]
 
 
 def _configs_from_args(args: argparse.Namespace, **model_extra):
     from .config import resolve_configs
 
-    model_kv, train_kv = dict(model_extra), {}
-    for section, name in TRAIN_FLAGS.values():
-        value = getattr(args, f"{section}__{name}")
-        if value is not None:
-            (model_kv if section == "model" else train_kv)[name] = value
-    if args.compile:
-        train_kv["compile"] = True
-    return resolve_configs(preset=args.preset, config_file=args.config, model_overrides=model_kv,
-                           train_overrides=train_kv, sets=args.set)
+    return resolve_configs(preset=args.preset, config_file=args.config, model_overrides=model_extra,
+                           sets=args.set, flags=_flag_assignments(args))
 
 
 def _args_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="folder made by `gpt-small prepare`")
+    p.add_argument("--data", help="folder made by `gpt-small prepare` (with --resume: default the run's)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, curves.png)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
+                   "with its saved model and training config (flags may change only what can change mid-run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(p)
 
@@ -139,8 +142,18 @@ def _run_train(args: argparse.Namespace) -> int:
     from .distributed import print0, teardown_distributed
     from .train import Trainer, format_summary
 
-    data = PreparedData(args.data)
-    _, model_cfg, train_cfg = _configs_from_args(args, vocab_size=data.tokenizer.vocab_size)
+    if args.resume:
+        from .resume import resume_plan
+
+        data_dir, model_cfg, train_cfg = resume_plan(args.out, data=args.data, preset=args.preset,
+                                                      config_file=args.config, sets=args.set,
+                                                      flags=_flag_assignments(args))
+        data = PreparedData(data_dir)
+    else:
+        if args.data is None:
+            raise GPTSmallError("--data is required (the folder made by `gpt-small prepare`)")
+        data = PreparedData(args.data)
+        _, model_cfg, train_cfg = _configs_from_args(args, vocab_size=data.tokenizer.vocab_size)
     trainer = Trainer(model_cfg, train_cfg, data, args.out, resume=args.resume, show_progress=not args.no_progress)
     ok = False
     try:
@@ -148,13 +161,15 @@ def _run_train(args: argparse.Namespace) -> int:
         print0(format_summary(summary))
         interrupted = summary["stopped_by"] in ("SIGINT", "SIGTERM")
         if interrupted:
-            print0(f"interrupted by {summary['stopped_by']}; continue with: gpt-small train --data {args.data} "
-                   f"--out {args.out} --resume")
+            print0(f"interrupted by {summary['stopped_by']}; continue with: gpt-small train --data "
+                   f"{shlex.quote(str(data.directory))} --out {shlex.quote(str(args.out))} --resume")
         ok = True
     finally:
         trainer.close()  # DDP's reducer goes before its process group, while Python is fully alive
         teardown_distributed(ok)
-    return 130 if interrupted else 0
+    if interrupted:
+        return 128 + int(signal.Signals[summary["stopped_by"]])  # 130 for SIGINT, 143 for SIGTERM
+    return 0
 
 
 # ---------------------------------------------------------------- generate and poem
@@ -179,7 +194,7 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, mps or cuda[:N]")
     p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
 
 
@@ -187,10 +202,20 @@ def _run_generate(args: argparse.Namespace) -> None:
     from .checkpoint import load_checkpoint
     from .corpus import read_text_source
     from .device import pick_device
-    from .generate import generate_text
+    from .generate import check_sampling_args, generate_text
 
+    # Everything is checked before the first byte reaches stdout: a sample that starts and then
+    # fails leaves the user a prompt and a traceback-free error, but a mixed stream.
+    check_sampling_args(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    for name in ("max_new_tokens", "lines", "num_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise GPTSmallError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.stop is not None and args.stop == "":
+        raise GPTSmallError("--stop must be a non-empty text")
+    device = pick_device(args.device)
     prompt = read_text_source(args.prompt_file) if args.prompt_file else args.prompt
-    ckpt = load_checkpoint(args.checkpoint, device=pick_device(args.device))
+    ckpt = load_checkpoint(args.checkpoint, device=device)
     ckpt.tokenizer.encode(prompt, unknown="error")  # a bad prompt fails before anything is printed
     stream = None
     if args.num_samples == 1 and not args.no_stream:
@@ -232,8 +257,8 @@ def _args_poem(p: argparse.ArgumentParser) -> None:
 def _run_poem(args: argparse.Namespace) -> None:
     from .poem import make_poem
 
-    if args.minutes is not None and args.minutes <= 0:
-        raise GPTSmallError(f"--minutes must be positive, got {args.minutes}")
+    if args.minutes is not None and not 0 < args.minutes < float("inf"):
+        raise GPTSmallError(f"--minutes must be a positive number, got {args.minutes}")
     make_poem(data_dir=args.data, run_dir=args.out, config_file=args.config, minutes=args.minutes, sets=args.set)
 
 
@@ -260,8 +285,13 @@ def _run_eval(args: argparse.Namespace) -> None:
     from .device import set_threads
     from .evaluate import evaluate_checkpoint, format_eval
 
+    from .config import check_threads
+    from .device import pick_device
+
     if args.dtype not in ("float32", "bfloat16", "float16"):
         raise GPTSmallError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
+    check_threads(args.threads)
+    pick_device(args.device)  # the device rule of every verb, before any work
     set_threads(args.threads)
     result = evaluate_checkpoint(args.checkpoint, text=args.text, corpus=args.corpus, data=args.data,
                                  split=args.split, context=args.context, stride=args.stride,
@@ -296,12 +326,15 @@ def _run_compare(args: argparse.Namespace) -> None:
     args.model__pos_encoding = None  # the study sets it per run
     if args.seeds < 1:
         raise GPTSmallError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.extrapolation_tokens is not None and args.extrapolation_tokens < 1:
+        raise GPTSmallError(f"--extrapolation-tokens must be at least 1, got {args.extrapolation_tokens}")
     data = PreparedData(args.data)
     _, model_cfg, train_cfg = _configs_from_args(args, vocab_size=data.tokenizer.vocab_size)
     out = args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}"
     results = compare_encodings(encodings, model_config=model_cfg, train_config=train_cfg, data=data, out_dir=out,
                                 seeds=args.seeds, show_progress=not args.no_progress,
-                                extrapolation_tokens=args.extrapolation_tokens or EXTRAPOLATION_TOKENS)
+                                extrapolation_tokens=EXTRAPOLATION_TOKENS if args.extrapolation_tokens is None
+                                else args.extrapolation_tokens)
     print(format_results(results))
 
 
@@ -317,19 +350,52 @@ VERBS: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (argparse prints the whole usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt-small", description="Train, evaluate and sample GPT models.")
+    parser = _Parser(prog="gpt-small", description="Train, evaluate and sample GPT models.")
     parser.add_argument("--version", action="version", version=f"gpt-small {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=_Parser)
     for name, (helptext, add_args, _) in VERBS.items():
         add_args(sub.add_parser(name, help=helptext, description=helptext))
     return parser
 
 
+def _join_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--max-time -5m` -> `--max-time=-5m`: argparse takes a value that starts with '-' (and is not a
+    plain negative number) for a flag, and fails with its usage block; joined, the value reaches the
+    field's check, which names it."""
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    subs = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if subs is None or verb not in subs.choices:
+        return argv
+    actions = subs.choices[verb]._option_string_actions
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        action = actions.get(a)
+        if (action is not None and action.nargs is None and i + 1 < len(argv) and argv[i + 1].startswith("-")
+                and argv[i + 1] not in actions and action.option_strings[0].startswith("--")):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .fileio import reason
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_join_negative_values(parser, argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return VERBS[args.verb][2](args) or 0
@@ -341,3 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `gpt-small generate | head`
         return 0
+    except OSError as e:  # a write path not wrapped yet, a file vanished mid-run: still one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"gpt-small {args.verb}: error: {where}{reason(e)}", file=sys.stderr)
+        return 2

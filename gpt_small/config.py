@@ -1,17 +1,21 @@
 """Configuration as data: the model and training dataclasses, the preset table, TOML in and out.
 
 No torch here, so `gpt-small info` and config checks stay instant. Every default lives in exactly
-one place: the dataclass field. Presets list only what differs from those defaults. CLI flags,
-`--set key=value` and TOML files are all applied through `apply_overrides`, which parses each value
-by the field's type and names any unknown key.
+one place: the dataclass field, declared with `setting(default, doc, unit=, flag=, resume=)`. The
+field's metadata is what the CLI turns into a flag (`config_flags`: name, help with meaning, unit
+and default) and what `--resume` consults: a `resume=True` field may change mid-run (budgets,
+intervals, threads, device), any other change of a saved run is refused. CLI flags, `--set
+key=value` and TOML files are all applied through the same assignments (`Assignment`), parsed by
+the field's type, with any unknown key named.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
@@ -20,29 +24,61 @@ from .errors import ConfigError
 ACTIVATIONS = ("relu", "gelu", "relu2")
 POS_ENCODINGS = ("learned", "sinusoidal", "rope")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "bfloat16-if-faster")
+DEVICE_RULE = "auto, cpu, mps or cuda[:N]"
+
+
+def setting(default: Any, doc: str, *, unit: str = "", flag: str | None = "", resume: bool = False) -> Any:
+    """A config field with its documentation. flag: the CLI flag ("" = --field-name, None = no flag);
+    resume: whether a resumed run may change it (it changes no weight, no data and no schedule shape
+    the saved optimizer state depends on)."""
+    return field(default=default, metadata={"doc": doc, "unit": unit, "flag": flag, "resume": resume})
+
+
+def check_device(name: Any) -> str:
+    """The one rule for a device name, used by every verb."""
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise ConfigError(f"device must be {DEVICE_RULE}, got {name!r}")
+    return name
+
+
+def check_threads(n: Any) -> int:
+    """The one rule for a thread count, used by every verb."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ConfigError(f"threads must be an integer >= 0 (0 = all cores), got {n!r}")
+    return n
+
+
+def _check_finite(obj: Any) -> None:
+    # inf and NaN pass every `> 0` style check below (or fail it with a misleading message), and
+    # then poison a run: lr=inf trains to NaN. No float field has a meaning for them.
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
 
 
 @dataclass(kw_only=True)
 class GPTConfig:
     """Shape of a decoder-only transformer."""
 
-    vocab_size: int = 128  # tokens in the vocabulary (set from the tokenizer when training)
-    block_size: int = 256  # longest context, in tokens
-    n_layer: int = 6  # transformer blocks
-    n_head: int = 6  # attention heads per block
-    n_embd: int = 384  # residual stream width
-    dropout: float = 0.0  # dropout on attention weights, residual branches and embeddings
-    bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2 has them)
-    activation: Literal["relu", "gelu", "relu2"] = "relu"  # feed-forward non-linearity
-    mlp_ratio: int = 4  # feed-forward hidden width = mlp_ratio * n_embd
-    pos_encoding: Literal["learned", "sinusoidal", "rope"] = "learned"  # where positions come from
-    rope_theta: float = 10000.0  # RoPE base: angle of pair j is pos / theta^(2j/head_size)
-    tie_embeddings: bool = True  # the output head shares the token embedding matrix
-    qk_norm: bool = False  # LayerNorm on each head's queries and keys before attention
-    ngram: int = 1  # > 1: add hashed embeddings of the 2..ngram tokens ending at each position to the input
-    ngram_buckets: int = 16384  # rows of each n-gram table (n-grams are hashed into them)
+    vocab_size: int = setting(128, "tokens in the vocabulary (set from the tokenizer when training)", flag=None)
+    block_size: int = setting(256, "longest context", unit="tokens")
+    n_layer: int = setting(6, "transformer blocks")
+    n_head: int = setting(6, "attention heads per block")
+    n_embd: int = setting(384, "residual stream width")
+    dropout: float = setting(0.0, "dropout on attention weights, residual branches and embeddings", unit="probability")
+    bias: bool = setting(True, "biases in Linear layers and LayerNorms (GPT-2 has them)")
+    activation: Literal["relu", "gelu", "relu2"] = setting("relu", "feed-forward non-linearity")
+    mlp_ratio: int = setting(4, "feed-forward hidden width = mlp_ratio * n_embd")
+    pos_encoding: Literal["learned", "sinusoidal", "rope"] = setting("learned", "where positions come from", flag="--pos")
+    rope_theta: float = setting(10000.0, "RoPE base: angle of pair j is pos / theta^(2j/head_size)")
+    tie_embeddings: bool = setting(True, "the output head shares the token embedding matrix")
+    qk_norm: bool = setting(False, "LayerNorm on each head's queries and keys before attention")
+    ngram: int = setting(1, "> 1: add hashed embeddings of the 2..ngram tokens ending at each position to the input")
+    ngram_buckets: int = setting(16384, "rows of each n-gram table (n-grams are hashed into them)")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -145,46 +181,49 @@ PRESETS: dict[str, dict[str, Any]] = {
 class TrainConfig:
     """How to train: optimisation, schedule, budget, evaluation and checkpoints."""
 
-    batch_size: int = 12  # sequences per micro-batch (per process)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-4  # learning rate at the end of the decay
-    warmup_steps: int = 100  # linear warm-up from 0 to lr
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"  # decay shape after warm-up
-    decay_frac: float = 0.2  # wsd only: the last fraction of the run that decays linearly to min_lr
-    weight_decay: float = 0.1  # AdamW decay on matrices (never on norms, biases, position or n-gram tables)
-    head_lr_scale: float = 1.0  # an untied lm_head trains at lr * head_lr_scale
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
-    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
-    muon_lr: float = 0.02  # muon only: peak learning rate of the Muon matrices (follows the same schedule)
-    muon_momentum: float = 0.95  # muon only: Nesterov momentum
-    grad_clip: float = 1.0  # clip the gradient norm to this (0 = off)
-    max_steps: int = 5000  # optimizer steps (the schedule's length)
-    max_time: float = 0.0  # wall-clock budget in seconds (0 = none); stops early, schedule follows time
-    eval_interval: int = 250  # steps between evaluations
-    eval_batches: int = 20  # batches in each interval evaluation (fixed windows of the val split)
-    log_interval: int = 10  # steps between metrics.jsonl lines
-    checkpoint_interval: int = 500  # steps between checkpoints (also at the end and on SIGINT/SIGTERM)
-    final_eval: bool = True  # evaluate the whole validation split at the end
-    seed: int = 1337  # seeds the weights, the data order and dropout
-    device: str = "auto"  # auto = cuda, then mps, then cpu
-    # auto = bf16 autocast on CUDA (fp16 where bf16 is missing), fp32 on the CPU; bfloat16-if-faster =
-    # bf16 autocast where bf16 matmuls run faster than fp32 (CUDA; a CPU where a timed bf16 matmul
-    # beats fp32 by 1.25x or more), else fp32
-    dtype: Literal["auto", "float32", "bfloat16", "float16", "bfloat16-if-faster"] = "auto"
-    compile: bool = False  # torch.compile the model
-    threads: int = 0  # CPU threads for torch (0 = the cores this process may use)
+    batch_size: int = setting(12, "sequences per micro-batch (per process)", unit="sequences")
+    grad_accum: int = setting(1, "micro-batches per optimizer step", unit="micro-batches")
+    lr: float = setting(1e-3, "peak learning rate")
+    min_lr: float = setting(1e-4, "learning rate at the end of the decay")
+    warmup_steps: int = setting(100, "linear warm-up from 0 to lr", unit="steps")
+    schedule: Literal["cosine", "wsd", "constant"] = setting("cosine", "decay shape after warm-up")
+    decay_frac: float = setting(0.2, "wsd only: the last fraction of the run that decays linearly to min_lr")
+    weight_decay: float = setting(0.1, "AdamW decay on matrices (never on norms, biases, position or n-gram tables)")
+    head_lr_scale: float = setting(1.0, "an untied lm_head trains at lr * head_lr_scale")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    optimizer: Literal["adamw", "muon"] = setting("adamw", "muon: Muon for the blocks' matrices, AdamW for the rest")
+    muon_lr: float = setting(0.02, "muon only: peak learning rate of the Muon matrices (follows the same schedule)")
+    muon_momentum: float = setting(0.95, "muon only: Nesterov momentum")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)")
+    max_steps: int = setting(5000, "optimizer steps (the schedule's length)", unit="steps", resume=True)
+    max_time: float = setting(0.0, "wall-clock budget (0 = none; 600, 600s, 10m, 1.5h); stops early, schedule "
+                              "follows time", unit="seconds", resume=True)
+    eval_interval: int = setting(250, "steps between evaluations", unit="steps", resume=True)
+    eval_batches: int = setting(20, "batches in each interval evaluation (fixed windows of the val split)",
+                                unit="batches")
+    log_interval: int = setting(10, "steps between metrics.jsonl lines", unit="steps", resume=True)
+    checkpoint_interval: int = setting(500, "steps between checkpoints (also at the end and on SIGINT/SIGTERM)",
+                                       unit="steps", resume=True)
+    final_eval: bool = setting(True, "evaluate the whole validation split at the end", resume=True)
+    seed: int = setting(1337, "seeds the weights, the data order and dropout")
+    device: str = setting("auto", "auto, cpu, mps or cuda[:N]; auto = cuda, then mps, then cpu", resume=True)
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "bfloat16-if-faster"] = setting(
+        "auto", "autocast dtype; auto = bf16 on CUDA, fp32 on the CPU; bfloat16-if-faster = bf16 where a timed "
+        "bf16 matmul beats fp32")
+    compile: bool = setting(False, "torch.compile the model")
+    threads: int = setting(0, "CPU threads for torch (0 = the cores this process may use)", unit="threads", resume=True)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
                      "log_interval", "checkpoint_interval"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "threads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        check_threads(self.threads)
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         if not 0 <= self.min_lr <= self.lr:
@@ -212,8 +251,7 @@ class TrainConfig:
             raise ConfigError(f"max_time must be >= 0 seconds, got {self.max_time!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise ConfigError(f"device must be auto, cpu, mps or cuda[:N], got {self.device!r}")
+        check_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -261,10 +299,13 @@ def parse_value(cls: type, key: str, raw: Any) -> Any:
 
 def parse_duration(text: str) -> float:
     """'90' or '90s' -> 90.0, '10m' -> 600.0, '1.5h' -> 5400.0."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(text))
+    m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*([smh]?)\s*", str(text), re.IGNORECASE)
     if not m:
         raise ConfigError(f"max_time must look like 600, 600s, 10m or 1.5h, got {text!r}")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2).lower()]
+    if seconds < 0:  # here, not only in __post_init__, so the message quotes what was typed
+        raise ConfigError(f"max_time must be >= 0 (0 = no limit), got {text!r}")
+    return seconds
 
 
 def from_dict(cls: type, d: dict[str, Any]) -> Any:
@@ -298,6 +339,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); TOML files are UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     unknown = set(data) - {"preset", "model", "train"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; use preset, [model], [train]")
@@ -305,31 +350,84 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 
-def resolve_configs(*, preset: str | None = None, config_file: str | Path | None = None,
-                    model_overrides: dict[str, Any] | None = None, train_overrides: dict[str, Any] | None = None,
-                    sets: list[str] | None = None) -> tuple[str, GPTConfig, TrainConfig]:
-    """preset < config file < flags < --set. Returns (preset name, model config, train config).
+@dataclass(frozen=True)
+class Assignment:
+    """One field set by the user: where it came from (for messages), which config, which field, the raw value."""
 
-    `--set` keys may be qualified (`model.n_layer=8`, `train.lr=3e-4`) or bare (`lr=3e-4`); a bare
-    key goes to whichever config has that field.
-    """
-    file = load_toml(config_file) if config_file else {}
-    name = preset or file.get("preset") or "poem-cpu"
-    model_kv: dict[str, Any] = dict(file.get("model", {}))
-    train_kv: dict[str, Any] = dict(file.get("train", {}))
-    model_kv.update(model_overrides or {})
-    train_kv.update(train_overrides or {})
+    source: str  # "--n-layer", "--set lr", "--config run.toml [model] n_layer"
+    section: Literal["model", "train"]
+    name: str
+    value: Any
+
+
+def config_flags() -> dict[str, tuple[str, dataclasses.Field]]:
+    """flag -> (section, field) for every config field that has a flag, model fields first."""
+    out: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section, cls in (("model", GPTConfig), ("train", TrainConfig)):
+        for f in fields(cls):
+            flag = f.metadata.get("flag", "")
+            if flag is not None:
+                out[flag or "--" + f.name.replace("_", "-")] = (section, f)
+    return out
+
+
+def flag_help(f: dataclasses.Field) -> str:
+    """'peak learning rate (default: 0.001)' / '... (steps; default: 5000; may change at --resume)'."""
+    typ = _field_types(GPTConfig if f.name in _field_types(GPTConfig) else TrainConfig)[f.name]
+    choices = f" [{', '.join(map(str, get_args(typ)))}]" if getattr(typ, "__origin__", None) is Literal else ""
+    unit = f"{f.metadata['unit']}; " if f.metadata.get("unit") else ""
+    extra = "; may change at --resume" if f.metadata.get("resume") else ""
+    return f"{f.metadata['doc']}{choices} ({unit}default: {f.default}{extra})".replace("%", "%%")
+
+
+def file_assignments(config_file: str | Path | None) -> tuple[str | None, list[Assignment]]:
+    """A TOML file's preset name and its [model]/[train] entries as assignments."""
+    if not config_file:
+        return None, []
+    file = load_toml(config_file)
+    out = []
+    for section in ("model", "train"):
+        table = file.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{config_file}: [{section}] must be a table")
+        out += [Assignment(f"--config {config_file} [{section}] {k}", section, k, v) for k, v in table.items()]
+    return file.get("preset"), out
+
+
+def set_assignments(sets: list[str] | None) -> list[Assignment]:
+    """`--set` items as assignments: keys qualified (`model.n_layer`, `train.lr`) or bare (`lr`); a
+    bare key goes to whichever config has that field."""
     model_fields = {f.name for f in fields(GPTConfig)}
     train_fields = {f.name for f in fields(TrainConfig)}
+    out = []
     for key, value in parse_set_args(sets or []).items():
         section, _, bare = key.rpartition(".")
         if section == "model" or (not section and bare in model_fields):
-            model_kv[bare] = value
+            out.append(Assignment(f"--set {key}", "model", bare, value))
         elif section == "train" or (not section and bare in train_fields):
-            train_kv[bare] = value
+            out.append(Assignment(f"--set {key}", "train", bare, value))
         else:
             raise ConfigError(f"unknown --set key {key!r}; keys are GPTConfig fields ({', '.join(sorted(model_fields))}) "
                               f"or TrainConfig fields ({', '.join(sorted(train_fields))})")
-    model = apply_overrides(GPTConfig.from_preset(name), model_kv)
-    train = apply_overrides(TrainConfig(), train_kv)
+    return out
+
+
+def apply_assignments(model: GPTConfig, train: TrainConfig,
+                      assignments: list[Assignment]) -> tuple[GPTConfig, TrainConfig]:
+    model_kv = {a.name: a.value for a in assignments if a.section == "model"}
+    train_kv = {a.name: a.value for a in assignments if a.section == "train"}
+    return apply_overrides(model, model_kv), apply_overrides(train, train_kv)
+
+
+def resolve_configs(*, preset: str | None = None, config_file: str | Path | None = None,
+                    model_overrides: dict[str, Any] | None = None, train_overrides: dict[str, Any] | None = None,
+                    sets: list[str] | None = None,
+                    flags: list[Assignment] | None = None) -> tuple[str, GPTConfig, TrainConfig]:
+    """preset < config file < overrides and flags < --set. Returns (preset name, model config, train config)."""
+    file_preset, from_file = file_assignments(config_file)
+    name = preset or file_preset or "poem-cpu"
+    given = (from_file + [Assignment("", "model", k, v) for k, v in (model_overrides or {}).items()]
+             + [Assignment("", "train", k, v) for k, v in (train_overrides or {}).items()]
+             + list(flags or []) + set_assignments(sets))
+    model, train = apply_assignments(GPTConfig.from_preset(name), TrainConfig(), given)
     return name, model, train

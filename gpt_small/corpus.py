@@ -24,7 +24,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,29 +109,19 @@ def _pickle_lines(batch: int = 100_000) -> Iterator[bytes]:
 
 
 def _write_atomic(path: Path, chunks: Iterable[bytes]) -> str:
-    """Write via temp file + fsync + rename, so a reader never sees half a file; return sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                h.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the cache is ordinary data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return h.hexdigest()
+    """Write through fileio.atomic_write (a reader never sees half a file); return the sha256."""
+    from .fileio import atomic_write
+
+    def write(f) -> str:
+        h = hashlib.sha256()
+        for chunk in chunks:
+            h.update(chunk)
+            f.write(chunk)
+        return h.hexdigest()
+
+    return atomic_write(path, write)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _sha256_file(path: Path) -> str:

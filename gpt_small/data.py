@@ -8,8 +8,13 @@
 The split is by lines and deterministic: the last `val_fraction` of the lines (rounded, at least
 one) is validation; the char vocabulary and the BPE merges come from the training lines only.
 Text is streamed in chunks of whole lines, so memory stays bounded by the chunk size, not the text.
-Nothing is half-written: the folder is built as `<out>.tmp-XXXX` beside `out` and renamed at the
-end, so an interrupted prepare leaves no `out` that looks complete.
+Nothing is half-written: every file is first written to a temporary name inside `out`; only when
+all are whole is the old meta.json removed, the files renamed into place and meta.json written
+last, so a folder with a meta.json is always complete. `prepare` touches only the four files it
+writes (a user's notes beside them survive `--force`), creates folders and files with the
+umask's permissions, holds `out/.lock` while it works (a second prepare into the same folder
+stops at once, naming the first one's pid), and turns a write failure into one line naming the
+path and the reason, with its temporary files removed and any previous data left whole.
 
 `PreparedData` opens such a folder (memmaps); `BatchSampler` draws random windows from a split,
 rank-aware and resumable through `state_dict`; `eval_windows` is the fixed set used for
@@ -22,8 +27,6 @@ import collections
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from functools import cached_property
@@ -35,6 +38,7 @@ import numpy as np
 from . import __version__
 from .corpus import CHUNK_BYTES, CORPORA, corpus_path, iter_text_bytes, scan_text, source_files
 from .errors import GPTSmallError
+from .fileio import LOCK_NAME, FolderLock, atomic_write, fsync_dir, remove_quietly, write_error, write_temp
 from .tokenizer import KINDS, Tokenizer, load_tokenizer, make_tokenizer
 
 if TYPE_CHECKING:
@@ -49,6 +53,7 @@ FORMAT_VERSION = 1
 MIN_WINDOW = 8
 MIN_TRAIN_TOKENS = 2 * (MIN_WINDOW + 1)
 MIN_VAL_TOKENS = MIN_WINDOW + 1
+PREPARED_FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")  # all that prepare writes
 SPLIT_RULE = "by lines: the last val_fraction of the lines (rounded, at least one) is validation"
 
 
@@ -70,9 +75,36 @@ def prepare(*, out: str | Path, corpus: str | None = None, text: str | Path | No
         raise GPTSmallError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     out = Path(out)
     _check_out(out, force)  # before the work, not after minutes of it
+    if corpus is not None and corpus not in CORPORA:
+        raise GPTSmallError(f"unknown corpus {corpus!r}; built-in corpora: {', '.join(CORPORA)}")
+    created = not out.exists()
+    lock = FolderLock(out, "--out").acquire()
+    temps: list[Path] = []
+    try:
+        _check_out(out, force)  # again under the lock: another prepare may have finished meanwhile
+        for stale in out.glob(".*.tmp-*"):  # left by a prepare killed mid-write
+            remove_quietly(stale)
+        meta = _prepare_into(out, temps, corpus=corpus, text=text, tokenizer=tokenizer, vocab_size=vocab_size,
+                             val_fraction=val_fraction, t0=t0)
+    except BaseException:
+        for tmp in temps:
+            remove_quietly(tmp)
+        if created and all(p.name == LOCK_NAME for p in out.iterdir()):
+            remove_quietly(out / LOCK_NAME)  # leave no empty folder behind a failed first prepare
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
+    finally:
+        lock.release()
+    return meta
+
+
+def _prepare_into(out: Path, temps: list[Path], *, corpus: str | None, text: str | Path | None, tokenizer: str,
+                  vocab_size: int | None, val_fraction: float, t0: float) -> dict[str, Any]:
+    """The work of `prepare`, holding the lock; the temporary files it writes are listed in `temps`."""
     if corpus is not None:
-        if corpus not in CORPORA:
-            raise GPTSmallError(f"unknown corpus {corpus!r}; built-in corpora: {', '.join(CORPORA)}")
         path = corpus_path(corpus)
         files, source, source_path = [path], corpus, str(path)
     else:
@@ -87,89 +119,76 @@ def prepare(*, out: str | Path, corpus: str | None = None, text: str | Path | No
     log.info("%s: %d lines, %.1f MB; making the %s tokenizer", source, stats.lines, stats.bytes / 1e6, tokenizer)
     tok = make_tokenizer(tokenizer, _iter_lines(files, 0, split), vocab_size)
     dtype = token_dtype(tok.vocab_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    n_train, train_chars, _ = _write_tokens(tok, _iter_lines(files, 0, split), out / "train.bin", dtype, temps)
+    n_val, val_chars, unknown = _write_tokens(tok, _iter_lines(files, split, stats.bytes), out / "val.bin",
+                                              dtype, temps, count_unknown=True)
+    if n_train < MIN_TRAIN_TOKENS:
+        raise GPTSmallError(f"text too small: the training split has {n_train} tokens, fewer than "
+                            f"{MIN_TRAIN_TOKENS} (two windows of {MIN_WINDOW}+1); give more text")
+    if n_val < MIN_VAL_TOKENS:
+        raise GPTSmallError(f"text too small: the validation split ({val_lines} lines) has {n_val} tokens, fewer "
+                            f"than one window of {MIN_WINDOW}+1 = {MIN_VAL_TOKENS}; give more text or a "
+                            "larger --val-fraction")
+    tmp_tok, _ = write_temp(out / "tokenizer.json", json.dumps(tok.to_json(), ensure_ascii=False))
+    temps.append(tmp_tok)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "source_kind": "corpus" if corpus is not None else "text",
+        "source_path": source_path,
+        "source_files": len(files),
+        "source_sha256": stats.sha256,
+        "source_bytes": stats.bytes,
+        "source_chars": stats.chars,
+        "source_lines": stats.lines,
+        "split": SPLIT_RULE,
+        "val_fraction": val_fraction,
+        "train_lines": train_lines,
+        "val_lines": val_lines,
+        "train_bytes": split,
+        "val_bytes": stats.bytes - split,
+        "tokenizer": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "dtype": dtype.name,
+        "train_tokens": n_train,
+        "val_tokens": n_val,
+        "train_chars": train_chars,
+        "val_chars": val_chars,
+        "train_chars_per_token": train_chars / n_train,
+        "val_chars_per_token": val_chars / n_val,
+        "val_unknown_chars": sum(unknown.values()),
+        "val_unknown_top": dict(unknown.most_common(20)),
+        "created_by": f"gpt-small {__version__}",
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    # Every new file is whole: the old meta.json goes first (the folder now reads as incomplete),
+    # the data files take their names, and the new meta.json marks the folder whole again.
     try:
-        n_train, train_chars, _ = _write_tokens(tok, _iter_lines(files, 0, split), tmp / "train.bin", dtype)
-        n_val, val_chars, unknown = _write_tokens(tok, _iter_lines(files, split, stats.bytes), tmp / "val.bin",
-                                                  dtype, count_unknown=True)
-        if n_train < MIN_TRAIN_TOKENS:
-            raise GPTSmallError(f"text too small: the training split has {n_train} tokens, fewer than "
-                                f"{MIN_TRAIN_TOKENS} (two windows of {MIN_WINDOW}+1); give more text")
-        if n_val < MIN_VAL_TOKENS:
-            raise GPTSmallError(f"text too small: the validation split ({val_lines} lines) has {n_val} tokens, fewer "
-                                f"than one window of {MIN_WINDOW}+1 = {MIN_VAL_TOKENS}; give more text or a "
-                                "larger --val-fraction")
-        tok.save(tmp)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "source": source,
-            "source_kind": "corpus" if corpus is not None else "text",
-            "source_path": source_path,
-            "source_files": len(files),
-            "source_sha256": stats.sha256,
-            "source_bytes": stats.bytes,
-            "source_chars": stats.chars,
-            "source_lines": stats.lines,
-            "split": SPLIT_RULE,
-            "val_fraction": val_fraction,
-            "train_lines": train_lines,
-            "val_lines": val_lines,
-            "train_bytes": split,
-            "val_bytes": stats.bytes - split,
-            "tokenizer": tok.kind,
-            "vocab_size": tok.vocab_size,
-            "dtype": dtype.name,
-            "train_tokens": n_train,
-            "val_tokens": n_val,
-            "train_chars": train_chars,
-            "val_chars": val_chars,
-            "train_chars_per_token": train_chars / n_train,
-            "val_chars_per_token": val_chars / n_val,
-            "val_unknown_chars": sum(unknown.values()),
-            "val_unknown_top": dict(unknown.most_common(20)),
-            "created_by": f"gpt-small {__version__}",
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
-        with open(tmp / "meta.json", "w", encoding="utf-8") as f:  # last: its presence marks a whole folder
-            json.dump(meta, f, indent=2, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        _move_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (out / "meta.json").unlink(missing_ok=True)
+        fsync_dir(out)
+        for tmp in temps:
+            os.replace(tmp, out / tmp.name[1:].split(".tmp-")[0])
+    except OSError as e:
+        raise write_error(out, e) from None
+    atomic_write(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False))
     return meta
 
 
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise GPTSmallError(f"--out {out} exists and is not a folder")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir():
         return
-    if not (out / "meta.json").is_file():
-        raise GPTSmallError(f"--out {out} is not empty and holds no prepared data; refusing to replace it")
-    if not force:
-        raise GPTSmallError(f"--out {out} already holds prepared data; use --force to replace it")
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    # A rename cannot replace a non-empty folder, so the old one steps aside first; between the
-    # two renames `out` is briefly absent, never half-written.
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    try:
-        fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # make the renames durable
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    ours = [p for p in out.iterdir() if p.name in PREPARED_FILES or p.name == LOCK_NAME
+            or (p.name.startswith(".") and ".tmp-" in p.name)]
+    others = sorted(p.name for p in out.iterdir() if p not in ours)
+    if (out / "meta.json").is_file():
+        if not force:
+            raise GPTSmallError(f"--out {out} already holds prepared data; use --force to replace it")
+        return  # --force replaces prepare's four files only; others (a user's notes) stay
+    if others:
+        raise GPTSmallError(f"--out {out} is not empty and holds no prepared data ({', '.join(others[:5])}); "
+                            "refusing to write into it; choose another --out")
 
 
 def _line_offset(files: list[Path], n_lines: int) -> int:
@@ -204,9 +223,10 @@ def _iter_lines(files: list[Path], start: int, end: int) -> Iterator[str]:
         yield buf.decode("utf-8")
 
 
-def _write_tokens(tok: Tokenizer, chunks: Iterable[str], path: Path, dtype: np.dtype,
+def _write_tokens(tok: Tokenizer, chunks: Iterable[str], path: Path, dtype: np.dtype, temps: list[Path],
                   count_unknown: bool = False) -> tuple[int, int, collections.Counter[str]]:
-    """Encode the chunks into `path`; return (tokens, characters, unknown characters)."""
+    """Encode the chunks into a temporary file for `path` (appended to `temps`); return (tokens,
+    characters, unknown characters)."""
     n_tokens, n_chars, unknown = 0, 0, collections.Counter()
 
     def counted(chunks: Iterable[str]) -> Iterator[str]:
@@ -217,12 +237,15 @@ def _write_tokens(tok: Tokenizer, chunks: Iterable[str], path: Path, dtype: np.d
                 unknown.update(tok.count_unknown(chunk))
             yield chunk
 
-    with open(path, "wb") as f:
+    def write(f) -> int:
+        n = 0
         for ids in tok.encode_stream(counted(chunks)):
-            ids.astype(dtype.newbyteorder("<")).tofile(f)
-            n_tokens += len(ids)
-        f.flush()
-        os.fsync(f.fileno())
+            f.write(ids.astype(dtype.newbyteorder("<")).tobytes())  # tofile() reports a full disk as "unexpected pos"
+            n += len(ids)
+        return n
+
+    tmp, n_tokens = write_temp(path, write)
+    temps.append(tmp)
     return n_tokens, n_chars, unknown
 
 

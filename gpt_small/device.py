@@ -25,6 +25,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The torch device for a device name; the one check every verb's --device goes through."""
+    from .config import check_device
+
+    check_device(name)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

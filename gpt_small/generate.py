@@ -54,14 +54,14 @@ class TextTokenizer(Protocol):
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None,
                         repetition_penalty: float = 1.0) -> None:
     """Raise GPTSmallError naming the first impossible sampling setting."""
-    if not temperature >= 0:  # also catches NaN
-        raise GPTSmallError(f"temperature must be >= 0, got {temperature!r}")
+    if not 0 <= temperature < float("inf"):  # also catches NaN
+        raise GPTSmallError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise GPTSmallError(f"top_k must be an integer >= 1, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise GPTSmallError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not repetition_penalty > 0:
-        raise GPTSmallError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
+    if not 0 < repetition_penalty < float("inf"):
+        raise GPTSmallError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty!r}")
 
 
 def _check_count(name: str, value: int | None) -> None:

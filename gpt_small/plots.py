@@ -31,7 +31,9 @@ def plot_run(metrics_path: str | Path, out_png: str | Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png)
+    from .fileio import atomic_write
+
+    atomic_write(out_png, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
 
 
@@ -73,5 +75,7 @@ def plot_compare(runs: dict[str, list[Path]], out_png: str | Path) -> None:
         ax.legend()
     fig.suptitle("validation loss (fixed windows) by positional encoding")
     fig.tight_layout()
-    fig.savefig(out_png)
+    from .fileio import atomic_write
+
+    atomic_write(out_png, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)

@@ -40,6 +40,7 @@ from .config import POS_ENCODINGS, ConfigError, GPTConfig, TrainConfig
 from .data import PreparedData
 from .errors import GPTSmallError
 from .evaluate import evaluate_tokens
+from .fileio import atomic_write, strict_json
 from .model import GPT
 from .train import Trainer
 
@@ -210,9 +211,8 @@ def compare_encodings(encodings: str | Sequence[str], *, model_config: GPTConfig
         "curves": str(out_dir / "curves.png"),
     }
     results["verdict"] = verdict(results)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "results.md").write_text(results_markdown(results))
+    atomic_write(out_dir / "results.json", strict_json(results, indent=2) + "\n")
+    atomic_write(out_dir / "results.md", results_markdown(results))
     from .plots import plot_compare
 
     plot_compare({enc: [Path(r["run_dir"]) / "metrics.jsonl" for r in rs] for enc, rs in runs.items()},

@@ -77,8 +77,10 @@ class Tokenizer:
         return collections.Counter()
 
     def save(self, directory: str | Path) -> Path:
+        from .fileio import atomic_write
+
         path = Path(directory) / "tokenizer.json"
-        path.write_text(json.dumps(self.to_json(), ensure_ascii=False), encoding="utf-8")
+        atomic_write(path, json.dumps(self.to_json(), ensure_ascii=False))
         return path
 
     def to_json(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -35,6 +36,7 @@ from .device import autocast, bf16_matmul_is_faster, keep_freed_memory, pick_dev
 from .distributed import DistInfo, all_reduce_mean, broadcast_flag, print0, setup_distributed
 from .errors import GPTSmallError
 from .evaluate import bits_per_char, evaluate_tokens
+from .fileio import FolderLock, append_line, atomic_write, strict_json
 from .model import GPT
 from .optim import MuonWithAdamW, is_hidden_matrix
 from .tokenizer import load_tokenizer, same_tokenizer
@@ -104,20 +106,35 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.show_progress = show_progress
         self.dist = DistInfo()
+        # One process per run folder for the trainer's life (rank 0 of a torchrun job: the others
+        # write nothing); taken before the already-a-run check so two starts cannot both pass it.
+        self._lock = FolderLock(self.out_dir, "--out")
+        if os.environ.get("RANK", "0") == "0":
+            self._lock.acquire()
+        try:
+            self._check_run(model_config, train_config, resume)
+        except BaseException:
+            self._lock.release()
+            raise
+        self.model_config, self.config = model_config, train_config
+
+    def _check_run(self, model_config: GPTConfig, train_config: TrainConfig, resume: bool) -> None:
+        """Refuse a run that cannot start: a resume that changes the model, optimizer or tokenizer, a
+        folder that holds another run, data too short for one window."""
         if resume:
             ckpt = find_checkpoint(self.out_dir, prefer="last")
             meta = read_checkpoint_config(ckpt)
+            self._check_same_tokenizer(ckpt)  # first: another tokenizer also shows as another vocab_size
             saved_model = GPTConfig.from_dict(meta["model"])
             if saved_model != model_config:
-                diff = {k: (v, getattr(model_config, k)) for k, v in saved_model.to_dict().items()
-                        if getattr(model_config, k) != v}
-                raise GPTSmallError(f"--resume: the model differs from the checkpoint's ({diff}); "
-                                    "leave the model flags as they were")
+                diff = "; ".join(f"{k} from {v!r} (the run's) to {getattr(model_config, k)!r}"
+                                 for k, v in saved_model.to_dict().items() if getattr(model_config, k) != v)
+                raise GPTSmallError(f"--resume: the model config would change {diff}; resume with the run's "
+                                    "config (`gpt-small train --out RUN --resume` takes it from the run)")
             saved_optimizer = meta.get("train", {}).get("optimizer", "adamw")
             if saved_optimizer != train_config.optimizer:
                 raise GPTSmallError(f"--resume: the checkpoint was trained with optimizer={saved_optimizer}, "
                                     f"not {train_config.optimizer}; its optimizer state cannot be carried over")
-            self._check_same_tokenizer(ckpt)
             self._resume_from = ckpt
         else:
             if (self.out_dir / "last").exists():
@@ -127,7 +144,6 @@ class Trainer:
         if model_config.vocab_size != self.data.tokenizer.vocab_size:
             raise GPTSmallError(f"the model's vocab_size {model_config.vocab_size} differs from the data's "
                                 f"tokenizer ({self.data.tokenizer.vocab_size})")
-        self.model_config, self.config = model_config, train_config
         for split, arr in (("train", self.data.train), ("validation", self.data.val)):
             if len(arr) < model_config.block_size + 1:
                 raise GPTSmallError(f"the {split} split has {len(arr)} tokens, fewer than one window of "
@@ -207,6 +223,7 @@ class Trainer:
         if hasattr(self, "forward_model"):
             self.forward_model = self.model
             gc.collect()
+        self._lock.release()
 
     # ------------------------------------------------------------------ state
 
@@ -318,15 +335,21 @@ class Trainer:
 
     def log(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.out_dir / "metrics.jsonl", strict_json(record))
 
     def _trim_metrics(self) -> None:
-        """On resume, drop log lines written after the checkpoint (they will be written again)."""
+        """On resume, drop log lines written after the checkpoint (they will be written again), and a
+        last line cut short by a kill or a full disk."""
         path = self.out_dir / "metrics.jsonl"
         if self.dist.is_main and path.exists():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-            path.write_text("".join(line + "\n" for line in keep))
+            keep = []
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.step:
+                        keep.append(line)
+                except (ValueError, KeyError, TypeError):
+                    pass
+            atomic_write(path, "".join(line + "\n" for line in keep))
 
     # ------------------------------------------------------------------ the loop
 
@@ -364,8 +387,7 @@ class Trainer:
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             raise GPTSmallError(f"the loss became {loss_value} at step {self.step + 1} (lr {lr:.3g}); stopped "
-                                f"without saving; the last good checkpoint is in {self.out_dir} "
-                                "(try a lower lr or more warm-up)")
+                                f"without saving; {self._on_disk()} (try a lower lr or more warm-up)")
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -375,6 +397,13 @@ class Trainer:
         self.step += 1
         self._lr = lr
         return loss_value
+
+    def _on_disk(self) -> str:
+        """What a stopped run leaves: the step of its last checkpoint, or that there is none."""
+        last = self.out_dir / "last"
+        if not last.exists():
+            return f"no checkpoint was saved in {self.out_dir}"
+        return f"the last good checkpoint is step {read_checkpoint_config(last.resolve())['step']} in {last}"
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train until max_steps or max_time; returns the run's summary.
@@ -386,14 +415,13 @@ class Trainer:
 
         self.setup()
         cfg = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             run_config = {"model": self.model_config.to_dict(), "train": cfg.to_dict(),
                           "data": str(self.data.directory), "world_size": self.dist.world_size,
                           "device": str(self.device), "autocast": str(self.amp_dtype).removeprefix("torch.")}
-            (self.out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+            atomic_write(self.out_dir / "run_config.json", strict_json(run_config, indent=2) + "\n")
+        self._trim_metrics()  # a fresh start (step 0) drops the log of a run killed before its first checkpoint
         if self._resume_from is not None:
-            self._trim_metrics()
             print0(f"resuming {self.out_dir} at step {self.step}")
         old_handlers = self._install_signal_handlers()
         self._t_start = time.perf_counter()
@@ -469,7 +497,7 @@ class Trainer:
                 summary["best_checkpoint_val"] = best
                 self.log({"kind": "final_eval_best", **best})
         if self.dist.is_main:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write(self.out_dir / "summary.json", strict_json(summary, indent=2) + "\n")
             try:
                 from .plots import plot_run
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch
 
 from gpt_small import corpus, data
 from gpt_small.cli import main
-from gpt_small.data import BatchSampler, PreparedData, eval_windows, prepare, to_device, token_dtype
+from gpt_small.data import PREPARED_FILES, BatchSampler, PreparedData, eval_windows, prepare, to_device, token_dtype
 from gpt_small.errors import GPTSmallError
 from gpt_small.tokenizer import CharTokenizer
 
@@ -34,7 +36,7 @@ def test_prepare_char_writes_exact_line_split(poem_file, tmp_path):
     meta = prepare(out=out, text=poem_file)
     text = poem_file.read_text(encoding="utf-8")
     train_text, val_text = split_text(text)
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "meta.json", "tokenizer.json", "train.bin", "val.bin"]
     assert json.loads((out / "meta.json").read_text()) == meta
 
     d = PreparedData(out)
@@ -130,14 +132,56 @@ def test_failed_prepare_leaves_no_output(poem_file, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["poem.txt"]
 
 
-def test_killed_prepare_leaves_no_complete_looking_output(poem_file, tmp_path):
+def _killed_prepare(tmp_path: Path, poem_file: Path, hook: str, calls: int = 1) -> None:
+    """Run prepare in a subprocess that kills itself with SIGKILL at its `calls`-th call of data.<hook>."""
     script = ("import os, signal, sys\nfrom gpt_small import data\n"
-              "data._move_into_place = lambda tmp, out: os.kill(os.getpid(), signal.SIGKILL)\n"
-              "data.prepare(out=sys.argv[1], text=sys.argv[2])\n")
+              f"real, n = data.{hook}, [0]\n"
+              "def hook(*a, **k):\n"
+              "    n[0] += 1\n"
+              f"    if n[0] == {calls}: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    return real(*a, **k)\n"
+              f"data.{hook} = hook\n"
+              "data.prepare(out=sys.argv[1], text=sys.argv[2], force=True)\n")
     r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out"), str(poem_file)], capture_output=True)
-    assert r.returncode == -9
-    assert not (tmp_path / "out").exists()
-    assert [p.name.startswith("out.tmp-") for p in tmp_path.iterdir() if p.name != "poem.txt"] == [True]
+    assert r.returncode == -9, r.stderr.decode()
+
+
+def test_killed_prepare_leaves_no_complete_looking_output(poem_file, tmp_path):
+    # killed after the data files took their names, before meta.json: the folder reads as incomplete
+    _killed_prepare(tmp_path, poem_file, "atomic_write")  # meta.json is prepare's only atomic_write
+    out = tmp_path / "out"
+    assert not (out / "meta.json").exists()
+    with pytest.raises(GPTSmallError, match="holds no meta.json"):
+        PreparedData(out)
+    prepare(out=out, text=poem_file)  # its own leftovers do not block a new prepare, --force or not
+    assert PreparedData(out).meta["train_tokens"] > 0
+
+
+def test_killed_forced_prepare_keeps_the_old_data(poem_file, tmp_path, verse):
+    # killed while writing the new files (before any rename): the old prepared data is untouched
+    out = tmp_path / "out"
+    old = prepare(out=out, text=poem_file)
+    (tmp_path / "other.txt").write_text(verse(300, seed=5))
+    script_text = tmp_path / "other.txt"
+    _killed_prepare(tmp_path, script_text, "write_temp", calls=3)  # train.bin and val.bin written
+    assert PreparedData(out).meta["source_sha256"] == old["source_sha256"]
+    assert sorted(p.name for p in out.iterdir() if ".tmp-" in p.name)  # swept by the next prepare
+    prepare(out=out, text=script_text, force=True)
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_force_replaces_only_what_prepare_writes_and_respects_the_umask(poem_file, tmp_path):
+    out = tmp_path / "out"
+    old_umask = os.umask(0o027)
+    try:
+        prepare(out=out, text=poem_file)
+        (out / "notes.txt").write_text("my notes")
+        prepare(out=out, text=poem_file, force=True)
+    finally:
+        os.umask(old_umask)
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert {stat.S_IMODE((out / n).stat().st_mode) for n in PREPARED_FILES} == {0o640}
 
 
 # ---------------------------------------------------------------- bad input: API and CLI
