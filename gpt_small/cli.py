@@ -136,11 +136,13 @@ def _args_train(p: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from .data import PreparedData
+    from .device import configure_process
     from .distributed import print0, teardown_distributed
     from .train import Trainer, format_summary
 
     data = PreparedData(args.data)
     _, model_cfg, train_cfg = _configs_from_args(args, vocab_size=data.tokenizer.vocab_size)
+    configure_process(device=train_cfg.device, threads=train_cfg.threads)
     trainer = Trainer(model_cfg, train_cfg, data, args.out, resume=args.resume, show_progress=not args.no_progress)
     ok = False
     try:
@@ -290,6 +292,7 @@ def _run_compare(args: argparse.Namespace) -> None:
     import time
 
     from .data import PreparedData
+    from .device import configure_process
     from .study import EXTRAPOLATION_TOKENS, compare_encodings, format_results, parse_encodings
 
     encodings = parse_encodings(args.model__pos_encoding)
@@ -298,6 +301,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         raise GPTSmallError(f"--seeds must be at least 1, got {args.seeds}")
     data = PreparedData(args.data)
     _, model_cfg, train_cfg = _configs_from_args(args, vocab_size=data.tokenizer.vocab_size)
+    configure_process(device=train_cfg.device, threads=train_cfg.threads)
     out = args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}"
     results = compare_encodings(encodings, model_config=model_cfg, train_config=train_cfg, data=data, out_dir=out,
                                 seeds=args.seeds, show_progress=not args.no_progress,

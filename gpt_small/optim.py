@@ -25,7 +25,7 @@ def orthogonalize(G: Tensor, steps: int = 5, dtype: torch.dtype = torch.float32)
     fast, not exactly: singular values land in about [0.7, 1.2], which does not hurt training).
 
     Computed in `dtype`: the reference uses bfloat16, which the iteration tolerates and which
-    halves its time where bf16 matmuls run faster than fp32 (Trainer picks it there). Each
+    saves time where bf16 matmuls run faster than fp32 (Trainer picks it there). Each
     step is two fused multiply-adds, b A + c A A and a X + B X (baddbmm), rather than matmuls
     followed by separate scale-and-add passes."""
     a, b, c = 3.4445, -4.7750, 2.0315

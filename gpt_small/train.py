@@ -1,15 +1,20 @@
 """The training loop: `Trainer(...).fit()`, with explicit state so that resume is exact.
 
-The trainer owns everything that changes during a run: the model, the AdamW optimizer, the step,
-the data sampler's position, the RNG states and the best validation loss. `state_dict()` gathers
-them into plain tensors and numbers (saved as `trainer_state.pt`, read back with
+The trainer owns everything that changes during a run: the model, the optimizer, the step, the
+data sampler's position, the RNG states and the best validation loss. `state_dict()` gathers them
+into plain tensors and numbers (saved as `trainer_state.pt`, read back with
 `torch.load(weights_only=True)`), `load_state_dict()` puts them back, so 10 steps + resume + 10
 steps equals 20 steps.
 
-One optimizer step = `grad_accum` micro-batches per process; under torchrun the gradients are
-all-reduced once per step (DDP's `no_sync` on the other micro-batches). Rank 0 alone logs and
-writes checkpoints. SIGINT/SIGTERM finish the current step, save, and stop; a NaN or infinite
-loss stops before anything is saved, so the last good checkpoint stays.
+`fit()` is a short loop over named steps: `train_step`, `log_step`, `evaluate_and_save` or
+`save_interval`, and at the end `finish`. One optimizer step = `grad_accum` micro-batches per
+process; under torchrun the gradients are all-reduced once per step (DDP's `no_sync` on the other
+micro-batches). Rank 0 alone logs and writes checkpoints. SIGINT/SIGTERM finish the current step,
+save, and stop; a NaN or infinite loss stops before anything is saved, so the last good checkpoint
+stays.
+
+Process-wide settings (CPU threads, the allocator, TF32) are not made here: the entry points call
+`gpt_small.device.configure_process` once, before building a Trainer.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +37,18 @@ import torch
 from .checkpoint import find_checkpoint, load_trainer_state, load_weights, read_checkpoint_config, save_checkpoint
 from .config import GPTConfig, TrainConfig
 from .data import BatchSampler, PreparedData, eval_windows
-from .device import autocast, bf16_matmul_is_faster, keep_freed_memory, pick_device, pick_dtype, set_threads
-from .distributed import DistInfo, all_reduce_mean, broadcast_flag, print0, setup_distributed
+from .device import autocast, bf16_matmul_is_faster, pick_device, pick_dtype
+from .distributed import DistInfo, all_reduce_mean, any_rank, print0, setup_distributed
 from .errors import GPTSmallError
 from .evaluate import bits_per_char, evaluate_tokens
 from .model import GPT
 from .optim import MuonWithAdamW, is_hidden_matrix
 from .tokenizer import load_tokenizer, same_tokenizer
+
+# A resumed rank > 0 reseeds its dropout stream with seed + rank + RESUME_SEED_STRIDE * step: a
+# prime larger than any rank count, so no (rank, step) pair repeats another's seed.
+RESUME_SEED_STRIDE = 1_000_003
+INTERRUPTS = ("SIGINT", "SIGTERM")  # the stop reasons that leave a run unfinished (also "stop_after")
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig, warmup_progress: float = 0.0) -> float:
@@ -97,88 +108,102 @@ def _set_numpy_state(s: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunProgress:
+    """Where a run folder's last checkpoint stands, read from its config.json alone."""
+
+    step: int  # optimizer steps done
+    finished: bool  # the run reached its step or time budget (an interrupted run is not finished)
+    elapsed: float  # training seconds spent so far
+
+
+def run_progress(run_dir: str | Path) -> RunProgress:
+    """The progress of the run in `run_dir` (its `last` checkpoint) without loading optimizer moments."""
+    ckpt = find_checkpoint(run_dir, prefer="last")
+    meta = read_checkpoint_config(ckpt)
+    progress = meta.get("progress")
+    if progress is None:  # a checkpoint written before config.json carried it
+        state = load_trainer_state(ckpt)
+        progress = {"finished": state.get("finished", False), "elapsed": state["elapsed"]}
+    return RunProgress(step=int(meta["step"]), finished=bool(progress["finished"]),
+                       elapsed=float(progress["elapsed"]))
+
+
 class Trainer:
+    """Trains `model_config` on `data` into `out_dir` with `train_config`.
+
+    init_weights: called on a fresh model (never on a resumed one) after the trainer built it,
+    before the optimizer sees it; the positional-encoding study gives every encoding the same
+    starting weights this way.
+    """
+
     def __init__(self, model_config: GPTConfig, train_config: TrainConfig, data: PreparedData | str | Path,
-                 out_dir: str | Path, *, resume: bool = False, show_progress: bool = True):
+                 out_dir: str | Path, *, resume: bool = False, show_progress: bool = True,
+                 init_weights: Callable[[GPT], None] | None = None):
         self.data = data if isinstance(data, PreparedData) else PreparedData(data)
         self.out_dir = Path(out_dir)
         self.show_progress = show_progress
+        self.init_weights = init_weights
         self.dist = DistInfo()
-        if resume:
-            ckpt = find_checkpoint(self.out_dir, prefer="last")
-            meta = read_checkpoint_config(ckpt)
-            saved_model = GPTConfig.from_dict(meta["model"])
-            if saved_model != model_config:
-                diff = {k: (v, getattr(model_config, k)) for k, v in saved_model.to_dict().items()
-                        if getattr(model_config, k) != v}
-                raise GPTSmallError(f"--resume: the model differs from the checkpoint's ({diff}); "
-                                    "leave the model flags as they were")
-            saved_optimizer = meta.get("train", {}).get("optimizer", "adamw")
-            if saved_optimizer != train_config.optimizer:
-                raise GPTSmallError(f"--resume: the checkpoint was trained with optimizer={saved_optimizer}, "
-                                    f"not {train_config.optimizer}; its optimizer state cannot be carried over")
-            self._check_same_tokenizer(ckpt)
-            self._resume_from = ckpt
-        else:
-            if (self.out_dir / "last").exists():
-                raise GPTSmallError(f"{self.out_dir} already holds a run; pass --resume to continue it "
-                                    "or choose another --out")
-            self._resume_from = None
+        self.model_config, self.train_config = model_config, train_config
+        self.resume_from = self._checkpoint_to_resume() if resume else None
+        if not resume and (self.out_dir / "last").exists():
+            raise GPTSmallError(f"{self.out_dir} already holds a run; pass --resume to continue it "
+                                "or choose another --out")
         if model_config.vocab_size != self.data.tokenizer.vocab_size:
             raise GPTSmallError(f"the model's vocab_size {model_config.vocab_size} differs from the data's "
                                 f"tokenizer ({self.data.tokenizer.vocab_size})")
-        self.model_config, self.config = model_config, train_config
         for split, arr in (("train", self.data.train), ("validation", self.data.val)):
             if len(arr) < model_config.block_size + 1:
                 raise GPTSmallError(f"the {split} split has {len(arr)} tokens, fewer than one window of "
                                     f"block_size + 1 = {model_config.block_size + 1}; use a smaller "
                                     "block_size or more text")
 
-    def _check_same_tokenizer(self, ckpt: Path) -> None:
+    def _checkpoint_to_resume(self) -> Path:
+        """The `last` checkpoint, checked against this trainer's model, optimizer and tokenizer."""
+        ckpt = find_checkpoint(self.out_dir, prefer="last")
+        meta = read_checkpoint_config(ckpt)
+        saved_model = GPTConfig.from_dict(meta["model"])
+        if saved_model != self.model_config:
+            diff = {k: (v, getattr(self.model_config, k)) for k, v in saved_model.to_dict().items()
+                    if getattr(self.model_config, k) != v}
+            raise GPTSmallError(f"--resume: the model differs from the checkpoint's ({diff}); "
+                                "leave the model flags as they were")
+        saved_optimizer = meta.get("train", {}).get("optimizer", "adamw")
+        if saved_optimizer != self.train_config.optimizer:
+            raise GPTSmallError(f"--resume: the checkpoint was trained with optimizer={saved_optimizer}, "
+                                f"not {self.train_config.optimizer}; its optimizer state cannot be carried over")
         if not same_tokenizer(load_tokenizer(ckpt), self.data.tokenizer):
             raise GPTSmallError(f"--resume: the data in {self.data.directory} was prepared with another "
                                 f"tokenizer than the checkpoint {ckpt}")
+        return ckpt
 
     # ------------------------------------------------------------------ set-up
 
     def setup(self) -> None:
-        cfg = self.config
+        """Device, process group, model, optimizer, sampler, evaluation windows; then the resumed state."""
+        cfg = self.train_config
         self.device = pick_device(cfg.device)
         self.dist = setup_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        if self.device.type == "cpu":
-            set_threads(cfg.threads, self.dist.local_world_size)
-            keep_freed_memory()
         # Asked only where a choice depends on it (a timed matmul on the CPU), and one answer on
         # every rank, as their own timings could differ (bf16 if any rank found it faster): the
         # autocast dtype and Muon's Newton-Schulz dtype must match across ranks.
         bf16_faster = ((cfg.dtype == "bfloat16-if-faster" or cfg.optimizer == "muon")
-                       and broadcast_flag(bf16_matmul_is_faster(self.device), self.device))
+                       and any_rank(bf16_matmul_is_faster(self.device), self.device))
         self.amp_dtype = pick_dtype(cfg.dtype, self.device, bf16_faster)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
         # Same initial weights on every rank; each rank's dropout stream differs.
         torch.manual_seed(cfg.seed)
         self.model = GPT(self.model_config).to(self.device)
+        if self.init_weights is not None and self.resume_from is None:
+            self.init_weights(self.model)
         torch.manual_seed(cfg.seed + self.dist.rank)
         random.seed(cfg.seed + self.dist.rank)
         np.random.seed((cfg.seed + self.dist.rank) % 2**32)
-        fused = self.device.type in ("cuda", "cpu")
-        if cfg.optimizer == "muon":
-            self.optimizer = MuonWithAdamW(
-                [p for name, p in self.model.named_parameters() if is_hidden_matrix(name, p)],
-                param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale, skip=is_hidden_matrix),
-                lr=cfg.lr, muon_lr=cfg.muon_lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2),
-                fused=fused, ns_dtype=torch.bfloat16 if bf16_faster else torch.float32)
-        else:
-            groups = param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale)
-            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+        self.optimizer = self._build_optimizer(ns_dtype=torch.bfloat16 if bf16_faster else torch.float32)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.forward_model: torch.nn.Module = self.model
-        if cfg.compile:
-            self.forward_model = torch.compile(self.model)
+        self.forward_model: torch.nn.Module = torch.compile(self.model) if cfg.compile else self.model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -194,12 +219,26 @@ class Trainer:
         self.elapsed = 0.0  # training seconds before this process (resume)
         self.warmup_progress = cfg.warmup_steps / cfg.max_steps
         self.finished = False
-        if self._resume_from is not None:
-            self.load_state_dict(load_trainer_state(self._resume_from))
+        self.lr = 0.0  # the learning rate of the last step
+        if self.resume_from is not None:
+            self.load_state_dict(load_trainer_state(self.resume_from))
+            load_weights(self.model, self.resume_from)
+
+    def _build_optimizer(self, ns_dtype: torch.dtype) -> torch.optim.Optimizer | MuonWithAdamW:
+        cfg = self.train_config
+        fused = self.device.type in ("cuda", "cpu")
+        if cfg.optimizer == "muon":
+            return MuonWithAdamW(
+                [p for name, p in self.model.named_parameters() if is_hidden_matrix(name, p)],
+                param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale, skip=is_hidden_matrix),
+                lr=cfg.lr, muon_lr=cfg.muon_lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2),
+                fused=fused, ns_dtype=ns_dtype)
+        groups = param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
     @property
     def tokens_per_step(self) -> int:
-        c = self.config
+        c = self.train_config
         return c.batch_size * c.grad_accum * self.model_config.block_size * self.dist.world_size
 
     def close(self) -> None:
@@ -212,7 +251,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         py_state = random.getstate()
-        state = {
+        return {
             "step": self.step,
             "best_val": self.best_val,
             "elapsed": self.elapsed_total(),
@@ -228,9 +267,9 @@ class Trainer:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             },
         }
-        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back a state_dict() (the weights travel apart, in model.safetensors)."""
         self.step = int(state["step"])
         self.best_val = float(state["best_val"])
         self.elapsed = float(state["elapsed"])
@@ -239,7 +278,7 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except ValueError as e:  # parameter groups laid out otherwise (a checkpoint of an older gpt-small)
-            raise GPTSmallError(f"--resume: the optimizer state in {self._resume_from} does not fit this "
+            raise GPTSmallError(f"--resume: the optimizer state in {self.resume_from} does not fit this "
                                 f"version's parameter groups ({e}); start a new run") from None
         self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
@@ -249,18 +288,17 @@ class Trainer:
         if self.dist.rank == 0:
             torch.set_rng_state(rng["torch"])
         else:  # the checkpoint holds rank 0's stream; give this rank its own (dropout only)
-            torch.manual_seed(self.config.seed + self.dist.rank + 1_000_003 * self.step)
+            torch.manual_seed(self.train_config.seed + self.dist.rank + RESUME_SEED_STRIDE * self.step)
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        load_weights(self.model, self._resume_from)
 
     def elapsed_total(self) -> float:
         return self.elapsed + (time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0)
 
     def progress(self) -> float:
-        p = self.step / self.config.max_steps
-        if self.config.max_time:
-            p = max(p, self.elapsed_total() / self.config.max_time)
+        p = self.step / self.train_config.max_steps
+        if self.train_config.max_time:
+            p = max(p, self.elapsed_total() / self.train_config.max_time)
         return min(p, 1.0)
 
     # ------------------------------------------------------------------ evaluation
@@ -283,7 +321,7 @@ class Trainer:
         without autocast whatever the training dtype: the run's headline figure compares across
         dtypes (on CUDA the trainer's TF32 matmuls stay on)."""
         return evaluate_tokens(self.model, self.data.val, context=self.model_config.block_size,
-                               batch_size=max(8, self.config.batch_size), device=self.device,
+                               batch_size=max(8, self.train_config.batch_size), device=self.device,
                                chars_per_token=self.data.chars_per_token("val"), autocast_dtype=torch.float32)
 
     def _evaluate_best_checkpoint(self) -> dict[str, Any] | None:
@@ -306,13 +344,16 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints and logs
 
     def save(self, *, best: bool = False) -> Path | None:
+        """A checkpoint of this step, `last` (and `best`) pointed at it; rank 0 only."""
+        self._last_saved_step = self.step
         if not self.dist.is_main:
             return None
         links = ("last", "best") if best else ("last",)
-        config = {"model": self.model_config.to_dict(), "train": self.config.to_dict(),
+        config = {"model": self.model_config.to_dict(), "train": self.train_config.to_dict(),
                   "data": {"directory": str(self.data.directory), "tokenizer": self.data.tokenizer.kind,
                            "chars_per_token": self.data.chars_per_token("val")},
-                  "val_loss": None if math.isinf(self.best_val) else self.best_val}
+                  "val_loss": None if math.isinf(self.best_val) else self.best_val,
+                  "progress": {"finished": self.finished, "elapsed": self.elapsed_total()}}
         return save_checkpoint(self.out_dir, step=self.step, model=self.model, tokenizer=self.data.tokenizer,
                                config=config, trainer_state=self.state_dict(), links=links)
 
@@ -330,9 +371,59 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _install_signal_handlers(self) -> dict:
-        self._signal = None
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train until max_steps or max_time; returns the run's summary.
 
+        stop_after: stop after this many steps of this call, as an interruption would (the
+        checkpoint is resumable and the schedule stays that of the whole run).
+        """
+        self.setup()
+        self.start(stop_after)
+        stopped_by = "max_steps"
+        try:
+            while self.step < self.train_config.max_steps:
+                loss = self.train_step()
+                self.log_step(loss)
+                stop = self.stop_reason()
+                done = stop is not None or self.step >= self.train_config.max_steps
+                if done or self.step % self.train_config.eval_interval == 0:
+                    self.evaluate_and_save(done=done, interrupted=stop in (*INTERRUPTS, "stop_after"))
+                elif self.step % self.train_config.checkpoint_interval == 0:
+                    self.save()
+                if stop is not None:
+                    stopped_by = stop
+                    break
+        finally:
+            self.end()
+        return self.finish(stopped_by)
+
+    def start(self, stop_after: int | None = None) -> None:
+        """Before the first step: the run folder, run_config.json, signal handlers, clocks, the bar."""
+        from tqdm import tqdm
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            run_config = {"model": self.model_config.to_dict(), "train": self.train_config.to_dict(),
+                          "data": str(self.data.directory), "world_size": self.dist.world_size,
+                          "device": str(self.device), "autocast": str(self.amp_dtype).removeprefix("torch.")}
+            (self.out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+        if self.resume_from is not None:
+            self._trim_metrics()
+            print0(f"resuming {self.out_dir} at step {self.step}")
+        self._signal: str | None = None
+        self._old_handlers = self._install_signal_handlers()
+        self._t_start = time.perf_counter()
+        self._start_step = self.step
+        self._stop_after = stop_after
+        self._last_saved_step = self.step if self.resume_from is not None else -1
+        self._t_log, self._tokens_since_log = time.perf_counter(), 0
+        # The bar follows progress(): the fraction of max_steps or of max_time, whichever is further,
+        # so its time-left estimate is right for step and for wall-clock budgets alike.
+        self._bar = tqdm(total=100, initial=int(self.progress() * 100), unit="%", dynamic_ncols=True,
+                         bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}",
+                         disable=not (self.show_progress and self.dist.is_main))
+
+    def _install_signal_handlers(self) -> dict:
         def handler(signum, frame):
             self._signal = signal.Signals(signum).name
 
@@ -346,7 +437,7 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean micro-batch loss."""
-        cfg = self.config
+        cfg = self.train_config
         lr = lr_at(self.step, self.progress(), cfg, self.warmup_progress)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_ratio", 1.0)
@@ -373,94 +464,70 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self._lr = lr
+        self.lr = lr
         return loss_value
 
-    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
-        """Train until max_steps or max_time; returns the run's summary.
+    def log_step(self, loss: float) -> None:
+        """Advance the bar; every log_interval steps (and after the first), a metrics line."""
+        self._tokens_since_log += self.tokens_per_step
+        self._bar.update(max(0, int(self.progress() * 100) - self._bar.n))
+        if self.step % self.train_config.log_interval and self.step != 1:
+            return
+        now = time.perf_counter()
+        tps = self._tokens_since_log / (now - self._t_log)
+        self._t_log, self._tokens_since_log = now, 0
+        self.log({"kind": "train", "step": self.step, "loss": loss, "lr": self.lr,
+                  "tokens": self.step * self.tokens_per_step, "elapsed": self.elapsed_total(), "tokens_per_s": tps})
+        self._bar.set_postfix_str(f"step {self.step} loss {loss:.4f} lr {self.lr:.2e} {tps:,.0f} tok/s")
 
-        stop_after: stop after this many steps of this call, as an interruption would (the
-        checkpoint is resumable and the schedule stays that of the whole run).
-        """
-        from tqdm import tqdm
+    def stop_reason(self) -> str | None:
+        """Why to stop after this step (a signal, the time budget, stop_after), or None; every rank
+        stops when any rank asks (the reason is this rank's own)."""
+        cfg = self.train_config
+        out_of_time = bool(cfg.max_time) and self.elapsed_total() >= cfg.max_time
+        paused = self._stop_after is not None and self.step - self._start_step >= self._stop_after
+        if not any_rank(self._signal is not None or out_of_time or paused, self.device):
+            return None
+        return self._signal or ("stop_after" if paused else "max_time")
 
-        self.setup()
-        cfg = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+    def evaluate_and_save(self, *, done: bool, interrupted: bool) -> None:
+        """Interval evaluation: log it, save `best` on improvement; at the end, the final checkpoint."""
+        val = self.evaluate()
+        improved = val < self.best_val
+        self.best_val = min(self.best_val, val)
+        bpc = bits_per_char(val, self.data.chars_per_token("val"))
+        self.log({"kind": "eval", "step": self.step, "val_loss": val, "val_bpc": bpc, "elapsed": self.elapsed_total()})
         if self.dist.is_main:
-            run_config = {"model": self.model_config.to_dict(), "train": cfg.to_dict(),
-                          "data": str(self.data.directory), "world_size": self.dist.world_size,
-                          "device": str(self.device), "autocast": str(self.amp_dtype).removeprefix("torch.")}
-            (self.out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-        if self._resume_from is not None:
-            self._trim_metrics()
-            print0(f"resuming {self.out_dir} at step {self.step}")
-        old_handlers = self._install_signal_handlers()
-        self._t_start = time.perf_counter()
-        start_step = self.step
-        # The bar follows progress(): the fraction of max_steps or of max_time, whichever is further,
-        # so its time-left estimate is right for step and for wall-clock budgets alike.
-        bar = tqdm(total=100, initial=int(self.progress() * 100), unit="%", dynamic_ncols=True,
-                   bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}",
-                   disable=not (self.show_progress and self.dist.is_main))
-        stop_reason = "max_steps"
-        last_saved_step = self.step if self._resume_from is not None else -1
-        t_log, tokens_since_log = time.perf_counter(), 0
-        try:
-            while self.step < cfg.max_steps:
-                loss = self.train_step()
-                tokens_since_log += self.tokens_per_step
-                bar.update(max(0, int(self.progress() * 100) - bar.n))
-                if self.step % cfg.log_interval == 0 or self.step == 1:
-                    now = time.perf_counter()
-                    tps = tokens_since_log / (now - t_log)
-                    t_log, tokens_since_log = now, 0
-                    self.log({"kind": "train", "step": self.step, "loss": loss, "lr": self._lr,
-                              "tokens": self.step * self.tokens_per_step, "elapsed": self.elapsed_total(),
-                              "tokens_per_s": tps})
-                    bar.set_postfix_str(f"step {self.step} loss {loss:.4f} lr {self._lr:.2e} {tps:,.0f} tok/s")
-                out_of_time = bool(cfg.max_time) and self.elapsed_total() >= cfg.max_time
-                paused = stop_after is not None and self.step - start_step >= stop_after
-                stop = broadcast_flag(self._signal is not None or out_of_time or paused, self.device)
-                done = stop or self.step >= cfg.max_steps
-                if self.step % cfg.eval_interval == 0 or done:
-                    val = self.evaluate()
-                    improved = val < self.best_val
-                    self.best_val = min(self.best_val, val)
-                    cpt = self.data.chars_per_token("val")
-                    self.log({"kind": "eval", "step": self.step, "val_loss": val,
-                              "val_bpc": bits_per_char(val, cpt), "elapsed": self.elapsed_total()})
-                    if self.dist.is_main:
-                        bar.write(f"step {self.step}: val loss {val:.4f} ({bits_per_char(val, cpt):.3f} bits/char)")
-                    if improved and not done:
-                        self.save(best=True)
-                        last_saved_step = self.step
-                    if done:
-                        self.finished = not (self._signal or paused)  # an interrupted run is not finished
-                        self.save(best=improved)
-                        last_saved_step = self.step
-                elif self.step % cfg.checkpoint_interval == 0:
-                    self.save()
-                    last_saved_step = self.step
-                if stop:
-                    stop_reason = self._signal or ("stop_after" if paused else "max_time")
-                    break
-        finally:
-            bar.close()
-            for sig, h in old_handlers.items():
-                signal.signal(sig, h)
-        if last_saved_step != self.step:
+            self._bar.write(f"step {self.step}: val loss {val:.4f} ({bpc:.3f} bits/char)")
+        if done:
+            self.finished = not interrupted
+            self.save(best=improved)
+        elif improved:
+            self.save(best=True)
+
+    def end(self) -> None:
+        """After the loop, also after an error: close the bar, put the signal handlers back."""
+        self._bar.close()
+        for sig, h in self._old_handlers.items():
+            signal.signal(sig, h)
+
+    def finish(self, stopped_by: str) -> dict[str, Any]:
+        """The last checkpoint if the loop did not save one, the whole-split evaluations, the summary
+        and the plot; returns the summary."""
+        if self._last_saved_step != self.step:  # max_steps was already reached: nothing trained
             self.finished = True
             self.save()
         wall = time.perf_counter() - self._t_start
+        steps_this_run = self.step - self._start_step
         summary = {
-            "out_dir": str(self.out_dir), "stopped_by": stop_reason, "steps": self.step,
-            "steps_this_run": self.step - start_step, "tokens": self.step * self.tokens_per_step,
-            "wall_seconds": wall, "tokens_per_s": (self.step - start_step) * self.tokens_per_step / max(wall, 1e-9),
-            "best_val_loss": self.best_val, "best_val_bpc": bits_per_char(self.best_val, self.data.chars_per_token("val")),
+            "out_dir": str(self.out_dir), "stopped_by": stopped_by, "steps": self.step,
+            "steps_this_run": steps_this_run, "tokens": self.step * self.tokens_per_step,
+            "wall_seconds": wall, "tokens_per_s": steps_this_run * self.tokens_per_step / max(wall, 1e-9),
+            "best_val_loss": self.best_val,
+            "best_val_bpc": bits_per_char(self.best_val, self.data.chars_per_token("val")),
             "checkpoint": str(self.out_dir / "last"),
         }
-        if cfg.final_eval and stop_reason in ("max_steps", "max_time"):
+        if self.train_config.final_eval and stopped_by in ("max_steps", "max_time"):
             res = self.evaluate_full()
             summary["final_val"] = res.to_dict()
             self.log({"kind": "final_eval", "step": self.step, **res.to_dict()})
@@ -469,17 +536,12 @@ class Trainer:
                 summary["best_checkpoint_val"] = best
                 self.log({"kind": "final_eval_best", **best})
         if self.dist.is_main:
+            from .plots import plot_run
+
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            try:
-                from .plots import plot_run
-
-                plot_run(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
-                summary["plot"] = str(self.out_dir / "curves.png")
-            except ImportError:
-                pass
+            plot_run(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
+            summary["plot"] = str(self.out_dir / "curves.png")
         return summary
-
-
 def format_summary(s: dict[str, Any]) -> str:
     """The one-paragraph summary printed at the end of `gpt-small train`."""
     text = (f"Trained {s['steps']:,} steps ({s['steps_this_run']:,} in this run, {s['tokens']:,} tokens in all) "

@@ -13,7 +13,8 @@ import torch
 from gpt_small import GPT, GPTConfig, TrainConfig
 from gpt_small.cli import main
 from gpt_small.data import PreparedData
-from gpt_small.study import SharedInitTrainer, extrapolation_plan, initial_model, parse_encodings, verdict
+from gpt_small.study import copy_shared_weights, extrapolation_plan, parse_encodings, verdict
+from gpt_small.train import Trainer
 
 ENCODINGS = ("learned", "sinusoidal", "rope")
 
@@ -21,6 +22,14 @@ ENCODINGS = ("learned", "sinusoidal", "rope")
 @pytest.fixture(scope="module")
 def data_dir(verse_data) -> Path:
     return verse_data
+
+
+def initial_model(config: GPTConfig, seed: int) -> GPT:
+    """The step-0 model of a study run: what the trainer builds, with the shared weights copied in."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    copy_shared_weights(model, seed)
+    return model
 
 
 def _shared(model: GPT) -> dict[str, torch.Tensor]:
@@ -52,7 +61,8 @@ def test_trainer_starts_from_the_shared_weights_and_keeps_its_rng(data_dir, tmp_
     vocab = PreparedData(data_dir).tokenizer.vocab_size
     cfg = GPTConfig.from_preset("tiny", vocab_size=vocab, pos_encoding="learned", tie_embeddings=False)
     tcfg = TrainConfig(batch_size=2, max_steps=1, threads=1, seed=11)
-    trainer = SharedInitTrainer(cfg, tcfg, data_dir, tmp_path / "run", show_progress=False)
+    trainer = Trainer(cfg, tcfg, data_dir, tmp_path / "run", show_progress=False,
+                      init_weights=lambda model: copy_shared_weights(model, 11))
     trainer.setup()
     after_setup = torch.get_rng_state()
     torch.manual_seed(11)  # Trainer.setup leaves the stream seeded by seed + rank: the copy did not move it
