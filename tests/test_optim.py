@@ -59,3 +59,30 @@ def test_muon_step_moves_each_matrix_by_lr_times_an_orthogonal_update():
     Muon([p], lr=0.1, momentum=0.0, nesterov=False).step()
     delta = (before - p.detach()) / 0.1  # 8 x 32: wide, so no sqrt(rows/cols) factor
     torch.testing.assert_close(delta, orthogonalize(p.grad), atol=1e-5, rtol=0)
+
+
+def test_muon_momentum_and_nesterov_follow_the_reference_formula():
+    """Two steps with momentum 0.9: buf = 0.9 buf + 0.1 g; Nesterov's update = 0.1 g + 0.9 buf."""
+    g = torch.Generator().manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(8, 32, generator=g))
+    grads = [torch.randn(8, 32, generator=g) for _ in range(2)]
+    for nesterov in (True, False):
+        q = torch.nn.Parameter(p.detach().clone())
+        opt = Muon([q], lr=0.1, momentum=0.9, nesterov=nesterov)
+        expected, buf = p.detach().clone(), torch.zeros(8, 32)
+        for grad in grads:
+            q.grad = grad.clone()
+            opt.step()
+            buf = 0.9 * buf + 0.1 * grad
+            update = 0.1 * grad + 0.9 * buf if nesterov else buf
+            expected -= 0.1 * orthogonalize(update)
+        torch.testing.assert_close(q.detach(), expected, atol=1e-5, rtol=0)
+
+
+def test_muon_scales_tall_matrices_by_sqrt_rows_over_cols():
+    torch.manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(32, 8))
+    p.grad = torch.randn(32, 8)
+    before = p.detach().clone()
+    Muon([p], lr=0.1, momentum=0.0, nesterov=False).step()
+    torch.testing.assert_close((before - p.detach()) / 0.1, 2.0 * orthogonalize(p.grad), atol=1e-5, rtol=0)
