@@ -161,9 +161,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- generate and poem
 
-# --lines N without --max-new-tokens: room for N lines of a char model (eng-poem's lines average
-# ~38 characters; 500 tokens cut a 12-line poem short).
-_LINE_TOKENS = 200
+# --lines N without --max-new-tokens: room for N lines (config.LINE_TOKEN_BUDGET each)
+from .config import LINE_TOKEN_BUDGET as _LINE_TOKENS  # noqa: E402
 
 
 def _args_generate(p: argparse.ArgumentParser) -> None:

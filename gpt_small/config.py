@@ -17,9 +17,14 @@ from typing import Any, Literal, get_args, get_type_hints
 
 from .errors import ConfigError
 
-ACTIVATIONS = ("relu", "gelu", "relu2")
-POS_ENCODINGS = ("learned", "sinusoidal", "rope")
-DTYPES = ("auto", "float32", "bfloat16", "float16", "bfloat16-if-faster")
+# The allowed choices: each spelled once, as a Literal type; the tuples are derived from it.
+Activation = Literal["relu", "gelu", "relu2"]
+PosEncoding = Literal["learned", "sinusoidal", "rope"]
+Schedule = Literal["cosine", "wsd", "constant"]
+Optimizer = Literal["adamw", "muon"]
+DType = Literal["auto", "float32", "bfloat16", "float16", "bfloat16-if-faster"]
+ACTIVATIONS, POS_ENCODINGS = get_args(Activation), get_args(PosEncoding)
+SCHEDULES, OPTIMIZERS, DTYPES = get_args(Schedule), get_args(Optimizer), get_args(DType)
 
 
 @dataclass(kw_only=True)
@@ -33,9 +38,9 @@ class GPTConfig:
     n_embd: int = 384  # residual stream width
     dropout: float = 0.0  # dropout on attention weights, residual branches and embeddings
     bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2 has them)
-    activation: Literal["relu", "gelu", "relu2"] = "relu"  # feed-forward non-linearity
+    activation: Activation = "relu"  # feed-forward non-linearity
     mlp_ratio: int = 4  # feed-forward hidden width = mlp_ratio * n_embd
-    pos_encoding: Literal["learned", "sinusoidal", "rope"] = "learned"  # where positions come from
+    pos_encoding: PosEncoding = "learned"  # where positions come from
     rope_theta: float = 10000.0  # RoPE base: angle of pair j is pos / theta^(2j/head_size)
     tie_embeddings: bool = True  # the output head shares the token embedding matrix
     qk_norm: bool = False  # LayerNorm on each head's queries and keys before attention
@@ -119,6 +124,11 @@ class GPTConfig:
         return 6 * N + 6 * self.n_layer * T * self.n_embd
 
 
+# Token budget per verse line where generation is asked for N lines without a token cap (the CLI's
+# --lines, make poem): several times a verse line of a char model, so the cap rarely cuts a poem
+# short, yet it bounds a model that never writes a newline.
+LINE_TOKEN_BUDGET = 200
+
 # Only what differs from the GPTConfig defaults. Parameter counts are in the README (`gpt-small info`).
 PRESETS: dict[str, dict[str, Any]] = {
     # A debug size for the tests: a training step takes milliseconds.
@@ -150,47 +160,48 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # learning rate at the end of the decay
     warmup_steps: int = 100  # linear warm-up from 0 to lr
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"  # decay shape after warm-up
+    schedule: Schedule = "cosine"  # decay shape after warm-up
     decay_frac: float = 0.2  # wsd only: the last fraction of the run that decays linearly to min_lr
     weight_decay: float = 0.1  # AdamW decay on matrices (never on norms, biases, position or n-gram tables)
     head_lr_scale: float = 1.0  # an untied lm_head trains at lr * head_lr_scale
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
-    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
+    optimizer: Optimizer = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
     muon_lr: float = 0.02  # muon only: peak learning rate of the Muon matrices (follows the same schedule)
     muon_momentum: float = 0.95  # muon only: Nesterov momentum
     grad_clip: float = 1.0  # clip the gradient norm to this (0 = off)
-    max_steps: int = 5000  # optimizer steps (the schedule's length)
+    max_steps: int = 5000  # optimizer steps (the schedule's length); 0 = no step limit: max_time ends the run
     max_time: float = 0.0  # wall-clock budget in seconds (0 = none); stops early, schedule follows time
     eval_interval: int = 250  # steps between evaluations
     eval_batches: int = 20  # batches in each interval evaluation (fixed windows of the val split)
     log_interval: int = 10  # steps between metrics.jsonl lines
-    checkpoint_interval: int = 500  # steps between checkpoints (also at the end and on SIGINT/SIGTERM)
+    checkpoint_interval: int = 500  # steps between checkpoints (also at the end and on SIGINT/SIGTERM); 0 = none
+    # between: only at an improved evaluation and at the end
     final_eval: bool = True  # evaluate the whole validation split at the end
     seed: int = 1337  # seeds the weights, the data order and dropout
     device: str = "auto"  # auto = cuda, then mps, then cpu
     # auto = bf16 autocast on CUDA (fp16 where bf16 is missing), fp32 on the CPU; bfloat16-if-faster =
     # bf16 autocast where bf16 matmuls run faster than fp32 (CUDA; a CPU where a timed bf16 matmul
     # beats fp32 by 1.25x or more), else fp32
-    dtype: Literal["auto", "float32", "bfloat16", "float16", "bfloat16-if-faster"] = "auto"
+    dtype: DType = "auto"
     compile: bool = False  # torch.compile the model
     threads: int = 0  # CPU threads for torch (0 = the cores this process may use)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
-                     "log_interval", "checkpoint_interval"):
+        for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "threads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "threads", "max_steps", "checkpoint_interval"):  # 0: off, or all cores
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr!r}")
-        if self.schedule not in ("cosine", "wsd", "constant"):
-            raise ConfigError(f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0 < self.decay_frac <= 1:
             raise ConfigError(f"decay_frac must be in (0, 1], got {self.decay_frac!r}")
         if self.weight_decay < 0:
@@ -200,8 +211,8 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.optimizer not in ("adamw", "muon"):
-            raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not self.muon_lr > 0:
             raise ConfigError(f"muon_lr must be positive, got {self.muon_lr!r}")
         if not 0 <= self.muon_momentum < 1:

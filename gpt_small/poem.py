@@ -66,6 +66,7 @@ def write_poems(run_dir: Path, *, lines: int = 12, prompts: tuple[str, ...] = PR
                 temperature: float = 0.8) -> list[str]:
     from .checkpoint import load_checkpoint
     from .device import pick_device
+    from .config import LINE_TOKEN_BUDGET
     from .generate import generate_text
 
     ckpt = load_checkpoint(run_dir, device=pick_device("auto"), prefer="best")
@@ -77,7 +78,7 @@ def write_poems(run_dir: Path, *, lines: int = 12, prompts: tuple[str, ...] = PR
             prompt = ""
         print0(f"--- poem {i + 1} ---")
         sys.stdout.write(prompt)
-        text = generate_text(ckpt.model, ckpt.tokenizer, prompt, lines=lines, max_new_tokens=2000,
+        text = generate_text(ckpt.model, ckpt.tokenizer, prompt, lines=lines, max_new_tokens=LINE_TOKEN_BUDGET * lines,
                              temperature=temperature, seed=seed + i,
                              stream=lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush()))[0]
         sys.stdout.write("\n" if not text.endswith("\n") else "")

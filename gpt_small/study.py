@@ -207,7 +207,8 @@ def compare_encodings(encodings: str | Sequence[str], *, model_config: GPTConfig
 
 def _budget_text(cfg: TrainConfig) -> str:
     if cfg.max_time:
-        return (f"max_time {cfg.max_time:g} s per model (and at most {cfg.max_steps:,} steps): faster encodings "
+        limit = f" (and at most {cfg.max_steps:,} steps)" if cfg.max_steps else ""
+        return (f"max_time {cfg.max_time:g} s per model{limit}: faster encodings "
                 "take more steps; use --max-steps to compare equal work")
     return f"max_steps {cfg.max_steps:,} per model (equal work for every encoding)"
 

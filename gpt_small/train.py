@@ -150,6 +150,8 @@ class Trainer:
         if not resume and (self.out_dir / "last").exists():
             raise GPTSmallError(f"{self.out_dir} already holds a run; pass --resume to continue it "
                                 "or choose another --out")
+        if not (train_config.max_steps or train_config.max_time):
+            raise GPTSmallError("max_steps 0 (no step limit) needs a max_time (--max-time) to end the run")
         if model_config.vocab_size != self.data.tokenizer.vocab_size:
             raise GPTSmallError(f"the model's vocab_size {model_config.vocab_size} differs from the data's "
                                 f"tokenizer ({self.data.tokenizer.vocab_size})")
@@ -217,7 +219,7 @@ class Trainer:
         self.step = 0
         self.best_val = float("inf")
         self.elapsed = 0.0  # training seconds before this process (resume)
-        self.warmup_progress = cfg.warmup_steps / cfg.max_steps
+        self.warmup_progress = cfg.warmup_steps / self.step_limit
         self.finished = False
         self.lr = 0.0  # the learning rate of the last step
         if self.resume_from is not None:
@@ -235,6 +237,11 @@ class Trainer:
                 fused=fused, ns_dtype=ns_dtype)
         groups = param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale)
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+    @property
+    def step_limit(self) -> float:
+        """max_steps, or infinity where max_steps is 0 (the time budget ends the run)."""
+        return self.train_config.max_steps or math.inf
 
     @property
     def tokens_per_step(self) -> int:
@@ -296,7 +303,7 @@ class Trainer:
         return self.elapsed + (time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0)
 
     def progress(self) -> float:
-        p = self.step / self.train_config.max_steps
+        p = self.step / self.step_limit
         if self.train_config.max_time:
             p = max(p, self.elapsed_total() / self.train_config.max_time)
         return min(p, 1.0)
@@ -381,14 +388,14 @@ class Trainer:
         self.start(stop_after)
         stopped_by = "max_steps"
         try:
-            while self.step < self.train_config.max_steps:
+            while self.step < self.step_limit:
                 loss = self.train_step()
                 self.log_step(loss)
                 stop = self.stop_reason()
-                done = stop is not None or self.step >= self.train_config.max_steps
+                done = stop is not None or self.step >= self.step_limit
                 if done or self.step % self.train_config.eval_interval == 0:
                     self.evaluate_and_save(done=done, interrupted=stop in (*INTERRUPTS, "stop_after"))
-                elif self.step % self.train_config.checkpoint_interval == 0:
+                elif self.train_config.checkpoint_interval and self.step % self.train_config.checkpoint_interval == 0:
                     self.save()
                 if stop is not None:
                     stopped_by = stop
@@ -443,8 +450,7 @@ class Trainer:
             group["lr"] = lr * group.get("lr_ratio", 1.0)
         total = 0.0
         for micro in range(cfg.grad_accum):
-            x, y = self.sampler.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = self.sampler.next_batch(self.device)
             last = micro == cfg.grad_accum - 1
             sync = nullcontext() if last or not self.dist.enabled else self.forward_model.no_sync()
             with sync, autocast(self.device, self.amp_dtype):

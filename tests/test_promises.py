@@ -272,3 +272,17 @@ def test_threads_are_shared_among_the_processes_of_one_machine():
         assert set_threads(0) == cores and set_threads(3) == 3 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_max_steps_0_means_no_step_limit_and_needs_a_time_budget(data_dir, tmp_path):
+    """configs spell "no step limit" as max_steps = 0 (and "no interval checkpoints" as
+    checkpoint_interval = 0): the time budget ends the run; without one it is refused."""
+    from gpt_small.errors import GPTSmallError
+
+    with pytest.raises(GPTSmallError, match="max_steps 0"):
+        _trainer(data_dir, tmp_path / "none", max_steps=0)
+    summary = _trainer(data_dir, tmp_path / "run", max_steps=0, max_time=0.5, checkpoint_interval=0,
+                       eval_interval=10_000).fit()
+    assert summary["stopped_by"] == "max_time" and summary["steps"] >= 1
+    steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert steps == [f"step-{summary['steps']:06d}"]  # only the final one
