@@ -261,8 +261,6 @@ def _run_eval(args: argparse.Namespace) -> None:
     from .device import set_threads
     from .evaluate import evaluate_checkpoint, format_eval
 
-    if args.dtype not in ("float32", "bfloat16", "float16"):
-        raise GPTSmallError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
     set_threads(args.threads)
     result = evaluate_checkpoint(args.checkpoint, text=args.text, corpus=args.corpus, data=args.data,
                                  split=args.split, context=args.context, stride=args.stride,
