@@ -6,8 +6,8 @@ into plain tensors and numbers (saved as `trainer_state.pt`, read back with
 `torch.load(weights_only=True)`), `load_state_dict()` puts them back, so 10 steps + resume + 10
 steps equals 20 steps.
 
-`fit()` is a short loop over named steps: `train_step`, `log_step`, `evaluate_and_save` or
-`save_interval`, and at the end `finish`. One optimizer step = `grad_accum` micro-batches per
+`fit()` is a short loop over named steps: `train_step`, `log_step`, `stop_reason`, then
+`evaluate_and_save` or `save`, and at the end `finish`. One optimizer step = `grad_accum` micro-batches per
 process; under torchrun the gradients are all-reduced once per step (DDP's `no_sync` on the other
 micro-batches). Rank 0 alone logs and writes checkpoints. SIGINT/SIGTERM finish the current step,
 save, and stop; a NaN or infinite loss stops before anything is saved, so the last good checkpoint
@@ -97,15 +97,94 @@ def param_groups(model: torch.nn.Module, weight_decay: float, *, head_lr_scale: 
     return groups
 
 
-def _numpy_state() -> dict[str, Any]:
-    """numpy's global MT19937 state as tensors and numbers (weights_only-loadable)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+def rng_state() -> dict[str, Any]:
+    """Python's, numpy's, torch's and CUDA's global RNG states as tensors and numbers
+    (weights_only-loadable)."""
+    py_state = random.getstate()
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
-def _set_numpy_state(s: dict[str, Any]) -> None:
-    np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
+def set_rng_state(rng: dict[str, Any], *, rank: int, seed: int, step: int) -> None:
+    """Put back rng_state(). The checkpoint holds rank 0's torch stream: another rank gets its own
+    (it drives dropout only), seeded by rank and step."""
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if rank == 0:
+        torch.set_rng_state(rng["torch"])
+    else:
+        torch.manual_seed(seed + rank + RESUME_SEED_STRIDE * step)
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def build_optimizer(model: GPT, cfg: TrainConfig, *, fused: bool,
+                    ns_dtype: torch.dtype) -> torch.optim.Optimizer | MuonWithAdamW:
+    """AdamW over param_groups, or Muon for the blocks' matrices with AdamW for the rest."""
+    if cfg.optimizer == "muon":
+        return MuonWithAdamW(
+            [p for name, p in model.named_parameters() if is_hidden_matrix(name, p)],
+            param_groups(model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale, skip=is_hidden_matrix),
+            lr=cfg.lr, muon_lr=cfg.muon_lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2),
+            fused=fused, ns_dtype=ns_dtype)
+    groups = param_groups(model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def check_resumable(out_dir: Path, model_config: GPTConfig, train_config: TrainConfig, data: PreparedData) -> Path:
+    """The `last` checkpoint of out_dir, checked against the model, optimizer and tokenizer asked for."""
+    ckpt = find_checkpoint(out_dir, prefer="last")
+    meta = read_checkpoint_config(ckpt)
+    saved_model = GPTConfig.from_dict(meta["model"])
+    if saved_model != model_config:
+        diff = {k: (v, getattr(model_config, k)) for k, v in saved_model.to_dict().items()
+                if getattr(model_config, k) != v}
+        raise GPTSmallError(f"--resume: the model differs from the checkpoint's ({diff}); "
+                            "leave the model flags as they were")
+    saved_optimizer = meta.get("train", {}).get("optimizer", "adamw")
+    if saved_optimizer != train_config.optimizer:
+        raise GPTSmallError(f"--resume: the checkpoint was trained with optimizer={saved_optimizer}, "
+                            f"not {train_config.optimizer}; its optimizer state cannot be carried over")
+    if not same_tokenizer(load_tokenizer(ckpt), data.tokenizer):
+        raise GPTSmallError(f"--resume: the data in {data.directory} was prepared with another "
+                            f"tokenizer than the checkpoint {ckpt}")
+    return ckpt
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop the log lines written after the checkpoint's step (they will be written again)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+class StopSignals:
+    """While entered, SIGINT and SIGTERM are noted in `.name` instead of stopping the process (the
+    trainer finishes its step, saves and stops); the old handlers come back on exit."""
+
+    def __enter__(self) -> "StopSignals":
+        self.name: str | None = None
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._note)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _note(self, signum, frame) -> None:
+        self.name = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,7 +225,7 @@ class Trainer:
         self.init_weights = init_weights
         self.dist = DistInfo()
         self.model_config, self.train_config = model_config, train_config
-        self.resume_from = self._checkpoint_to_resume() if resume else None
+        self.resume_from = check_resumable(self.out_dir, model_config, train_config, self.data) if resume else None
         if not resume and (self.out_dir / "last").exists():
             raise GPTSmallError(f"{self.out_dir} already holds a run; pass --resume to continue it "
                                 "or choose another --out")
@@ -160,25 +239,6 @@ class Trainer:
                 raise GPTSmallError(f"the {split} split has {len(arr)} tokens, fewer than one window of "
                                     f"block_size + 1 = {model_config.block_size + 1}; use a smaller "
                                     "block_size or more text")
-
-    def _checkpoint_to_resume(self) -> Path:
-        """The `last` checkpoint, checked against this trainer's model, optimizer and tokenizer."""
-        ckpt = find_checkpoint(self.out_dir, prefer="last")
-        meta = read_checkpoint_config(ckpt)
-        saved_model = GPTConfig.from_dict(meta["model"])
-        if saved_model != self.model_config:
-            diff = {k: (v, getattr(self.model_config, k)) for k, v in saved_model.to_dict().items()
-                    if getattr(self.model_config, k) != v}
-            raise GPTSmallError(f"--resume: the model differs from the checkpoint's ({diff}); "
-                                "leave the model flags as they were")
-        saved_optimizer = meta.get("train", {}).get("optimizer", "adamw")
-        if saved_optimizer != self.train_config.optimizer:
-            raise GPTSmallError(f"--resume: the checkpoint was trained with optimizer={saved_optimizer}, "
-                                f"not {self.train_config.optimizer}; its optimizer state cannot be carried over")
-        if not same_tokenizer(load_tokenizer(ckpt), self.data.tokenizer):
-            raise GPTSmallError(f"--resume: the data in {self.data.directory} was prepared with another "
-                                f"tokenizer than the checkpoint {ckpt}")
-        return ckpt
 
     # ------------------------------------------------------------------ set-up
 
@@ -203,7 +263,8 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.dist.rank)
         random.seed(cfg.seed + self.dist.rank)
         np.random.seed((cfg.seed + self.dist.rank) % 2**32)
-        self.optimizer = self._build_optimizer(ns_dtype=torch.bfloat16 if bf16_faster else torch.float32)
+        self.optimizer = build_optimizer(self.model, cfg, fused=self.device.type in ("cuda", "cpu"),
+                                         ns_dtype=torch.bfloat16 if bf16_faster else torch.float32)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.forward_model: torch.nn.Module = torch.compile(self.model) if cfg.compile else self.model
         if self.dist.enabled:
@@ -226,18 +287,6 @@ class Trainer:
             self.load_state_dict(load_trainer_state(self.resume_from))
             load_weights(self.model, self.resume_from)
 
-    def _build_optimizer(self, ns_dtype: torch.dtype) -> torch.optim.Optimizer | MuonWithAdamW:
-        cfg = self.train_config
-        fused = self.device.type in ("cuda", "cpu")
-        if cfg.optimizer == "muon":
-            return MuonWithAdamW(
-                [p for name, p in self.model.named_parameters() if is_hidden_matrix(name, p)],
-                param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale, skip=is_hidden_matrix),
-                lr=cfg.lr, muon_lr=cfg.muon_lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2),
-                fused=fused, ns_dtype=ns_dtype)
-        groups = param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale)
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
-
     @property
     def step_limit(self) -> float:
         """max_steps, or infinity where max_steps is 0 (the time budget ends the run)."""
@@ -257,7 +306,6 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        py_state = random.getstate()
         return {
             "step": self.step,
             "best_val": self.best_val,
@@ -267,12 +315,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "rng": {
-                "python": [py_state[0], list(py_state[1]), py_state[2]],
-                "numpy": _numpy_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
+            "rng": rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -289,15 +332,7 @@ class Trainer:
                                 f"version's parameter groups ({e}); start a new run") from None
         self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
-        rng = state["rng"]
-        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-        _set_numpy_state(rng["numpy"])
-        if self.dist.rank == 0:
-            torch.set_rng_state(rng["torch"])
-        else:  # the checkpoint holds rank 0's stream; give this rank its own (dropout only)
-            torch.manual_seed(self.train_config.seed + self.dist.rank + RESUME_SEED_STRIDE * self.step)
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        set_rng_state(state["rng"], rank=self.dist.rank, seed=self.train_config.seed, step=self.step)
 
     def elapsed_total(self) -> float:
         return self.elapsed + (time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0)
@@ -369,13 +404,6 @@ class Trainer:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def _trim_metrics(self) -> None:
-        """On resume, drop log lines written after the checkpoint (they will be written again)."""
-        path = self.out_dir / "metrics.jsonl"
-        if self.dist.is_main and path.exists():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-            path.write_text("".join(line + "\n" for line in keep))
-
     # ------------------------------------------------------------------ the loop
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
@@ -387,7 +415,7 @@ class Trainer:
         self.setup()
         self.start(stop_after)
         stopped_by = "max_steps"
-        try:
+        with StopSignals() as self.signals, self._bar:
             while self.step < self.step_limit:
                 loss = self.train_step()
                 self.log_step(loss)
@@ -400,12 +428,10 @@ class Trainer:
                 if stop is not None:
                     stopped_by = stop
                     break
-        finally:
-            self.end()
         return self.finish(stopped_by)
 
     def start(self, stop_after: int | None = None) -> None:
-        """Before the first step: the run folder, run_config.json, signal handlers, clocks, the bar."""
+        """Before the first step: the run folder, run_config.json, the clocks, the progress bar."""
         from tqdm import tqdm
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -415,10 +441,9 @@ class Trainer:
                           "device": str(self.device), "autocast": str(self.amp_dtype).removeprefix("torch.")}
             (self.out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
         if self.resume_from is not None:
-            self._trim_metrics()
+            if self.dist.is_main:
+                trim_metrics(self.out_dir / "metrics.jsonl", self.step)
             print0(f"resuming {self.out_dir} at step {self.step}")
-        self._signal: str | None = None
-        self._old_handlers = self._install_signal_handlers()
         self._t_start = time.perf_counter()
         self._start_step = self.step
         self._stop_after = stop_after
@@ -429,18 +454,6 @@ class Trainer:
         self._bar = tqdm(total=100, initial=int(self.progress() * 100), unit="%", dynamic_ncols=True,
                          bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}",
                          disable=not (self.show_progress and self.dist.is_main))
-
-    def _install_signal_handlers(self) -> dict:
-        def handler(signum, frame):
-            self._signal = signal.Signals(signum).name
-
-        old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                old[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
-        return old
 
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean micro-batch loss."""
@@ -492,9 +505,9 @@ class Trainer:
         cfg = self.train_config
         out_of_time = bool(cfg.max_time) and self.elapsed_total() >= cfg.max_time
         paused = self._stop_after is not None and self.step - self._start_step >= self._stop_after
-        if not any_rank(self._signal is not None or out_of_time or paused, self.device):
+        if not any_rank(self.signals.name is not None or out_of_time or paused, self.device):
             return None
-        return self._signal or ("stop_after" if paused else "max_time")
+        return self.signals.name or ("stop_after" if paused else "max_time")
 
     def evaluate_and_save(self, *, done: bool, interrupted: bool) -> None:
         """Interval evaluation: log it, save `best` on improvement; at the end, the final checkpoint."""
@@ -510,12 +523,6 @@ class Trainer:
             self.save(best=improved)
         elif improved:
             self.save(best=True)
-
-    def end(self) -> None:
-        """After the loop, also after an error: close the bar, put the signal handlers back."""
-        self._bar.close()
-        for sig, h in self._old_handlers.items():
-            signal.signal(sig, h)
 
     def finish(self, stopped_by: str) -> dict[str, Any]:
         """The last checkpoint if the loop did not save one, the whole-split evaluations, the summary
@@ -548,6 +555,8 @@ class Trainer:
             plot_run(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
             summary["plot"] = str(self.out_dir / "curves.png")
         return summary
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """The one-paragraph summary printed at the end of `gpt-small train`."""
     text = (f"Trained {s['steps']:,} steps ({s['steps_this_run']:,} in this run, {s['tokens']:,} tokens in all) "
