@@ -286,3 +286,30 @@ def test_max_steps_0_means_no_step_limit_and_needs_a_time_budget(data_dir, tmp_p
     assert summary["stopped_by"] == "max_time" and summary["steps"] >= 1
     steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert steps == [f"step-{summary['steps']:06d}"]  # only the final one
+
+
+def test_banned_ids_are_never_sampled():
+    """Mutation: banned_ids ignored (a char model could write its <unk>)."""
+    from gpt_small.generate import generate_tokens
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny"))
+    free = torch.cat(list(generate_tokens(model, [1, 2, 3], max_new_tokens=8, temperature=0)))
+    banned = sorted(set(free.tolist()))  # what greedy decoding picks when nothing is banned
+    kept = torch.cat(list(generate_tokens(model, [1, 2, 3], max_new_tokens=8, temperature=0, banned_ids=banned)))
+    assert not set(kept.tolist()) & set(banned)
+
+
+def test_process_settings_are_made_by_configure_process_not_by_the_trainer(data_dir, tmp_path):
+    """Building and setting up a Trainer leaves the thread count alone; configure_process sets it."""
+    from gpt_small.device import configure_process
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _trainer(data_dir, tmp_path / "run", threads=2).setup()
+        assert torch.get_num_threads() == 1
+        assert configure_process(device="cpu", threads=2) == torch.device("cpu")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
