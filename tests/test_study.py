@@ -108,6 +108,9 @@ def test_verdict_words_follow_the_numbers():
     assert "rope has the lowest mean" in clear and "real difference" in clear
     noisy = verdict(_fake({"learned": [2.50, 2.30, 2.40], "rope": [2.45, 2.35, 2.38]}))
     assert "cannot separate" in noisy
+    # the rule is twice the larger standard deviation: a gap of 1.5 of them (0.015 against 0.01) is not enough
+    close = verdict(_fake({"learned": [2.500, 2.510, 2.490], "rope": [2.485, 2.495, 2.475]}))
+    assert "cannot separate" in close and "(0.0100)" in close
 
 
 # ---------------------------------------------------------------- end to end

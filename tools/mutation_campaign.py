@@ -271,8 +271,8 @@ def _machine() -> str:
 
 
 def markdown(results: list[dict], command: str) -> str:
-    counted = [r for r in results if r["status"] in ("caught", "missed")]
-    caught = sum(r["status"] == "caught" for r in counted)
+    counted = [r for r in results if r["status"].split()[0] in ("caught", "missed")]
+    caught = sum(r["status"].startswith("caught") for r in counted)
     lines = [
         "# Mutation testing", "",
         "Can the tests tell when the package is wrong? Each row is one hand-made change of the package, "
@@ -288,6 +288,10 @@ def markdown(results: list[dict], command: str) -> str:
         "one token past the data (T1, T2, G1, M1, C1, C2, D1 below). The tests that now catch them, and "
         "the other gaps this campaign found, are in `tests/test_promises.py`, `tests/test_golden.py` "
         "(golden first-step losses per preset) and `tests/test_optim.py`.", "",
+        "This campaign's first pass caught 56 of 58 (97%): G7 and S3 passed unnoticed. Tests were "
+        "added for both (`test_a_row_that_stopped_stays_stopped_while_the_others_go_on`, a verdict "
+        "case between one and two standard deviations) and each then failed under its mutation; "
+        "the table shows them so.", "",
         "| id | file | what the mutation breaks | tests run | result | seconds |", "|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -314,8 +318,8 @@ def main() -> None:
             print(f"{m.id:<4} {m.file:<14} {m.breaks}")
         return
     results = run(chosen, args.timeout, baseline=not args.no_baseline, state=Path(args.state) if args.state else None)
-    counted = [r for r in results if r["status"] in ("caught", "missed")]
-    caught = sum(r["status"] == "caught" for r in counted)
+    counted = [r for r in results if r["status"].split()[0] in ("caught", "missed")]
+    caught = sum(r["status"].startswith("caught") for r in counted)
     print(f"\n{caught} of {len(counted)} caught ({caught / max(1, len(counted)):.0%}); "
           f"missed: {', '.join(r['mutation'].id for r in counted if r['status'] == 'missed') or 'none'}")
     if args.markdown:
