@@ -116,6 +116,7 @@ def _our_step(s: dict, vocab: int, activation: str, preset: str | None, compile:
     """Our real Trainer.train_step on a throw-away prepared-data folder of the same tokens."""
     from gpt_small import GPTConfig, TrainConfig
     from gpt_small.data import PreparedData, prepare
+    from gpt_small.device import configure_process
     from gpt_small.train import Trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="gpt-small-bench-"))
@@ -130,6 +131,7 @@ def _our_step(s: dict, vocab: int, activation: str, preset: str | None, compile:
                           bias=False)
     train = TrainConfig(batch_size=s["batch_size"], max_steps=10**6, warmup_steps=10, compile=compile, device=device,
                         dtype=dtype)
+    configure_process(device=device, threads=train.threads)
     trainer = Trainer(model, train, data, tmp / "run", show_progress=False)
     trainer.setup()
     return trainer.train_step

@@ -139,6 +139,7 @@ def _args_train(p: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from .data import PreparedData
+    from .device import configure_process
     from .distributed import print0, teardown_distributed
     from .train import Trainer, format_summary
 
@@ -154,6 +155,7 @@ def _run_train(args: argparse.Namespace) -> int:
             raise GPTSmallError("--data is required (the folder made by `gpt-small prepare`)")
         data = PreparedData(args.data)
         _, model_cfg, train_cfg = _configs_from_args(args, vocab_size=data.tokenizer.vocab_size)
+    configure_process(device=train_cfg.device, threads=train_cfg.threads)
     trainer = Trainer(model_cfg, train_cfg, data, args.out, resume=args.resume, show_progress=not args.no_progress)
     ok = False
     try:
@@ -174,9 +176,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- generate and poem
 
-# --lines N without --max-new-tokens: room for N lines of a char model (eng-poem's lines average
-# ~38 characters; 500 tokens cut a 12-line poem short).
-_LINE_TOKENS = 200
+# --lines N without --max-new-tokens: room for N lines (config.LINE_TOKEN_BUDGET each)
+from .config import LINE_TOKEN_BUDGET as _LINE_TOKENS  # noqa: E402
 
 
 def _args_generate(p: argparse.ArgumentParser) -> None:
@@ -320,6 +321,7 @@ def _run_compare(args: argparse.Namespace) -> None:
     import time
 
     from .data import PreparedData
+    from .device import configure_process
     from .study import EXTRAPOLATION_TOKENS, compare_encodings, format_results, parse_encodings
 
     encodings = parse_encodings(args.model__pos_encoding)
@@ -330,6 +332,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         raise GPTSmallError(f"--extrapolation-tokens must be at least 1, got {args.extrapolation_tokens}")
     data = PreparedData(args.data)
     _, model_cfg, train_cfg = _configs_from_args(args, vocab_size=data.tokenizer.vocab_size)
+    configure_process(device=train_cfg.device, threads=train_cfg.threads)
     out = args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}"
     results = compare_encodings(encodings, model_config=model_cfg, train_config=train_cfg, data=data, out_dir=out,
                                 seeds=args.seeds, show_progress=not args.no_progress,

@@ -21,9 +21,14 @@ from typing import Any, Literal, get_args, get_type_hints
 
 from .errors import ConfigError
 
-ACTIVATIONS = ("relu", "gelu", "relu2")
-POS_ENCODINGS = ("learned", "sinusoidal", "rope")
-DTYPES = ("auto", "float32", "bfloat16", "float16", "bfloat16-if-faster")
+# The allowed choices: each spelled once, as a Literal type; the tuples are derived from it.
+Activation = Literal["relu", "gelu", "relu2"]
+PosEncoding = Literal["learned", "sinusoidal", "rope"]
+Schedule = Literal["cosine", "wsd", "constant"]
+Optimizer = Literal["adamw", "muon"]
+DType = Literal["auto", "float32", "bfloat16", "float16", "bfloat16-if-faster"]
+ACTIVATIONS, POS_ENCODINGS = get_args(Activation), get_args(PosEncoding)
+SCHEDULES, OPTIMIZERS, DTYPES = get_args(Schedule), get_args(Optimizer), get_args(DType)
 DEVICE_RULE = "auto, cpu, mps or cuda[:N]"
 
 
@@ -68,9 +73,9 @@ class GPTConfig:
     n_embd: int = setting(384, "residual stream width")
     dropout: float = setting(0.0, "dropout on attention weights, residual branches and embeddings", unit="probability")
     bias: bool = setting(True, "biases in Linear layers and LayerNorms (GPT-2 has them)")
-    activation: Literal["relu", "gelu", "relu2"] = setting("relu", "feed-forward non-linearity")
+    activation: Activation = setting("relu", "feed-forward non-linearity")
     mlp_ratio: int = setting(4, "feed-forward hidden width = mlp_ratio * n_embd")
-    pos_encoding: Literal["learned", "sinusoidal", "rope"] = setting("learned", "where positions come from", flag="--pos")
+    pos_encoding: PosEncoding = setting("learned", "where positions come from", flag="--pos")
     rope_theta: float = setting(10000.0, "RoPE base: angle of pair j is pos / theta^(2j/head_size)")
     tie_embeddings: bool = setting(True, "the output head shares the token embedding matrix")
     qk_norm: bool = setting(False, "LayerNorm on each head's queries and keys before attention")
@@ -155,6 +160,11 @@ class GPTConfig:
         return 6 * N + 6 * self.n_layer * T * self.n_embd
 
 
+# Token budget per verse line where generation is asked for N lines without a token cap (the CLI's
+# --lines, make poem): several times a verse line of a char model, so the cap rarely cuts a poem
+# short, yet it bounds a model that never writes a newline.
+LINE_TOKEN_BUDGET = 200
+
 # Only what differs from the GPTConfig defaults. Parameter counts are in the README (`gpt-small info`).
 PRESETS: dict[str, dict[str, Any]] = {
     # A debug size for the tests: a training step takes milliseconds.
@@ -186,29 +196,31 @@ class TrainConfig:
     lr: float = setting(1e-3, "peak learning rate")
     min_lr: float = setting(1e-4, "learning rate at the end of the decay")
     warmup_steps: int = setting(100, "linear warm-up from 0 to lr", unit="steps")
-    schedule: Literal["cosine", "wsd", "constant"] = setting("cosine", "decay shape after warm-up")
+    schedule: Schedule = setting("cosine", "decay shape after warm-up")
     decay_frac: float = setting(0.2, "wsd only: the last fraction of the run that decays linearly to min_lr")
     weight_decay: float = setting(0.1, "AdamW decay on matrices (never on norms, biases, position or n-gram tables)")
     head_lr_scale: float = setting(1.0, "an untied lm_head trains at lr * head_lr_scale")
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
-    optimizer: Literal["adamw", "muon"] = setting("adamw", "muon: Muon for the blocks' matrices, AdamW for the rest")
+    optimizer: Optimizer = setting("adamw", "muon: Muon for the blocks' matrices, AdamW for the rest")
     muon_lr: float = setting(0.02, "muon only: peak learning rate of the Muon matrices (follows the same schedule)")
     muon_momentum: float = setting(0.95, "muon only: Nesterov momentum")
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)")
-    max_steps: int = setting(5000, "optimizer steps (the schedule's length)", unit="steps", resume=True)
+    max_steps: int = setting(5000, "optimizer steps (the schedule's length); 0 = no step limit: max_time "
+                             "ends the run", unit="steps", resume=True)
     max_time: float = setting(0.0, "wall-clock budget (0 = none; 600, 600s, 10m, 1.5h); stops early, schedule "
                               "follows time", unit="seconds", resume=True)
     eval_interval: int = setting(250, "steps between evaluations", unit="steps", resume=True)
     eval_batches: int = setting(20, "batches in each interval evaluation (fixed windows of the val split)",
                                 unit="batches")
     log_interval: int = setting(10, "steps between metrics.jsonl lines", unit="steps", resume=True)
-    checkpoint_interval: int = setting(500, "steps between checkpoints (also at the end and on SIGINT/SIGTERM)",
+    checkpoint_interval: int = setting(500, "steps between checkpoints (also at the end and on SIGINT/SIGTERM); 0 = none between: only at "
+                                       "an improved evaluation and at the end",
                                        unit="steps", resume=True)
     final_eval: bool = setting(True, "evaluate the whole validation split at the end", resume=True)
     seed: int = setting(1337, "seeds the weights, the data order and dropout")
     device: str = setting("auto", "auto, cpu, mps or cuda[:N]; auto = cuda, then mps, then cpu", resume=True)
-    dtype: Literal["auto", "float32", "bfloat16", "float16", "bfloat16-if-faster"] = setting(
+    dtype: DType = setting(
         "auto", "autocast dtype; auto = bf16 on CUDA, fp32 on the CPU; bfloat16-if-faster = bf16 where a timed "
         "bf16 matmul beats fp32")
     compile: bool = setting(False, "torch.compile the model")
@@ -216,20 +228,21 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_finite(self)
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
-                     "log_interval", "checkpoint_interval"):
+        for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        for name in ("warmup_steps", "max_steps", "checkpoint_interval"):  # 0: off
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
         check_threads(self.threads)
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr!r}")
-        if self.schedule not in ("cosine", "wsd", "constant"):
-            raise ConfigError(f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0 < self.decay_frac <= 1:
             raise ConfigError(f"decay_frac must be in (0, 1], got {self.decay_frac!r}")
         if self.weight_decay < 0:
@@ -239,8 +252,8 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.optimizer not in ("adamw", "muon"):
-            raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not self.muon_lr > 0:
             raise ConfigError(f"muon_lr must be positive, got {self.muon_lr!r}")
         if not 0 <= self.muon_momentum < 1:

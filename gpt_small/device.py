@@ -2,8 +2,9 @@
 
 Kept out of the model (STYLE.md item 2). `auto` picks CUDA, then Apple MPS, then the CPU; on CUDA
 it picks bf16 autocast where the card has it, else fp16 with a GradScaler; on the CPU, fp32.
-`bfloat16-if-faster` picks bf16 autocast wherever bf16 matmuls beat fp32, measured on the CPU (2.2
-to 3x faster on an AMD Zen 4, half as fast on the anchors' Intel Xeon: see below).
+`bfloat16-if-faster` picks bf16 autocast wherever bf16 matmuls beat fp32, timed on the CPU (see
+`cpu_bf16_matmul_speedup`). `configure_process` makes the process-wide settings (threads, the
+allocator, TF32) once, at start-up.
 """
 
 from __future__ import annotations
@@ -70,16 +71,16 @@ def cpu_flags() -> tuple[str, ...]:
 
 
 # A bf16 matmul beats fp32 on the CPU only where the hardware multiplies bf16 and torch's kernels
-# use it: 2.2-3.0x faster on the development VM's AMD Zen 4 (AVX512-BF16), but half the fp32 speed
-# on the anchors' Intel Xeon, which has the same AVX512-BF16 flag (shared/anchors.md). So the
-# CPU's answer is measured, once per process and thread count, not read from /proc/cpuinfo.
+# use it: CPUs with the same AVX512-BF16 flag were found both much faster and much slower in bf16
+# (benchmarks/train_throughput.py --bf16 shows it per machine). So the CPU's answer is measured,
+# once per process and thread count, not read from /proc/cpuinfo.
 _BF16_MIN_SPEEDUP = 1.25
 
 
 @functools.cache
 def cpu_bf16_matmul_speedup(threads: int) -> float:
     """fp32 time / bf16 time of a 512 x 512 x 512 CPU matmul at `threads` threads (median of 5
-    each, after a warm-up; about 30 ms). `threads` is part of the cache key only: pass
+    each, after a warm-up). `threads` is part of the cache key only: pass
     torch.get_num_threads()."""
     import time
 
@@ -121,12 +122,31 @@ def set_threads(threads: int, local_world_size: int = 1) -> int:
     return threads
 
 
+def configure_process(*, device: str = "auto", threads: int = 0) -> torch.device:
+    """The process-wide settings a run wants, made once by the entry point before any Trainer.
+
+    CPU: `threads` torch threads (0 = this process's share of the cores it may run on, torchrun's
+    LOCAL_WORLD_SIZE processes sharing them) and glibc's allocator told to keep freed memory.
+    CUDA: TF32 matmuls and convolutions. Returns the device `device` names. Idempotent.
+    """
+    dev = pick_device(device)
+    if dev.type == "cpu":
+        torchrun = "RANK" in os.environ  # as distributed.setup_distributed reads it
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) if torchrun else 1
+        set_threads(threads, local_world_size)
+        keep_freed_memory()
+    elif dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dev
+
+
 def keep_freed_memory() -> bool:
     """Stop glibc from handing freed activation buffers back to the OS after every step.
 
     By default glibc serves allocations above 128 KiB-32 MiB with mmap and returns them with
-    munmap on free, so a CPU training step re-faults every large activation page in the kernel:
-    nanoGPT's shakespeare_char shape spends a quarter of its time there (shared/anchors.md).
+    munmap on free, so a CPU training step re-faults every large activation page in the kernel
+    (benchmarks/train_throughput.py's shape B shows the cost).
     With mmap disabled and trimming raised, freed blocks stay in the heap and are reused.
     Returns whether the setting took (glibc on Linux only).
     """

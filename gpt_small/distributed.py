@@ -77,8 +77,8 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     return t.item() / dist.get_world_size()
 
 
-def broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on any (a stop request must stop all ranks together)."""
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is True on any: a MAX all-reduce (a stop request must stop all ranks together)."""
     if not dist.is_initialized():
         return flag
     t = torch.tensor([1 if flag else 0], device=device)

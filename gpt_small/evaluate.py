@@ -65,13 +65,21 @@ def bits_per_char(loss_nats_per_token: float, chars_per_token: float) -> float:
     return loss_nats_per_token / math.log(2) / chars_per_token
 
 
+def check_stride(context: int, stride: int) -> None:
+    """The one rule for a stride: new tokens per window, 1 to the whole context."""
+    if not 1 <= stride <= context:
+        raise GPTSmallError(f"stride must be between 1 and the context ({context}), got {stride}")
+
+
+EVAL_DTYPES = ("float32", "bfloat16", "float16")  # autocast for evaluation; float32 = none, the exact figure
+
+
 def strided_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, end, first_scored) per window: inputs tokens[start:end], targets tokens[start+1:end+1],
     of which targets at positions >= first_scored count. Every target 1..n-1 is scored once."""
     if n_tokens < 2:
         raise GPTSmallError(f"need at least 2 tokens to evaluate, got {n_tokens}")
-    if not 1 <= stride <= context:
-        raise GPTSmallError(f"stride must be in [1, context={context}], got {stride}")
+    check_stride(context, stride)
     windows, scored_to = [], 0  # targets at positions <= scored_to are done (position 0 is never a target)
     last = n_tokens - 1
     end = min(context, last)
@@ -192,6 +200,8 @@ def evaluate_checkpoint(checkpoint: str | Path | Checkpoint, *, text: str | Path
     """
     from .device import pick_device, pick_dtype
 
+    if dtype not in EVAL_DTYPES:
+        raise GPTSmallError(f"--dtype must be one of {', '.join(EVAL_DTYPES)}, got {dtype!r}")
     if split not in ("val", "train"):
         raise GPTSmallError(f"split must be val or train, got {split!r}")
     if batch_size < 1:
@@ -203,8 +213,7 @@ def evaluate_checkpoint(checkpoint: str | Path | Checkpoint, *, text: str | Path
     context = cfg.block_size if context is None else context
     check_context(cfg.block_size, cfg.pos_encoding, context)
     stride = default_stride(context) if stride is None else stride
-    if not 1 <= stride <= context:
-        raise GPTSmallError(f"stride must be between 1 and the context ({context}), got {stride}")
+    check_stride(context, stride)  # before the text is read and encoded
     tokens, cpt, source, unknown = _tokens_of(ckpt, text=text, corpus=corpus, data=data, split=split)
     res = evaluate_tokens(ckpt.model, tokens, context=context, stride=stride, batch_size=batch_size,
                           chars_per_token=cpt, device=dev, autocast_dtype=pick_dtype(dtype, dev))

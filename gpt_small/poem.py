@@ -35,25 +35,26 @@ def ensure_data(data_dir: Path) -> None:
 def ensure_model(data_dir: Path, run_dir: Path, config_file: str | None, minutes: float,
                  sets: list[str] | None = None) -> dict[str, Any] | None:
     """Train, resume or reuse; returns the training summary (None when an existing run is reused)."""
-    from .checkpoint import find_checkpoint, load_trainer_state
     from .config import resolve_configs
     from .data import PreparedData
-    from .train import Trainer, format_summary
+    from .device import configure_process
+    from .train import Trainer, format_summary, run_progress
 
     data = PreparedData(data_dir)
     resume = (run_dir / "last").exists()
     if resume:
-        state = load_trainer_state(find_checkpoint(run_dir, prefer="last"))
-        if state.get("finished"):
-            print0(f"[2/3] model: reusing the finished run {run_dir} ({state['step']:,} steps, "
-                   f"{state['elapsed'] / 60:.1f} min); delete that folder to train again")
+        progress = run_progress(run_dir)
+        if progress.finished:
+            print0(f"[2/3] model: reusing the finished run {run_dir} ({progress.step:,} steps, "
+                   f"{progress.elapsed / 60:.1f} min); delete that folder to train again")
             return None
-        print0(f"[2/3] model: resuming {run_dir} from step {state['step']:,}")
+        print0(f"[2/3] model: resuming {run_dir} from step {progress.step:,}")
     else:
         print0(f"[2/3] training the CPU preset for {minutes:g} minutes into {run_dir}")
     _, model_cfg, train_cfg = resolve_configs(
         config_file=config_file, model_overrides={"vocab_size": data.tokenizer.vocab_size},
         train_overrides={"max_time": minutes * 60}, sets=sets)
+    configure_process(device=train_cfg.device, threads=train_cfg.threads)
     summary = Trainer(model_cfg, train_cfg, data, run_dir, resume=resume).fit()
     print0(format_summary(summary))
     if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
@@ -65,6 +66,7 @@ def write_poems(run_dir: Path, *, lines: int = 12, prompts: tuple[str, ...] = PR
                 temperature: float = 0.8) -> list[str]:
     from .checkpoint import load_checkpoint
     from .device import pick_device
+    from .config import LINE_TOKEN_BUDGET
     from .generate import generate_text
 
     ckpt = load_checkpoint(run_dir, device=pick_device("auto"), prefer="best")
@@ -76,7 +78,7 @@ def write_poems(run_dir: Path, *, lines: int = 12, prompts: tuple[str, ...] = PR
             prompt = ""
         print0(f"--- poem {i + 1} ---")
         sys.stdout.write(prompt)
-        text = generate_text(ckpt.model, ckpt.tokenizer, prompt, lines=lines, max_new_tokens=2000,
+        text = generate_text(ckpt.model, ckpt.tokenizer, prompt, lines=lines, max_new_tokens=LINE_TOKEN_BUDGET * lines,
                              temperature=temperature, seed=seed + i,
                              stream=lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush()))[0]
         sys.stdout.write("\n" if not text.endswith("\n") else "")

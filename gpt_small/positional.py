@@ -102,8 +102,9 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 class _Rotary(torch.autograd.Function):
     """The rotation with its own backward: the transpose of a rotation is the rotation by the
-    opposite angle, so the gradient is _rotate(grad, cos, -sin). Autograd through the chunk / mul
-    / cat spelling took about 40% longer forward + backward at poem-cpu's shape."""
+    opposite angle, so the gradient is _rotate(grad, cos, -sin), written into one buffer; autograd
+    through the chunk / mul / cat spelling allocates more and was slower at poem-cpu's shape
+    (benchmarks/train_throughput.py)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

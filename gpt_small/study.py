@@ -11,8 +11,9 @@ What is held equal, and how:
   registered after the blocks but before an untied `lm_head`, so with untied embeddings the
   learned model's head would start from other numbers. Every run therefore copies its shared
   weights from a reference model without position parameters built from the same seed
-  (`initial_model`); only the learned table is the learned model's own. The reference is built
-  under `fork_rng`, so the dropout stream the trainer seeds stays untouched.
+  (`copy_shared_weights`, the Trainer's `init_weights` hook); only the learned table is the
+  learned model's own. The reference is built under `fork_rng`, so the dropout stream the
+  trainer seeds stays untouched.
 
 Figures, per run: parameters, steps, tokens, training wall time, tokens/s, and the final loss
 over the whole validation split (the trainer's `final_val`: non-overlapping windows of
@@ -92,23 +93,6 @@ def copy_shared_weights(model: GPT, seed: int) -> None:
                 p.copy_(ref[name])
 
 
-def initial_model(config: GPTConfig, seed: int) -> GPT:
-    """The step-0 model of a study run: what the trainer builds, with the shared weights fixed."""
-    torch.manual_seed(seed)
-    model = GPT(config)
-    copy_shared_weights(model, seed)
-    return model
-
-
-class SharedInitTrainer(Trainer):
-    """A Trainer whose fresh model starts from the study's shared weights (a resume keeps its own)."""
-
-    def setup(self) -> None:
-        super().setup()
-        if self._resume_from is None:
-            copy_shared_weights(self.model, self.config.seed)
-
-
 # ---------------------------------------------------------------- length extrapolation
 
 def extrapolation_plan(n_val: int, block_size: int, factors: Sequence[int], budget: int) -> tuple[int, dict[int, str]]:
@@ -136,7 +120,7 @@ def _measure_extrapolation(trainer: Trainer, data: PreparedData, factors: Sequen
             row["reason"] = too_long[f]
         else:
             res = evaluate_tokens(trainer.model, data.val[:n_tokens], context=context, stride=context,
-                                  batch_size=max(1, max(8, trainer.config.batch_size) // f),
+                                  batch_size=max(1, max(8, trainer.train_config.batch_size) // f),
                                   chars_per_token=data.chars_per_token("val"), device=trainer.device,
                                   autocast_dtype=trainer.amp_dtype)
             row["loss"], row["bits_per_char"] = res.loss, res.bits_per_char
@@ -180,7 +164,8 @@ def compare_encodings(encodings: str | Sequence[str], *, model_config: GPTConfig
             run_dir = out_dir / f"{enc}-seed{seed}"
             log.info("[%d/%d] training %s, seed %d -> %s", done, total, enc, seed, run_dir)
             cfg = dataclasses.replace(train_config, seed=seed, final_eval=True)
-            trainer = SharedInitTrainer(configs[enc], cfg, data, run_dir, show_progress=show_progress)
+            trainer = Trainer(configs[enc], cfg, data, run_dir, show_progress=show_progress,
+                              init_weights=lambda model, seed=seed: copy_shared_weights(model, seed))
             summary = trainer.fit()
             if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
                 raise KeyboardInterrupt(f"{summary['stopped_by']} during {run_dir}")
@@ -222,7 +207,8 @@ def compare_encodings(encodings: str | Sequence[str], *, model_config: GPTConfig
 
 def _budget_text(cfg: TrainConfig) -> str:
     if cfg.max_time:
-        return (f"max_time {cfg.max_time:g} s per model (and at most {cfg.max_steps:,} steps): faster encodings "
+        limit = f" (and at most {cfg.max_steps:,} steps)" if cfg.max_steps else ""
+        return (f"max_time {cfg.max_time:g} s per model{limit}: faster encodings "
                 "take more steps; use --max-steps to compare equal work")
     return f"max_steps {cfg.max_steps:,} per model (equal work for every encoding)"
 

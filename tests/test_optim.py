@@ -51,11 +51,31 @@ def test_muon_rejects_vectors_and_takes_only_block_matrices():
     assert all(".ln_" not in n for n in hidden)
 
 
-def test_muon_step_moves_each_matrix_by_lr_times_an_orthogonal_update():
+@pytest.mark.parametrize("shape, scale", [((8, 32), 1.0), ((32, 8), 2.0)])
+def test_muon_step_moves_each_matrix_by_lr_times_an_orthogonal_update(shape, scale):
+    """Wide matrices move by lr x the orthogonal factor; tall ones also by sqrt(rows / cols)."""
     torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(8, 32))
-    p.grad = torch.randn(8, 32)
+    p = torch.nn.Parameter(torch.randn(shape))
+    p.grad = torch.randn(shape)
     before = p.detach().clone()
     Muon([p], lr=0.1, momentum=0.0, nesterov=False).step()
-    delta = (before - p.detach()) / 0.1  # 8 x 32: wide, so no sqrt(rows/cols) factor
-    torch.testing.assert_close(delta, orthogonalize(p.grad), atol=1e-5, rtol=0)
+    delta = (before - p.detach()) / 0.1
+    torch.testing.assert_close(delta, scale * orthogonalize(p.grad), atol=1e-5, rtol=0)
+
+
+def test_muon_momentum_and_nesterov_follow_the_reference_formula():
+    """Two steps with momentum 0.9: buf = 0.9 buf + 0.1 g; Nesterov's update = 0.1 g + 0.9 buf."""
+    g = torch.Generator().manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(8, 32, generator=g))
+    grads = [torch.randn(8, 32, generator=g) for _ in range(2)]
+    for nesterov in (True, False):
+        q = torch.nn.Parameter(p.detach().clone())
+        opt = Muon([q], lr=0.1, momentum=0.9, nesterov=nesterov)
+        expected, buf = p.detach().clone(), torch.zeros(8, 32)
+        for grad in grads:
+            q.grad = grad.clone()
+            opt.step()
+            buf = 0.9 * buf + 0.1 * grad
+            update = 0.1 * grad + 0.9 * buf if nesterov else buf
+            expected -= 0.1 * orthogonalize(update)
+        torch.testing.assert_close(q.detach(), expected, atol=1e-5, rtol=0)

@@ -116,9 +116,19 @@ def test_rope_angles_are_fp32_for_bf16_inputs():
 
 
 def test_apply_rotary_keeps_dtype():
-    x = torch.randn(2, 3, 4, HS, dtype=torch.bfloat16)
-    cos, sin = torch.ones(4, HS // 2), torch.zeros(4, HS // 2)
-    assert torch.equal(apply_rotary(x, cos, sin), x)
+    """bf16 in, bf16 out (forward and gradient), the rotation computed in fp32 and rounded once."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 4, HS).to(torch.bfloat16).requires_grad_()
+    angles = torch.rand(4, HS // 2) * 6.0
+    cos, sin = angles.cos(), angles.sin()
+    out = apply_rotary(x, cos, sin)
+    assert out.dtype == torch.bfloat16
+    x1, x2 = x.detach().float().chunk(2, dim=-1)
+    expected = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(torch.bfloat16)
+    torch.testing.assert_close(out, expected)  # bf16 tolerances: one rounding at the end
+    assert not torch.equal(out.float(), x.detach().float())  # a real rotation, not the identity
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16
 
 
 def test_apply_rotary_gradient_is_autograd_of_the_formula():

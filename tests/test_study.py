@@ -13,7 +13,8 @@ import torch
 from gpt_small import GPT, GPTConfig, TrainConfig
 from gpt_small.cli import main
 from gpt_small.data import PreparedData
-from gpt_small.study import SharedInitTrainer, extrapolation_plan, initial_model, parse_encodings, verdict
+from gpt_small.study import copy_shared_weights, extrapolation_plan, parse_encodings, verdict
+from gpt_small.train import Trainer
 
 ENCODINGS = ("learned", "sinusoidal", "rope")
 
@@ -21,6 +22,14 @@ ENCODINGS = ("learned", "sinusoidal", "rope")
 @pytest.fixture(scope="module")
 def data_dir(verse_data) -> Path:
     return verse_data
+
+
+def initial_model(config: GPTConfig, seed: int) -> GPT:
+    """The step-0 model of a study run: what the trainer builds, with the shared weights copied in."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    copy_shared_weights(model, seed)
+    return model
 
 
 def _shared(model: GPT) -> dict[str, torch.Tensor]:
@@ -52,7 +61,8 @@ def test_trainer_starts_from_the_shared_weights_and_keeps_its_rng(data_dir, tmp_
     vocab = PreparedData(data_dir).tokenizer.vocab_size
     cfg = GPTConfig.from_preset("tiny", vocab_size=vocab, pos_encoding="learned", tie_embeddings=False)
     tcfg = TrainConfig(batch_size=2, max_steps=1, threads=1, seed=11)
-    trainer = SharedInitTrainer(cfg, tcfg, data_dir, tmp_path / "run", show_progress=False)
+    trainer = Trainer(cfg, tcfg, data_dir, tmp_path / "run", show_progress=False,
+                      init_weights=lambda model: copy_shared_weights(model, 11))
     trainer.setup()
     after_setup = torch.get_rng_state()
     torch.manual_seed(11)  # Trainer.setup leaves the stream seeded by seed + rank: the copy did not move it
@@ -98,6 +108,9 @@ def test_verdict_words_follow_the_numbers():
     assert "rope has the lowest mean" in clear and "real difference" in clear
     noisy = verdict(_fake({"learned": [2.50, 2.30, 2.40], "rope": [2.45, 2.35, 2.38]}))
     assert "cannot separate" in noisy
+    # the rule is twice the larger standard deviation: a gap of 1.5 of them (0.015 against 0.01) is not enough
+    close = verdict(_fake({"learned": [2.500, 2.510, 2.490], "rope": [2.485, 2.495, 2.475]}))
+    assert "cannot separate" in close and "(0.0100)" in close
 
 
 # ---------------------------------------------------------------- end to end

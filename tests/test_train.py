@@ -73,7 +73,9 @@ def test_weight_decay_groups():
     assert "transformer.wte.weight" in decayed and "transformer.h.0.attn.c_attn.weight" in decayed
     assert "transformer.wpe.weight" in kept  # position table
     assert {"transformer.ngram.tables.0.weight", "transformer.ngram.tables.1.weight"} <= kept  # n-gram tables
-    assert all(n.endswith("bias") or "ln" in n or "wpe" in n or ".ngram." in n for n in kept)
+    # exactly the vectors (norms, biases) and the two kinds of tables: decay reaches no norm or bias
+    assert kept == {n for n, p in model.named_parameters() if p.dim() < 2 or "wpe" in n or ".ngram." in n}
+    assert any(".ln_" in n for n in kept) and any(n.endswith("bias") for n in kept)
     # the untied head: decayed, in its own group at lr * head_lr_scale
     assert [names[id(p)] for p in head["params"]] == ["lm_head.weight"]
     assert head["weight_decay"] == 0.1 and head["lr_ratio"] == 0.3
