@@ -139,7 +139,7 @@ CASES: list[tuple[str, str, int, str]] = [
     ("info-pos-unknown", "info --pos polar", 2, "pos_encoding must be one of"),
     ("info-rope-theta-inf", "info --set rope_theta=inf", 2, "rope_theta must be a finite"),
     ("info-heads", "info --set n_head=7", 2, "must be divisible"),
-    ("info-set-unknown", "info --set nope=1", 2, "unknown GPTConfig key"),
+    ("info-set-unknown", "info --set nope=1", 2, "unknown --set key"),
     # ---- poem
     ("poem-minutes-neg", "poem --data {data} --out {tmp}/poem --minutes -1", 2, "--minutes must be a positive"),
     ("poem-minutes-nan", "poem --data {data} --out {tmp}/poem --minutes nan", 2, "--minutes must be a positive"),
@@ -274,7 +274,7 @@ def test_help_shows_meaning_unit_and_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--max-steps N optimizer steps (the schedule's length) (steps; default: 5000; may change at --resume)" in text
+    assert "--max-steps N optimizer steps (the schedule's length); 0 = no step limit: max_time ends the run (steps; default: 5000; may change at --resume)" in text
     assert "--lr X peak learning rate (default: 0.001)" in text
     assert "--pos NAME where positions come from [learned, sinusoidal, rope]" in text
 

@@ -190,6 +190,8 @@ def test_checkpoint_files_are_fsynced_before_the_folder_is_renamed_into_place(da
     assert renames, calls.events
     tmp_dir = calls.events[renames[0]][1]
     synced = {src for op, src, _ in calls.events[:renames[0]] if op == "fsync"}
+    # a file written by atomic_write is fsync'd under its temporary name, then renamed into the folder
+    synced |= {dst for op, src, dst in calls.events[:renames[0]] if op in ("replace", "rename") and src in synced}
     written = {os.path.join(tmp_dir, f.name) for f in final.iterdir()}
     assert written <= synced, written - synced
     assert tmp_dir in synced  # the folder's entries too
