@@ -283,17 +283,11 @@ def _args_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> None:
+    from .config import check_threads
     from .device import set_threads
     from .evaluate import evaluate_checkpoint, format_eval
 
-    from .config import check_threads
-    from .device import pick_device
-
-    if args.dtype not in ("float32", "bfloat16", "float16"):
-        raise GPTSmallError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
-    check_threads(args.threads)
-    pick_device(args.device)  # the device rule of every verb, before any work
-    set_threads(args.threads)
+    set_threads(check_threads(args.threads))  # evaluate_checkpoint checks the rest before any work
     result = evaluate_checkpoint(args.checkpoint, text=args.text, corpus=args.corpus, data=args.data,
                                  split=args.split, context=args.context, stride=args.stride,
                                  batch_size=args.batch_size, device=args.device, dtype=args.dtype)
