@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from gpt_small import kernels
+from gpt_small import ops
 from gpt_small.config import GPTConfig
 from gpt_small.generate import generate_tokens
 from gpt_small.model import GPT
@@ -112,7 +112,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads of {os.cpu_count()} CPUs "
           f"(load average {load:.1f}), {platform.machine()}, fp32, greedy, prompt {PROMPT_LEN} tokens, "
           f"median of {args.reps}")
-    print(kernels.describe())
+    print(ops.describe())
     header = f"{'shape':<16}{'batch':>6}{'new':>5}{'ours tok/s':>12}{'HF tok/s':>10}{'ours/HF':>9}  same tokens"
     print(header)
     print("-" * len(header))

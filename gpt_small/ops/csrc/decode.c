@@ -9,7 +9,7 @@
  * torch's fp32 kernels read such weights at about half the memory bandwidth (README, "Speed").
  * Summation order differs from torch's, so results match F.linear to rounding.
  *
- * Built at first use by gpt_small/kernels.py: cc -O3 -march=native -fopenmp -shared -fPIC ... -lm.
+ * Built by gpt_small/ops/kernels.py when the CPU backend is chosen: cc -O3 -march=native -fopenmp -shared -fPIC ... -lm.
  * OpenMP comes from the libgomp that torch has already loaded, so torch and this kernel share
  * one thread pool.
  */

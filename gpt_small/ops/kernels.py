@@ -1,4 +1,4 @@
-"""Hand-written fp32 kernels for the CPU (csrc/decode.c, csrc/gelu.c), compiled at first use.
+"""Hand-written fp32 kernels for the CPU (csrc/decode.c, csrc/gelu.c) and their loader.
 
 - `skinny_linear`: y = x @ W.T + b for 1-8 rows of x. Decoding multiplies one row of activations
   per sample by every weight matrix, so a token costs a read of all the weights; at the 6x384
@@ -8,14 +8,14 @@
 - `decode_attention`: one new token's attention over the KV cache, which at batch 8 is as many
   bytes as the weights; faster than SDPA's CPU kernel in cache and out (README, "Speed").
 - `gelu_tanh_forward`, `gelu_tanh_backward`: GELU in GPT-2's tanh form, which torch's CPU kernel
-  runs 3x slower than the exact GELU; the model's `gelu_tanh` uses them in training and at
+  runs 3x slower than the exact GELU; the CPU backend (ops/cpu.py) uses them in training and at
   inference.
 
-The C files are compiled at first use with the system's C compiler (`cc -O3 -march=native
+The C files are compiled when the CPU backend is chosen (`load()`, from ops/cpu.py) with the system's C compiler (`cc -O3 -march=native
 -fopenmp`, about a second) into `kernels/` of the cache (`$GPT_SMALL_CACHE`, default
 `~/.cache/gpt-small`), keyed by the source, compiler, flags and CPU, and loaded with ctypes: no
 build step at install, no torch headers. Without a compiler, or with `GPT_SMALL_KERNELS=0`,
-`available()` is False and the model falls back to oneDNN/F.linear (same results to rounding);
+`available()` is False and the CPU backend falls back to torch's ops (same results to rounding);
 `describe()` says which and why.
 """
 
@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .corpus import cache_dir
-from .device import cpu_flags
+from ..device import cpu_flags
+from ..paths import cache_dir
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("decode.c", "gelu.c")]
 MAX_ROWS = 8  # rows of x skinny_linear takes (batch size when decoding)
