@@ -46,9 +46,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor 
         return reference.linear(x, weight, bias, scale)
     K, N = weight.shape[1], weight.shape[0]
     rows = x.numel() // K
-    if (0 < rows <= kernels.MAX_ROWS and weight.numel() >= _SKINNY_MIN_WEIGHTS and weight.dtype == torch.float32
+    # bf16 and int8 weights take the kernel at any size: torch has no cheaper skinny op for them
+    if (0 < rows <= kernels.MAX_ROWS and (weight.numel() >= _SKINNY_MIN_WEIGHTS or weight.dtype != torch.float32)
             and weight.is_contiguous() and kernels.available()):
-        y = kernels.skinny_linear(x.reshape(rows, K).contiguous(), weight, bias)
+        y = kernels.skinny_linear(x.reshape(rows, K).contiguous(), weight, bias, scale)
         return y.view(*x.shape[:-1], N)
     if weight.dtype != torch.float32:
         return _linear_low_precision(x, weight, bias, scale, rows)

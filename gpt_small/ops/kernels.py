@@ -1,6 +1,7 @@
-"""Hand-written fp32 kernels for the CPU (csrc/decode.c, csrc/gelu.c) and their loader.
+"""Hand-written kernels for the CPU (csrc/decode.c, csrc/gelu.c) and their loader.
 
-- `skinny_linear`: y = x @ W.T + b for 1-8 rows of x. Decoding multiplies one row of activations
+- `skinny_linear`: y = x @ W.T + b for 1-8 rows of x, W in fp32, bf16 or int8 (with a scale per
+  output row; ops/quantize.py makes such weights). Decoding multiplies one row of activations
   per sample by every weight matrix, so a token costs a read of all the weights; at the 6x384
   shape (42 MB, more than the L3 cache) that read is the step. torch's fp32 kernels (MKL, oneDNN)
   stream such weights at about half the memory bandwidth on our 2-core machine; this kernel
@@ -81,7 +82,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"off ({type(e).__name__}: {e})"
     c_int, c_long, ptr = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
-    lib.skinny_linear.argtypes = [ptr] * 4 + [c_int, c_long, c_long, c_int]
+    lib.skinny_linear.argtypes = lib.skinny_linear_bf16.argtypes = [ptr] * 4 + [c_int, c_long, c_long, c_int]
+    lib.skinny_linear_int8.argtypes = [ptr] * 5 + [c_int, c_long, c_long, c_int]
+    lib.skinny_linear_bf16.restype = lib.skinny_linear_int8.restype = c_int
     lib.decode_attention.argtypes = [ptr] * 4 + [c_int, c_int] + [c_long] * 6 + [ctypes.c_float, c_int]
     lib.skinny_linear.restype = lib.decode_attention.restype = c_int
     lib.gelu_tanh_forward.argtypes = [ptr, ptr, c_long, c_int]
@@ -106,20 +109,33 @@ def describe() -> str:
     return f"decoding kernels: {_state}"
 
 
-def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
     """x (B, K) @ weight (N, K).T + bias (N,) in fp32 on the CPU, for 1 <= B <= MAX_ROWS.
 
-    All tensors must be contiguous; callers check `available()` first."""
+    weight is fp32 or bf16, or int8 with `scale` (N,) fp32: then the product is x @ (weight *
+    scale[:, None]).T, summed in fp32. All tensors contiguous; callers check `available()` first."""
     B, K = x.shape
     N = weight.shape[0]
+    kind = _WEIGHT_KINDS.get(weight.dtype)
     if not (1 <= B <= MAX_ROWS and weight.shape[1] == K and x.is_contiguous() and weight.is_contiguous()
-            and x.dtype == weight.dtype == torch.float32 and (bias is None or bias.is_contiguous())):
-        raise ValueError(f"skinny_linear takes contiguous fp32 x (1..{MAX_ROWS}, K) and weight (N, K); got "
-                         f"{tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
+            and x.dtype == torch.float32 and kind is not None and (scale is not None) == (kind == "int8")
+            and (bias is None or (bias.is_contiguous() and bias.dtype == torch.float32 and bias.shape == (N,)))
+            and (scale is None or (scale.is_contiguous() and scale.dtype == torch.float32 and scale.shape == (N,)))):
+        raise ValueError(f"skinny_linear takes contiguous fp32 x (1..{MAX_ROWS}, K) and weight (N, K) in fp32, "
+                         f"bf16, or int8 with fp32 scales (N,); got {tuple(x.shape)} {x.dtype} and "
+                         f"{tuple(weight.shape)} {weight.dtype}, scale {None if scale is None else scale.dtype}")
     y = torch.empty(B, N, dtype=torch.float32)
-    _lib.skinny_linear(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-        B, K, N, torch.get_num_threads())
+    b = None if bias is None else bias.data_ptr()
+    threads = torch.get_num_threads()
+    if kind == "int8":
+        _lib.skinny_linear_int8(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), b, y.data_ptr(), B, K, N, threads)
+    else:
+        fn = _lib.skinny_linear_bf16 if kind == "bf16" else _lib.skinny_linear
+        fn(x.data_ptr(), weight.data_ptr(), b, y.data_ptr(), B, K, N, threads)
     return y
+
+
+_WEIGHT_KINDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
