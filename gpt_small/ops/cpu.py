@@ -21,8 +21,8 @@ from . import kernels, reference
 # --- linear ---
 #
 # Decoding one token multiplies a few vectors by every weight matrix, so it is bound by how fast
-# the weights stream from memory. MKL's GEMV, behind F.linear on the CPU, streams them at about
-# half the bandwidth a plain sum reaches; oneDNN's linear (the op torch.compile's CPU freezing
+# the weights stream from memory. MKL's GEMV, behind F.linear on the CPU, streams them well below
+# the bandwidth a plain sum reaches; oneDNN's linear (the op torch.compile's CPU freezing
 # path emits) does better on large matrices but costs more per call, which loses on small
 # matrices that stay in cache; our kernel streams them at the bandwidth
 # (benchmarks/weight_streaming.py times all three).
@@ -173,7 +173,7 @@ def gelu(x: Tensor) -> Tensor:
 
 class ReluSquared(torch.autograd.Function):
     """relu(x)^2 with a one-multiply backward, 2 * relu(x) * grad, saving relu(x) only: autograd's
-    relu().square() runs pow's and relu's backward separately, about twice the time."""
+    relu().square() runs pow's and relu's backward separately, each a pass over the activation."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:

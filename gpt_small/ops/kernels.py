@@ -4,20 +4,20 @@
   output row; ops/quantize.py makes such weights). Decoding multiplies one row of activations
   per sample by every weight matrix, so a token costs a read of all the weights; at the 6x384
   shape (42 MB, more than the L3 cache) that read is the step. torch's fp32 kernels (MKL, oneDNN)
-  stream such weights at about half the memory bandwidth on our 2-core machine; this kernel
-  reaches it (README, "Speed"; benchmarks/weight_streaming.py times them all).
+  stream such weights well below the memory bandwidth; this kernel reaches it
+  (benchmarks/weight_streaming.py times them all).
 - `decode_attention`: one new token's attention over the KV cache, which at batch 8 is as many
-  bytes as the weights; faster than SDPA's CPU kernel in cache and out (README, "Speed").
+  bytes as the weights; faster than SDPA's CPU kernel in cache and out (benchmarks/generate_throughput.py).
 - `gelu_tanh_forward`, `gelu_tanh_backward`: GELU in GPT-2's tanh form, which torch's CPU kernel
-  runs 3x slower than the exact GELU; the CPU backend (ops/cpu.py) uses them in training and at
+  runs slower than the exact GELU; the CPU backend (ops/cpu.py) uses them in training and at
   inference.
 
-The C files are compiled when the CPU backend is chosen (`load()`, from ops/cpu.py) with the system's C compiler (`cc -O3 -march=native
--fopenmp`, about a second) into `kernels/` of the cache (`$GPT_SMALL_CACHE`, default
-`~/.cache/gpt-small`), keyed by the source, compiler, flags and CPU, and loaded with ctypes: no
-build step at install, no torch headers. Without a compiler, or with `GPT_SMALL_KERNELS=0`,
-`available()` is False and the CPU backend falls back to torch's ops (same results to rounding);
-`describe()` says which and why.
+The C files are compiled when the CPU backend is chosen (ops/cpu.py `prepare()` calls
+`available()`) with the system's C compiler (`cc -O3 -march=native -fopenmp`, about a second)
+into `kernels/` of the cache folder (gpt_small/paths.py), keyed by the source, compiler, flags
+and CPU, and loaded with ctypes: no build step at install, no torch headers. Without a compiler,
+or with `GPT_SMALL_KERNELS=0`, `available()` is False and the CPU backend falls back to torch's
+ops (same results to rounding); `describe()` says which and why.
 """
 
 from __future__ import annotations
