@@ -5,7 +5,7 @@ L3 cache) and, for each method, passes `--batch` vectors through all of them in 
 decode step does; prints the median time per pass and the weight bytes read per second. The sum
 is the reference for what memory can deliver (it reads every weight once and computes nearly
 nothing); the ratio of each method to F.linear (MKL) is printed too. "skinny_linear" is the
-kernel model.Linear uses at decode (gpt_small/kernels.py), when it could be built here.
+kernel the CPU backend uses at decode (gpt_small/ops/kernels.py), when it could be built here.
 
     python benchmarks/weight_streaming.py [--batch 1] [--reps 30] [--threads N]
 """
@@ -19,8 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gpt_small import kernels
-from gpt_small.model import onednn_linear  # the op model.Linear calls at inference, or None
+from gpt_small.ops import kernels
+from gpt_small.ops.cpu import onednn_linear  # the op the CPU backend calls for prompts, or None
 
 SHAPES = [(1152, 384), (384, 384), (1536, 384), (384, 1536)] * 6  # (out, in): c_attn, c_proj, c_fc, c_proj
 

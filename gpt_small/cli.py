@@ -180,6 +180,10 @@ def _run_train(args: argparse.Namespace) -> int:
 from .config import LINE_TOKEN_BUDGET as _LINE_TOKENS  # noqa: E402
 
 
+_WEIGHTS_HELP = ("float32 (default), bfloat16 or int8: the Linear weights' precision for inference, "
+                 "converted at load (faster CPU decoding; docs/decoding.md)")
+
+
 def _args_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder (its best checkpoint) or checkpoint folder")
     src = p.add_mutually_exclusive_group()
@@ -196,6 +200,7 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", help="auto, cpu, mps or cuda[:N]")
+    p.add_argument("--weights", default="float32", help=_WEIGHTS_HELP)
     p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
 
 
@@ -204,6 +209,7 @@ def _run_generate(args: argparse.Namespace) -> None:
     from .corpus import read_text_source
     from .device import pick_device
     from .generate import check_sampling_args, generate_text
+    from .ops.quantize import check_weights, convert_weights
 
     # Everything is checked before the first byte reaches stdout: a sample that starts and then
     # fails leaves the user a prompt and a traceback-free error, but a mixed stream.
@@ -214,9 +220,11 @@ def _run_generate(args: argparse.Namespace) -> None:
             raise GPTSmallError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.stop is not None and args.stop == "":
         raise GPTSmallError("--stop must be a non-empty text")
+    check_weights(args.weights)
     device = pick_device(args.device)
     prompt = read_text_source(args.prompt_file) if args.prompt_file else args.prompt
     ckpt = load_checkpoint(args.checkpoint, device=device)
+    convert_weights(ckpt.model, args.weights)
     ckpt.tokenizer.encode(prompt, unknown="error")  # a bad prompt fails before anything is printed
     stream = None
     if args.num_samples == 1 and not args.no_stream:
@@ -278,6 +286,7 @@ def _args_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     p.add_argument("--dtype", default="float32", help="float32 (default, exact) or bfloat16/float16 autocast")
+    p.add_argument("--weights", default="float32", help=_WEIGHTS_HELP)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0 = all cores)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -290,7 +299,8 @@ def _run_eval(args: argparse.Namespace) -> None:
     set_threads(check_threads(args.threads))  # evaluate_checkpoint checks the rest before any work
     result = evaluate_checkpoint(args.checkpoint, text=args.text, corpus=args.corpus, data=args.data,
                                  split=args.split, context=args.context, stride=args.stride,
-                                 batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+                                 batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                                 weights=args.weights)
     print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_eval(result))
 
 

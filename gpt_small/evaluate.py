@@ -192,13 +192,16 @@ def evaluate_checkpoint(checkpoint: str | Path | Checkpoint, *, text: str | Path
                         corpus: str | None = None, data: str | Path | None = None,
                         split: Literal["val", "train"] = "val", context: int | None = None,
                         stride: int | None = None, batch_size: int = 8, device: str = "auto",
-                        dtype: str = "float32") -> dict[str, Any]:
+                        dtype: str = "float32", weights: str = "float32") -> dict[str, Any]:
     """Loss, perplexity and bits per character of a checkpoint (path or loaded) on one text source.
 
     context defaults to the model's block_size, stride to context // 2. dtype float32 by default:
-    the exact number, not the fastest one (bfloat16 on a GPU is the faster choice).
+    the exact number, not the fastest one (bfloat16 on a GPU is the faster choice). weights:
+    the Linear weights converted to bfloat16 or int8 first (ops/quantize.py; a loaded checkpoint
+    is converted in place), to measure what decoding with them costs in loss.
     """
     from .device import pick_device, pick_dtype
+    from .ops.quantize import check_weights, convert_weights
 
     if dtype not in EVAL_DTYPES:
         raise GPTSmallError(f"--dtype must be one of {', '.join(EVAL_DTYPES)}, got {dtype!r}")
@@ -206,9 +209,11 @@ def evaluate_checkpoint(checkpoint: str | Path | Checkpoint, *, text: str | Path
         raise GPTSmallError(f"split must be val or train, got {split!r}")
     if batch_size < 1:
         raise GPTSmallError(f"batch size must be at least 1, got {batch_size}")
+    check_weights(weights)
     dev = pick_device(device)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, device=dev)
     ckpt.model.to(dev)
+    convert_weights(ckpt.model, weights)
     cfg = ckpt.model_config
     context = cfg.block_size if context is None else context
     check_context(cfg.block_size, cfg.pos_encoding, context)
@@ -223,7 +228,7 @@ def evaluate_checkpoint(checkpoint: str | Path | Checkpoint, *, text: str | Path
         "context": context, "stride": stride, "context_over_block_size": context / cfg.block_size,
         **res.to_dict(),
         "unknown_chars": int(sum(unknown.values())), "unknown_top": dict(unknown),
-        "unknown_note": unknown_note(unknown), "device": str(dev), "dtype": dtype,
+        "unknown_note": unknown_note(unknown), "device": str(dev), "dtype": dtype, "weights": weights,
     }
 
 
@@ -235,7 +240,8 @@ def format_eval(r: dict[str, Any]) -> str:
              + (f" ({r['context_over_block_size']:g}x the training context)" if r["context"] != r["block_size"] else ""),
              f"  loss {r['loss']:.4f} nats/token   perplexity {r['perplexity']:.3f}   "
              f"{r['bits_per_char']:.4f} bits/char ({r['chars_per_token']:.3f} chars/token)",
-             f"  {r['tokens_per_second']:,.0f} tokens/s, {r['seconds']:.1f} s on {r['device']}"]
+             f"  {r['tokens_per_second']:,.0f} tokens/s, {r['seconds']:.1f} s on {r['device']}"
+             + (f", {r['weights']} weights" if r.get("weights", "float32") != "float32" else "")]
     if r["unknown_note"]:
         lines.append(f"  note: {r['unknown_note']}")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
+from . import ops
 from .config import GPTConfig
 from .positional import LearnedPositions, RotaryEmbedding, SinusoidalPositions
 
@@ -46,111 +46,11 @@ class KVCache(nn.Module):
         return kc.narrow(2, 0, end), vc.narrow(2, 0, end)
 
 
-# --- inference matmuls on the CPU ---
-#
-# Decoding one token multiplies a few vectors by every weight matrix, so it is bound by how fast
-# the weights stream from memory. MKL's GEMV, behind F.linear on the CPU, streams them at about
-# 10 GB/s on the development VM (AMD EPYC, 2 threads), while the same VM sums them at over 25 GB/s;
-# oneDNN's linear (the op torch.compile's CPU freezing path emits) reaches about 14-20 GB/s, but
-# costs ~15 us more per call, which loses on small matrices that stay in cache. A small C
-# kernel (kernels.py, built at first use) streams them at 25-34 GB/s.
-# So without autograd, on the CPU in fp32: 1-8 rows of input (a decoding step) go to that kernel
-# when it is available; otherwise, and for more rows (a prompt), a Linear of at least 2**17
-# weights (512 KiB) calls oneDNN. Same weights, same layout, results equal to F.linear up to
-# summation order. Training keeps F.linear (MKL's GEMM runs near peak there).
-# onednn_linear: the op, or None where this torch build lacks it (benchmarks/weight_streaming.py
-# times the same op).
-onednn_linear = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-                 if torch.backends.mkldnn.is_available() else None)
-_ONEDNN_MIN_WEIGHTS = 2**17
-_SKINNY_MIN_WEIGHTS = 2**12
-
-
 class Linear(nn.Linear):
-    def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
-                or w.dtype != torch.float32):
-            return super().forward(x)
-        rows = x.numel() // w.shape[1]
-        if (0 < rows <= kernels.MAX_ROWS and w.numel() >= _SKINNY_MIN_WEIGHTS and w.is_contiguous()
-                and kernels.available()):
-            y = kernels.skinny_linear(x.reshape(rows, w.shape[1]).contiguous(), w, self.bias)
-            return y.view(*x.shape[:-1], w.shape[0])
-        if onednn_linear is not None and w.numel() >= _ONEDNN_MIN_WEIGHTS:
-            return onednn_linear(x.contiguous(), w, self.bias, "none", [], "")
-        return super().forward(x)
-
-
-# --- dropout on the CPU ---
-#
-# torch's CPU dropout draws one Mersenne-Twister number and one float compare per element
-# (bernoulli_): at the shakespeare_char shape it is a fifth of a training step, most of it on the
-# (B, nh, T, T) attention probabilities. Here one 64-bit draw gives four 15-bit uniform integers;
-# a keep mask is an integer compare, and the drop probability is p rounded to a multiple of 2**-15
-# (0.2 -> 0.20001), with the scale computed from the rounded value so the expectation stays exact.
-# Masks come about 3x faster than bernoulli_ on 2 cores (86 against 247 ms for 25M elements), from
-# the same torch generator (seeding and the checkpointed RNG state still hold).
-# CUDA keeps torch's own dropout (Philox, fused into SDPA).
-
-_DROP_BITS = 15
-
-
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[Tensor, float]:
-    """A bool mask that keeps each element with probability 1 - p' (p' = p rounded to 2**-15), and
-    the scale 1 / (1 - p') that keeps the expectation of the kept values."""
-    numel = math.prod(shape)
-    threshold = round(p * 2**_DROP_BITS)
-    if threshold >= 2**_DROP_BITS:
-        return torch.zeros(shape, dtype=torch.bool, device=device), 0.0
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_()  # 63 random bits each
-    r = words.view(torch.int16)[:numel].bitwise_and_(2**_DROP_BITS - 1)  # four 15-bit uniforms per word
-    return (r >= threshold).view(shape), 2**_DROP_BITS / (2**_DROP_BITS - threshold)
-
-
-def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, training=True)
-    keep, scale = keep_mask(x.shape, p, x.device)
-    # A float mask times x: one multiply forward and one backward (measured fastest of x * keep *
-    # scale, where(keep, x * scale, 0) and native_dropout_backward; it keeps 4 bytes per element).
-    return x * (keep * scale).to(x.dtype)
-
-
-class Dropout(nn.Module):
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
+    """nn.Linear through the ops layer (the CPU's decoding kernel, or a bf16/int8 weight)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return dropout(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-# Causal attention without a cache on the CPU: SDPA's flash kernel, or the same math spelled out
-# (causal_attention below). Spelled out is faster up to this many tokens, forward + backward,
-# 2 threads: 11.8 against 14.0 ms at poem-cpu's (32, 4, 128, 32) q/k/v, 1.5 against 1.9 ms at
-# nanoGPT's baby shape (12, 4, 64, 32); slower at 256 tokens (25.0 against 19.8 ms at
-# (16, 4, 256, 32)), where its (T, T) scores outgrow the cache.
-_EXPLICIT_ATTENTION_MAX_T = 128
-
-
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, p: float = 0.0) -> Tensor:
-    """softmax(q k^T / sqrt(hs) + causal mask), dropped out with probability p, times v: what SDPA
-    computes with is_causal=True and dropout_p = p, spelled out for the CPU (SDPA with dropout runs
-    this same math path, but with bernoulli_ masks). (B, nh, T, hs) -> (B, nh, T, hs)."""
-    B, nh, T, hs = q.shape
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
-    bias = torch.zeros(T, T, dtype=q.dtype, device=q.device).masked_fill_(future, float("-inf"))
-    # one GEMM adds the mask and applies the 1/sqrt(hs) scale: bias + scale * q @ k^T
-    att = torch.baddbmm(bias.expand(B * nh, T, T), q.reshape(B * nh, T, hs),
-                        k.reshape(B * nh, T, hs).transpose(1, 2), alpha=1.0 / math.sqrt(hs))
-    att = dropout(att.softmax(dim=-1), p, training=p > 0)
-    return torch.bmm(att, v.reshape(B * nh, T, hs)).view(B, nh, T, hs)
+        return ops.linear(x, self.weight, self.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -159,10 +59,9 @@ class CausalSelfAttention(nn.Module):
         C = config.n_embd
         self.n_head = config.n_head
         self.head_size = config.head_size
-        self.dropout = config.dropout
+        self.dropout_p = config.dropout
         self.c_attn = Linear(C, 3 * C, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = Linear(C, C, bias=config.bias)
-        self.resid_dropout = Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if config.qk_norm:
             self.q_norm = nn.LayerNorm(self.head_size, bias=config.bias)
             self.k_norm = nn.LayerNorm(self.head_size, bias=config.bias)
@@ -179,76 +78,12 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q, k, pos, (start or 0) + T)
-
-        mask, is_causal = None, True
         if start is not None:
-            k, v = self.kv_cache.update(start, k, v)  # (B, nh, end, hs)
-            if T == 1:  # one new token sees the whole cache
-                is_causal = False
-            elif start != 0:  # a chunk after a prefix: query at pos[i] sees keys 0..pos[i]
-                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= pos[:, None]  # (T, end)
-                is_causal = False
-        p = self.dropout if self.training else 0.0
-        if (T == 1 and start is not None and p == 0 and x.device.type == "cpu" and x.dtype == torch.float32
-                and not torch.is_grad_enabled() and kernels.available()):
-            return self.resid_dropout(self.c_proj(kernels.decode_attention(q, k, v)))  # (B, 1, C)
-        if x.device.type == "cpu" and start is None and (p > 0 or T <= _EXPLICIT_ATTENTION_MAX_T):
-            y = causal_attention(q, k, v, p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                               dropout_p=p)  # (B, nh, T, hs)
+            k, v = self.kv_cache.update(start, k, v)  # (B, nh, start + T, hs)
+        p = self.dropout_p if self.training else 0.0
+        y = ops.causal_attention(q, k, v, p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # a view when T = 1
-        return self.resid_dropout(self.c_proj(y))
-
-
-class ReluSquared(torch.autograd.Function):
-    """relu(x)^2 with a one-multiply backward, 2 * relu(x) * grad, saving relu(x) only.
-
-    Autograd's relu().square() runs pow's and relu's backward separately: 3.1 against 1.6 ms
-    forward + backward on a (2048, 512) activation, poem-cpu's, on 2 cores (about 5% of a step).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        r = torch.relu(x)
-        ctx.save_for_backward(r)
-        return r * r
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (r,) = ctx.saved_tensors
-        return grad.mul(r).mul_(2.0)
-
-
-class GeluTanh(torch.autograd.Function):
-    """GELU in GPT-2's tanh form through the C kernels (kernels.py): torch's CPU kernel for it
-    runs 3x slower than its exact GELU; ours is ~3x faster than torch's, forward and backward
-    (a step at nanoGPT's baby shape: 36.0 -> 34.9 ms). Saves the input, as torch's does."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return kernels.gelu_tanh(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        return kernels.gelu_tanh_backward(grad.contiguous(), x)
-
-
-_GELU_KERNEL_MIN = 4096  # below this many elements (decoding one token) the call costs more than torch's op
-
-
-def gelu_tanh(x: Tensor) -> Tensor:
-    """F.gelu(x, approximate="tanh"); on the CPU in fp32 through our kernel where it is built
-    (not while torch.compile traces: it fuses its own), without autograd's wrapper where no
-    gradient is wanted."""
-    if (x.numel() >= _GELU_KERNEL_MIN and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.is_contiguous() and not torch.compiler.is_compiling() and kernels.available()):
-        if torch.is_grad_enabled() and x.requires_grad:
-            return GeluTanh.apply(x)
-        return kernels.gelu_tanh(x)
-    return F.gelu(x, approximate="tanh")
+        return ops.dropout(self.c_proj(y), p, self.training)
 
 
 class MLP(nn.Module):
@@ -258,17 +93,17 @@ class MLP(nn.Module):
         self.c_fc = Linear(config.n_embd, hidden, bias=config.bias)
         self.c_proj = Linear(hidden, config.n_embd, bias=config.bias)
         self.activation = config.activation
-        self.dropout = Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout_p = config.dropout
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.c_fc(x)
         if self.activation == "relu":
             h = F.relu(h)
         elif self.activation == "gelu":
-            h = gelu_tanh(h)  # GPT-2's "gelu_new"
+            h = ops.gelu(h)  # GPT-2's "gelu_new" (the tanh form)
         else:  # relu2: squared ReLU (Primer, So et al. 2021)
-            h = ReluSquared.apply(h)
-        return self.dropout(self.c_proj(h))
+            h = ops.relu2(h)
+        return ops.dropout(self.c_proj(h), self.dropout_p, self.training)
 
 
 class Block(nn.Module):
@@ -326,7 +161,6 @@ class GPT(nn.Module):
         C = config.n_embd
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, C),
-            drop=Dropout(config.dropout) if config.dropout > 0 else nn.Identity(),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(C, bias=config.bias),
         ))
@@ -412,7 +246,7 @@ class GPT(nn.Module):
             if isinstance(self.transformer.wpe, LearnedPositions) and last >= self.config.block_size:
                 raise ValueError(f"position {last} is past the learned table of {self.config.block_size}")
             x = x + self.transformer.wpe(pos).to(x.dtype)
-        x = self.transformer.drop(x)
+        x = ops.dropout(x, self.config.dropout, self.training)
         for block in self.transformer.h:
             x = block(x, pos, self.rope, start)
         if last_only:
@@ -458,6 +292,7 @@ class GPT(nn.Module):
         self._ngram_history = None
 
     @property
-    def kv_cache_len(self) -> int:
+    def kv_cache_capacity(self) -> int:
+        """Positions the KV cache holds (0 without one): the most a decode may reach."""
         cache = self.transformer.h[0].attn.kv_cache
         return 0 if cache is None else cache.k.shape[2]

@@ -152,7 +152,7 @@ def test_top_k_1_and_temperature_0_are_greedy():
 def test_generation_restores_train_mode_and_frees_the_cache():
     model = tiny_gpt().train()
     run(model, [1, 2], 5, seed=0)
-    assert model.training and model.kv_cache_len == 0
+    assert model.training and model.kv_cache_capacity == 0
 
 
 def test_batch_prompts_and_num_samples():

@@ -1,4 +1,4 @@
-"""The decoding kernel (gpt_small/kernels.py): equal to F.linear to rounding, used by the model at
+"""The C kernels (gpt_small/ops/kernels.py): equal to F.linear to rounding, used by the model at
 inference, and a clean fallback when it cannot be built."""
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt_small import kernels
+from gpt_small import ops
+from gpt_small.ops import cpu as cpu_ops
+from gpt_small.ops import kernels
 from gpt_small.config import GPTConfig
 from gpt_small.model import GPT
 
@@ -93,7 +95,7 @@ def test_model_decoding_uses_the_kernel_and_matches_autograd_path():
 
 
 def test_switched_off_the_model_still_runs_and_says_why(tmp_path):
-    code = ("import torch; from gpt_small import kernels; from gpt_small.model import GPT; "
+    code = ("import torch; from gpt_small.ops import kernels; from gpt_small.model import GPT; "
             "from gpt_small.config import GPTConfig\n"
             "m = GPT(GPTConfig.from_preset('tiny', vocab_size=50)).eval()\n"
             "with torch.no_grad(): m(torch.zeros(1, 1, dtype=torch.long))\n"
@@ -104,7 +106,7 @@ def test_switched_off_the_model_still_runs_and_says_why(tmp_path):
 
 
 def test_without_a_compiler_it_falls_back(tmp_path):
-    code = ("from gpt_small import kernels\n"
+    code = ("from gpt_small.ops import kernels\n"
             "print(kernels.available(), kernels.describe())")
     env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "GPT_SMALL_CACHE": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
@@ -114,7 +116,7 @@ def test_without_a_compiler_it_falls_back(tmp_path):
 
 @needs_kernel
 def test_built_once_into_the_cache(tmp_path):
-    code = "from gpt_small import kernels; print(kernels.describe())"
+    code = "from gpt_small.ops import kernels; print(kernels.describe())"
     env = {**os.environ, "GPT_SMALL_CACHE": str(tmp_path)}
     first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     built = list((tmp_path / "kernels").iterdir())
@@ -152,8 +154,6 @@ def test_gelu_tanh_keeps_nan_and_inf():
 
 @needs_kernel
 def test_model_gelu_uses_the_kernel_and_its_gradient_matches_torch(monkeypatch):
-    from gpt_small import model as model_module
-
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, activation="gelu")
     m = GPT(cfg)
@@ -166,7 +166,7 @@ def test_model_gelu_uses_the_kernel_and_its_gradient_matches_torch(monkeypatch):
     ours = {n: p.grad.clone() for n, p in m.named_parameters()}
     assert len(calls) == cfg.n_layer
     m.zero_grad()
-    monkeypatch.setattr(model_module, "gelu_tanh", lambda x: F.gelu(x, approximate="tanh"))
+    monkeypatch.setattr(cpu_ops, "gelu", lambda x: F.gelu(x, approximate="tanh"))
     _, loss_torch = m(idx, idx)
     loss_torch.backward()
     torch.testing.assert_close(loss, loss_torch, rtol=1e-6, atol=1e-6)
@@ -178,14 +178,12 @@ def test_model_gelu_uses_the_kernel_and_its_gradient_matches_torch(monkeypatch):
 def test_model_gelu_without_grad_and_below_the_size_threshold(monkeypatch):
     """No autograd wrapper where no gradient is wanted; torch's op for small tensors (one decoded
     token), where a call into the library costs more than it saves."""
-    from gpt_small import model as model_module
-
     x = torch.randn(8, 1024)
     calls = []
     real = kernels.gelu_tanh
     monkeypatch.setattr(kernels, "gelu_tanh", lambda t: calls.append(t.numel()) or real(t))
     with torch.no_grad():
-        y = model_module.gelu_tanh(x)
-    small = model_module.gelu_tanh(torch.randn(1, model_module._GELU_KERNEL_MIN - 1))
-    assert calls == [x.numel()] and not y.requires_grad and small.shape[1] == model_module._GELU_KERNEL_MIN - 1
+        y = ops.gelu(x)
+    small = ops.gelu(torch.randn(1, cpu_ops.GELU_KERNEL_MIN - 1))
+    assert calls == [x.numel()] and not y.requires_grad and small.shape[1] == cpu_ops.GELU_KERNEL_MIN - 1
     torch.testing.assert_close(y, F.gelu(x, approximate="tanh"), rtol=1e-6, atol=1e-6)

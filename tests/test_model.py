@@ -196,7 +196,7 @@ def test_learned_positions_reject_long_sequences():
     with pytest.raises(ValueError, match="block_size"):
         model(tokens(1, 33))
     model.setup_kv_cache(1, 64)
-    assert model.kv_cache_len == 32  # a learned table cannot go further, so neither does the cache
+    assert model.kv_cache_capacity == 32  # a learned table cannot go further, so neither does the cache
     with pytest.raises(ValueError, match="32"):
         model(tokens(1, 1), input_pos=torch.tensor([32]))
 
@@ -212,7 +212,7 @@ def test_dropout_only_in_training():
 
 def test_keep_mask_rate_and_scale_are_exact_in_every_lane():
     """Each 64-bit draw feeds four 15-bit lanes; the top lane must not be biased by the sign bit."""
-    from gpt_small.model import keep_mask
+    from gpt_small.ops.cpu import keep_mask
 
     torch.manual_seed(0)
     keep, scale = keep_mask(torch.Size([1000, 1024]), 0.2, torch.device("cpu"))
@@ -228,7 +228,7 @@ def test_keep_mask_rate_and_scale_are_exact_in_every_lane():
 
 
 def test_cpu_dropout_keeps_the_expectation():
-    from gpt_small.model import dropout
+    from gpt_small.ops.cpu import dropout
 
     torch.manual_seed(1)
     x = torch.ones(2_000_000)
@@ -241,7 +241,7 @@ def test_cpu_dropout_keeps_the_expectation():
 
 
 def test_spelled_out_attention_is_sdpa_math_with_our_mask():
-    from gpt_small.model import causal_attention, keep_mask
+    from gpt_small.ops.cpu import explicit_causal_attention as causal_attention, keep_mask
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 10, 8, generator=g, requires_grad=True) for _ in range(3))
@@ -267,7 +267,7 @@ def test_spelled_out_attention_is_sdpa_math_with_our_mask():
 
 
 def test_model_gives_the_same_loss_and_gradients_on_either_attention_path(monkeypatch):
-    import gpt_small.model as model_module
+    import gpt_small.ops.cpu as cpu_ops
 
     model = tiny_model(pos_encoding="rope", qk_norm=True)
     idx = tokens(2, 16)
@@ -279,7 +279,7 @@ def test_model_gives_the_same_loss_and_gradients_on_either_attention_path(monkey
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
     spelled_out = loss_and_grads()  # 16 tokens: under the threshold
-    monkeypatch.setattr(model_module, "_EXPLICIT_ATTENTION_MAX_T", 0)
+    monkeypatch.setattr(cpu_ops, "_EXPLICIT_ATTENTION_MAX_T", 0)
     flash = loss_and_grads()
     torch.testing.assert_close(spelled_out[0], flash[0], atol=1e-6, rtol=0)
     for a, b in zip(spelled_out[1], flash[1]):
@@ -306,7 +306,7 @@ def test_cached_decoding_equals_uncached(enc, qk_norm, ngram):
             parts += [model(idx[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(15, 20)]
             torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
     model.clear_kv_cache()
-    assert model.kv_cache_len == 0 and model._ngram_history is None
+    assert model.kv_cache_capacity == 0 and model._ngram_history is None
     with pytest.raises(RuntimeError, match="setup_kv_cache"):
         model(idx, input_pos=torch.arange(20))
 
@@ -375,7 +375,8 @@ def test_tiny_model_overfits_one_batch(enc):
 
 def test_inference_linear_equals_f_linear():
     """Large Linears run oneDNN without autograd on the CPU: the same function as F.linear."""
-    from gpt_small.model import _ONEDNN_MIN_WEIGHTS, Linear
+    from gpt_small.model import Linear
+    from gpt_small.ops.cpu import _ONEDNN_MIN_WEIGHTS
 
     torch.manual_seed(0)
     layer = Linear(512, _ONEDNN_MIN_WEIGHTS // 512, bias=True)
@@ -391,7 +392,7 @@ def test_inference_linear_equals_f_linear():
 
 
 def test_relu_squared_matches_autograd():
-    from gpt_small.model import ReluSquared
+    from gpt_small.ops.cpu import ReluSquared
 
     x = torch.randn(64, 32, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(ReluSquared.apply, (x,))

@@ -1,22 +1,23 @@
-"""Hand-written fp32 kernels for the CPU (csrc/decode.c, csrc/gelu.c), compiled at first use.
+"""Hand-written kernels for the CPU (csrc/decode.c, csrc/gelu.c) and their loader.
 
-- `skinny_linear`: y = x @ W.T + b for 1-8 rows of x. Decoding multiplies one row of activations
+- `skinny_linear`: y = x @ W.T + b for 1-8 rows of x, W in fp32, bf16 or int8 (with a scale per
+  output row; ops/quantize.py makes such weights). Decoding multiplies one row of activations
   per sample by every weight matrix, so a token costs a read of all the weights; at the 6x384
   shape (42 MB, more than the L3 cache) that read is the step. torch's fp32 kernels (MKL, oneDNN)
-  stream such weights at about half the memory bandwidth on our 2-core machine; this kernel
-  reaches it (README, "Speed"; benchmarks/weight_streaming.py times them all).
+  stream such weights well below the memory bandwidth; this kernel reaches it
+  (benchmarks/weight_streaming.py times them all).
 - `decode_attention`: one new token's attention over the KV cache, which at batch 8 is as many
-  bytes as the weights; faster than SDPA's CPU kernel in cache and out (README, "Speed").
+  bytes as the weights; faster than SDPA's CPU kernel in cache and out (benchmarks/generate_throughput.py).
 - `gelu_tanh_forward`, `gelu_tanh_backward`: GELU in GPT-2's tanh form, which torch's CPU kernel
-  runs 3x slower than the exact GELU; the model's `gelu_tanh` uses them in training and at
+  runs slower than the exact GELU; the CPU backend (ops/cpu.py) uses them in training and at
   inference.
 
-The C files are compiled at first use with the system's C compiler (`cc -O3 -march=native
--fopenmp`, about a second) into `kernels/` of the cache (`$GPT_SMALL_CACHE`, default
-`~/.cache/gpt-small`), keyed by the source, compiler, flags and CPU, and loaded with ctypes: no
-build step at install, no torch headers. Without a compiler, or with `GPT_SMALL_KERNELS=0`,
-`available()` is False and the model falls back to oneDNN/F.linear (same results to rounding);
-`describe()` says which and why.
+The C files are compiled when the CPU backend is chosen (ops/cpu.py `prepare()` calls
+`available()`) with the system's C compiler (`cc -O3 -march=native -fopenmp`, about a second)
+into `kernels/` of the cache folder (gpt_small/paths.py), keyed by the source, compiler, flags
+and CPU, and loaded with ctypes: no build step at install, no torch headers. Without a compiler,
+or with `GPT_SMALL_KERNELS=0`, `available()` is False and the CPU backend falls back to torch's
+ops (same results to rounding); `describe()` says which and why.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .corpus import cache_dir
-from .device import cpu_flags
+from ..device import cpu_flags
+from ..paths import cache_dir
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("decode.c", "gelu.c")]
 MAX_ROWS = 8  # rows of x skinny_linear takes (batch size when decoding)
@@ -81,7 +82,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"off ({type(e).__name__}: {e})"
     c_int, c_long, ptr = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
-    lib.skinny_linear.argtypes = [ptr] * 4 + [c_int, c_long, c_long, c_int]
+    lib.skinny_linear.argtypes = lib.skinny_linear_bf16.argtypes = [ptr] * 4 + [c_int, c_long, c_long, c_int]
+    lib.skinny_linear_int8.argtypes = [ptr] * 5 + [c_int, c_long, c_long, c_int]
+    lib.skinny_linear_bf16.restype = lib.skinny_linear_int8.restype = c_int
     lib.decode_attention.argtypes = [ptr] * 4 + [c_int, c_int] + [c_long] * 6 + [ctypes.c_float, c_int]
     lib.skinny_linear.restype = lib.decode_attention.restype = c_int
     lib.gelu_tanh_forward.argtypes = [ptr, ptr, c_long, c_int]
@@ -106,20 +109,33 @@ def describe() -> str:
     return f"decoding kernels: {_state}"
 
 
-def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
     """x (B, K) @ weight (N, K).T + bias (N,) in fp32 on the CPU, for 1 <= B <= MAX_ROWS.
 
-    All tensors must be contiguous; callers check `available()` first."""
+    weight is fp32 or bf16, or int8 with `scale` (N,) fp32: then the product is x @ (weight *
+    scale[:, None]).T, summed in fp32. All tensors contiguous; callers check `available()` first."""
     B, K = x.shape
     N = weight.shape[0]
+    kind = _WEIGHT_KINDS.get(weight.dtype)
     if not (1 <= B <= MAX_ROWS and weight.shape[1] == K and x.is_contiguous() and weight.is_contiguous()
-            and x.dtype == weight.dtype == torch.float32 and (bias is None or bias.is_contiguous())):
-        raise ValueError(f"skinny_linear takes contiguous fp32 x (1..{MAX_ROWS}, K) and weight (N, K); got "
-                         f"{tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
+            and x.dtype == torch.float32 and kind is not None and (scale is not None) == (kind == "int8")
+            and (bias is None or (bias.is_contiguous() and bias.dtype == torch.float32 and bias.shape == (N,)))
+            and (scale is None or (scale.is_contiguous() and scale.dtype == torch.float32 and scale.shape == (N,)))):
+        raise ValueError(f"skinny_linear takes contiguous fp32 x (1..{MAX_ROWS}, K) and weight (N, K) in fp32, "
+                         f"bf16, or int8 with fp32 scales (N,); got {tuple(x.shape)} {x.dtype} and "
+                         f"{tuple(weight.shape)} {weight.dtype}, scale {None if scale is None else scale.dtype}")
     y = torch.empty(B, N, dtype=torch.float32)
-    _lib.skinny_linear(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-        B, K, N, torch.get_num_threads())
+    b = None if bias is None else bias.data_ptr()
+    threads = torch.get_num_threads()
+    if kind == "int8":
+        _lib.skinny_linear_int8(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), b, y.data_ptr(), B, K, N, threads)
+    else:
+        fn = _lib.skinny_linear_bf16 if kind == "bf16" else _lib.skinny_linear
+        fn(x.data_ptr(), weight.data_ptr(), b, y.data_ptr(), B, K, N, threads)
     return y
+
+
+_WEIGHT_KINDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}
 
 
 def gelu_tanh(x: Tensor) -> Tensor:

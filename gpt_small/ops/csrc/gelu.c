@@ -9,7 +9,7 @@
  * at a time), forward and backward each run about 3x faster than torch's, with the same error
  * against a float64 reference as torch's fp32 kernel (tests/test_kernels.py).
  *
- * Built with decode.c into one library by gpt_small/kernels.py.
+ * Built with decode.c into one library by gpt_small/ops/kernels.py.
  */
 #include <stddef.h>
 #include <string.h>

@@ -1,0 +1,73 @@
+"""The model's backend: the few operations whose fastest form depends on the device.
+
+model.py calls these plain functions and nothing device-specific. Each dispatches on its input's
+device type to a backend chosen once per device type (`backend()`):
+- `cpu` (ops/cpu.py): C kernels for decoding and GELU (ops/kernels.py, ops/csrc/), oneDNN for
+  prompts, a cheaper dropout, attention spelled out where that is faster;
+- `torch` (ops/reference.py): torch's own functions; used on CUDA and MPS, and on the CPU with
+  `GPT_SMALL_OPS=torch`. The tests hold the CPU backend equal to it.
+Choosing the CPU backend compiles or loads the C kernels (no compiler at a forward pass);
+`GPT_SMALL_KERNELS=0` keeps the CPU backend without them. `describe()` says what runs.
+
+Contracts (all shapes as in model.py: B batch, T new tokens, S keys, nh heads, hs head size):
+- `linear(x, weight, bias=None, scale=None)`: x @ weight.T + bias. weight (N, K) in x's dtype, or
+  bf16, or int8 with `scale` (N,) per output row (weight-only quantization: ops/quantize.py).
+- `causal_attention(q, k, v, dropout_p=0.0)`: q (B, nh, T, hs), k and v (B, nh, S, hs) with
+  S >= T; the queries are the last T of the S positions, each sees the keys up to its own.
+- `dropout(x, p, training)`, `gelu(x)` (GPT-2's tanh form), `relu2(x)` (relu(x)^2).
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import torch
+from torch import Tensor
+
+from . import cpu, kernels, reference
+
+_chosen: dict[str, types.ModuleType] = {}
+
+
+def backend(device: torch.device | str) -> types.ModuleType:
+    """The backend for a device type, chosen (and, for the CPU, its kernels built) on first use."""
+    kind = torch.device(device).type
+    if kind not in _chosen:
+        if kind == "cpu" and os.environ.get("GPT_SMALL_OPS", "cpu") != "torch":
+            cpu.prepare()
+            _chosen[kind] = cpu
+        else:
+            _chosen[kind] = reference
+    return _chosen[kind]
+
+
+def describe(device: torch.device | str = "cpu") -> str:
+    chosen = backend(device)
+    if chosen is reference:
+        return "ops: torch" + (" (GPT_SMALL_OPS=torch)" if torch.device(device).type == "cpu" else "")
+    return f"ops: cpu; {kernels.describe()}"
+
+
+def _for(x: Tensor) -> types.ModuleType:
+    return _chosen.get(x.device.type) or backend(x.device)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+    return _for(x).linear(x, weight, bias, scale)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+    return _for(q).causal_attention(q, k, v, dropout_p)
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    return _for(x).dropout(x, p, training)
+
+
+def gelu(x: Tensor) -> Tensor:
+    return _for(x).gelu(x)
+
+
+def relu2(x: Tensor) -> Tensor:
+    return _for(x).relu2(x)
