@@ -64,8 +64,7 @@ class LogRequests:
 def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 8, max_queue: int = 64,
                max_new_tokens: int = 1000, max_prompt_tokens: int = 4096, api_key: str | None = None) -> Starlette:
     """The app over a loaded model; the engine starts and drains with the app's lifespan."""
-    limits = Limits(model_name=model_name, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-                    max_n=max_batch)
+    limits = Limits(model_name=model_name, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
     created = int(time.time())
     n_params = model.num_params() if hasattr(model, "num_params") else sum(p.numel() for p in model.parameters())
     box: dict[str, Engine] = {}

@@ -147,7 +147,7 @@ class Engine:
         self._rows: list[_Row] = []  # row i of the cache belongs to self._rows[i]
         self._cond = threading.Condition()
         self._stopping = False
-        self.counts = dict(finished=0, cancelled=0, tokens=0, steps=0)
+        self.counts = dict(finished=0, cancelled=0, tokens=0, steps=0, peak_batch=0)
         model.setup_kv_cache(max_batch, self.window)
         self._thread = threading.Thread(target=self._loop, name="gpt-small-decode", daemon=True)
         self._thread.start()
@@ -267,6 +267,7 @@ class Engine:
             pos = torch.tensor([[min(r.T, self.window) - 1] for r in keep[:B]])
             logits = self.model(cur, input_pos=pos, last_only=True)[:, -1]  # (B, V)
             self.counts["steps"] += 1
+            self.counts["peak_batch"] = max(self.counts["peak_batch"], len(keep))
         for i, row in enumerate(keep):
             if row.T <= self.window:
                 row.logits = logits[i:i + 1]
