@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -71,5 +72,14 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
           f"(max batch {max_batch}; Ctrl-C drains and stops)", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=drain_seconds,
                             lifespan="on")
-    uvicorn.Server(config).run(sockets=[sock])
-    print("stopped", flush=True)
+    # uvicorn drains on SIGINT/SIGTERM and then re-raises the signal to the handler it found; a
+    # handler that only notes it makes a drained shutdown a normal exit (status 0), not a kill.
+    got: list[str] = []
+    previous = {sig: signal.signal(sig, lambda s, _: got.append(signal.Signals(s).name))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"stopped{' by ' + got[0] if got else ''}; open requests drained", flush=True)
