@@ -116,8 +116,8 @@ def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 
         left = len(seqs)
         try:
             while left:
-                try:
-                    item = await asyncio.wait_for(queue.get(), _POLL)
+                try:  # wait_for costs a task per call: only when nothing is ready
+                    item = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), _POLL)
                 except TimeoutError:
                     if await request.is_disconnected():
                         return

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
 from ..errors import GPTSmallError
@@ -55,6 +56,10 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     if port > 65535:
         raise GPTSmallError(f"--port must be <= 65535, got {port}")
     set_threads(threads)
+    # The decode thread and the event loop share the GIL; at the default 5 ms switch interval a
+    # token's worth of Python on one side can stall the other for a whole interval
+    # (benchmarks/serve_load.py measures the effect on latency).
+    sys.setswitchinterval(0.0005)
     ckpt = load_checkpoint(checkpoint, device="cpu")
     name = model_name_of(checkpoint)
     app = create_app(model=ckpt.model, tokenizer=ckpt.tokenizer, model_name=name, max_batch=max_batch,
