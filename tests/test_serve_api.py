@@ -16,6 +16,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("httpx")
 from starlette.testclient import TestClient  # noqa: E402
 
+from gpt_small import kernels  # noqa: E402
 from gpt_small.generate import generate_text  # noqa: E402
 from gpt_small.serve import Engine, Sequence, create_app  # noqa: E402
 from gpt_small.serve.app import StanzaBreaks  # noqa: E402
@@ -23,6 +24,9 @@ from gpt_small.serve.protocol import Sampling  # noqa: E402
 from serve_util import make_model  # noqa: E402
 
 NAME = "tiny-poet"
+# Rows of a batch equal lone rows exactly where the decoding matmuls are row-independent: the C
+# kernel (engine.py's docstring). torch's fallback GEMM rounds differently at other batch sizes.
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"exact only with the C kernel; {kernels.describe()}")
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +92,7 @@ def test_completion_equals_generate_alone_and_counts_usage(client, model_tok, re
     assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 90, "total_tokens": 97}
 
 
+@needs_kernel
 def test_n_samples_use_seed_plus_index_and_run_as_one_batch_of_eight(client, model_tok, reference):
     """Eight samples of one request enter the engine together; each equals a lone run of seed + j."""
     _, tok = model_tok
@@ -101,6 +106,7 @@ def test_n_samples_use_seed_plus_index_and_run_as_one_batch_of_eight(client, mod
                      for j in range(8)]
 
 
+@needs_kernel
 def test_engine_joins_sequences_mid_flight_and_each_equals_alone(model_tok, reference):
     """Continuous batching: four sequences start, four more join while they run (some later past
     the window), with different prompts and sampling options; every one equals generate_text alone."""
@@ -267,3 +273,35 @@ def test_api_key_and_full_queue(model_tok):
         assert r.json()["error"]["code"] == "rate_limit_exceeded"
         r = c.post("/v1/completions", headers=auth, json={"model": NAME, "prompt": "a", "max_tokens": 2})
         assert r.status_code == 200
+
+
+@needs_kernel
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal", "rope"])
+def test_per_row_positions_equal_lone_decoding(pos_encoding):
+    """model.py's hook for the engine: rows prefilled into their own cache rows, then one batched
+    token at per-row positions, give exactly the logits of each row decoded alone."""
+    from gpt_small.config import GPTConfig
+    from gpt_small.model import GPT
+
+    torch.manual_seed(0)
+    extra = dict(ngram=3, ngram_buckets=512, qk_norm=True) if pos_encoding == "rope" else {}
+    m = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=64, pos_encoding=pos_encoding,
+                      **extra)).eval()
+    prompts = [torch.randint(0, 64, (1, t)) for t in (3, 7, 5)]
+    nxt = torch.randint(0, 64, (3,))
+    with torch.inference_mode():
+        lone = []
+        for p, t in zip(prompts, nxt):
+            m.setup_kv_cache(1, 32)
+            m(p, input_pos=torch.arange(p.shape[1]))
+            lone.append(m(t.view(1, 1), input_pos=torch.tensor([p.shape[1]]))[:, -1])
+        m.setup_kv_cache(4, 32)
+        for i, p in enumerate(prompts):
+            with m.kv_cache_rows(i, i + 1):
+                m(p, input_pos=torch.arange(p.shape[1]))
+        batched = m(nxt.view(3, 1), input_pos=torch.tensor([[p.shape[1]] for p in prompts]))[:, -1]
+        assert torch.equal(batched, torch.cat(lone))
+        m.copy_kv_cache_row(2, 0, 6)  # row 2 (5 prompt tokens + 1) copied to row 0: both decode alike
+        both = m(torch.tensor([[7], [0], [7]]), input_pos=torch.tensor([[6], [1], [6]]))[:, -1]
+        assert torch.equal(both[0], both[2])
+    m.clear_kv_cache()
