@@ -56,9 +56,9 @@ class KVCache(nn.Module):
     def update_rows(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write row b's one new k, v (B, nh, 1, hs) at its own position pos[b]; return rows :B."""
         B = k.shape[0]
-        rows = torch.arange(B, device=k.device)
-        self.k[rows, :, pos] = k[:, :, 0]  # (B, nh, hs) at (row, position) pairs
-        self.v[rows, :, pos] = v[:, :, 0]
+        for b, p in enumerate(pos.tolist()):  # B small copies: one index_put over the (row,
+            self.k[b, :, p].copy_(k[b, :, 0])  # position) pairs was far slower at B = 8
+            self.v[b, :, p].copy_(v[b, :, 0])
         return self.k[:B], self.v[:B]
 
     def rows(self, lo: int, hi: int) -> "KVCache":
