@@ -36,6 +36,12 @@ def test_page_writes_streams_stops_and_cowrites(tmp_path):
             page.set_default_timeout(60_000)
             page.goto(url + "/")
             page.wait_for_function("document.querySelector('#status').textContent.includes('ready')")
+            # The stream is throttled to ~4 KB/s (~200 events a second), so on any machine the
+            # poem is still coming when Stop is pressed; lifted after Stop.
+            cdp = page.context.new_cdp_session(page)
+            cdp.send("Network.enable")
+            cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                          "downloadThroughput": 4000, "uploadThroughput": -1})
             page.press("#prompt", "Control+a")
             page.keyboard.type("The sea at night\n")
             page.locator("#lines").fill("24")
@@ -47,6 +53,8 @@ def test_page_writes_streams_stops_and_cowrites(tmp_path):
                 page.wait_for_function("document.querySelector('#poem').textContent.split('\\n').length >= 9")
             page.click("#stop")
             page.wait_for_function("document.querySelector('#status').textContent.includes('stopped')")
+            cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                          "downloadThroughput": -1, "uploadThroughput": -1})
             assert page.is_enabled("#write") and page.is_enabled("#copy")
             poem = page.inner_text("#poem")
             assert poem.startswith("The sea at night\n") and poem.count("\n") >= 3
