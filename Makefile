@@ -7,7 +7,7 @@ MINUTES ?=
 DATA := data/eng-poem-char
 RUN := runs/poem-cpu
 
-.PHONY: setup poem test bench clean lock
+.PHONY: setup poem test bench serve browser clean lock
 
 # `make` installs from hash-locked exact versions (requirements.lock, made from pyproject.toml by
 # `make lock`: every extra, every transitive dependency), so a dependency's release next year
@@ -38,11 +38,24 @@ lock:
 
 setup: $(VENV)/.installed
 
-test: setup
+# Debian's Chromium for the page's browser test (Playwright drives it; it cannot download its own
+# browsers here). Installed once: the rule runs only while the binary is missing.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser: $(CHROMIUM)
+$(CHROMIUM):
+	$(SUDO) apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
+test: setup browser
 	$(PY) -m pytest -q
 
 poem: setup
 	$(PY) -m gpt_small poem --data $(DATA) --out $(RUN) --config configs/poem-cpu.toml $(if $(MINUTES),--minutes $(MINUTES))
+
+# the `make poem` checkpoint behind the HTTP API and the page: open http://127.0.0.1:8000/
+serve: setup
+	$(PY) -m gpt_small serve --checkpoint $(RUN)
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py

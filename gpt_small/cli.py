@@ -345,6 +345,29 @@ def _run_compare(args: argparse.Namespace) -> None:
     print(format_results(results))
 
 
+# ---------------------------------------------------------------- serve
+
+def _args_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run folder (its best checkpoint) or checkpoint folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; others need an API key)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default: 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond that; then 429 (default: 64)")
+    p.add_argument("--max-new-tokens", type=int, default=1000, help="most tokens one sample may ask for (default: 1000)")
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 (default: env GPT_SMALL_API_KEY)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0 = all cores)")
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    try:
+        from .serve import serve
+    except ImportError as e:
+        raise GPTSmallError(f"gpt-small serve needs the serve extra ({e.name} is missing): "
+                            "pip install 'gpt-small[serve]'") from None
+    serve(args.checkpoint, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+          max_new_tokens=args.max_new_tokens, api_key=args.api_key, threads=args.threads)
+
+
 VERBS: dict[str, tuple[str, Callable, Callable]] = {
     "info": ("show the model train would build: its configuration, parameters and FLOPs per token", _args_info, _run_info),
     "train": ("train a model on prepared data (resumable, kill-safe checkpoints)", _args_train, _run_train),
@@ -354,6 +377,8 @@ VERBS: dict[str, tuple[str, Callable, Callable]] = {
     "eval": ("loss, perplexity and bits/char of a checkpoint on a text or prepared split", _args_eval, _run_eval),
     "compare": ("train learned, sinusoidal and rope models side by side and compare them", _args_compare,
                 _run_compare),
+    "serve": ("serve a checkpoint: OpenAI-compatible HTTP API and a page for writing poems", _args_serve,
+              _run_serve),
 }
 
 

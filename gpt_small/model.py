@@ -9,11 +9,19 @@ Shapes: B batch, T time (tokens), C = n_embd, nh = n_head, hs = head size.
 KV cache (gpt-fast style): `setup_kv_cache(batch_size, max_seq_len)` preallocates a key and value
 buffer per layer; `forward(idx, input_pos=pos)` then writes the new keys/values at `pos` and attends
 to everything cached up to the last position. `clear_kv_cache()` frees them.
+
+Continuous batching (gpt_small/serve): rows of one batch are at different positions, so
+`forward(idx (B, 1), input_pos=(B, 1))` decodes one token per row, each at its own position, and
+each row attends to its own cache prefix exactly as it would alone (batched equals alone).
+`kv_cache_rows(i, j)` points the cache at rows i..j-1 (a view: a new sequence is prefilled alone
+into its row) and `copy_kv_cache_row` moves a row (the server keeps its live rows first).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import overload
 
 import torch
@@ -45,6 +53,22 @@ class KVCache(nn.Module):
         vc.narrow(2, start, end - start).copy_(v)
         return kc.narrow(2, 0, end), vc.narrow(2, 0, end)
 
+    def update_rows(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write row b's one new k, v (B, nh, 1, hs) at its own position pos[b]; return rows :B."""
+        B = k.shape[0]
+        for b, p in enumerate(pos.tolist()):  # B small copies: one index_put over the (row,
+            self.k[b, :, p].copy_(k[b, :, 0])  # position) pairs was far slower at B = 8
+            self.v[b, :, p].copy_(v[b, :, 0])
+        return self.k[:B], self.v[:B]
+
+    def rows(self, lo: int, hi: int) -> "KVCache":
+        """A cache whose buffers are views of rows lo..hi-1 of this one (writes go through)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[lo:hi], persistent=False)
+        view.register_buffer("v", self.v[lo:hi], persistent=False)
+        return view
+
 
 class Linear(nn.Linear):
     """nn.Linear through the ops layer (the CPU's decoding kernel, or a bf16/int8 weight)."""
@@ -69,19 +93,30 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = self.k_norm = None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, pos: Tensor, rope: RotaryEmbedding | None, start: int | None) -> Tensor:
-        """start: the first position of x in the KV cache, or None to run without the cache."""
+    def forward(self, x: Tensor, pos: Tensor, rope: RotaryEmbedding | None, start: int | Tensor | None) -> Tensor:
+        """start: the first position of x in the KV cache, or None to run without the cache, or
+        (B,) per-row positions of one token per row (continuous batching)."""
         B, T, C = x.shape
         # (B, T, 3C) -> q, k, v, each (B, nh, T, hs): views, no copies
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_size).permute(2, 0, 3, 1, 4).unbind(0)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = rope(q, k, pos, (start or 0) + T)
-        if start is not None:
-            k, v = self.kv_cache.update(start, k, v)  # (B, nh, start + T, hs)
+            if isinstance(start, Tensor):  # pos (B, 1): (B, 1, 1) rows broadcast over heads
+                q, k = rope(q, k, pos[:, :, None], int(start.max()) + 1)
+            else:
+                q, k = rope(q, k, pos, (start or 0) + T)
         p = self.dropout_p if self.training else 0.0
-        y = ops.causal_attention(q, k, v, p)  # (B, nh, T, hs)
+        if isinstance(start, Tensor):  # one token per row, row b at position start[b]
+            k, v = self.kv_cache.update_rows(start, k, v)  # (B, nh, S, hs)
+            # Row by row, each over its own prefix, through the very path a lone sequence takes:
+            # a padded batch with a mask would sum in another order and change the samples.
+            y = torch.cat([ops.causal_attention(q[b:b + 1], k[b:b + 1, :, :e], v[b:b + 1, :, :e], p)
+                           for b, e in enumerate((start + 1).tolist())])  # (B, nh, 1, hs)
+        else:
+            if start is not None:
+                k, v = self.kv_cache.update(start, k, v)  # (B, nh, start + T, hs)
+            y = ops.causal_attention(q, k, v, p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # a view when T = 1
         return ops.dropout(self.c_proj(y), p, self.training)
 
@@ -114,7 +149,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, pos: Tensor, rope: RotaryEmbedding | None, start: int | None) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, rope: RotaryEmbedding | None, start: int | Tensor | None) -> Tensor:
         x = x + self.attn(self.ln_1(x), pos, rope, start)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -217,7 +252,9 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T) also the mean cross-entropy.
 
         input_pos (T,) are the absolute, consecutive positions of idx when decoding with the KV
-        cache; without it the positions are 0..T-1 and no cache is used. last_only computes the
+        cache; without it the positions are 0..T-1 and no cache is used. input_pos (B, 1) with idx
+        (B, 1) gives each row its own position, each >= 1 (continuous batching: rows decode at
+        different points of their sequences, all after a prefill). last_only computes the
         logits of the last position alone, (B, 1, vocab): generation needs no others, and the
         head is the largest matmul of a model with a big vocabulary.
         """
@@ -227,22 +264,27 @@ class GPT(nn.Module):
             if self.transformer.h[0].attn.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call setup_kv_cache() first")
             pos = input_pos
-            start = int(pos[0])  # the one device-to-host read of a decode step
+            if pos.dim() == 2:  # per-row positions, one token each
+                if T != 1 or pos.shape != (B, 1):
+                    raise ValueError(f"per-row input_pos must be (B, 1) with idx (B, 1), got {tuple(pos.shape)}")
+                start = pos[:, 0]
+            else:
+                start = int(pos[0])  # the one device-to-host read of a decode step
         else:
             # only a learned table has an end; fixed encodings extend (length-extrapolation evaluation)
             if T > self.config.block_size and self.config.pos_encoding == "learned":
                 raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
             pos = torch.arange(T, device=idx.device)
         x = self.transformer.wte(idx)  # (B, T, C)
-        if "ngram" in self.transformer:
-            x = x + self._ngram_embeddings(idx, start)
+        if "ngram" in self.transformer:  # per-row rows are all past position 0: history, as start >= 1
+            x = x + self._ngram_embeddings(idx, 1 if isinstance(start, Tensor) else start)
         if self.config.pos_encoding == "sinusoidal":
             # Vaswani et al. 3.4: embeddings times sqrt(d_model). Without it the fixed table (values
             # of +-1) drowns token embeddings initialised at std 0.02 (measured: 0.35 nats worse
             # than learned positions after 1,200 steps of the baby shape on eng-poem).
             x = x * self._emb_scale
         if "wpe" in self.transformer:
-            last = start + T - 1 if start is not None else T - 1
+            last = T - 1 if start is None else int(start.max()) if isinstance(start, Tensor) else start + T - 1
             if isinstance(self.transformer.wpe, LearnedPositions) and last >= self.config.block_size:
                 raise ValueError(f"position {last} is past the learned table of {self.config.block_size}")
             x = x + self.transformer.wpe(pos).to(x.dtype)
@@ -285,6 +327,32 @@ class GPT(nn.Module):
         if "ngram" in self.transformer:  # the last tokens fed, for the next chunk's n-grams
             self._ngram_history = torch.zeros(batch_size, self.transformer.ngram.context, dtype=torch.long,
                                               device=p.device)
+
+    @contextmanager
+    def kv_cache_rows(self, lo: int, hi: int) -> Iterator[None]:
+        """Within the block, the KV cache (and n-gram history) is rows lo..hi-1 of the current one."""
+        blocks = list(self.transformer.h)
+        caches, history = [b.attn.kv_cache for b in blocks], self._ngram_history
+        try:
+            for b, c in zip(blocks, caches):
+                b.attn.kv_cache = c.rows(lo, hi)
+            if history is not None:
+                self._ngram_history = history[lo:hi]
+            yield
+        finally:
+            for b, c in zip(blocks, caches):
+                b.attn.kv_cache = c
+            self._ngram_history = history
+
+    def copy_kv_cache_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of row src of the KV cache (and its n-gram history)
+        to row dst."""
+        for block in self.transformer.h:
+            c = block.attn.kv_cache
+            c.k[dst, :, :length].copy_(c.k[src, :, :length])
+            c.v[dst, :, :length].copy_(c.v[src, :, :length])
+        if self._ngram_history is not None:
+            self._ngram_history[dst].copy_(self._ngram_history[src])
 
     def clear_kv_cache(self) -> None:
         for block in self.transformer.h:

@@ -1,0 +1,275 @@
+"""The batching engine: one decode loop on a worker thread, shared by every request (continuous
+batching over the model's KV cache).
+
+A `Sequence` is one sample: prompt ids, its sampling options, its own `torch.Generator`, and the
+rule that ends its text. `Engine.submit` queues sequences (bounded: `QueueFull` beyond
+`max_queue`); between two decode steps the worker prefills queued sequences alone into free rows
+of the cache, decodes one token for every live row in one batched forward (each row at its own
+position), samples each row with its own options and generator, and frees the rows that finished
+or whose client went away (`Sequence.cancel`, honoured at the next step boundary). The event loop
+never runs a model step: it hears of new text through `on_event`, called from the worker thread
+(the app wraps it in `loop.call_soon_threadsafe`).
+
+Contract: a seeded sequence yields the tokens of `generate_tokens(model, prompt, seed=...)` for
+one sample, whether it runs alone or beside others. The steps are generate.py's (`prefill`,
+`sample`, `apply_repetition_penalty`, the same sliding-window rule past block_size), the prefill
+runs alone, and the batched step computes every row as it would alone (model.py: per-row
+positions, attention row by row). The output matmuls are row-independent in the CPU decoding
+kernel (csrc/decode.c), up to its 8 rows; past 8 rows torch's GEMM takes over and rows may differ
+from a lone run in the last bits, which can rarely change a sampled token.
+
+Rows stay packed: live sequences hold cache rows 0..B-1, so the batched step runs on rows :B; a
+finished row is refilled by moving the last live row into it (its cached prefix only).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence as Seq
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..generate import apply_repetition_penalty, prefill, sample
+from .protocol import Sampling
+
+log = logging.getLogger("gpt_small.serve")
+
+_REPLACEMENT = "\ufffd"  # a character still incomplete (byte-level BPE split a UTF-8 character)
+
+
+class QueueFull(Exception):
+    """More sequences waiting than the engine's bound."""
+
+
+class Sequence:
+    """One sample being written. The worker thread fills it; `on_event(kind, value)` tells the
+    caller: ("text", new text) as it grows, then ("done", finish reason) once: "stop" (a stop
+    string or the last line), "length" (max_new_tokens), "cancelled" or "error"."""
+
+    def __init__(self, prompt_ids: Seq[int], sampling: Sampling, *, max_new_tokens: int, tokenizer: Any,
+                 stop: Seq[str] = (), keep_stop: bool = False, lines: int | None = None,
+                 on_event: Callable[[str, Any], None] = lambda kind, value: None):
+        self.prompt_ids = list(prompt_ids)
+        self.sampling = sampling
+        self.max_new_tokens = max_new_tokens
+        self.tokenizer = tokenizer
+        self.stop, self.keep_stop, self.lines = list(stop), keep_stop, lines
+        self.on_event = on_event
+        self.new_ids: list[int] = []
+        self.text = ""  # the continuation so far, cut at the stop rule
+        self.emitted = 0  # characters of self.text already sent
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)  # private either way:
+        self.generator = torch.Generator().manual_seed(seed)  # threads never share torch's global RNG
+
+    def cancel(self) -> None:
+        """Free this sequence's row at the next step boundary (the client went away)."""
+        self.cancelled = True
+
+    def feed(self, token: int) -> bool:
+        """Take one new token; send the text that is now certain; return whether the sample ended."""
+        self.new_ids.append(token)
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        # Decoding the whole continuation (not the token alone) lets split characters join.
+        text = self.tokenizer.decode(self.new_ids)
+        end, hold = len(text), 0
+        if self.lines is not None:
+            k = -1
+            for _ in range(self.lines):
+                k = text.find("\n", k + 1)
+                if k < 0:
+                    break
+            else:
+                end = k + 1
+        for s in self.stop:
+            k = text.find(s)
+            if k >= 0:
+                end = min(end, k + len(s) if self.keep_stop else k)
+        self.text = text[:end]
+        if end < len(text) or (self.lines is not None and end == len(text) and text.count("\n") >= self.lines):
+            self.finish_reason = "stop"
+        elif len(self.new_ids) >= self.max_new_tokens:
+            self.finish_reason = "length"
+        else:  # hold back what may still change: an incomplete character, the start of a stop string
+            hold = 1 if text.endswith(_REPLACEMENT) else 0
+            for s in self.stop:
+                hold = max(hold, max((j for j in range(1, len(s)) if text.endswith(s[:j])), default=0))
+        self._emit(len(self.text) - hold)
+        return self.finish_reason is not None
+
+    def _emit(self, upto: int) -> None:
+        if upto > self.emitted:
+            self.on_event("text", self.text[self.emitted:upto])
+            self.emitted = upto
+
+    def finish(self, reason: str) -> None:
+        if self.finish_reason is None or reason in ("cancelled", "error"):
+            self.finish_reason = reason
+        if reason not in ("cancelled", "error"):
+            self._emit(len(self.text))
+        self.on_event("done", self.finish_reason)
+
+
+class _Row:
+    """A live sequence's decoding state: its tokens, their count, the logits of the next token."""
+
+    def __init__(self, seq: Sequence, ids: Tensor, window: int):
+        self.seq = seq
+        self.T0 = ids.numel()
+        self.total = self.T0 + seq.max_new_tokens
+        self.ids = torch.empty(self.total, dtype=torch.long)
+        self.ids[:self.T0] = ids
+        self.T = self.T0  # tokens so far
+        self.window = window
+        self.logits: Tensor | None = None  # (1, V)
+
+
+class Engine:
+    """One decode loop over `max_batch` cache rows; see the module docstring."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 8, max_queue: int = 64):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.window = model.config.block_size
+        self.banned = [u] if (u := getattr(tokenizer, "unk_id", None)) is not None else []
+        self.positions = torch.arange(self.window)
+        self._pending: deque[Sequence] = deque()
+        self._rows: list[_Row] = []  # row i of the cache belongs to self._rows[i]
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.counts = dict(finished=0, cancelled=0, tokens=0, steps=0, peak_batch=0)
+        model.setup_kv_cache(max_batch, self.window)
+        self._thread = threading.Thread(target=self._loop, name="gpt-small-decode", daemon=True)
+        self._thread.start()
+
+    # --- called from other threads ---
+
+    def submit(self, seqs: Seq[Sequence]) -> None:
+        """Queue sequences (all or none); QueueFull when the bounded queue cannot take them."""
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            free = self.max_batch - len(self._rows)
+            if len(self._pending) + len(seqs) > self.max_queue + max(0, free - len(self._pending)):
+                raise QueueFull(f"{len(self._pending)} samples are waiting (the queue holds {self.max_queue})")
+            self._pending.extend(seqs)
+            self._cond.notify()
+
+    def cancel(self, seqs: Seq[Sequence]) -> None:
+        for s in seqs:
+            s.cancel()
+        with self._cond:
+            self._cond.notify()
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return dict(active=len(self._rows), queued=len(self._pending), max_batch=self.max_batch,
+                        max_queue=self.max_queue, **self.counts)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish what is running and queued, then stop the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # --- the worker thread ---
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._rows and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._pending and not self._rows:
+                    return
+                admit = []
+                while self._pending and len(self._rows) + len(admit) < self.max_batch:
+                    admit.append(self._pending.popleft())
+            try:
+                with torch.inference_mode():
+                    for seq in admit:
+                        if seq.cancelled:
+                            self._end(seq, "cancelled")
+                        else:
+                            self._admit(seq)
+                    if self._rows:
+                        self._step()
+            except Exception:  # a bug, not a bad request: fail what is live, keep serving
+                log.exception("decode step failed; ending the live requests")
+                for seq in {id(s): s for s in [*admit, *(row.seq for row in self._rows)]}.values():
+                    if seq.finish_reason not in ("cancelled", "error"):
+                        self._end(seq, "error")
+                self._rows.clear()
+                if self.model.transformer.h[0].attn.kv_cache is None:  # someone cleared it: start over
+                    self.model.setup_kv_cache(self.max_batch, self.window)
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        self.counts["cancelled" if reason == "cancelled" else "finished"] += 1
+        seq.finish(reason)
+
+    def _admit(self, seq: Sequence) -> None:
+        ids = torch.tensor(seq.prompt_ids, dtype=torch.long)
+        row = _Row(seq, ids, self.window)
+        self._rows.append(row)
+        start = max(0, row.T0 - self.window)  # a prompt longer than the window is cropped, as generate does
+        self._prefill_row(len(self._rows) - 1, row.ids[start:row.T0])
+
+    def _prefill_row(self, i: int, ids: Tensor) -> None:
+        with self.model.kv_cache_rows(i, i + 1):
+            self._rows[i].logits = prefill(self.model, ids[None], self.positions[:ids.numel()])
+
+    def _step(self) -> None:
+        # 1. sample every row from its own logits, with its own options and generator
+        keep: list[_Row] = []
+        for row in self._rows:
+            seq = row.seq
+            if seq.cancelled:
+                self._end(seq, "cancelled")
+                continue
+            logits, s = row.logits, seq.sampling
+            if self.banned:
+                logits[:, self.banned] = float("-inf")
+            if s.repetition_penalty != 1.0:
+                logits = apply_repetition_penalty(logits, row.ids[None, :row.T], s.repetition_penalty)
+            cur = int(sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                             generator=seq.generator)[0])
+            row.ids[row.T] = cur
+            row.T += 1
+            self.counts["tokens"] += 1
+            if seq.feed(cur) or row.T == row.total:
+                self._end(seq, "length")
+            else:
+                keep.append(row)
+        # 2. pack the live rows into cache rows 0..B-1
+        for i, row in enumerate(keep):
+            j = self._rows.index(row)
+            if j != i:
+                self.model.copy_kv_cache_row(j, i, min(row.T - 1, self.window))
+        self._rows = keep
+        if not keep:
+            return
+        # 3. one batched step at per-row positions over rows :B, up to the last row still inside
+        # the window; rows past it re-prefill alone (generate.py's rule). Such a row inside :B
+        # computes a throw-away token at the last position, overwritten by its re-prefill.
+        B = max((i + 1 for i, r in enumerate(keep) if r.T <= self.window), default=0)
+        if B:
+            cur = torch.tensor([[int(r.ids[r.T - 1])] for r in keep[:B]])
+            pos = torch.tensor([[min(r.T, self.window) - 1] for r in keep[:B]])
+            logits = self.model(cur, input_pos=pos, last_only=True)[:, -1]  # (B, V)
+            self.counts["steps"] += 1
+            self.counts["peak_batch"] = max(self.counts["peak_batch"], len(keep))
+        for i, row in enumerate(keep):
+            if row.T <= self.window:
+                row.logits = logits[i:i + 1]
+            else:
+                self._prefill_row(i, row.ids[row.T - self.window:row.T])

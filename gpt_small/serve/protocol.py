@@ -1,0 +1,236 @@
+"""Request decoding: JSON bodies in, checked request objects out, or an `ApiError` naming the field.
+
+Every bad request becomes a 4xx in OpenAI's error shape (`{"error": {"message", "type", "param",
+"code"}}`), never a 500: the decoders below check types and ranges before anything reaches the
+engine, and the prompt is encoded here, so a character outside the vocabulary or a prompt past the
+limit is refused with a message that says which.
+
+`/v1/completions` follows OpenAI's legacy completions API: prompt (a string or a list of strings),
+max_tokens (default 16), temperature (0-2, default 1), top_p, n, stop (a string or up to 4),
+seed, stream, stream_options.include_usage, echo, user. Fields that would change the result and
+that we do not implement (logprobs, best_of > n, suffix, logit_bias, non-zero presence/frequency
+penalties) are refused, not silently ignored; unknown fields are refused as OpenAI refuses them.
+Two extensions, as vLLM spells them: top_k and repetition_penalty.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import GPTSmallError
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(kw_only=True)
+class Limits:
+    """What the server accepts; set from `gpt-small serve`'s flags."""
+
+    model_name: str  # the one model id served
+    max_new_tokens: int = 1000  # most tokens one sample may ask for
+    max_prompt_tokens: int = 4096  # longer prompts are refused (the model sees the last block_size)
+    max_n: int = 8  # most samples one request may ask for (prompts x n)
+
+
+@dataclass(kw_only=True)
+class Sampling:
+    """Per-sample options; each sample draws from its own generator seeded with `seed`."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(kw_only=True)
+class CompletionRequest:
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    max_tokens: int
+    n: int
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    echo: bool
+    sampling: Sampling
+
+
+@dataclass(kw_only=True)
+class PoemRequest:
+    prompt: str
+    prompt_ids: list[int]
+    lines: int  # verse lines per stanza
+    stanzas: int  # a blank line is put between stanzas (layout: the model never sees it)
+    max_tokens: int
+    stream: bool
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        d = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise ApiError(400, "the request body is not valid JSON") from None
+    if not isinstance(d, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, f"{param}: {message}", param=param)
+
+
+def _int(d: dict, name: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
+    v = d.get(name)
+    if v is None:
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise _bad(name, f"expected an integer, got {json.dumps(v)[:40]}")
+    if v < lo or (hi is not None and v > hi):
+        raise _bad(name, f"{v} is out of range; expected {lo}..{hi}" if hi is not None else f"{v} must be >= {lo}")
+    return v
+
+
+def _float(d: dict, name: str, default: float | None, lo: float, hi: float, lo_open: bool = False) -> float | None:
+    v = d.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise _bad(name, f"expected a number, got {json.dumps(v)[:40]}")
+    if v < lo or v > hi or (lo_open and v == lo):
+        raise _bad(name, f"{v} is out of range; expected {'(' if lo_open else '['}{lo}, {hi}]")
+    return float(v)
+
+
+def _bool(d: dict, name: str, default: bool) -> bool:
+    v = d.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise _bad(name, f"expected true or false, got {json.dumps(v)[:40]}")
+    return v
+
+
+def _sampling(d: dict, temperature_default: float) -> Sampling:
+    return Sampling(
+        temperature=_float(d, "temperature", temperature_default, 0.0, 2.0),
+        top_k=_int(d, "top_k", None, 1) if d.get("top_k") not in (None, -1, 0) else None,  # vLLM: -1 = off
+        top_p=_float(d, "top_p", None, 0.0, 1.0, lo_open=True),
+        repetition_penalty=_float(d, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
+        seed=_int(d, "seed", None, -(2**63), 2**63 - 1),
+    )
+
+
+def encode_prompt(tokenizer: Any, text: str, limits: Limits, param: str = "prompt") -> list[int]:
+    """Token ids of a prompt ("" starts a new line, as `generate` does); refuses unknown
+    characters and prompts past the limit."""
+    if len(text) > 8 * limits.max_prompt_tokens:  # no token is 8 characters: refuse before encoding
+        raise _bad(param, f"the prompt is longer than the limit of {limits.max_prompt_tokens} tokens")
+    try:
+        ids = tokenizer.encode(text or "\n", unknown="error")
+    except GPTSmallError as e:
+        raise _bad(param, str(e)) from None
+    if len(ids) > limits.max_prompt_tokens:
+        raise _bad(param, f"the prompt is {len(ids)} tokens, longer than the limit of {limits.max_prompt_tokens}")
+    return ids
+
+
+def check_model(d: dict, limits: Limits, required: bool) -> None:
+    model = d.get("model")
+    if model is None and not required:
+        return
+    if not isinstance(model, str):
+        raise _bad("model", "expected the model's name as a string" if model is not None else "is required")
+    if model != limits.model_name:
+        raise ApiError(404, f"the model {model!r} does not exist; this server serves {limits.model_name!r}",
+                       param="model", code="model_not_found")
+
+
+_COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
+                      "stream_options", "echo", "user", "logprobs", "best_of", "suffix", "logit_bias",
+                      "presence_penalty", "frequency_penalty", "top_k", "repetition_penalty"}
+
+
+def decode_completion(d: dict[str, Any], tokenizer: Any, limits: Limits) -> CompletionRequest:
+    for name in d:
+        if name not in _COMPLETION_FIELDS:
+            raise ApiError(400, f"Unrecognized request argument supplied: {name}", param=name)
+    check_model(d, limits, required=True)
+    prompt = d.get("prompt", "")
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, (int, list)) for p in prompt):
+        raise _bad("prompt", "token-id prompts are not supported; send text")
+    else:
+        raise _bad("prompt", "expected a string or a non-empty list of strings")
+    for name in ("logprobs", "suffix"):
+        if d.get(name) is not None:
+            raise _bad(name, "is not supported by this server")
+    if d.get("logit_bias"):
+        raise _bad("logit_bias", "is not supported by this server")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _float(d, name, 0.0, -2.0, 2.0) != 0.0:
+            raise _bad(name, "only 0 is supported; see repetition_penalty")
+    n = _int(d, "n", 1, 1, limits.max_n)
+    if _int(d, "best_of", n, 1, limits.max_n) != n:
+        raise _bad("best_of", "only best_of = n is supported")
+    if n * len(prompts) > limits.max_n:
+        raise _bad("n", f"{len(prompts)} prompts x n={n} samples is more than this server's {limits.max_n}")
+    stop = d.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
+        raise _bad("stop", "expected a non-empty string or a list of up to 4 non-empty strings")
+    opts = d.get("stream_options")
+    if opts is not None and not (isinstance(opts, dict) and set(opts) <= {"include_usage"}):
+        raise _bad("stream_options", "expected an object with include_usage")
+    if d.get("user") is not None and not isinstance(d.get("user"), str):
+        raise _bad("user", "expected a string")
+    stream = _bool(d, "stream", False)
+    return CompletionRequest(
+        prompts=prompts, prompt_ids=[encode_prompt(tokenizer, p, limits) for p in prompts],
+        max_tokens=_int(d, "max_tokens", 16, 1, limits.max_new_tokens), n=n, stop=stop, stream=stream,
+        include_usage=stream and _bool(opts or {}, "include_usage", False), echo=_bool(d, "echo", False),
+        sampling=_sampling(d, 1.0))
+
+
+_POEM_FIELDS = {"model", "prompt", "lines", "stanzas", "temperature", "top_k", "top_p", "repetition_penalty",
+                "seed", "stream", "max_tokens"}
+
+
+def decode_poem(d: dict[str, Any], tokenizer: Any, limits: Limits) -> PoemRequest:
+    for name in d:
+        if name not in _POEM_FIELDS:
+            raise ApiError(400, f"Unrecognized request argument supplied: {name}", param=name)
+    check_model(d, limits, required=False)
+    prompt = d.get("prompt", "")
+    if not isinstance(prompt, str):
+        raise _bad("prompt", "expected a string")
+    lines = _int(d, "lines", 12, 1, 200)
+    stanzas = _int(d, "stanzas", 1, 1, 50)
+    return PoemRequest(prompt=prompt, prompt_ids=encode_prompt(tokenizer, prompt, limits), lines=lines,
+                       stanzas=stanzas, max_tokens=_int(d, "max_tokens", limits.max_new_tokens, 1,
+                                                        limits.max_new_tokens),
+                       stream=_bool(d, "stream", False), sampling=_sampling(d, 0.8))

@@ -1,0 +1,90 @@
+"""`gpt-small serve`: load a checkpoint once and serve it with uvicorn until Ctrl-C or SIGTERM.
+
+A non-loopback address without an API key is refused before anything loads: the server would
+hand anyone on the network a CPU to spend. The socket is bound here (port 0 picks a free one) and
+the address printed, so scripts and tests can start a server without guessing ports. On Ctrl-C or
+SIGTERM uvicorn stops accepting, waits for the open requests (streams included) for up to
+`drain_seconds`, then the engine's worker finishes and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from ..errors import GPTSmallError
+
+log = logging.getLogger("gpt_small.serve")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise GPTSmallError(f"--host {host!r} does not resolve: {e.strerror}") from None
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def model_name_of(checkpoint: str | Path) -> str:
+    """The run folder's name (runs/poem-cpu -> poem-cpu), or a checkpoint folder's run's."""
+    p = Path(checkpoint).resolve()
+    return p.parent.parent.name if p.parent.name == "checkpoints" else p.name
+
+
+def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
+          max_queue: int = 64, max_new_tokens: int = 1000, api_key: str | None = None, threads: int = 0,
+          drain_seconds: float = 30.0) -> None:
+    import uvicorn
+
+    from ..checkpoint import load_checkpoint
+    from ..device import set_threads
+    from .app import create_app
+
+    api_key = api_key or os.environ.get("GPT_SMALL_API_KEY") or None
+    if not is_loopback(host) and api_key is None:
+        raise GPTSmallError(f"refusing to serve on {host}, which other machines can reach, without an API key: "
+                            "pass --api-key or set GPT_SMALL_API_KEY (or bind 127.0.0.1)")
+    for name, value, lo in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
+                            ("--max-new-tokens", max_new_tokens, 1), ("--port", port, 0)):
+        if value < lo:
+            raise GPTSmallError(f"{name} must be >= {lo}, got {value}")
+    if port > 65535:
+        raise GPTSmallError(f"--port must be <= 65535, got {port}")
+    set_threads(threads)
+    # The decode thread and the event loop share the GIL; at the default 5 ms switch interval a
+    # token's worth of Python on one side can stall the other for a whole interval
+    # (benchmarks/serve_load.py measures the effect on latency).
+    sys.setswitchinterval(0.0005)
+    ckpt = load_checkpoint(checkpoint, device="cpu")
+    name = model_name_of(checkpoint)
+    app = create_app(model=ckpt.model, tokenizer=ckpt.tokenizer, model_name=name, max_batch=max_batch,
+                     max_queue=max_queue, max_new_tokens=max_new_tokens, api_key=api_key)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise GPTSmallError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    print(f"serving {name} ({ckpt.model.num_params():,} parameters) on http://{shown}:{bound}/  "
+          f"(max batch {max_batch}; Ctrl-C drains and stops)", flush=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=drain_seconds,
+                            lifespan="on")
+    # uvicorn drains on SIGINT/SIGTERM and then re-raises the signal to the handler it found; a
+    # handler that only notes it makes a drained shutdown a normal exit (status 0), not a kill.
+    got: list[str] = []
+    previous = {sig: signal.signal(sig, lambda s, _: got.append(signal.Signals(s).name))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"stopped{' by ' + got[0] if got else ''}; open requests drained", flush=True)

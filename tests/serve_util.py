@@ -1,0 +1,70 @@
+"""Shared by the serve tests: a small random model and its checkpoint, and a live `gpt-small serve`
+subprocess on a free port (the server binds port 0 and prints the address it got)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from gpt_small.checkpoint import save_checkpoint
+from gpt_small.config import GPTConfig
+from gpt_small.model import GPT
+from gpt_small.tokenizer import CharTokenizer
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ,.;!'\n"
+
+
+def make_model(seed: int = 0) -> tuple[GPT, CharTokenizer]:
+    """RoPE, qk-norm and n-grams (poem-cpu's features) at a test size. n_embd 64 puts every matmul of
+    a decoding step in the CPU decoding kernel, whose rows do not depend on each other."""
+    tok = CharTokenizer.train(ALPHABET)
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=64, pos_encoding="rope",
+                    qk_norm=True, bias=False, tie_embeddings=False, ngram=3, ngram_buckets=1024, activation="relu2")
+    return GPT(cfg).eval(), tok
+
+
+def make_checkpoint(run_dir: Path) -> Path:
+    model, tok = make_model()
+    save_checkpoint(run_dir, step=1, model=model, tokenizer=tok, config={"model": model.config.to_dict()},
+                    links=("last", "best"))
+    return run_dir
+
+
+@contextmanager
+def live_server(checkpoint: Path, *args: str, timeout: float = 60.0):
+    """Start `gpt-small serve --port 0` and yield (base_url, process, stderr lines so far)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("GPT_SMALL_API_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "gpt_small", "serve", "--checkpoint", str(checkpoint),
+                             "--port", "0", "--threads", "1", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: queue.Queue[str] = queue.Queue()
+    err: list[str] = []
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    threading.Thread(target=lambda: [err.append(x) for x in proc.stderr], daemon=True).start()
+    try:
+        try:
+            first = lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"the server did not start within {timeout} s: {''.join(err)}") from None
+        m = re.search(r"on (http://\S+?)/ ", first)
+        assert m, f"unexpected first line {first!r}; stderr: {''.join(err)}"
+        yield m.group(1), proc, err
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
