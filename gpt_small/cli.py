@@ -305,6 +305,38 @@ def _run_compare(args: argparse.Namespace) -> None:
     print(format_results(results))
 
 
+# ---------------------------------------------------------------- export and import (gpt_small/interop)
+
+def _args_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run folder (its best checkpoint) or checkpoint folder")
+    p.add_argument("--out", required=True, help="new folder for transformers' from_pretrained")
+    p.add_argument("--dtype", default="float32", help="weights as float32 (default) or bfloat16")
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from .interop.hf_export import ARCHITECTURES, export_checkpoint
+
+    r = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)
+    print(f"exported {args.checkpoint} to {r.out} as {ARCHITECTURES[r.architecture]}")
+    print(f"  why: {r.reason}")
+
+
+def _args_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hf", required=True, help="local transformers GPT2LMHeadModel folder")
+    p.add_argument("--out", required=True, help="new run folder for the gpt-small checkpoint")
+
+
+def _run_import(args: argparse.Namespace) -> None:
+    from .interop.hf_import import import_gpt2
+
+    r = import_gpt2(args.hf, args.out)
+    for note in r.notes:
+        print(f"note: {note}", file=sys.stderr)
+    c = r.config
+    print(f"imported {r.weights} to {r.out}: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
+          f"block {c.block_size}, {c.activation}, gpt2 tokenizer")
+
+
 VERBS: dict[str, tuple[str, Callable, Callable]] = {
     "info": ("show a preset's configuration, parameter count and FLOPs per token", _args_info, _run_info),
     "train": ("train a model on prepared data (resumable, kill-safe checkpoints)", _args_train, _run_train),
@@ -314,6 +346,8 @@ VERBS: dict[str, tuple[str, Callable, Callable]] = {
     "eval": ("loss, perplexity and bits/char of a checkpoint on a text or prepared split", _args_eval, _run_eval),
     "compare": ("train learned, sinusoidal and rope models side by side and compare them", _args_compare,
                 _run_compare),
+    "export": ("write a checkpoint as a Hugging Face transformers folder", _args_export, _run_export),
+    "import": ("make a gpt-small checkpoint of a local Hugging Face GPT-2 folder", _args_import, _run_import),
 }
 
 
