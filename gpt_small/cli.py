@@ -130,8 +130,28 @@ def _args_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="folder made by `gpt-small prepare`")
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, curves.png)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--init-from", metavar="RUN", help="start from this run's best (or this checkpoint's) weights: "
+                   "a new run with a fresh step, optimizer and schedule; the model's shape is the checkpoint's")
+    p.add_argument("--logger", help="also log to tensorboard (event files in --out) or wandb (offline)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(p)
+
+
+def _explicit_model_keys(args: argparse.Namespace) -> dict:
+    """The GPTConfig fields the user set: the config file's [model], model flags, --set model keys."""
+    from dataclasses import fields
+
+    from .config import GPTConfig, load_toml, parse_set_args
+
+    kv = dict(load_toml(args.config).get("model", {})) if args.config else {}
+    kv.update({name: getattr(args, f"model__{name}") for section, name in TRAIN_FLAGS.values()
+               if section == "model" and getattr(args, f"model__{name}") is not None})
+    model_fields = {f.name for f in fields(GPTConfig)}
+    for key, value in parse_set_args(args.set).items():
+        section, _, bare = key.rpartition(".")
+        if section == "model" or (not section and bare in model_fields):
+            kv[bare] = value
+    return kv
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -141,7 +161,22 @@ def _run_train(args: argparse.Namespace) -> int:
 
     data = PreparedData(args.data)
     _, model_cfg, train_cfg = _configs_from_args(args, vocab_size=data.tokenizer.vocab_size)
-    trainer = Trainer(model_cfg, train_cfg, data, args.out, resume=args.resume, show_progress=not args.no_progress)
+    init_from, trackers = None, []
+    if args.init_from:
+        from .interop.finetune import init_from_config
+
+        if args.preset:
+            raise GPTSmallError("--preset does not apply with --init-from: the model comes from the checkpoint")
+        init_from, model_cfg = init_from_config(args.init_from, data_tokenizer=data.tokenizer, data_dir=args.data,
+                                                model_overrides=_explicit_model_keys(args))
+    if args.logger:
+        from .interop.trackers import make_tracker
+
+        trackers.append(make_tracker(args.logger, args.out, train_chars_per_token=data.chars_per_token("train"),
+                                     config={"model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
+                                             "data": args.data, "init_from": args.init_from}))
+    trainer = Trainer(model_cfg, train_cfg, data, args.out, resume=args.resume, show_progress=not args.no_progress,
+                      init_from=init_from, trackers=trackers)
     ok = False
     try:
         summary = trainer.fit()

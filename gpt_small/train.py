@@ -20,7 +20,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -99,8 +99,14 @@ def _set_numpy_state(s: dict[str, Any]) -> None:
 
 class Trainer:
     def __init__(self, model_config: GPTConfig, train_config: TrainConfig, data: PreparedData | str | Path,
-                 out_dir: str | Path, *, resume: bool = False, show_progress: bool = True):
+                 out_dir: str | Path, *, resume: bool = False, show_progress: bool = True,
+                 init_from: str | Path | None = None, trackers: Sequence[Any] = ()):
+        """init_from: a checkpoint folder whose weights replace the random init (interop/finetune.py);
+        trackers: objects with log(record) and close() that also receive every metrics.jsonl record
+        (interop/trackers.py)."""
         self.data = data if isinstance(data, PreparedData) else PreparedData(data)
+        self._init_from = Path(init_from) if init_from is not None else None
+        self.trackers = list(trackers)
         self.out_dir = Path(out_dir)
         self.show_progress = show_progress
         self.dist = DistInfo()
@@ -162,6 +168,8 @@ class Trainer:
         # Same initial weights on every rank; each rank's dropout stream differs.
         torch.manual_seed(cfg.seed)
         self.model = GPT(self.model_config).to(self.device)
+        if self._init_from is not None:  # fine-tuning: the weights only; step, optimizer and schedule start afresh
+            load_weights(self.model, self._init_from)
         torch.manual_seed(cfg.seed + self.dist.rank)
         random.seed(cfg.seed + self.dist.rank)
         np.random.seed((cfg.seed + self.dist.rank) % 2**32)
@@ -207,6 +215,9 @@ class Trainer:
         if hasattr(self, "forward_model"):
             self.forward_model = self.model
             gc.collect()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
     # ------------------------------------------------------------------ state
 
@@ -313,6 +324,8 @@ class Trainer:
                   "data": {"directory": str(self.data.directory), "tokenizer": self.data.tokenizer.kind,
                            "chars_per_token": self.data.chars_per_token("val")},
                   "val_loss": None if math.isinf(self.best_val) else self.best_val}
+        if self._init_from is not None:
+            config["init_from"] = str(self._init_from)
         return save_checkpoint(self.out_dir, step=self.step, model=self.model, tokenizer=self.data.tokenizer,
                                config=config, trainer_state=self.state_dict(), links=links)
 
@@ -320,6 +333,8 @@ class Trainer:
         if self.dist.is_main:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            for tracker in self.trackers:
+                tracker.log(record)
 
     def _trim_metrics(self) -> None:
         """On resume, drop log lines written after the checkpoint (they will be written again)."""
@@ -391,6 +406,8 @@ class Trainer:
             run_config = {"model": self.model_config.to_dict(), "train": cfg.to_dict(),
                           "data": str(self.data.directory), "world_size": self.dist.world_size,
                           "device": str(self.device), "autocast": str(self.amp_dtype).removeprefix("torch.")}
+            if self._init_from is not None:
+                run_config["init_from"] = str(self._init_from)
             (self.out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
         if self._resume_from is not None:
             self._trim_metrics()

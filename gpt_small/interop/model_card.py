@@ -42,10 +42,16 @@ def equivalent_command(run_config: dict[str, Any], run_dir: str) -> str:
         base = {**defaults, **PRESETS[preset]}
         return {k: v for k, v in model.items() if k != "vocab_size" and base.get(k) != v}
 
-    preset = min(PRESETS, key=lambda p: len(differing(p)))
-    args = ["gpt-small", "train", "--data", str(run_config.get("data", "DATA")), "--out", run_dir, "--preset", preset]
+    args = ["gpt-small", "train", "--data", str(run_config.get("data", "DATA")), "--out", run_dir]
+    if run_config.get("init_from"):  # the shape is the checkpoint's; only dropout may differ
+        args += ["--init-from", str(run_config["init_from"])]
+        model_sets = {"dropout": model["dropout"]} if "dropout" in model else {}
+    else:
+        preset = min(PRESETS, key=lambda p: len(differing(p)))
+        args += ["--preset", preset]
+        model_sets = differing(preset)
     train_defaults = TrainConfig().to_dict()
-    for section, items in (("model", differing(preset)),
+    for section, items in (("model", model_sets),
                            ("train", {k: v for k, v in train.items() if train_defaults.get(k) != v})):
         for k, v in items.items():
             value = str(v).lower() if isinstance(v, bool) else str(v)
