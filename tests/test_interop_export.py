@@ -9,6 +9,8 @@ equal `gpt-small generate --temperature 0`. The exported tokenizers must give ou
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shlex
@@ -83,11 +85,10 @@ def exported(tmp_path_factory, char_tok) -> dict[str, tuple[Path, Path, str]]:
         cfg = GPTConfig(**{**overrides, **TINY, "vocab_size": char_tok.vocab_size})
         save_checkpoint(root / name, step=7, model=random_model(cfg, seed=i), tokenizer=char_tok,
                         config={"model": cfg.to_dict()})
-        proc = subprocess.run([sys.executable, "-m", "gpt_small", "export", "--checkpoint", str(root / name),
-                               "--out", str(root / f"{name}-hf")], capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, proc.stderr
-        out[name] = (root / name, root / f"{name}-hf", proc.stdout)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert main(["export", "--checkpoint", str(root / name), "--out", str(root / f"{name}-hf")]) == 0
+        out[name] = (root / name, root / f"{name}-hf", printed.getvalue())
     return out
 
 
