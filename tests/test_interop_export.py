@@ -41,7 +41,12 @@ CASES = {  # name -> (GPTConfig overrides, transformers class)
     "rope-tied": (dict(pos_encoding="rope", activation="gelu", bias=False, tie_embeddings=True, rope_theta=500.0),
                   "GPTNeoXForCausalLM"),
     "poem-cpu": ({**GPTConfig.from_preset("poem-cpu").to_dict(), **TINY, "ngram_buckets": 4096}, "GPTSmallForCausalLM"),
+    # the remote code's other paths: a tied head, learned and sinusoidal positions
+    "learned-qk-norm": (dict(pos_encoding="learned", activation="gelu", qk_norm=True), "GPTSmallForCausalLM"),
+    "sinusoidal-ngram": (dict(pos_encoding="sinusoidal", activation="relu", bias=False, ngram=3, ngram_buckets=999),
+                         "GPTSmallForCausalLM"),
 }
+REMOTE = [name for name, (_, cls) in CASES.items() if cls == "GPTSmallForCausalLM"]
 
 
 def split_val(path: Path, val_fraction: float = 0.1) -> tuple[str, str]:
@@ -105,10 +110,10 @@ def test_export_says_which_architecture_and_why(exported, name):
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == [CASES[name][1]]
     assert CASES[name][1] in printed and "why:" in printed
-    remote = name == "poem-cpu"
+    remote = name in REMOTE
     assert ("auto_map" in config) == remote == (folder / "modeling_gpt_small.py").is_file()
     if remote:
-        assert "trust_remote_code=True" in printed and "n-gram" in printed and "QK-norm" in printed
+        assert "trust_remote_code=True" in printed and ("n-gram" in printed or "QK-norm" in printed)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -132,7 +137,7 @@ def test_pipeline_greedy_equals_gpt_small_generate(exported, name, capsys):
     pipe = transformers.pipeline("text-generation", model=hf, tokenizer=hf_tok)
     prompt = "The sea"
     # past block_size our generate slides its window; only the remote code does the same
-    lengths = (40, 3 * BLOCK) if name == "poem-cpu" else (40, BLOCK - len(prompt))
+    lengths = (40, 3 * BLOCK) if name in REMOTE else (40, BLOCK - len(prompt))
     for n in lengths:
         theirs = pipe(prompt, max_new_tokens=n, do_sample=False)[0]["generated_text"]
         capsys.readouterr()
@@ -154,10 +159,11 @@ def test_exported_folders_load_without_gpt_small(exported, tmp_path):
         "import transformers\n"
         f"idx = torch.load({str(tmp_path / 'idx.pt')!r}, weights_only=True)\n"
         f"folders = json.loads({json.dumps(json.dumps(folders))})\n"
+        f"remote = {REMOTE!r}\n"
         "out = {}\n"
         "for name, f in folders.items():\n"
-        "    m = transformers.AutoModelForCausalLM.from_pretrained(f, trust_remote_code=name == 'poem-cpu').eval()\n"
-        "    transformers.AutoTokenizer.from_pretrained(f, trust_remote_code=name == 'poem-cpu')\n"
+        "    m = transformers.AutoModelForCausalLM.from_pretrained(f, trust_remote_code=name in remote).eval()\n"
+        "    transformers.AutoTokenizer.from_pretrained(f, trust_remote_code=name in remote)\n"
         "    with torch.no_grad():\n"
         "        out[name] = m(idx).logits\n"
         f"torch.save(out, {str(tmp_path / 'logits.pt')!r})\n"
