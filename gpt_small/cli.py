@@ -346,12 +346,17 @@ def _args_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder (its best checkpoint) or checkpoint folder")
     p.add_argument("--out", required=True, help="new folder for transformers' from_pretrained")
     p.add_argument("--dtype", default="float32", help="weights as float32 (default) or bfloat16")
+    p.add_argument("--no-eval", action="store_true", help="where the run recorded no whole-split figure for this "
+                   "step, do not score the validation split for the model card")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for that scoring (default 0 = all cores)")
 
 
 def _run_export(args: argparse.Namespace) -> None:
+    from .device import set_threads
     from .interop.hf_export import ARCHITECTURES, export_checkpoint
 
-    r = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)
+    set_threads(args.threads)
+    r = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, evaluate=not args.no_eval)
     print(f"exported {args.checkpoint} to {r.out} as {ARCHITECTURES[r.architecture]}")
     print(f"  why: {r.reason}")
 

@@ -196,8 +196,11 @@ def generation_config(ckpt: Checkpoint, architecture: str) -> dict:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32",
-                      prefer: str = "best") -> ExportResult:
-    """Write `checkpoint` (a run folder or checkpoint folder) as a transformers folder at `out`."""
+                      prefer: str = "best", evaluate: bool = True) -> ExportResult:
+    """Write `checkpoint` (a run folder or checkpoint folder) as a transformers folder at `out`.
+
+    evaluate: let the model card score the whole validation split when the run recorded no
+    figure for this step (model_card.py); False writes "not measured" instead."""
     from .model_card import model_card
 
     if dtype not in EXPORT_DTYPES:
@@ -230,7 +233,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         if architecture == "gpt_small":
             for name in REMOTE_FILES:
                 shutil.copyfile(REMOTE_DIR / name, tmp / name)
-        (tmp / "README.md").write_text(model_card(ckpt, architecture=architecture, reason=reason, dtype=dtype),
+        (tmp / "README.md").write_text(model_card(ckpt, architecture=architecture, reason=reason, dtype=dtype,
+                                                  evaluate=evaluate),
                                        encoding="utf-8")
         if out.exists():
             out.rmdir()  # empty (checked above)

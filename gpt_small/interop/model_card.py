@@ -19,6 +19,9 @@ from typing import Any
 from ..checkpoint import Checkpoint
 from ..config import PRESETS, GPTConfig, TrainConfig
 
+HF_CLASS = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM",
+            "gpt_small": "GPTSmallForCausalLM, from this folder's modeling_gpt_small.py"}
+
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
@@ -59,7 +62,8 @@ def equivalent_command(run_config: dict[str, Any], run_dir: str) -> str:
     return shlex.join(args)
 
 
-def validation_figure(ckpt: Checkpoint, summary: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
+def validation_figure(ckpt: Checkpoint, summary: dict[str, Any] | None,
+                      evaluate: bool = True) -> tuple[dict[str, Any] | None, str]:
     """(whole-split result, where it came from) for the exported step."""
     step = ckpt.meta.get("step")
     if summary:
@@ -69,7 +73,7 @@ def validation_figure(ckpt: Checkpoint, summary: dict[str, Any] | None) -> tuple
             if res and res_step == step:
                 return res, "recorded by the training run (summary.json)"
     data_dir = Path(str((ckpt.meta.get("data") or {}).get("directory", "")))
-    if data_dir.name and (data_dir / "meta.json").is_file():
+    if evaluate and data_dir.name and (data_dir / "meta.json").is_file():
         from ..data import PreparedData
         from ..evaluate import evaluate_tokens
         from ..tokenizer import same_tokenizer
@@ -79,10 +83,11 @@ def validation_figure(ckpt: Checkpoint, summary: dict[str, Any] | None) -> tuple
             res = evaluate_tokens(ckpt.model, data.val, context=ckpt.model.config.block_size, batch_size=8,
                                   chars_per_token=data.chars_per_token("val"))
             return res.to_dict(), f"evaluated at export on {data_dir}/val.bin"
-    return None, "not measured: the run recorded no whole-split figure for this step and its data folder is absent"
+    why = "its data folder is absent" if evaluate else "export ran with --no-eval"
+    return None, f"not measured: the run recorded no whole-split figure for this step and {why}"
 
 
-def model_card(ckpt: Checkpoint, *, architecture: str, reason: str, dtype: str) -> str:
+def model_card(ckpt: Checkpoint, *, architecture: str, reason: str, dtype: str, evaluate: bool = True) -> str:
     cfg = ckpt.model.config
     run_dir = run_folder(ckpt)
     summary = _read_json(run_dir / "summary.json") if run_dir else None
@@ -99,13 +104,13 @@ def model_card(ckpt: Checkpoint, *, architecture: str, reason: str, dtype: str) 
         f"gpt-small and exported with `gpt-small export` at step "
         f"{ckpt.meta.get('step')}; weights in {dtype}.", "",
         "## Architecture", "",
-        f"- transformers class: {architecture} -> {reason}",
+        f"- transformers class: {HF_CLASS[architecture]} ({reason})",
         f"- positions {cfg.pos_encoding}, activation {cfg.activation}, biases {cfg.bias}, "
         f"tied head {cfg.tie_embeddings}, QK-norm {cfg.qk_norm}, n-gram tables {cfg.ngram if cfg.ngram > 1 else 'none'}",
         "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
         f"model = AutoModelForCausalLM.from_pretrained(\"DIR\"{trust})",
-        "tokenizer = AutoTokenizer.from_pretrained(\"DIR\")",
+        f"tokenizer = AutoTokenizer.from_pretrained(\"DIR\"{trust})",
         "print(pipeline(\"text-generation\", model=model, tokenizer=tokenizer)(\"The sea\", max_new_tokens=60)[0][\"generated_text\"])",
         "```", "",
         "## Tokenizer", "",
@@ -133,7 +138,7 @@ def model_card(ckpt: Checkpoint, *, architecture: str, reason: str, dtype: str) 
     if ckpt.meta.get("init_from"):
         lines.append(f"Fine-tuned from `{ckpt.meta['init_from']}`.")
     lines += ["", "## Validation", ""]
-    res, source = validation_figure(ckpt, summary)
+    res, source = validation_figure(ckpt, summary, evaluate)
     if res:
         lines.append(f"Whole validation split, every token predicted once: {res['loss']:.4f} nats/token, "
                      f"perplexity {math.exp(res['loss']):.2f}, **{res['bits_per_char']:.4f} bits/char** over "

@@ -28,10 +28,10 @@ class GPTSmallConfig(PretrainedConfig):
         self.qk_norm = qk_norm
         self.ngram = ngram
         self.ngram_buckets = ngram_buckets
-        # what generic transformers code looks for
+        # what generic transformers code looks for (no max_position_embeddings: generation slides its
+        # window past block_size, so it has no maximum length)
         self.hidden_size = n_embd
         self.num_hidden_layers = n_layer
         self.num_attention_heads = n_head
-        self.max_position_embeddings = block_size
         kwargs["tie_word_embeddings"] = tie_embeddings
         super().__init__(**kwargs)
