@@ -262,3 +262,23 @@ def load_tokenizer_size(data_dir: Path) -> int:
     from gpt_small.data import PreparedData
 
     return PreparedData(data_dir).tokenizer.vocab_size
+
+
+def test_model_card_scores_the_split_when_the_run_did_not(verse_data, tmp_path):
+    """No whole-split figure recorded (final_eval off): export scores the validation split itself,
+    as `gpt-small eval` would; --no-eval says it was not measured."""
+    from gpt_small.evaluate import evaluate_checkpoint
+
+    model_cfg = GPTConfig.from_preset("tiny", vocab_size=load_tokenizer_size(verse_data))
+    train_cfg = TrainConfig(batch_size=4, max_steps=6, warmup_steps=2, eval_interval=3, eval_batches=2,
+                            threads=1, final_eval=False)
+    trainer = Trainer(model_cfg, train_cfg, verse_data, tmp_path / "run", show_progress=False)
+    trainer.fit()
+    trainer.close()
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    block = model_cfg.block_size  # every token once: non-overlapping windows, as the trainer's final evaluation
+    want = evaluate_checkpoint(tmp_path / "run", data=verse_data, context=block, stride=block, device="cpu")
+    assert f"{want['bits_per_char']:.4f} bits/char" in card and "evaluated at export" in card
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf2"), "--no-eval"]) == 0
+    assert "not measured" in (tmp_path / "hf2" / "README.md").read_text()
