@@ -133,8 +133,20 @@ def _args_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, curves.png)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
                    "with its saved model and training config (flags may change only what can change mid-run)")
+    p.add_argument("--init-from", metavar="RUN", help="start from this run's best (or this checkpoint's) weights: "
+                   "a new run with a fresh step, optimizer and schedule; the model's shape is the checkpoint's")
+    p.add_argument("--logger", help="also log to tensorboard (event files in --out) or wandb (offline)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(p)
+
+
+def _explicit_model_keys(args: argparse.Namespace) -> dict:
+    """The GPTConfig fields the user set (raw values): the config file's [model], model flags, --set model keys."""
+    from .config import file_assignments, set_assignments
+
+    _, from_file = file_assignments(args.config)
+    given = from_file + _flag_assignments(args) + set_assignments(args.set)
+    return {a.name: a.value for a in given if a.section == "model"}
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -146,6 +158,9 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.resume:
         from .resume import resume_plan
 
+        if args.init_from:
+            raise GPTSmallError("--init-from starts a new run; leave it out with --resume (the run holds its weights)")
+
         data_dir, model_cfg, train_cfg = resume_plan(args.out, data=args.data, preset=args.preset,
                                                       config_file=args.config, sets=args.set,
                                                       flags=_flag_assignments(args))
@@ -155,8 +170,28 @@ def _run_train(args: argparse.Namespace) -> int:
             raise GPTSmallError("--data is required (the folder made by `gpt-small prepare`)")
         data = PreparedData(args.data)
         _, model_cfg, train_cfg = _configs_from_args(args, vocab_size=data.tokenizer.vocab_size)
+    init_from = None
+    if args.init_from:
+        from .interop.finetune import init_from_config
+
+        if args.preset:
+            raise GPTSmallError("--preset does not apply with --init-from: the model comes from the checkpoint")
+        init_from, model_cfg = init_from_config(args.init_from, data_tokenizer=data.tokenizer, data_dir=data.directory,
+                                                model_overrides=_explicit_model_keys(args))
     configure_process(device=train_cfg.device, threads=train_cfg.threads)
-    trainer = Trainer(model_cfg, train_cfg, data, args.out, resume=args.resume, show_progress=not args.no_progress)
+    trainer = Trainer(model_cfg, train_cfg, data, args.out, resume=args.resume, show_progress=not args.no_progress,
+                      init_from=init_from)
+    if args.logger:  # after the Trainer holds the run folder's lock: nothing written into another's run
+        from .interop.trackers import make_tracker
+
+        try:
+            trainer.trackers.append(make_tracker(
+                args.logger, args.out, train_chars_per_token=data.chars_per_token("train"),
+                config={"model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
+                        "data": str(data.directory), "init_from": args.init_from}))
+        except BaseException:
+            trainer.close()
+            raise
     ok = False
     try:
         summary = trainer.fit()
@@ -368,6 +403,43 @@ def _run_serve(args: argparse.Namespace) -> None:
           max_new_tokens=args.max_new_tokens, api_key=args.api_key, threads=args.threads)
 
 
+# ---------------------------------------------------------------- export and import (gpt_small/interop)
+
+def _args_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run folder (its best checkpoint) or checkpoint folder")
+    p.add_argument("--out", required=True, help="new folder for transformers' from_pretrained")
+    p.add_argument("--dtype", default="float32", help="weights as float32 (default) or bfloat16")
+    p.add_argument("--no-eval", action="store_true", help="where the run recorded no whole-split figure for this "
+                   "step, do not score the validation split for the model card")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for that scoring (default 0 = all cores)")
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from .device import set_threads
+    from .interop.hf_export import ARCHITECTURES, export_checkpoint
+
+    set_threads(args.threads)
+    r = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, evaluate=not args.no_eval)
+    print(f"exported {args.checkpoint} to {r.out} as {ARCHITECTURES[r.architecture]}")
+    print(f"  why: {r.reason}")
+
+
+def _args_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hf", required=True, help="local transformers GPT2LMHeadModel folder")
+    p.add_argument("--out", required=True, help="new run folder for the gpt-small checkpoint")
+
+
+def _run_import(args: argparse.Namespace) -> None:
+    from .interop.hf_import import import_gpt2
+
+    r = import_gpt2(args.hf, args.out)
+    for note in r.notes:
+        print(f"note: {note}", file=sys.stderr)
+    c = r.config
+    print(f"imported {r.weights} to {r.out}: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
+          f"block {c.block_size}, {c.activation}, gpt2 tokenizer")
+
+
 VERBS: dict[str, tuple[str, Callable, Callable]] = {
     "info": ("show the model train would build: its configuration, parameters and FLOPs per token", _args_info, _run_info),
     "train": ("train a model on prepared data (resumable, kill-safe checkpoints)", _args_train, _run_train),
@@ -379,6 +451,8 @@ VERBS: dict[str, tuple[str, Callable, Callable]] = {
                 _run_compare),
     "serve": ("serve a checkpoint: OpenAI-compatible HTTP API and a page for writing poems", _args_serve,
               _run_serve),
+    "export": ("write a checkpoint as a Hugging Face transformers folder", _args_export, _run_export),
+    "import": ("make a gpt-small checkpoint of a local Hugging Face GPT-2 folder", _args_import, _run_import),
 }
 
 

@@ -26,7 +26,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,13 +225,18 @@ class Trainer:
 
     init_weights: called on a fresh model (never on a resumed one) after the trainer built it,
     before the optimizer sees it; the positional-encoding study gives every encoding the same
-    starting weights this way.
+    starting weights this way. init_from: a checkpoint folder whose weights replace the random init
+    (fine-tuning, interop/finetune.py). trackers: objects with log(record) and close() that also
+    receive every metrics.jsonl record (interop/trackers.py).
     """
 
     def __init__(self, model_config: GPTConfig, train_config: TrainConfig, data: PreparedData | str | Path,
                  out_dir: str | Path, *, resume: bool = False, show_progress: bool = True,
-                 init_weights: Callable[[GPT], None] | None = None):
+                 init_weights: Callable[[GPT], None] | None = None, init_from: str | Path | None = None,
+                 trackers: Sequence[Any] = ()):
         self.data = data if isinstance(data, PreparedData) else PreparedData(data)
+        self._init_from = Path(init_from) if init_from is not None else None
+        self.trackers = list(trackers)
         self.out_dir = Path(out_dir)
         self.show_progress = show_progress
         self.init_weights = init_weights
@@ -285,6 +290,8 @@ class Trainer:
         # Same initial weights on every rank; each rank's dropout stream differs.
         torch.manual_seed(cfg.seed)
         self.model = GPT(self.model_config).to(self.device)
+        if self._init_from is not None:  # fine-tuning: the weights only; step, optimizer and schedule start afresh
+            load_weights(self.model, self._init_from)
         if self.init_weights is not None and self.resume_from is None:
             self.init_weights(self.model)
         torch.manual_seed(cfg.seed + self.dist.rank)
@@ -329,6 +336,9 @@ class Trainer:
         if hasattr(self, "forward_model"):
             self.forward_model = self.model
             gc.collect()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
         self._lock.release()
 
     # ------------------------------------------------------------------ state
@@ -424,12 +434,16 @@ class Trainer:
                            "chars_per_token": self.data.chars_per_token("val")},
                   "val_loss": None if math.isinf(self.best_val) else self.best_val,
                   "progress": {"finished": self.finished, "elapsed": self.elapsed_total()}}
+        if self._init_from is not None:
+            config["init_from"] = str(self._init_from)
         return save_checkpoint(self.out_dir, step=self.step, model=self.model, tokenizer=self.data.tokenizer,
                                config=config, trainer_state=self.state_dict(), links=links)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
             append_line(self.out_dir / "metrics.jsonl", strict_json(record))
+            for tracker in self.trackers:
+                tracker.log(record)
 
     # ------------------------------------------------------------------ the loop
 
@@ -466,6 +480,8 @@ class Trainer:
             run_config = {"model": self.model_config.to_dict(), "train": self.train_config.to_dict(),
                           "data": str(self.data.directory), "world_size": self.dist.world_size,
                           "device": str(self.device), "autocast": str(self.amp_dtype).removeprefix("torch.")}
+            if self._init_from is not None:
+                run_config["init_from"] = str(self._init_from)
             atomic_write(self.out_dir / "run_config.json", strict_json(run_config, indent=2) + "\n")
         if self.dist.is_main:
             trim_metrics(self.out_dir / "metrics.jsonl", self.step)
