@@ -181,6 +181,14 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
+    verse = p.add_argument_group("verse form (any of these writes a poem line by line: docs/poetry.md)")
+    verse.add_argument("--rhyme", help="rhyme scheme: ABAB, AABB, ABBA, 'ABAB CDCD EFEF GG', or sonnet, quatrain, ...")
+    verse.add_argument("--syllables", type=int, help="target syllables per line")
+    verse.add_argument("--syllable-tolerance", type=int, default=1, help="allowed difference (default: 1)")
+    verse.add_argument("--stanzas", type=int, help="stanzas, apart by blank lines (default: the scheme's)")
+    verse.add_argument("--candidates", type=int, default=16, help="lines sampled per round (default: 16)")
+    verse.add_argument("--budget", type=int, default=512, help="candidate lines per verse line at most (default: 512)")
+    verse.add_argument("--form-meta", metavar="FILE", help="write the poem's metadata (JSON) here")
 
 
 def _run_generate(args: argparse.Namespace) -> None:
@@ -190,6 +198,9 @@ def _run_generate(args: argparse.Namespace) -> None:
     from .generate import generate_text
 
     prompt = read_text_source(args.prompt_file) if args.prompt_file else args.prompt
+    if args.rhyme or args.syllables or args.stanzas:
+        from .forms import run_form_cli
+        return run_form_cli(args, prompt)
     ckpt = load_checkpoint(args.checkpoint, device=pick_device(args.device))
     ckpt.tokenizer.encode(prompt, unknown="error")  # a bad prompt fails before anything is printed
     stream = None
