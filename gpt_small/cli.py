@@ -316,6 +316,29 @@ def _run_compare(args: argparse.Namespace) -> None:
     print(format_results(results))
 
 
+# ---------------------------------------------------------------- report
+
+def _args_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run folder (its best checkpoint) or checkpoint folder")
+    p.add_argument("--samples", type=int, default=50, help="poems to sample and to compare (default: 50)")
+    p.add_argument("--lines", type=int, default=14, help="lines per poem (default: 14)")
+    p.add_argument("--out", help="folder for report.json/.md/.png (default: <run>/report)")
+    p.add_argument("--data", help="prepared data (default: the run's, from run_config.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--eval-tokens", type=int, help="score only the first N validation tokens (default: all)")
+    p.add_argument("--device", default="auto")
+
+
+def _run_report(args: argparse.Namespace) -> None:
+    from .report import make_report, report_line
+
+    r = make_report(args.checkpoint, samples=args.samples, out=args.out, data=args.data, lines=args.lines,
+                    seed=args.seed, temperature=args.temperature, eval_tokens=args.eval_tokens, device=args.device)
+    print(report_line(r))
+    print(f"wrote {r['out']}/report.json, report.md, report.png")
+
+
 VERBS: dict[str, tuple[str, Callable, Callable]] = {
     "info": ("show a preset's configuration, parameter count and FLOPs per token", _args_info, _run_info),
     "train": ("train a model on prepared data (resumable, kill-safe checkpoints)", _args_train, _run_train),
@@ -323,6 +346,8 @@ VERBS: dict[str, tuple[str, Callable, Callable]] = {
     "poem": ("the main job: prepare eng-poem, train the CPU preset, print three poems", _args_poem, _run_poem),
     "prepare": ("tokenize a built-in corpus or your text into train/val token files", _args_prepare, _run_prepare),
     "eval": ("loss, perplexity and bits/char of a checkpoint on a text or prepared split", _args_eval, _run_eval),
+    "report": ("judge a model's poems against the corpus: copying, form, language, loss", _args_report,
+               _run_report),
     "compare": ("train learned, sinusoidal and rope models side by side and compare them", _args_compare,
                 _run_compare),
 }
