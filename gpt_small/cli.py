@@ -237,6 +237,14 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, mps or cuda[:N]")
     p.add_argument("--weights", default="float32", help=_WEIGHTS_HELP)
     p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
+    verse = p.add_argument_group("verse form (any of these writes a poem line by line: docs/poetry.md)")
+    verse.add_argument("--rhyme", help="rhyme scheme: ABAB, AABB, ABBA, 'ABAB CDCD EFEF GG', or sonnet, quatrain, ...")
+    verse.add_argument("--syllables", type=int, help="target syllables per line")
+    verse.add_argument("--syllable-tolerance", type=int, default=1, help="allowed difference (default: 1)")
+    verse.add_argument("--stanzas", type=int, help="stanzas, apart by blank lines (default: the scheme's)")
+    verse.add_argument("--candidates", type=int, default=16, help="lines sampled per round (default: 16)")
+    verse.add_argument("--budget", type=int, default=512, help="candidate lines per verse line at most (default: 512)")
+    verse.add_argument("--form-meta", metavar="FILE", help="write the poem's metadata (JSON) here")
 
 
 def _run_generate(args: argparse.Namespace) -> None:
@@ -258,6 +266,9 @@ def _run_generate(args: argparse.Namespace) -> None:
     check_weights(args.weights)
     device = pick_device(args.device)
     prompt = read_text_source(args.prompt_file) if args.prompt_file else args.prompt
+    if args.rhyme or args.syllables or args.stanzas:
+        from .forms import run_form_cli
+        return run_form_cli(args, prompt)
     ckpt = load_checkpoint(args.checkpoint, device=device)
     convert_weights(ckpt.model, args.weights)
     ckpt.tokenizer.encode(prompt, unknown="error")  # a bad prompt fails before anything is printed
@@ -440,6 +451,29 @@ def _run_import(args: argparse.Namespace) -> None:
           f"block {c.block_size}, {c.activation}, gpt2 tokenizer")
 
 
+# ---------------------------------------------------------------- report
+
+def _args_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run folder (its best checkpoint) or checkpoint folder")
+    p.add_argument("--samples", type=int, default=50, help="poems to sample and to compare (default: 50)")
+    p.add_argument("--lines", type=int, default=14, help="lines per poem (default: 14)")
+    p.add_argument("--out", help="folder for report.json/.md/.png (default: <run>/report)")
+    p.add_argument("--data", help="prepared data (default: the run's, from run_config.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--eval-tokens", type=int, help="score only the first N validation tokens (default: all)")
+    p.add_argument("--device", default="auto")
+
+
+def _run_report(args: argparse.Namespace) -> None:
+    from .report import make_report, report_line
+
+    r = make_report(args.checkpoint, samples=args.samples, out=args.out, data=args.data, lines=args.lines,
+                    seed=args.seed, temperature=args.temperature, eval_tokens=args.eval_tokens, device=args.device)
+    print(report_line(r))
+    print(f"wrote {r['out']}/report.json, report.md, report.png")
+
+
 VERBS: dict[str, tuple[str, Callable, Callable]] = {
     "info": ("show the model train would build: its configuration, parameters and FLOPs per token", _args_info, _run_info),
     "train": ("train a model on prepared data (resumable, kill-safe checkpoints)", _args_train, _run_train),
@@ -447,6 +481,8 @@ VERBS: dict[str, tuple[str, Callable, Callable]] = {
     "poem": ("the main job: prepare eng-poem, train the CPU preset, print three poems", _args_poem, _run_poem),
     "prepare": ("tokenize a built-in corpus or your text into train/val token files", _args_prepare, _run_prepare),
     "eval": ("loss, perplexity and bits/char of a checkpoint on a text or prepared split", _args_eval, _run_eval),
+    "report": ("judge a model's poems against the corpus: copying, form, language, loss", _args_report,
+               _run_report),
     "compare": ("train learned, sinusoidal and rope models side by side and compare them", _args_compare,
                 _run_compare),
     "serve": ("serve a checkpoint: OpenAI-compatible HTTP API and a page for writing poems", _args_serve,
