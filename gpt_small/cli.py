@@ -178,20 +178,16 @@ def _run_train(args: argparse.Namespace) -> int:
             raise GPTSmallError("--preset does not apply with --init-from: the model comes from the checkpoint")
         init_from, model_cfg = init_from_config(args.init_from, data_tokenizer=data.tokenizer, data_dir=data.directory,
                                                 model_overrides=_explicit_model_keys(args))
-    configure_process(device=train_cfg.device, threads=train_cfg.threads)
-    trainer = Trainer(model_cfg, train_cfg, data, args.out, resume=args.resume, show_progress=not args.no_progress,
-                      init_from=init_from)
-    if args.logger:  # after the Trainer holds the run folder's lock: nothing written into another's run
+    trackers = []
+    if args.logger:  # a tracker writes nothing before its first record, when the run's lock is held
         from .interop.trackers import make_tracker
 
-        try:
-            trainer.trackers.append(make_tracker(
-                args.logger, args.out, train_chars_per_token=data.chars_per_token("train"),
-                config={"model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
-                        "data": str(data.directory), "init_from": args.init_from}))
-        except BaseException:
-            trainer.close()
-            raise
+        trackers.append(make_tracker(args.logger, args.out, train_chars_per_token=data.chars_per_token("train"),
+                                     config={"model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
+                                             "data": str(data.directory), "init_from": args.init_from}))
+    configure_process(device=train_cfg.device, threads=train_cfg.threads)
+    trainer = Trainer(model_cfg, train_cfg, data, args.out, resume=args.resume, show_progress=not args.no_progress,
+                      init_from=init_from, trackers=trackers)
     ok = False
     try:
         summary = trainer.fit()

@@ -50,6 +50,18 @@ def _step(run: Path) -> int:
     return load_trainer_state(find_checkpoint(run, "last"))["step"]
 
 
+def _logged_step(run: Path) -> int:
+    """The last training step in the run's metrics.jsonl (0 if none; a line cut short is skipped)."""
+    path, last = run / "metrics.jsonl", 0
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                record = json.loads(line)
+                if record["kind"] == "train":
+                    last = record["step"]
+    return last
+
+
 # ---------------------------------------------------------------- the printed continue line
 
 @pytest.mark.slow
@@ -133,8 +145,15 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(verse_
                     break
                 time.sleep(0.0005)
             time.sleep(rng.uniform(0, 0.01))
-        else:
-            time.sleep(rng.uniform(0.2, 1.0))
+        else:  # a random moment once this child trains: a few steps in, at most, whatever the CPU's speed
+            start = _logged_step(run)
+            deadline = time.time() + 30
+            while time.time() < deadline and _logged_step(run) <= start:
+                if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                    finished = True
+                    break
+                time.sleep(0.0005)
+            time.sleep(rng.uniform(0, 0.02))
         if finished:
             break
         inside_write += bool(list((run / "checkpoints").glob("*.tmp-*")))

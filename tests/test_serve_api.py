@@ -16,7 +16,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("httpx")
 from starlette.testclient import TestClient  # noqa: E402
 
-from gpt_small import kernels  # noqa: E402
+from gpt_small.ops import kernels  # noqa: E402
 from gpt_small.generate import generate_text  # noqa: E402
 from gpt_small.serve import Engine, Sequence, create_app  # noqa: E402
 from gpt_small.serve.app import StanzaBreaks  # noqa: E402
