@@ -167,6 +167,16 @@ class Checkpoint:
         return self.model.config
 
 
+def checkpoint_model_config(ckpt: Path, meta: dict[str, Any] | None = None) -> GPTConfig:
+    """The GPTConfig a checkpoint folder was saved with (its config.json, read here unless given as
+    `meta`); a one-line error if it is bad."""
+    meta = read_checkpoint_config(ckpt) if meta is None else meta
+    try:
+        return GPTConfig.from_dict(meta["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise GPTSmallError(f"{ckpt / CONFIG}: bad model config: {e}") from None
+
+
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", prefer: str = "best") -> Checkpoint:
     """Load a model and its tokenizer; every problem is a one-line GPTSmallError."""
     from .model import GPT
@@ -174,10 +184,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", pre
 
     ckpt = find_checkpoint(path, prefer)
     meta = read_checkpoint_config(ckpt)
-    try:
-        cfg = GPTConfig.from_dict(meta["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise GPTSmallError(f"{ckpt / CONFIG}: bad model config: {e}") from None
+    cfg = checkpoint_model_config(ckpt, meta)
     tokenizer = load_tokenizer(ckpt)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise GPTSmallError(f"{ckpt} disagrees with itself: {TOKENIZER} has {tokenizer.vocab_size} tokens, "

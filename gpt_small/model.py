@@ -6,15 +6,10 @@ The model knows nothing about files, devices, DDP or compile: those wrap it from
 
 Shapes: B batch, T time (tokens), C = n_embd, nh = n_head, hs = head size.
 
-KV cache (gpt-fast style): `setup_kv_cache(batch_size, max_seq_len)` preallocates a key and value
-buffer per layer; `forward(idx, input_pos=pos)` then writes the new keys/values at `pos` and attends
-to everything cached up to the last position. `clear_kv_cache()` frees them.
-
-Continuous batching (gpt_small/serve): rows of one batch are at different positions, so
-`forward(idx (B, 1), input_pos=(B, 1))` decodes one token per row, each at its own position, and
-each row attends to its own cache prefix exactly as it would alone (batched equals alone).
-`kv_cache_rows(i, j)` points the cache at rows i..j-1 (a view: a new sequence is prefilled alone
-into its row) and `copy_kv_cache_row` moves a row (the server keeps its live rows first).
+KV cache (gpt-fast style, kv_cache.py): `setup_kv_cache(batch_size, max_seq_len)` preallocates
+a key and value buffer per layer; `forward(idx, input_pos=pos)` then writes the new keys/values at
+`pos` and attends to everything cached up to the last position; `input_pos` (B, 1) decodes one
+token per row, each at its own position (continuous batching, gpt_small/serve).
 """
 
 from __future__ import annotations
@@ -30,44 +25,8 @@ from torch import Tensor, nn
 
 from . import ops
 from .config import GPTConfig
+from .kv_cache import KVCache
 from .positional import LearnedPositions, RotaryEmbedding, SinusoidalPositions
-
-
-class KVCache(nn.Module):
-    def __init__(self, batch_size: int, n_head: int, max_seq_len: int, head_size: int,
-                 dtype: torch.dtype, device: torch.device):
-        super().__init__()
-        shape = (batch_size, n_head, max_seq_len, head_size)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, nh, T, hs) at positions start..start+T-1; return the cache up to there.
-
-        A slice assignment, not an index_put with a position tensor: faster for one token, and the
-        end is a Python int, so no device-to-host read per layer.
-        """
-        B, end = k.shape[0], start + k.shape[2]
-        kc, vc = (self.k, self.v) if B == self.k.shape[0] else (self.k[:B], self.v[:B])
-        kc.narrow(2, start, end - start).copy_(k)  # narrow + copy_: fewer dispatches than [..., a:b] =
-        vc.narrow(2, start, end - start).copy_(v)
-        return kc.narrow(2, 0, end), vc.narrow(2, 0, end)
-
-    def update_rows(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write row b's one new k, v (B, nh, 1, hs) at its own position pos[b]; return rows :B."""
-        B = k.shape[0]
-        for b, p in enumerate(pos.tolist()):  # B small copies: one index_put over the (row,
-            self.k[b, :, p].copy_(k[b, :, 0])  # position) pairs was far slower at B = 8
-            self.v[b, :, p].copy_(v[b, :, 0])
-        return self.k[:B], self.v[:B]
-
-    def rows(self, lo: int, hi: int) -> "KVCache":
-        """A cache whose buffers are views of rows lo..hi-1 of this one (writes go through)."""
-        view = KVCache.__new__(KVCache)
-        nn.Module.__init__(view)
-        view.register_buffer("k", self.k[lo:hi], persistent=False)
-        view.register_buffer("v", self.v[lo:hi], persistent=False)
-        return view
 
 
 class Linear(nn.Linear):
@@ -280,8 +239,7 @@ class GPT(nn.Module):
             x = x + self._ngram_embeddings(idx, 1 if isinstance(start, Tensor) else start)
         if self.config.pos_encoding == "sinusoidal":
             # Vaswani et al. 3.4: embeddings times sqrt(d_model). Without it the fixed table (values
-            # of +-1) drowns token embeddings initialised at std 0.02 (measured: 0.35 nats worse
-            # than learned positions after 1,200 steps of the baby shape on eng-poem).
+            # of +-1) drowns token embeddings initialised at std 0.02 (docs/results.md's study).
             x = x * self._emb_scale
         if "wpe" in self.transformer:
             last = T - 1 if start is None else int(start.max()) if isinstance(start, Tensor) else start + T - 1

@@ -14,7 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import find_checkpoint, read_checkpoint_config
+from ..checkpoint import checkpoint_model_config, find_checkpoint
 from ..config import GPTConfig, parse_value
 from ..errors import GPTSmallError
 from ..tokenizer import Tokenizer, load_tokenizer, same_tokenizer
@@ -31,11 +31,7 @@ def init_from_config(init_from: str | Path, *, data_tokenizer: Tokenizer, data_d
     """(checkpoint folder, model config) for a run that starts from `init_from` (a run folder: its
     best checkpoint; or a checkpoint folder). model_overrides: the model fields the user set."""
     ckpt = find_checkpoint(init_from, prefer="best")
-    meta = read_checkpoint_config(ckpt)
-    try:
-        cfg = GPTConfig.from_dict(meta["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise GPTSmallError(f"{ckpt}: bad model config: {e}") from None
+    cfg = checkpoint_model_config(ckpt)
     ckpt_tok = load_tokenizer(ckpt)
     if not same_tokenizer(ckpt_tok, data_tokenizer):
         raise GPTSmallError(f"--init-from: the data in {data_dir} was prepared with {_describe(data_tokenizer)}, the "

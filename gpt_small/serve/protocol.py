@@ -164,15 +164,20 @@ def check_model(d: dict, limits: Limits, required: bool) -> None:
                        param="model", code="model_not_found")
 
 
+def check_fields(d: dict[str, Any], allowed: set[str]) -> None:
+    """OpenAI's answer to a field it does not know."""
+    for name in d:
+        if name not in allowed:
+            raise ApiError(400, f"Unrecognized request argument supplied: {name}", param=name)
+
+
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
                       "stream_options", "echo", "user", "logprobs", "best_of", "suffix", "logit_bias",
                       "presence_penalty", "frequency_penalty", "top_k", "repetition_penalty"}
 
 
 def decode_completion(d: dict[str, Any], tokenizer: Any, limits: Limits) -> CompletionRequest:
-    for name in d:
-        if name not in _COMPLETION_FIELDS:
-            raise ApiError(400, f"Unrecognized request argument supplied: {name}", param=name)
+    check_fields(d, _COMPLETION_FIELDS)
     check_model(d, limits, required=True)
     prompt = d.get("prompt", "")
     if isinstance(prompt, str):
@@ -221,9 +226,7 @@ _POEM_FIELDS = {"model", "prompt", "lines", "stanzas", "temperature", "top_k", "
 
 
 def decode_poem(d: dict[str, Any], tokenizer: Any, limits: Limits) -> PoemRequest:
-    for name in d:
-        if name not in _POEM_FIELDS:
-            raise ApiError(400, f"Unrecognized request argument supplied: {name}", param=name)
+    check_fields(d, _POEM_FIELDS)
     check_model(d, limits, required=False)
     prompt = d.get("prompt", "")
     if not isinstance(prompt, str):
