@@ -88,7 +88,7 @@ MUTATIONS: list[Mutation] = [
     M("T16", "train.py", "        torch.manual_seed(cfg.seed)\n        self.model = GPT(",
       "        torch.manual_seed(cfg.seed + 1)\n        self.model = GPT(",
       "the seed no longer decides the initial weights", GOLDEN),
-    M("T17", "train.py", 'json.loads(line)["step"] <= step]', 'json.loads(line)["step"] < step]',
+    M("T17", "train.py", 'if json.loads(line)["step"] <= step:', 'if json.loads(line)["step"] < step:',
       "resume drops the checkpoint step's metrics line", TRAIN, "-k", "resume_equals"),
     M("T18", "train.py", "torch.manual_seed(cfg.seed + self.dist.rank)\n", "",
       "the dropout stream continues from the weight draw instead of its own seed", GOLDEN),
@@ -127,9 +127,10 @@ MUTATIONS: list[Mutation] = [
       "the sinusoidal model loses its embedding scale", PROMISES, "-k", "first_block"),
     M("M2", "model.py", "std=0.02 / math.sqrt(2 * self.config.n_layer)", "std=0.02",
       "residual projections lose GPT-2's 1/sqrt(2 n_layer) init", GOLDEN, "-k", "tiny or baby"),
-    M("M3", "model.py", "alpha=1.0 / math.sqrt(hs)", "alpha=1.0 / hs",
-      "the CPU attention path scales scores by 1/hs", "tests/test_model.py", "-k", "attention"),
-    M("M4", "model.py", ".triu_(1)", ".triu_(2)", "attention sees the next token", "tests/test_model.py", "-k", "future or attention"),
+    M("M3", "ops/cpu.py", "alpha=1.0 / math.sqrt(hs)", "alpha=1.0 / hs",
+      "the CPU attention path scales scores by 1/hs", "tests/test_model.py", "tests/test_ops.py", "-k", "attention"),
+    M("M4", "ops/cpu.py", ".triu_(1)", ".triu_(2)", "attention sees the next token", "tests/test_model.py", "tests/test_ops.py",
+      "-k", "future or attention"),
     M("M5", "model.py", "targets.reshape(-1), ignore_index=-1)", "targets.reshape(-1), ignore_index=-1) * 2",
       "the loss is scaled", "tests/test_model.py", "-k", "cross_entropy"),
     # ---- positional.py
@@ -153,7 +154,7 @@ MUTATIONS: list[Mutation] = [
     M("D5", "data.py", "np.linspace(0, len(data) - block_size - 1,", "np.linspace(1, len(data) - block_size - 1,",
       "evaluation windows skip the split's first token", "tests/test_data.py", "-k", "eval_windows"),
     # ---- checkpoint.py: what survives a crash
-    M("C1", "checkpoint.py", "    for f in tmp.iterdir():\n        _fsync_file(f)\n", "",
+    M("C1", "checkpoint.py", "                os.fsync(f.fileno())\n", "",
       "no fsync before a checkpoint's rename", PROMISES, "-k", "fsync"),
     M("C2", "checkpoint.py", "    os.replace(tmp_link, link)",
       "    if link.is_symlink():\n        link.unlink()\n    os.symlink(os.readlink(tmp_link), link)\n"
@@ -163,7 +164,7 @@ MUTATIONS: list[Mutation] = [
       TRAIN, "-k", "overfit"),
     M("C4", "checkpoint.py", 'for name in (prefer, "last" if prefer == "best" else "best"):',
       'for name in ("last", "best"):', "generate and eval load `last` instead of `best`", TRAIN, "-k", "overfit"),
-    M("C5", "checkpoint.py", "    _fsync_dir(tmp)\n", "", "no fsync of the checkpoint folder's entries",
+    M("C5", "checkpoint.py", "        fsync_dir(tmp)\n", "", "no fsync of the checkpoint folder's entries",
       PROMISES, "-k", "fsync"),
     # ---- evaluate.py: the figures
     M("E1", "evaluate.py", "return loss_nats_per_token / math.log(2) / chars_per_token",
