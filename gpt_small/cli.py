@@ -19,6 +19,7 @@ import sys
 from typing import Callable, NoReturn
 
 from . import __version__
+from .config import LINE_TOKEN_BUDGET  # --lines N without --max-new-tokens: room for N lines
 from .errors import GPTSmallError
 
 
@@ -207,8 +208,6 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- generate and poem
 
-# --lines N without --max-new-tokens: room for N lines (config.LINE_TOKEN_BUDGET each)
-from .config import LINE_TOKEN_BUDGET as _LINE_TOKENS  # noqa: E402
 
 
 _WEIGHTS_HELP = ("float32 (default), bfloat16 or int8: the Linear weights' precision for inference, "
@@ -221,7 +220,7 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", default="", help="text to continue (default: start a new line)")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     p.add_argument("--max-new-tokens", type=int,
-                   help=f"at most this many tokens per sample (default: {_LINE_TOKENS} per --lines line, else 500)")
+                   help=f"at most this many tokens per sample (default: {LINE_TOKEN_BUDGET} per --lines line, else 500)")
     p.add_argument("--lines", type=int, help="stop after this many complete verse lines")
     p.add_argument("--stop", help="stop after this text")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -264,7 +263,7 @@ def _run_generate(args: argparse.Namespace) -> None:
     prompt = read_text_source(args.prompt_file) if args.prompt_file else args.prompt
     if args.rhyme or args.syllables or args.stanzas:
         from .forms import run_form_cli
-        return run_form_cli(args, prompt)
+        return run_form_cli(args, prompt, device)
     ckpt = load_checkpoint(args.checkpoint, device=device)
     convert_weights(ckpt.model, args.weights)
     ckpt.tokenizer.encode(prompt, unknown="error")  # a bad prompt fails before anything is printed
@@ -275,7 +274,7 @@ def _run_generate(args: argparse.Namespace) -> None:
         stream = lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush())  # noqa: E731
     max_new = args.max_new_tokens
     if max_new is None:
-        max_new = _LINE_TOKENS * args.lines if args.lines and args.lines > 0 else 500
+        max_new = LINE_TOKEN_BUDGET * args.lines if args.lines and args.lines > 0 else 500
     samples = generate_text(ckpt.model, ckpt.tokenizer, prompt, max_new_tokens=max_new,
                             lines=args.lines, stop=args.stop, num_samples=args.num_samples,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

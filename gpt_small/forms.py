@@ -476,13 +476,13 @@ def summary(meta: dict[str, Any]) -> str:
     return f"form: {', '.join(parts)}; {state}; {meta['candidates']:,} candidate lines in {meta['seconds']:.1f} s"
 
 
-def run_form_cli(args: Any, prompt: str) -> None:
-    """`gpt-small generate` with verse-form flags: the poems on stdout, a summary line each on stderr."""
+def run_form_cli(args: Any, prompt: str, device: Any) -> None:
+    """`gpt-small generate` with verse-form flags: the poems on stdout, a summary line each on stderr.
+    The sampling options, counts, weights and device were checked by the caller (cli._run_generate)."""
     import json
     import sys
 
     from .checkpoint import load_checkpoint
-    from .device import pick_device
     from .ops.quantize import convert_weights
 
     form = Form(lines=args.lines, stanzas=args.stanzas, syllables=args.syllables,
@@ -491,10 +491,7 @@ def run_form_cli(args: Any, prompt: str) -> None:
     search = SearchConfig(candidates=args.candidates, budget=args.budget, max_line_tokens=args.max_new_tokens)
     if args.repetition_penalty != 1.0 or args.stop:
         raise GPTSmallError("--repetition-penalty and --stop do not apply to verse forms")
-    if not isinstance(args.num_samples, int) or args.num_samples < 1:
-        raise GPTSmallError(f"num_samples must be an integer >= 1, got {args.num_samples!r}")
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
-    ckpt = load_checkpoint(args.checkpoint, device=pick_device(args.device))
+    ckpt = load_checkpoint(args.checkpoint, device=device)
     convert_weights(ckpt.model, args.weights)
     metas = []
     for i in range(args.num_samples):
