@@ -15,7 +15,7 @@ one sample, whether it runs alone or beside others. The steps are generate.py's 
 `sample`, `apply_repetition_penalty`, the same sliding-window rule past block_size), the prefill
 runs alone, and the batched step computes every row as it would alone (model.py: per-row
 positions, attention row by row). The output matmuls are row-independent in the CPU decoding
-kernel (csrc/decode.c), up to its 8 rows; past 8 rows torch's GEMM takes over and rows may differ
+kernel (ops/csrc/decode.c), up to its 8 rows; past 8 rows torch's GEMM takes over and rows may differ
 from a lone run in the last bits, which can rarely change a sampled token.
 
 Rows stay packed: live sequences hold cache rows 0..B-1, so the batched step runs on rows :B; a
