@@ -83,3 +83,13 @@ def convert_weights(model: nn.Module, weights: str) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def weights_of(model: nn.Module) -> str:
+    """What convert_weights made of `model`'s Linears: int8, bfloat16 or float32 (untouched)."""
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            return "int8"
+        if isinstance(m, nn.Linear) and m.weight.dtype == torch.bfloat16:
+            return "bfloat16"
+    return "float32"
