@@ -397,6 +397,7 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=1000, help="most tokens one sample may ask for (default: 1000)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 (default: env GPT_SMALL_API_KEY)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0 = all cores)")
+    p.add_argument("--weights", default="float32", help=_WEIGHTS_HELP)
 
 
 def _run_serve(args: argparse.Namespace) -> None:
@@ -406,7 +407,7 @@ def _run_serve(args: argparse.Namespace) -> None:
         raise GPTSmallError(f"gpt-small serve needs the serve extra ({e.name} is missing): "
                             "pip install 'gpt-small[serve]'") from None
     serve(args.checkpoint, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-          max_new_tokens=args.max_new_tokens, api_key=args.api_key, threads=args.threads)
+          max_new_tokens=args.max_new_tokens, api_key=args.api_key, threads=args.threads, weights=args.weights)
 
 
 # ---------------------------------------------------------------- export and import (gpt_small/interop)

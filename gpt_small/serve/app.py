@@ -26,6 +26,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..ops.quantize import weights_of
 from . import responses as R
 from .engine import Engine, QueueFull, Sequence
 from .protocol import ApiError, Limits, decode_completion, decode_poem, parse_json
@@ -66,7 +67,11 @@ def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 
     """The app over a loaded model; the engine starts and drains with the app's lifespan."""
     limits = Limits(model_name=model_name, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
     created = int(time.time())
-    n_params = model.num_params() if hasattr(model, "num_params") else sum(p.numel() for p in model.parameters())
+    # read off the model rather than taken from the caller, so what clients see is what decodes
+    weights = weights_of(model)
+    # the config's count, not model.num_params(): an int8 Linear keeps its weight as a buffer
+    n_params = (model.config.num_params() if hasattr(model, "num_params")
+                else sum(p.numel() for p in model.parameters()))
     box: dict[str, Engine] = {}
     static = resources.files("gpt_small.serve") / "static"
 
@@ -137,18 +142,19 @@ def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 
         return FileResponse(str(static / "index.html"), media_type="text/html; charset=utf-8")
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": model_name, "params": n_params, **box["engine"].stats()})
+        return JSONResponse({"status": "ok", "model": model_name, "params": n_params, "weights": weights,
+                             **box["engine"].stats()})
 
     async def list_models(request: Request) -> Response:
         authorize(request)
-        return JSONResponse(R.models(model_name, created))
+        return JSONResponse(R.models(model_name, created, weights))
 
     async def get_model(request: Request) -> Response:
         authorize(request)
         if request.path_params["model"] != model_name:
             raise ApiError(404, f"the model {request.path_params['model']!r} does not exist", param="model",
                            code="model_not_found")
-        return JSONResponse(R.model_card(model_name, created))
+        return JSONResponse(R.model_card(model_name, created, weights))
 
     async def completions(request: Request) -> Response:
         authorize(request)

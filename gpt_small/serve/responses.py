@@ -61,9 +61,11 @@ def poem(pid: str, model: str, prompt: str, text: str, finish_reason: str | None
             "timing": times}
 
 
-def models(model: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [model_card(model, created)]}
+def models(model: str, created: int, weights: str) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(model, created, weights)]}
 
 
-def model_card(model: str, created: int) -> dict[str, Any]:
-    return {"id": model, "object": "model", "created": created, "owned_by": "gpt-small"}
+def model_card(model: str, created: int, weights: str) -> dict[str, Any]:
+    """OpenAI's model object; `weights` (float32, bfloat16, int8) is ours, as OpenAI's clients keep
+    fields they do not know."""
+    return {"id": model, "object": "model", "created": created, "owned_by": "gpt-small", "weights": weights}

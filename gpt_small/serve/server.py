@@ -4,7 +4,9 @@ A non-loopback address without an API key is refused before anything loads: the 
 hand anyone on the network a CPU to spend. The socket is bound here (port 0 picks a free one) and
 the address printed, so scripts and tests can start a server without guessing ports. On Ctrl-C or
 SIGTERM uvicorn stops accepting, waits for the open requests (streams included) for up to
-`drain_seconds`, then the engine's worker finishes and the process exits 0.
+`drain_seconds`, then the engine's worker finishes and the process exits 0. `weights` converts the
+loaded model's Linear weights (ops/quantize.py) for faster CPU decoding; clients see which in
+/healthz and the model object.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ def model_name_of(checkpoint: str | Path) -> str:
 
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
           max_queue: int = 64, max_new_tokens: int = 1000, api_key: str | None = None, threads: int = 0,
-          drain_seconds: float = 30.0) -> None:
+          drain_seconds: float = 30.0, weights: str = "float32") -> None:
     import uvicorn
 
     from ..checkpoint import load_checkpoint
     from ..device import set_threads
+    from ..ops.quantize import check_weights, convert_weights
     from .app import create_app
 
     api_key = api_key or os.environ.get("GPT_SMALL_API_KEY") or None
@@ -55,12 +58,14 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
             raise GPTSmallError(f"{name} must be >= {lo}, got {value}")
     if port > 65535:
         raise GPTSmallError(f"--port must be <= 65535, got {port}")
+    check_weights(weights)
     set_threads(threads)
     # The decode thread and the event loop share the GIL; at the default 5 ms switch interval a
     # token's worth of Python on one side can stall the other for a whole interval
     # (benchmarks/serve_load.py measures the effect on latency).
     sys.setswitchinterval(0.0005)
     ckpt = load_checkpoint(checkpoint, device="cpu")
+    convert_weights(ckpt.model, weights)
     name = model_name_of(checkpoint)
     app = create_app(model=ckpt.model, tokenizer=ckpt.tokenizer, model_name=name, max_batch=max_batch,
                      max_queue=max_queue, max_new_tokens=max_new_tokens, api_key=api_key)
@@ -73,8 +78,8 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
         raise GPTSmallError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
-    print(f"serving {name} ({ckpt.model.num_params():,} parameters) on http://{shown}:{bound}/  "
-          f"(max batch {max_batch}; Ctrl-C drains and stops)", flush=True)
+    print(f"serving {name} ({ckpt.model.config.num_params():,} parameters, {weights} weights) "
+          f"on http://{shown}:{bound}/  (max batch {max_batch}; Ctrl-C drains and stops)", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=drain_seconds,
                             lifespan="on")
     # uvicorn drains on SIGINT/SIGTERM and then re-raises the signal to the handler it found; a
