@@ -41,8 +41,9 @@ def make_checkpoint(run_dir: Path) -> Path:
 
 
 @contextmanager
-def live_server(checkpoint: Path, *args: str, timeout: float = 60.0):
-    """Start `gpt-small serve --port 0` and yield (base_url, process, stderr lines so far)."""
+def live_server(checkpoint: Path, *args: str, timeout: float = 60.0, banner: list[str] | None = None):
+    """Start `gpt-small serve --port 0` and yield (base_url, process, stderr lines so far); the
+    startup line is appended to `banner` if given."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("GPT_SMALL_API_KEY", None)
     proc = subprocess.Popen([sys.executable, "-m", "gpt_small", "serve", "--checkpoint", str(checkpoint),
@@ -59,6 +60,8 @@ def live_server(checkpoint: Path, *args: str, timeout: float = 60.0):
             raise AssertionError(f"the server did not start within {timeout} s: {''.join(err)}") from None
         m = re.search(r"on (http://\S+?)/ ", first)
         assert m, f"unexpected first line {first!r}; stderr: {''.join(err)}"
+        if banner is not None:
+            banner.append(first)
         yield m.group(1), proc, err
     finally:
         if proc.poll() is None:
