@@ -247,8 +247,14 @@ class GPT(nn.Module):
                 raise ValueError(f"position {last} is past the learned table of {self.config.block_size}")
             x = x + self.transformer.wpe(pos).to(x.dtype)
         x = ops.dropout(x, self.config.dropout, self.training)
-        for block in self.transformer.h:
-            x = block(x, pos, self.rope, start)
+        # Decoding one token per row, the CPU backend runs every block in one C call
+        # (ops/decoder.py); it computes what the loop below does, and returns None where it can't.
+        fused = ops.decode_blocks(self, x, start) if start is not None and T == 1 else None
+        if fused is not None:
+            x = fused
+        else:
+            for block in self.transformer.h:
+                x = block(x, pos, self.rope, start)
         if last_only:
             x = x[:, -1:]
         x = self.transformer.ln_f(x)

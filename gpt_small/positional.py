@@ -82,11 +82,15 @@ class RotaryEmbedding(nn.Module):
         """Rotate q and k of shape (B, nh, T, hs) at positions pos (T,).
 
         end (> every position), when the caller knows it, saves a device-to-host read per layer."""
-        need = int(pos.max()) + 1 if end is None else end
-        if need > self.cos.shape[0]:
-            self._build(max(need, 2 * self.cos.shape[0]))
-        cos, sin = self.cos[pos], self.sin[pos]  # (T, hs/2), float32
+        cos, sin = self.tables(int(pos.max()) + 1 if end is None else end)
+        cos, sin = cos[pos], sin[pos]  # (T, hs/2), float32
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def tables(self, end: int) -> tuple[Tensor, Tensor]:
+        """The cos and sin tables (P, hs/2), grown (doubling) until they reach position end - 1."""
+        if end > self.cos.shape[0]:
+            self._build(max(end, 2 * self.cos.shape[0]))
+        return self.cos, self.sin
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -15,6 +15,9 @@ Contracts (all shapes as in model.py: B batch, T new tokens, S keys, nh heads, h
 - `causal_attention(q, k, v, dropout_p=0.0)`: q (B, nh, T, hs), k and v (B, nh, S, hs) with
   S >= T; the queries are the last T of the S positions, each sees the keys up to its own.
 - `dropout(x, p, training)`, `gelu(x)` (GPT-2's tanh form), `relu2(x)` (relu(x)^2).
+- `decode_blocks(model, x, start)`: for one new token per row (x (B, 1, C), the KV cache set up),
+  what the model's blocks return, computed in one call; or None where the backend has no such
+  path (then the model runs its blocks one by one).
 """
 
 from __future__ import annotations
@@ -71,3 +74,7 @@ def gelu(x: Tensor) -> Tensor:
 
 def relu2(x: Tensor) -> Tensor:
     return _for(x).relu2(x)
+
+
+def decode_blocks(model: torch.nn.Module, x: Tensor, start: int | Tensor) -> Tensor | None:
+    return _for(x).decode_blocks(model, x, start)

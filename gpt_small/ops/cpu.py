@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import kernels, reference
+from . import decoder, kernels, reference
 
 # --- linear ---
 #
@@ -34,6 +34,9 @@ onednn_linear = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
                  if torch.backends.mkldnn.is_available() else None)
 _ONEDNN_MIN_WEIGHTS = 2**17  # 512 KiB of fp32: below, the call costs more than it saves
 _SKINNY_MIN_WEIGHTS = 2**12  # below, the matrix stays in cache and the call overhead dominates
+# bf16/int8 weights: up to this many rows the kernel, 8 rows at a time; beyond, one fp32 matmul
+# on the dequantized weight costs less than the kernel's extra passes (benchmarks/low_precision_prompt.py)
+_LOW_PRECISION_KERNEL_MAX_ROWS = 48
 
 
 def prepare() -> None:
@@ -46,12 +49,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor 
         return reference.linear(x, weight, bias, scale)
     K, N = weight.shape[1], weight.shape[0]
     rows = x.numel() // K
-    # bf16 and int8 weights take the kernel at any size: torch has no cheaper skinny op for them
-    if (0 < rows <= kernels.MAX_ROWS and (weight.numel() >= _SKINNY_MIN_WEIGHTS or weight.dtype != torch.float32)
+    # bf16 and int8 weights take the kernel at any size (torch has no cheaper skinny op for them),
+    # and for a short prompt too, 8 rows at a time, which beats dequantizing the weight
+    low_precision = weight.dtype != torch.float32
+    if (0 < rows <= (_LOW_PRECISION_KERNEL_MAX_ROWS if low_precision else kernels.MAX_ROWS)
+            and (low_precision or weight.numel() >= _SKINNY_MIN_WEIGHTS)
             and weight.is_contiguous() and kernels.available()):
         y = kernels.skinny_linear(x.reshape(rows, K).contiguous(), weight, bias, scale)
         return y.view(*x.shape[:-1], N)
-    if weight.dtype != torch.float32:
+    if low_precision:
         return _linear_low_precision(x, weight, bias, scale, rows)
     if onednn_linear is not None and weight.numel() >= _ONEDNN_MIN_WEIGHTS:
         return onednn_linear(x.contiguous(), weight, bias, "none", [], "")
@@ -60,9 +66,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor 
 
 def _linear_low_precision(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor | None,
                           rows: int) -> Tensor:
-    """bf16 or int8 weights without the kernel, or for a prompt: torch's weight-only int8 op for
-    a few rows, else the weight dequantized to fp32 and one fp32 matmul (the matmul costs rows
-    times the conversion, so a prompt hardly notices it)."""
+    """bf16 or int8 weights without the kernel, or for a long prompt: torch's weight-only int8 op
+    for a few rows, else the weight dequantized to fp32 and one fp32 matmul (the matmul costs rows
+    times the conversion, so a long prompt hardly notices it)."""
     if scale is not None and rows <= kernels.MAX_ROWS and int8pack_mm is not None:
         y = int8pack_mm(x.reshape(rows, -1).contiguous(), weight, scale)
         y = y if bias is None else y + bias
@@ -105,6 +111,13 @@ def explicit_causal_attention(q: Tensor, k: Tensor, v: Tensor, p: float = 0.0) -
                         k.reshape(B * nh, T, hs).transpose(1, 2), alpha=1.0 / math.sqrt(hs))
     att = dropout(att.softmax(dim=-1), p, training=p > 0)
     return torch.bmm(att, v.reshape(B * nh, T, hs)).view(B, nh, T, hs)
+
+
+def decode_blocks(model: torch.nn.Module, x: Tensor, start: int | Tensor) -> Tensor | None:
+    """A decoding step through every block in one C call (ops/decoder.py), at inference."""
+    if torch.is_grad_enabled():
+        return None
+    return decoder.decode_blocks(model, x, start)
 
 
 # --- dropout ---

@@ -8,6 +8,8 @@
   (benchmarks/weight_streaming.py times them all).
 - `decode_attention`: one new token's attention over the KV cache, which at batch 8 is as many
   bytes as the weights; faster than SDPA's CPU kernel in cache and out (benchmarks/generate_throughput.py).
+- `decode_blocks`: a whole decoding step through every block (LayerNorms, the products above,
+  the cache write, attention, activation, residuals) in one call; ops/decoder.py prepares it.
 - `gelu_tanh_forward`, `gelu_tanh_backward`: GELU in GPT-2's tanh form, which torch's CPU kernel
   runs slower than the exact GELU; the CPU backend (ops/cpu.py) uses them in training and at
   inference.
@@ -39,7 +41,7 @@ from ..device import cpu_flags
 from ..paths import cache_dir
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("decode.c", "gelu.c")]
-MAX_ROWS = 8  # rows of x skinny_linear takes (batch size when decoding)
+MAX_ROWS = 8  # rows of x skinny_linear takes in one pass over the weights (batch size when decoding)
 MAX_CACHED = 65536  # cached positions decode_attention takes
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
@@ -87,6 +89,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.skinny_linear_bf16.restype = lib.skinny_linear_int8.restype = c_int
     lib.decode_attention.argtypes = [ptr] * 4 + [c_int, c_int] + [c_long] * 6 + [ctypes.c_float, c_int]
     lib.skinny_linear.restype = lib.decode_attention.restype = c_int
+    lib.decode_blocks.argtypes = [ptr, ptr, c_int, ptr, ptr, c_int]
+    lib.decode_blocks.restype = c_int
     lib.gelu_tanh_forward.argtypes = [ptr, ptr, c_long, c_int]
     lib.gelu_tanh_backward.argtypes = [ptr, ptr, ptr, c_long, c_int]
     lib.gelu_tanh_forward.restype = lib.gelu_tanh_backward.restype = None
@@ -110,18 +114,19 @@ def describe() -> str:
 
 
 def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
-    """x (B, K) @ weight (N, K).T + bias (N,) in fp32 on the CPU, for 1 <= B <= MAX_ROWS.
+    """x (B, K) @ weight (N, K).T + bias (N,) in fp32 on the CPU, B >= 1: one pass over the weights
+    for up to MAX_ROWS rows of x, MAX_ROWS rows at a time beyond.
 
     weight is fp32 or bf16, or int8 with `scale` (N,) fp32: then the product is x @ (weight *
     scale[:, None]).T, summed in fp32. All tensors contiguous; callers check `available()` first."""
     B, K = x.shape
     N = weight.shape[0]
     kind = _WEIGHT_KINDS.get(weight.dtype)
-    if not (1 <= B <= MAX_ROWS and weight.shape[1] == K and x.is_contiguous() and weight.is_contiguous()
+    if not (B >= 1 and weight.shape[1] == K and x.is_contiguous() and weight.is_contiguous()
             and x.dtype == torch.float32 and kind is not None and (scale is not None) == (kind == "int8")
             and (bias is None or (bias.is_contiguous() and bias.dtype == torch.float32 and bias.shape == (N,)))
             and (scale is None or (scale.is_contiguous() and scale.dtype == torch.float32 and scale.shape == (N,)))):
-        raise ValueError(f"skinny_linear takes contiguous fp32 x (1..{MAX_ROWS}, K) and weight (N, K) in fp32, "
+        raise ValueError(f"skinny_linear takes contiguous fp32 x (B >= 1, K) and weight (N, K) in fp32, "
                          f"bf16, or int8 with fp32 scales (N,); got {tuple(x.shape)} {x.dtype} and "
                          f"{tuple(weight.shape)} {weight.dtype}, scale {None if scale is None else scale.dtype}")
     y = torch.empty(B, N, dtype=torch.float32)
@@ -136,6 +141,17 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: 
 
 
 _WEIGHT_KINDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}
+
+
+def decode_blocks(decoder: ctypes._CArgObject, x: Tensor, positions: list[int], scratch: Tensor) -> int:
+    """Run csrc/decode.c's decode_blocks on x (B, C) in place, row b at positions[b]; 0, or -1 if
+    it refused. decoder: a reference to ops/decoder.py's struct, which checks the rest."""
+    B = x.shape[0]
+    if not (x.dtype == torch.float32 and x.is_contiguous() and len(positions) == B and scratch.is_contiguous()):
+        raise ValueError(f"decode_blocks takes contiguous fp32 x (B, C) and B positions; got {tuple(x.shape)} "
+                         f"{x.dtype} and {len(positions)} positions")
+    return _lib.decode_blocks(decoder, x.data_ptr(), B, (ctypes.c_long * B)(*positions), scratch.data_ptr(),
+                              torch.get_num_threads())
 
 
 def gelu_tanh(x: Tensor) -> Tensor:

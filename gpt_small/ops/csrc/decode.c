@@ -70,54 +70,77 @@ static inline __attribute__((always_inline)) v16 load_w16(const void *W, long i,
 #endif
 }
 
-/* Rows [n0, n1) of y for B rows of x; B and the weight type are compile-time constants at each
- * call site, so each (B, type) pair gets its own loop. */
+/* How far ahead of the row being summed the weights are requested, in bytes, into L2 (prefetcht2).
+ * Out of cache, the hardware prefetchers alone leave a bf16 or int8 weight stream well short of
+ * the memory bandwidth an fp32 one reaches: fewer bytes per instruction, fewer misses in flight.
+ * Asking for every line a few pages ahead closes the gap (benchmarks/weight_streaming.py). */
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 8192
+#endif
+
+/* Rows [n0, n1) of y for B rows of x (with add, added to y: a residual); B and the weight type
+ * are compile-time constants at each call site, so each (B, type) pair gets its own loop. */
 static inline __attribute__((always_inline)) void linear_rows(
         const float *x, const void *W, const int type, const float *scale, const float *bias, float *y,
-        const int B, long K, long N, long n0, long n1) {
-    const long K16 = K & ~15L, K32 = K & ~31L;
+        const int B, long K, long N, long n0, long n1, int add) {
     const long wsize = type == W_F32 ? 4 : type == W_BF16 ? 2 : 1;
+    /* S partial sums per row of x, on blocks of 16 in turn: with one, a row of x waits on the
+     * previous add (4 cycles), which an int8 or bf16 weight stream outruns. 4 for up to 4 rows,
+     * 2 beyond, so that the sums and a weight vector stay within the 32 vector registers. */
+    const int S = B <= 4 ? 4 : 2;
+    const long step = 16 * S, K16 = K & ~15L, Kstep = K - K % step;
+    const char *Wb = (const char *)W;
     for (long n = n0; n < n1; n++) {
         const long row = n * K;
-        /* two sums per row of x, on alternate blocks of 16: with one, a row of x waits on the
-         * previous add (4 cycles), which an int8 or bf16 weight stream can outrun */
-        v16 acc[8] = {0}, acc2[8] = {0};
-        for (long k = 0; k < K32; k += 32) {
-            v16 wv = load_w16(W, row + k, type), wv2 = load_w16(W, row + k + 16, type);
-            /* From 5 rows of x on, compute slows the weight stream enough that asking for the
-             * weights 4 KiB ahead pays (an A/B at batch 6 and 8 in fp32; a loss below). */
-            if (B >= 5) __builtin_prefetch((const char *)W + (row + k) * wsize + 4096, 0, 0);
-            for (int b = 0; b < B; b++) {
-                acc[b] += wv * load16(x + b * K + k);
-                acc2[b] += wv2 * load16(x + b * K + k + 16);
+        v16 acc[8][4] = {{{0}}};
+        for (long k = 0; k < Kstep; k += step) {
+            for (long o = 0; o < step * wsize; o += 64)
+                __builtin_prefetch(Wb + (row + k) * wsize + o + PREFETCH_AHEAD, 0, 1);
+            for (int j = 0; j < S; j++) {
+                v16 wv = load_w16(W, row + k + 16 * j, type);
+                for (int b = 0; b < B; b++) acc[b][j] += wv * load16(x + b * K + k + 16 * j);
             }
         }
-        if (K16 > K32) {
-            v16 wv = load_w16(W, row + K32, type);
-            for (int b = 0; b < B; b++) acc[b] += wv * load16(x + b * K + K32);
+        for (long k = Kstep; k < K16; k += 16) {
+            v16 wv = load_w16(W, row + k, type);
+            for (int b = 0; b < B; b++) acc[b][0] += wv * load16(x + b * K + k);
         }
         for (int b = 0; b < B; b++) {
-            float s = hsum(acc[b] + acc2[b]);
+            v16 a = acc[b][0] + acc[b][1];
+            if (S == 4) a += acc[b][2] + acc[b][3];
+            float s = hsum(a);
             for (long k = K16; k < K; k++) s += load_w1(W, row + k, type) * x[b * K + k];
             if (scale) s *= scale[n];
-            y[b * N + n] = bias ? s + bias[n] : s;
+            if (bias) s += bias[n];
+            y[b * N + n] = add ? y[b * N + n] + s : s;
         }
     }
 }
 
-#define CASE(b, T) case b: linear_rows(x, W, T, scale, bias, y, b, K, N, n0, n1); break;
+#define CASE(b, T) case b: linear_rows(xc, W, T, scale, bias, yc, b, K, N, m0, m1, 0); break;
 
-/* The N weight rows split into one contiguous block per thread, for B = 1..8 rows of x. */
+/* The N weight rows split into one contiguous block per thread. Up to 8 rows of x, one pass over
+ * the thread's block; more (a short prompt), 8 rows of x at a time over a few weight rows at a
+ * time, so each weight row comes from memory once and from L1 for the other rows of x. */
 #define SKINNY_BODY(T)                                                                     \
-    if (B < 1 || B > 8) return -1;                                                         \
+    if (B < 1) return -1;                                                                  \
     if (threads < 1) threads = 1;                                                          \
     _Pragma("omp parallel num_threads(threads)")                                           \
     {                                                                                      \
         int t = 0, nt = 1;                                                                 \
         thread_id(&t, &nt);                                                                \
         long n0 = N * t / nt, n1 = N * (t + 1) / nt;                                       \
-        switch (B) { CASE(1, T) CASE(2, T) CASE(3, T) CASE(4, T)                          \
-                     CASE(5, T) CASE(6, T) CASE(7, T) CASE(8, T) }                        \
+        const long nb = B <= 8 ? n1 - n0 : 8;                                              \
+        for (long m0 = n0; m0 < n1; m0 += nb) {                                            \
+            const long m1 = m0 + nb < n1 ? m0 + nb : n1;                                   \
+            for (int b0 = 0; b0 < B; b0 += 8) {                                            \
+                const float *xc = x + (long)b0 * K;                                        \
+                float *yc = y + (long)b0 * N;                                              \
+                switch (B - b0 < 8 ? B - b0 : 8) {                                         \
+                    CASE(1, T) CASE(2, T) CASE(3, T) CASE(4, T)                            \
+                    CASE(5, T) CASE(6, T) CASE(7, T) CASE(8, T) }                          \
+            }                                                                              \
+        }                                                                                  \
     }                                                                                      \
     return 0;
 
@@ -131,7 +154,7 @@ static inline void thread_id(int *t, int *nt) {
 }
 
 /* x: (B, K) fp32; W: (N, K) of the function's type; scale: (N,) fp32 (int8 only); bias: (N,) fp32
- * or NULL; y: (B, N) fp32; 1 <= B <= 8. Return 0, or -1 for B out of range. */
+ * or NULL; y: (B, N) fp32; B >= 1. Return 0, or -1 for B out of range. */
 int skinny_linear(const float *x, const float *W, const float *bias, float *y,
                   int B, long K, long N, int threads) {
     const float *scale = NULL;
@@ -187,6 +210,36 @@ static inline float dot(const float *a, const float *b, long n) {
     return s;
 }
 
+/* softmax(q . K[s] * scale over s < S) @ V for one (sample, head): q hs floats, K and V S rows of
+ * hs floats one after another, out hs floats. */
+static void attend(const float *qv, const float *K, const float *V, float *out, long S, long hs, float scale) {
+    float p[S];
+    float m = -INFINITY;
+    for (long s = 0; s < S; s++) {
+        p[s] = dot(qv, K + s * hs, hs) * scale;
+        if (p[s] > m) m = p[s];
+    }
+    const long S16 = S & ~15L;
+    v16 vsum = {0};
+    for (long s = 0; s < S16; s += 16) {
+        v16 e = exp16(load16(p + s) - m);
+        *(v16u *)(p + s) = e;
+        vsum += e;
+    }
+    float sum = hsum(vsum);
+    for (long s = S16; s < S; s++) {
+        p[s] = expf(p[s] - m);
+        sum += p[s];
+    }
+    const float inv = 1.0f / sum;
+    for (long d = 0; d < hs; d++) out[d] = 0.0f;
+    for (long s = 0; s < S; s++) {
+        const float w = p[s] * inv;
+        const float *vs = V + s * hs;
+        for (long d = 0; d < hs; d++) out[d] += w * vs[d];
+    }
+}
+
 int decode_attention(const float *q, const float *k, const float *v, float *y,
                      int B, int nh, long S, long hs,
                      long q_sb, long q_sh, long kv_sb, long kv_sh, float scale, int threads) {
@@ -195,34 +248,143 @@ int decode_attention(const float *q, const float *k, const float *v, float *y,
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (long bh = 0; bh < (long)B * nh; bh++) {
         const long b = bh / nh, h = bh % nh;
-        const float *qv = q + b * q_sb + h * q_sh;
-        const float *K = k + b * kv_sb + h * kv_sh, *V = v + b * kv_sb + h * kv_sh;
-        float *out = y + bh * hs;
-        float p[S];
-        float m = -INFINITY;
-        for (long s = 0; s < S; s++) {
-            p[s] = dot(qv, K + s * hs, hs) * scale;
-            if (p[s] > m) m = p[s];
+        attend(q + b * q_sb + h * q_sh, k + b * kv_sb + h * kv_sh, v + b * kv_sb + h * kv_sh, y + bh * hs,
+               S, hs, scale);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * decode_blocks: one decoding step (one new token per row) through every block of the model, in
+ * one call and one parallel region. Python's own cost per operation (module calls, views, the
+ * ctypes calls of the kernels above) adds up over a dozen operations a block to more than the
+ * weight reads of int8 or bf16 weights at GPT-2 small's size; here it is paid once a step.
+ *
+ * It computes what model.py's Block.forward computes, in the same order (to fp32 rounding):
+ *     x = x + c_proj(attention(rope(qk_norm(split(c_attn(ln_1(x)))))))
+ *     x = x + mlp.c_proj(act(c_fc(ln_2(x))))
+ * with the new keys and values written to each row's KV cache at pos[b], and row b attending to
+ * positions 0..pos[b]. The structs mirror those in gpt_small/ops/decoder.py.
+ */
+typedef struct {
+    const void *w;         /* (n, k): fp32, bf16 or int8 */
+    const float *scale;    /* (n,) for int8, else NULL */
+    const float *bias;     /* (n,) or NULL */
+    long n, k;
+    int type;              /* W_F32, W_BF16, W_I8 */
+} linear_t;
+
+typedef struct {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;   /* biases may be NULL */
+    const float *qn_w, *qn_b, *kn_w, *kn_b;       /* per-head LayerNorms of q and k, or NULL */
+    linear_t attn, attn_proj, fc, mlp_proj;
+    float *k_cache, *v_cache;                     /* (rows, nh, S, hs), contiguous */
+} block_t;
+
+typedef struct {
+    int n_layer, n_head, head_size, act;          /* act: 0 relu, 1 gelu (tanh form), 2 relu^2 */
+    float eps;                                    /* of every LayerNorm */
+    long cache_len;                               /* S of the caches */
+    const float *rope_cos, *rope_sin;             /* (positions, hs / 2), or NULL without RoPE */
+    const block_t *blocks;
+} decoder_t;
+
+enum { ACT_RELU, ACT_GELU, ACT_RELU2 };
+
+void gelu_tanh_forward(const float *x, float *y, long n, int threads);  /* gelu.c */
+
+/* Mean and variance summed in double: n terms in fp32 could drift from torch's by more than rounding. */
+static void layer_norm(const float *x, const float *w, const float *b, float *y, long n, float eps) {
+    double sum = 0.0, sq = 0.0;
+    for (long i = 0; i < n; i++) sum += x[i];
+    const float mean = (float)(sum / n);
+    for (long i = 0; i < n; i++) sq += (double)(x[i] - mean) * (x[i] - mean);
+    const float inv = (float)(1.0 / sqrt(sq / n + eps));
+    for (long i = 0; i < n; i++) y[i] = (x[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
+}
+
+/* Rows [n0, n1) of y (+)= x @ W.T + bias for B <= 8 rows of x: the kernel above, per weight type. */
+#define LCASE(b, T) case b: linear_rows(x, L->w, T, L->scale, L->bias, y, b, L->k, L->n, n0, n1, add); break;
+#define LTYPE(T) switch (B) { LCASE(1, T) LCASE(2, T) LCASE(3, T) LCASE(4, T) \
+                              LCASE(5, T) LCASE(6, T) LCASE(7, T) LCASE(8, T) }
+static void linear_part(const linear_t *L, const float *x, float *y, int B, int add) {
+    int t = 0, nt = 1;
+    thread_id(&t, &nt);
+    const long n0 = L->n * t / nt, n1 = L->n * (t + 1) / nt;
+    if (L->type == W_BF16) { LTYPE(W_BF16) }
+    else if (L->type == W_I8) { LTYPE(W_I8) }
+    else { LTYPE(W_F32) }
+}
+
+/* x: (B, C) fp32, updated in place; pos: (B,) positions, each < cache_len; scratch: at least
+ * B * (6 C + hidden) floats. Return 0, or -1 for B or a position out of range. */
+int decode_blocks(const decoder_t *d, float *x, int B, const long *pos, float *scratch, int threads) {
+    if (B < 1 || B > 8) return -1;
+    for (int b = 0; b < B; b++)
+        if (pos[b] < 0 || pos[b] >= d->cache_len) return -1;
+    if (threads < 1) threads = 1;
+    const int nh = d->n_head, hs = d->head_size, C = nh * hs;
+    const long S = d->cache_len;
+    float *xn = scratch, *qkv = xn + (long)B * C, *att = qkv + 3L * B * C, *q = att + (long)B * C;
+    float *h = q + (long)B * C;  /* q: a row's normed and rotated query, one head per thread slot */
+    const float scale = 1.0f / sqrtf((float)hs);
+    #pragma omp parallel num_threads(threads)
+    for (int l = 0; l < d->n_layer; l++) {
+        const block_t *blk = &d->blocks[l];
+        #pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) layer_norm(x + (long)b * C, blk->ln1_w, blk->ln1_b, xn + (long)b * C, C, d->eps);
+        linear_part(&blk->attn, xn, qkv, B, 0);
+        #pragma omp barrier
+        #pragma omp for schedule(static)
+        for (long bh = 0; bh < (long)B * nh; bh++) {
+            const long b = bh / nh, hd = bh % nh, p = pos[b];
+            const float *qkv_b = qkv + b * 3 * C;
+            float *qh = q + b * C + hd * hs;
+            float *kc = blk->k_cache + ((b * nh + hd) * S) * hs, *vc = blk->v_cache + ((b * nh + hd) * S) * hs;
+            float *kp = kc + p * hs;
+            const float *qs = qkv_b + hd * hs, *ks = qkv_b + C + hd * hs, *vs = qkv_b + 2 * C + hd * hs;
+            if (blk->qn_w) {
+                layer_norm(qs, blk->qn_w, blk->qn_b, qh, hs, d->eps);
+                layer_norm(ks, blk->kn_w, blk->kn_b, kp, hs, d->eps);
+            } else {
+                for (long i = 0; i < hs; i++) { qh[i] = qs[i]; kp[i] = ks[i]; }
+            }
+            if (d->rope_cos) {  /* half-split rotation: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) */
+                const long half = hs / 2;
+                const float *cs = d->rope_cos + p * half, *sn = d->rope_sin + p * half;
+                for (long i = 0; i < half; i++) {
+                    const float q1 = qh[i], q2 = qh[i + half], k1 = kp[i], k2 = kp[i + half];
+                    qh[i] = q1 * cs[i] - q2 * sn[i];
+                    qh[i + half] = q2 * cs[i] + q1 * sn[i];
+                    kp[i] = k1 * cs[i] - k2 * sn[i];
+                    kp[i + half] = k2 * cs[i] + k1 * sn[i];
+                }
+            }
+            for (long i = 0; i < hs; i++) vc[p * hs + i] = vs[i];
+            attend(qh, kc, vc, att + b * C + hd * hs, p + 1, hs, scale);
         }
-        const long S16 = S & ~15L;
-        v16 vsum = {0};
-        for (long s = 0; s < S16; s += 16) {
-            v16 e = exp16(load16(p + s) - m);
-            *(v16u *)(p + s) = e;
-            vsum += e;
+        linear_part(&blk->attn_proj, att, x, B, 1);
+        #pragma omp barrier
+        #pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) layer_norm(x + (long)b * C, blk->ln2_w, blk->ln2_b, xn + (long)b * C, C, d->eps);
+        linear_part(&blk->fc, xn, h, B, 0);
+        {
+            int t = 0, nt = 1;
+            thread_id(&t, &nt);
+            const long H = blk->fc.n, n0 = H * t / nt, n1 = H * (t + 1) / nt;
+            for (int b = 0; b < B; b++) {
+                float *hb = h + b * H;
+                if (d->act == ACT_GELU) gelu_tanh_forward(hb + n0, hb + n0, n1 - n0, 1);
+                else
+                    for (long i = n0; i < n1; i++) {
+                        const float r = hb[i] > 0.0f ? hb[i] : 0.0f;
+                        hb[i] = d->act == ACT_RELU2 ? r * r : r;
+                    }
+            }
         }
-        float sum = hsum(vsum);
-        for (long s = S16; s < S; s++) {
-            p[s] = expf(p[s] - m);
-            sum += p[s];
-        }
-        const float inv = 1.0f / sum;
-        for (long d = 0; d < hs; d++) out[d] = 0.0f;
-        for (long s = 0; s < S; s++) {
-            const float w = p[s] * inv;
-            const float *vs = V + s * hs;
-            for (long d = 0; d < hs; d++) out[d] += w * vs[d];
-        }
+        #pragma omp barrier
+        linear_part(&blk->mlp_proj, h, x, B, 1);
+        #pragma omp barrier
     }
     return 0;
 }
