@@ -64,7 +64,8 @@ def _decode(model: GPT, idx: torch.Tensor, starts: list[int], steps: int, *, fus
 @needs_kernel
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
-@pytest.mark.parametrize("starts", [[5], [4, 4, 4], [3, 9, 1, 6, 2, 8, 5, 7]])
+@pytest.mark.parametrize("starts", [[5], [4, 4, 4], [3, 9, 1, 6, 2, 8, 5, 7], [4] * 11,
+                                    [1 + i % 7 for i in range(17)]])  # beyond 8 rows: 8 at a time
 def test_fused_step_equals_the_blocks(name, weights, starts):
     model = _model(name, weights)
     g = torch.Generator().manual_seed(len(starts))
@@ -102,9 +103,10 @@ def test_new_caches_are_picked_up():
 def test_where_it_does_not_apply_the_blocks_run():
     model = _model("gpt2-like", "float32")
     x = torch.randn(1, 1, 64)
+    too_many = decoder.MAX_ROWS + 1
     with torch.inference_mode():
-        model.setup_kv_cache(9, 8)
-        assert decoder.decode_blocks(model, x.expand(9, 1, 64).contiguous(), 0) is None  # more than 8 rows
+        model.setup_kv_cache(too_many, 8)
+        assert decoder.decode_blocks(model, x.expand(too_many, 1, 64).contiguous(), 0) is None
         assert decoder.decode_blocks(model, torch.randn(1, 2, 64), 0) is None  # a chunk, not one token
         model.setup_kv_cache(1, 8, dtype=torch.bfloat16)
         assert decoder.decode_blocks(model, x, 0) is None  # a bf16 cache
@@ -112,11 +114,11 @@ def test_where_it_does_not_apply_the_blocks_run():
         assert decoder.decode_blocks(model, x, 0) is not None
         model.train()
         assert decoder.decode_blocks(model, x, 0) is None  # training mode
-    # and through the model, nine rows decode as the blocks do
+    # and through the model, that many rows decode as the blocks do
     model.eval()
-    idx = torch.randint(0, 97, (9, 4))
-    torch.testing.assert_close(_decode(model, idx, [4] * 9, 5, fused=True),
-                               _decode(model, idx, [4] * 9, 5, fused=False), rtol=1e-5, atol=1e-5)
+    idx = torch.randint(0, 97, (too_many, 4))
+    torch.testing.assert_close(_decode(model, idx, [4] * too_many, 3, fused=True),
+                               _decode(model, idx, [4] * too_many, 3, fused=False), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel

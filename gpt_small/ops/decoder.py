@@ -10,7 +10,8 @@ whole stack of blocks in C, in one parallel region: the products through the sam
 `decode_blocks(model, x, start)` returns what `for block in model.transformer.h: x = block(...)`
 returns for one new token per row (x (B, 1, C), start an int or (B,) positions, the KV cache set
 up), to fp32 rounding, or None where it does not apply; model.py then runs its blocks one by one.
-It applies on the CPU at inference (no autograd, eval mode) for up to 8 rows, fp32 activations
+It applies on the CPU at inference (no autograd, eval mode) for up to MAX_ROWS rows (a served
+batch, a verse form's candidates; more than 8 go 8 at a time through the products), fp32 activations
 and KV cache, fp32/bf16/int8 Linear weights, LayerNorms with or without bias, ReLU, GELU or
 ReLU², with or without RoPE and QK-norm: every configuration GPTConfig can build.
 
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from . import kernels
 
+MAX_ROWS = 64  # rows of one decoding step it takes (its scratch space grows with them)
 _W_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # csrc/decode.c's W_F32, W_BF16, W_I8
 _ACTIVATIONS = {"relu": 0, "gelu": 1, "relu2": 2}
 
@@ -100,14 +102,19 @@ class _Prepared:
             s.kn_w, s.kn_b = _norm(attn.k_norm, c.head_size, eps, keep)
             s.attn, s.attn_proj = _linear(attn.c_attn, keep), _linear(attn.c_proj, keep)
             s.fc, s.mlp_proj = _linear(mlp.c_fc, keep), _linear(mlp.c_proj, keep)
+            C, hidden = c.n_embd, s.fc.n  # the shapes the C side assumes, so it never reads past a buffer
+            if ((s.attn.n, s.attn.k, s.attn_proj.n, s.attn_proj.k, s.fc.k, s.mlp_proj.n, s.mlp_proj.k)
+                    != (3 * C, C, C, C, C, C, hidden) or hidden != mlp.c_fc.out_features
+                    or c.n_head * c.head_size != C or cache.k.shape[1:] != (c.n_head, caches[0].k.shape[2], c.head_size)
+                    or cache.v.shape != cache.k.shape):
+                raise _Unsupported
             s.k_cache, s.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
         self.rope = model.rope
         self.rope_tables = None
         self.decoder = _Decoder(len(blocks), c.n_head, c.head_size, _ACTIVATIONS[c.activation], eps,
                                 caches[0].k.shape[2], None, None, structs)
         self.structs, self.keep = structs, keep
-        hidden = blocks[0].mlp.c_fc.out_features
-        self.scratch = torch.empty(kernels.MAX_ROWS * (6 * c.n_embd + hidden))
+        self.scratch = torch.empty(MAX_ROWS * (6 * c.n_embd + max(s.fc.n for s in structs)))
 
     def set_rope(self, end: int) -> None:
         """Point at RoPE tables that reach position end - 1 (they grow, so they may move)."""
@@ -124,7 +131,7 @@ _prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def decode_blocks(model: nn.Module, x: Tensor, start: int | Tensor) -> Tensor | None:
     """The blocks' output for x (B, 1, C) at positions start (int, or (B,) per row), or None."""
     B, T, C = x.shape
-    if T != 1 or B > kernels.MAX_ROWS or x.dtype != torch.float32 or model.training or not kernels.available():
+    if T != 1 or B > MAX_ROWS or x.dtype != torch.float32 or model.training or not kernels.available():
         return None
     caches = [block.attn.kv_cache for block in model.transformer.h]
     if caches[0] is None or caches[0].k.shape[0] < B:

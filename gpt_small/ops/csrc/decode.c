@@ -303,23 +303,32 @@ static void layer_norm(const float *x, const float *w, const float *b, float *y,
     for (long i = 0; i < n; i++) y[i] = (x[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
 }
 
-/* Rows [n0, n1) of y (+)= x @ W.T + bias for B <= 8 rows of x: the kernel above, per weight type. */
-#define LCASE(b, T) case b: linear_rows(x, L->w, T, L->scale, L->bias, y, b, L->k, L->n, n0, n1, add); break;
-#define LTYPE(T) switch (B) { LCASE(1, T) LCASE(2, T) LCASE(3, T) LCASE(4, T) \
-                              LCASE(5, T) LCASE(6, T) LCASE(7, T) LCASE(8, T) }
+/* This thread's share of the rows of y (+)= x @ W.T + bias: the kernel above, per weight type, 8
+ * rows of x at a time over a few weight rows at a time beyond 8, as skinny_linear does. */
+#define LCASE(b, T) case b: linear_rows(xc, L->w, T, L->scale, L->bias, yc, b, L->k, L->n, m0, m1, add); break;
+#define LTYPE(T) switch (rows) { LCASE(1, T) LCASE(2, T) LCASE(3, T) LCASE(4, T) \
+                                 LCASE(5, T) LCASE(6, T) LCASE(7, T) LCASE(8, T) }
 static void linear_part(const linear_t *L, const float *x, float *y, int B, int add) {
     int t = 0, nt = 1;
     thread_id(&t, &nt);
-    const long n0 = L->n * t / nt, n1 = L->n * (t + 1) / nt;
-    if (L->type == W_BF16) { LTYPE(W_BF16) }
-    else if (L->type == W_I8) { LTYPE(W_I8) }
-    else { LTYPE(W_F32) }
+    const long n0 = L->n * t / nt, n1 = L->n * (t + 1) / nt, nb = B <= 8 ? n1 - n0 : 8;
+    for (long m0 = n0; m0 < n1; m0 += nb) {
+        const long m1 = m0 + nb < n1 ? m0 + nb : n1;
+        for (int b0 = 0; b0 < B; b0 += 8) {
+            const float *xc = x + (long)b0 * L->k;
+            float *yc = y + (long)b0 * L->n;
+            const int rows = B - b0 < 8 ? B - b0 : 8;
+            if (L->type == W_BF16) { LTYPE(W_BF16) }
+            else if (L->type == W_I8) { LTYPE(W_I8) }
+            else { LTYPE(W_F32) }
+        }
+    }
 }
 
 /* x: (B, C) fp32, updated in place; pos: (B,) positions, each < cache_len; scratch: at least
  * B * (6 C + hidden) floats. Return 0, or -1 for B or a position out of range. */
 int decode_blocks(const decoder_t *d, float *x, int B, const long *pos, float *scratch, int threads) {
-    if (B < 1 || B > 8) return -1;
+    if (B < 1) return -1;
     for (int b = 0; b < B; b++)
         if (pos[b] < 0 || pos[b] >= d->cache_len) return -1;
     if (threads < 1) threads = 1;
