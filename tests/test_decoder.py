@@ -148,3 +148,18 @@ def test_greedy_generation_is_unchanged():
             decoder.decode_blocks = original
 
     assert tokens(True) == tokens(False)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+def test_any_thread_count(threads):
+    """The step splits rows, heads and weight rows over the threads: 1, and more than the rows."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = _model("poem-cpu-like", "int8")
+        idx = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(threads))
+        torch.testing.assert_close(_decode(model, idx, [5, 2], 8, fused=True),
+                                   _decode(model, idx, [5, 2], 8, fused=False), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
