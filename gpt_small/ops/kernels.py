@@ -1,7 +1,8 @@
 """Hand-written kernels for the CPU (csrc/decode.c, csrc/gelu.c) and their loader.
 
-- `skinny_linear`: y = x @ W.T + b for 1-8 rows of x, W in fp32, bf16 or int8 (with a scale per
-  output row; ops/quantize.py makes such weights). Decoding multiplies one row of activations
+- `skinny_linear`: y = x @ W.T + b for a few rows of x (1-8 in one pass over W, more 8 at a time:
+  a short prompt), W in fp32, bf16 or int8 (with a scale per output row; ops/quantize.py makes
+  such weights). Decoding multiplies one row of activations
   per sample by every weight matrix, so a token costs a read of all the weights; at the 6x384
   shape (42 MB, more than the L3 cache) that read is the step. torch's fp32 kernels (MKL, oneDNN)
   stream such weights well below the memory bandwidth; this kernel reaches it
