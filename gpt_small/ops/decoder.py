@@ -87,7 +87,7 @@ class _Prepared:
         c = model.config
         blocks = list(model.transformer.h)
         eps = blocks[0].ln_1.eps
-        if caches[0].k.shape[2] > kernels.MAX_CACHED:
+        if caches[0].k.shape[2] > kernels.MAX_CACHED or c.activation not in _ACTIVATIONS:
             raise _Unsupported
         keep: list[Tensor] = []
         structs = (_Block * len(blocks))()
