@@ -104,7 +104,7 @@ class _Prepared:
             s.fc, s.mlp_proj = _linear(mlp.c_fc, keep), _linear(mlp.c_proj, keep)
             C, hidden = c.n_embd, s.fc.n  # the shapes the C side assumes, so it never reads past a buffer
             if ((s.attn.n, s.attn.k, s.attn_proj.n, s.attn_proj.k, s.fc.k, s.mlp_proj.n, s.mlp_proj.k)
-                    != (3 * C, C, C, C, C, C, hidden) or hidden != mlp.c_fc.out_features
+                    != (3 * C, C, C, C, C, C, hidden)
                     or c.n_head * c.head_size != C or cache.k.shape[1:] != (c.n_head, caches[0].k.shape[2], c.head_size)
                     or cache.v.shape != cache.k.shape):
                 raise _Unsupported

@@ -117,41 +117,50 @@ static inline __attribute__((always_inline)) void linear_rows(
     }
 }
 
-#define CASE(b, T) case b: linear_rows(xc, W, T, scale, bias, yc, b, K, N, m0, m1, 0); break;
+/* This thread's contiguous share [n0, n1) of n rows (all of them outside a parallel region). */
+static inline void thread_share(long n, long *n0, long *n1) {
+    int t = 0, nt = 1;
+#ifdef _OPENMP
+    extern int omp_get_thread_num(void);
+    extern int omp_get_num_threads(void);
+    t = omp_get_thread_num();
+    nt = omp_get_num_threads();
+#endif
+    *n0 = n * t / nt;
+    *n1 = n * (t + 1) / nt;
+}
 
-/* The N weight rows split into one contiguous block per thread. Up to 8 rows of x, one pass over
- * the thread's block; more (a short prompt), 8 rows of x at a time over a few weight rows at a
- * time, so each weight row comes from memory once and from L1 for the other rows of x. */
+#define CASE(b, T) case b: linear_rows(xc, W, T, scale, bias, yc, b, K, N, m0, m1, add); break;
+
+/* Inside a parallel region: this thread's share of the N weight rows of y (+)= x @ W.T + bias,
+ * one contiguous block per thread. Up to 8 rows of x, one pass over the block; more (a short
+ * prompt, a large batch), 8 rows of x at a time over a few weight rows at a time, so each weight
+ * row comes from memory once and from L1 for the other rows of x. type is a constant at each call
+ * site (always inlined), so each weight type gets its own loops. */
+static inline __attribute__((always_inline)) void linear_share(
+        const float *x, const void *W, const int type, const float *scale, const float *bias, float *y,
+        int B, long K, long N, int add) {
+    long n0, n1;
+    thread_share(N, &n0, &n1);
+    const long nb = B <= 8 ? n1 - n0 : 8;
+    for (long m0 = n0; m0 < n1; m0 += nb) {
+        const long m1 = m0 + nb < n1 ? m0 + nb : n1;
+        for (int b0 = 0; b0 < B; b0 += 8) {
+            const float *xc = x + (long)b0 * K;
+            float *yc = y + (long)b0 * N;
+            switch (B - b0 < 8 ? B - b0 : 8) {
+                CASE(1, type) CASE(2, type) CASE(3, type) CASE(4, type)
+                CASE(5, type) CASE(6, type) CASE(7, type) CASE(8, type) }
+        }
+    }
+}
+
 #define SKINNY_BODY(T)                                                                     \
     if (B < 1) return -1;                                                                  \
     if (threads < 1) threads = 1;                                                          \
     _Pragma("omp parallel num_threads(threads)")                                           \
-    {                                                                                      \
-        int t = 0, nt = 1;                                                                 \
-        thread_id(&t, &nt);                                                                \
-        long n0 = N * t / nt, n1 = N * (t + 1) / nt;                                       \
-        const long nb = B <= 8 ? n1 - n0 : 8;                                              \
-        for (long m0 = n0; m0 < n1; m0 += nb) {                                            \
-            const long m1 = m0 + nb < n1 ? m0 + nb : n1;                                   \
-            for (int b0 = 0; b0 < B; b0 += 8) {                                            \
-                const float *xc = x + (long)b0 * K;                                        \
-                float *yc = y + (long)b0 * N;                                              \
-                switch (B - b0 < 8 ? B - b0 : 8) {                                         \
-                    CASE(1, T) CASE(2, T) CASE(3, T) CASE(4, T)                            \
-                    CASE(5, T) CASE(6, T) CASE(7, T) CASE(8, T) }                          \
-            }                                                                              \
-        }                                                                                  \
-    }                                                                                      \
+    linear_share(x, W, T, scale, bias, y, B, K, N, 0);                                     \
     return 0;
-
-static inline void thread_id(int *t, int *nt) {
-#ifdef _OPENMP
-    extern int omp_get_thread_num(void);
-    extern int omp_get_num_threads(void);
-    *t = omp_get_thread_num();
-    *nt = omp_get_num_threads();
-#endif
-}
 
 /* x: (B, K) fp32; W: (N, K) of the function's type; scale: (N,) fp32 (int8 only); bias: (N,) fp32
  * or NULL; y: (B, N) fp32; B >= 1. Return 0, or -1 for B out of range. */
@@ -303,26 +312,11 @@ static void layer_norm(const float *x, const float *w, const float *b, float *y,
     for (long i = 0; i < n; i++) y[i] = (x[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
 }
 
-/* This thread's share of the rows of y (+)= x @ W.T + bias: the kernel above, per weight type, 8
- * rows of x at a time over a few weight rows at a time beyond 8, as skinny_linear does. */
-#define LCASE(b, T) case b: linear_rows(xc, L->w, T, L->scale, L->bias, yc, b, L->k, L->n, m0, m1, add); break;
-#define LTYPE(T) switch (rows) { LCASE(1, T) LCASE(2, T) LCASE(3, T) LCASE(4, T) \
-                                 LCASE(5, T) LCASE(6, T) LCASE(7, T) LCASE(8, T) }
+/* This thread's share of y (+)= x @ W.T + bias for one of the block's products. */
 static void linear_part(const linear_t *L, const float *x, float *y, int B, int add) {
-    int t = 0, nt = 1;
-    thread_id(&t, &nt);
-    const long n0 = L->n * t / nt, n1 = L->n * (t + 1) / nt, nb = B <= 8 ? n1 - n0 : 8;
-    for (long m0 = n0; m0 < n1; m0 += nb) {
-        const long m1 = m0 + nb < n1 ? m0 + nb : n1;
-        for (int b0 = 0; b0 < B; b0 += 8) {
-            const float *xc = x + (long)b0 * L->k;
-            float *yc = y + (long)b0 * L->n;
-            const int rows = B - b0 < 8 ? B - b0 : 8;
-            if (L->type == W_BF16) { LTYPE(W_BF16) }
-            else if (L->type == W_I8) { LTYPE(W_I8) }
-            else { LTYPE(W_F32) }
-        }
-    }
+    if (L->type == W_BF16) linear_share(x, L->w, W_BF16, L->scale, L->bias, y, B, L->k, L->n, add);
+    else if (L->type == W_I8) linear_share(x, L->w, W_I8, L->scale, L->bias, y, B, L->k, L->n, add);
+    else linear_share(x, L->w, W_F32, L->scale, L->bias, y, B, L->k, L->n, add);
 }
 
 /* x: (B, C) fp32, updated in place; pos: (B,) positions, each < cache_len; scratch: at least
@@ -378,9 +372,9 @@ int decode_blocks(const decoder_t *d, float *x, int B, const long *pos, float *s
         for (int b = 0; b < B; b++) layer_norm(x + (long)b * C, blk->ln2_w, blk->ln2_b, xn + (long)b * C, C, d->eps);
         linear_part(&blk->fc, xn, h, B, 0);
         {
-            int t = 0, nt = 1;
-            thread_id(&t, &nt);
-            const long H = blk->fc.n, n0 = H * t / nt, n1 = H * (t + 1) / nt;
+            const long H = blk->fc.n;
+            long n0, n1;
+            thread_share(H, &n0, &n1);  /* the columns of h this thread's linear_part wrote */
             for (int b = 0; b < B; b++) {
                 float *hb = h + b * H;
                 if (d->act == ACT_GELU) gelu_tanh_forward(hb + n0, hb + n0, n1 - n0, 1);
