@@ -36,7 +36,8 @@ from .guard import Guard, route_of
 from .engine import Engine, QueueFull, Sequence, ShuttingDown
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import openapi_schema
-from .protocol import ApiError, CompletionRequest, Limits, decode_chat, decode_completion, decode_poem, parse_json
+from .protocol import (HTTP_LIMITS, ApiError, CompletionRequest, HttpLimits, Limits, decode_chat, decode_completion,
+                       decode_poem, parse_json)
 
 log = logging.getLogger("gpt_small.serve")
 
@@ -361,7 +362,7 @@ ROUTES = [
 
 def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 8, max_queue: int = 64,
                max_new_tokens: int = 1000, max_prompt_tokens: int = 4096, api_key: str | None = None,
-               allowed_hosts: list[str] | None = None) -> Starlette:
+               allowed_hosts: list[str] | None = None, http: HttpLimits = HTTP_LIMITS) -> Starlette:
     """The app over a loaded model; the engine starts and drains with the app's lifespan.
     allowed_hosts: the Host header names accepted (None: any; `serve` passes the loopback names
     when it runs on loopback without a key)."""
@@ -370,7 +371,8 @@ def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 
     s = app.state
     s.model, s.tokenizer, s.model_name, s.api_key = model, tokenizer, model_name, api_key
     s.max_batch, s.max_queue, s.static = max_batch, max_queue, STATIC
-    s.limits = Limits(model_name=model_name, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
+    s.limits = Limits(model_name=model_name, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+                      http=http)
     s.created = int(time.time())
     # read off the model rather than taken from the caller, so what clients see is what decodes
     s.weights = weights_of(model)
@@ -378,7 +380,7 @@ def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 
     s.n_params = (model.config.num_params() if hasattr(model, "num_params")
                   else sum(p.numel() for p in model.parameters()))
     s.metrics, s.draining = Metrics(), False
-    app.add_middleware(Guard, allowed_hosts=allowed_hosts)
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts, http=http)
     app.add_middleware(LogRequests, metrics=s.metrics)
     return app
 

@@ -1,4 +1,5 @@
-"""Checks on a request before any route sees it: the Host header and the body's content type.
+"""Checks on a request before any route sees it: header size, the Host header and the body's
+content type.
 
 A server on loopback without an API key trusts whoever can reach it, and a web page the user
 visits can reach it too: the browser will POST to http://127.0.0.1:8000 from any page when the
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .protocol import ApiError
+from .protocol import HTTP_LIMITS, ApiError, HttpLimits
 
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1"]
 
@@ -46,8 +47,8 @@ def host_name(header: str) -> str:
 class Guard:
     """ASGI middleware; see the module docstring."""
 
-    def __init__(self, app: Any, allowed_hosts: list[str] | None = None):
-        self.app = app
+    def __init__(self, app: Any, allowed_hosts: list[str] | None = None, http: HttpLimits = HTTP_LIMITS):
+        self.app, self.http = app, http
         self.allowed = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -58,6 +59,10 @@ class Guard:
         await self.app(scope, receive, send)
 
     def check(self, scope: dict) -> ApiError | None:
+        size = sum(len(k) + len(v) + 4 for k, v in scope["headers"])  # h11 bounds only headers still arriving
+        if size > self.http.max_header_bytes:
+            return ApiError(431, f"the request's headers are larger than {self.http.max_header_bytes} bytes",
+                            code="headers_too_large")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.allowed is not None and host_name(headers.get("host", "")) not in self.allowed:
             return ApiError(400, "the Host header names a host this server does not answer to "
