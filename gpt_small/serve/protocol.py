@@ -34,14 +34,18 @@ class ApiError(Exception):
                  type: str = "invalid_request_error", code: str | None = None,
                  headers: dict[str, str] | None = None):
         super().__init__(message)
-        # whatever a message quotes from the request must encode as UTF-8 in the reply
-        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-        param = None if param is None else param.encode("utf-8", "backslashreplace").decode("utf-8")
+        message, param = _printable(message), None if param is None else _printable(param)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _printable(text: str) -> str:
+    """One line that encodes as UTF-8, whatever a message quotes from the request: control
+    characters and lone surrogates become escapes."""
+    return "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF else ascii(c)[1:-1] for c in text)
 
 
 @dataclass(frozen=True, kw_only=True)
