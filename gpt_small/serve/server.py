@@ -81,6 +81,9 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
         sock.bind((host, port))
     except OSError as e:
         raise GPTSmallError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    # listening before the address is printed: a client that reads it and connects at once waits in
+    # the backlog until uvicorn accepts, instead of being refused
+    sock.listen(2048)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"serving {name} ({ckpt.model.config.num_params():,} parameters, {weights} weights) "
