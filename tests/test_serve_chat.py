@@ -283,3 +283,29 @@ def test_openapi_lists_every_route_and_every_accepted_field(client):
     assert set(bodies["/v1/chat/completions"]) == _CHAT_FIELDS
     assert set(bodies["/v1/poem"]) == _POEM_FIELDS
     assert bodies["/v1/completions"]["max_tokens"]["maximum"] == 300
+
+
+def test_a_failed_decode_step_ends_streams_with_an_error_event(model_tok):
+    """A failure inside the decode loop (injected: the step raises) reaches each client as an
+    error in OpenAI's shape, a 500 or an error event before [DONE], never a bare end."""
+    model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
+    app = create_app(model=model, tokenizer=tok, model_name=NAME)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        engine = app.state.engine
+        real = engine._step
+
+        def boom():
+            raise RuntimeError("injected")
+
+        engine._step = boom
+        try:
+            for path, body in (("/v1/completions", {"prompt": "a"}),
+                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]})):
+                r = c.post(path, json={"model": NAME, "max_tokens": 5, "stream": True, **body})
+                events = sse_events(r.text)
+                assert events[-1]["error"]["type"] == "server_error", events
+                r = c.post(path, json={"model": NAME, "max_tokens": 5, **body})
+                assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        finally:
+            engine._step = real
+        assert c.post("/v1/completions", json={"model": NAME, "prompt": "a", "max_tokens": 3}).status_code == 200

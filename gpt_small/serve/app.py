@@ -43,6 +43,8 @@ log = logging.getLogger("gpt_small.serve")
 
 _POLL = 0.5  # seconds between checks for a client that left while no text was coming
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# a sample that failed mid-stream: an event in OpenAI's error shape before [DONE], never a bare end
+STREAM_ERROR = ApiError(500, "internal error while generating (logged by the server)", type="server_error").body()
 
 
 class LogRequests:
@@ -133,13 +135,18 @@ async def events(request: Request, seqs: list[Sequence], queue: asyncio.Queue) -
     """Yield (index, kind, value) until every sequence is done; a client that leaves (or a stream
     closed early) cancels what is left, which frees the rows at the next step."""
     left, metrics = len(seqs), request.app.state.metrics
+    checked = time.monotonic()
     try:
         while left:
+            # a client that left is noticed within _POLL seconds, also while text is flowing (a
+            # non-streamed request would otherwise hold its rows to its last token)
+            if time.monotonic() - checked > _POLL:
+                if await request.is_disconnected():
+                    return
+                checked = time.monotonic()
             try:  # wait_for costs a task per call: only when nothing is ready
                 item = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), _POLL)
             except TimeoutError:
-                if await request.is_disconnected():
-                    return
                 continue
             if item[1] == "done":
                 left -= 1
@@ -162,7 +169,8 @@ class Scores:
 
     def take(self, upto: int, final: bool = False) -> list[R.Scored]:
         out, decode = [], self.tokenizer.decode
-        while self.sent < len(self.seq.token_logprobs):
+        # the worker thread may be between recording a token's logprobs and appending its id
+        while self.sent < min(len(self.seq.token_logprobs), len(self.seq.new_ids)):
             text = decode([self.seq.new_ids[self.sent]])
             end = self.chars + len(text)
             if end > upto and not (final and self.chars < upto):
@@ -251,6 +259,8 @@ async def completions(request: Request) -> Response:
                     got = scores[i].take(len(seqs[i].text), final=True)
                     yield R.sse(R.completion_chunk(cid, now, name, i, "" if sent[i] else echo[i], value,
                                                    lp(i, got) if got else None))
+                elif value == "error":
+                    yield R.sse(STREAM_ERROR)
             if req.include_usage:
                 yield R.sse(R.usage_chunk(cid, now, name, R.usage(prompt_tokens, sum(len(q.new_ids) for q in seqs))))
             yield R.sse("[DONE]")
@@ -284,6 +294,8 @@ async def chat_completions(request: Request) -> Response:
                 elif value in ("stop", "length"):
                     got = scores[i].take(len(seqs[i].text), final=True)
                     yield R.sse(R.chat_chunk(cid, now, name, i, {}, value, lp(got) if got else None))
+                elif value == "error":
+                    yield R.sse(STREAM_ERROR)
             if req.include_usage:
                 yield R.sse(R.chat_usage_chunk(cid, now, name,
                                                R.usage(prompt_tokens, sum(len(q.new_ids) for q in seqs))))
@@ -316,6 +328,8 @@ async def poem(request: Request) -> Response:
                     yield R.sse({"text": breaks.feed(value)})
                 elif value in ("stop", "length"):
                     yield R.sse({"done": True, **result()})
+                elif value == "error":
+                    yield R.sse(STREAM_ERROR)
             yield R.sse("[DONE]")
         return StreamingResponse(stream(), media_type="text/event-stream", headers=_SSE_HEADERS)
     await finished(request, [seq], queue)
