@@ -199,6 +199,18 @@ def test_disconnect_frees_the_row(server):
     assert wait_for(lambda: [line for line in err if "(client left)" in line])
 
 
+def test_a_non_streamed_client_that_leaves_frees_its_rows(server):
+    url, _, _ = server
+    health = lambda: httpx.get(f"{url}/healthz").json()  # noqa: E731
+    before = health()
+    with pytest.raises(httpx.ReadTimeout):  # four rows of 2000 tokens; the client gives up after 1 s
+        httpx.post(f"{url}/v1/completions", timeout=httpx.Timeout(30, read=1.0),
+                   json={"model": "tiny-poet", "prompt": "The sea", "max_tokens": 2000, "n": 4})
+    t0 = time.monotonic()
+    after = wait_for(lambda: (h := health())["active"] == 0 and h["cancelled"] == before["cancelled"] + 4 and h)
+    assert time.monotonic() - t0 < 10 and after["tokens"] - before["tokens"] < 4 * 2000
+
+
 def test_sigterm_drains_an_open_stream(run_dir):
     with live_server(run_dir) as (url, proc, err):
         with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
