@@ -75,7 +75,8 @@ def test_chat_is_the_completion_of_its_template(client):
     assert one["usage"] == plain["usage"]
 
     with_system = chat(client, [{"role": "system", "content": "You are a helpful assistant."},
-                                {"role": "user", "content": [{"type": "text", "text": "The "}, {"type": "text", "text": "sea"}]}],
+                                {"role": "user", "content": [{"type": "text", "text": "The "},
+                                                             {"type": "text", "text": "sea"}]}],
                        max_completion_tokens=30, seed=4)
     assert with_system["choices"][0]["message"]["content"] == choice["message"]["content"]
 
@@ -126,7 +127,8 @@ CHAT_BAD = [
     ({"messages": "hi"}, "messages"),
     ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content"),
     ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
     ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages[0].tool_calls"),
     ({"messages": [{"role": "user", "content": "日本"}]}, "messages"),

@@ -33,14 +33,16 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
 def client():
     model, tok = make_model()
     # max_new_tokens 3: accepted requests finish at once, so the examples go to the decoding
-    with TestClient(create_app(model=model, tokenizer=tok, model_name=NAME, max_new_tokens=3, max_prompt_tokens=50)) as c:
+    app = create_app(model=model, tokenizer=tok, model_name=NAME, max_new_tokens=3, max_prompt_tokens=50)
+    with TestClient(app) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def schemas(client):
     paths = client.get("/openapi.json").json()["paths"]
-    return {p: v["post"]["requestBody"]["content"]["application/json"]["schema"] for p, v in paths.items() if "post" in v}
+    return {p: v["post"]["requestBody"]["content"]["application/json"]["schema"]
+            for p, v in paths.items() if "post" in v}
 
 
 text = st.one_of(st.text(max_size=12), st.text(st.characters(codec=None), max_size=4),  # surrogates included
@@ -109,7 +111,7 @@ def test_fuzzed_bodies_get_200_or_a_4xx(client, schemas, path):
 def test_fuzzed_bytes_and_any_json_get_a_4xx(client):
     @FUZZ
     @given(raw=st.one_of(st.binary(max_size=64), anything.map(lambda v: json.dumps(v).encode()),
-                         st.builds(lambda d, n: b'{"model": "%s", "prompt": "a", "max_tokens": %s}' % (NAME.encode(), n),
+                         st.builds(lambda d, n: b'{"model": "tiny-poet", "prompt": "a", "max_tokens": %s}' % n,
                                    st.none(), st.sampled_from([b"1e400", b"-1e400", b"9" * 40, b"1" * 4301, b"1.5e3",
                                                                b"-0", b"0.1e1", b"Infinity", b"1" + b"0" * 31]))),
            path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/poem"]))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import re
 import socket
 import threading
 import time
@@ -60,22 +59,28 @@ def padded(n: int) -> bytes:
     return core[:-1] + b" " * (n - len(core)) + b"}"
 
 
+def with_temperature(number: bytes) -> bytes:
+    return json.dumps(completion()).encode()[:-1] + b', "temperature": ' + number + b"}"
+
+
+def chat_of(n_messages: int) -> dict:
+    """A chat request of n messages (system ones, left out of the prompt, and one user message)."""
+    return {"model": NAME, "max_tokens": 1,
+            "messages": [{"role": "system", "content": "x"}] * (n_messages - 1) + [{"role": "user", "content": "a"}]}
+
+
 # Each request-level limit: (route, a body at the limit, a body one past it).
 BOUNDARY = {
     "max_body_bytes": ("/v1/completions", padded(H.max_body_bytes), padded(H.max_body_bytes + 1)),
-    "max_number_chars": ("/v1/completions", padded(200)[:-1] + b', "temperature": 0.' + b"5" * (H.max_number_chars - 2) + b"}",
-                         padded(200)[:-1] + b', "temperature": 0.' + b"5" * (H.max_number_chars - 1) + b"}"),
+    "max_number_chars": ("/v1/completions", with_temperature(b"0." + b"5" * (H.max_number_chars - 2)),
+                         with_temperature(b"0." + b"5" * (H.max_number_chars - 1))),
     "max_stop_strings": ("/v1/completions", completion(stop=["x"] * H.max_stop_strings),
                          completion(stop=["x"] * (H.max_stop_strings + 1))),
     "max_stop_chars": ("/v1/completions", completion(stop="x" * H.max_stop_chars),
                        completion(stop="x" * (H.max_stop_chars + 1))),
     "max_top_logprobs": ("/v1/completions", completion(logprobs=H.max_top_logprobs),
                          completion(logprobs=H.max_top_logprobs + 1)),
-    "max_messages": ("/v1/chat/completions",
-                     {"model": NAME, "max_tokens": 1, "messages": [{"role": "system", "content": "x"}] * (H.max_messages - 1)
-                      + [{"role": "user", "content": "a"}]},
-                     {"model": NAME, "max_tokens": 1, "messages": [{"role": "system", "content": "x"}] * H.max_messages
-                      + [{"role": "user", "content": "a"}]}),
+    "max_messages": ("/v1/chat/completions", chat_of(H.max_messages), chat_of(H.max_messages + 1)),
 }
 
 
@@ -83,8 +88,8 @@ def test_every_limit_is_in_the_docs_table_and_tested():
     docs = DOCS.read_text()
     for f in dataclasses.fields(HttpLimits):
         value = getattr(H, f.name)
-        assert re.search(rf"\| `{f.name}` \| {value:g} \|" if isinstance(value, float) else rf"\| `{f.name}` \| {value} \|",
-                         docs), f"docs/serve.md's limits table lacks {f.name} = {value}"
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        assert f"| `{f.name}` | {shown} |" in docs, f"docs/serve.md's limits table lacks {f.name} = {shown}"
     assert {f.name for f in dataclasses.fields(HttpLimits)} == set(BOUNDARY) | CONNECTION_LIMITS
 
 
@@ -204,7 +209,8 @@ def test_trickled_headers_and_bodies_are_cut_off(live):
 def test_oversized_headers_and_idle_keep_alive(live):
     host, port = live
     s = socket.create_connection((host, port))
-    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (SMALL.max_header_bytes + 1) + b"\r\n\r\n")
+    big = b"a" * (SMALL.max_header_bytes + 1)
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + big + b"\r\n\r\n")
     got = closed_within(s, 5)
     s.close()
     assert got is not None and got.startswith(b"HTTP/1.1 431"), got[:100]

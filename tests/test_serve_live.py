@@ -74,7 +74,7 @@ def test_openai_client(server):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="tiny-poet", prompt="x", max_tokens=2, temperature=5)
     # one line per request: the plain, repeated and streamed ones wrote 40 tokens, n=2 80
-    assert wait_for(lambda: len([line for line in err if line.startswith("POST /v1/completions 200 tokens=40 ms=")]) == 3)
+    assert wait_for(lambda: len([x for x in err if x.startswith("POST /v1/completions 200 tokens=40 ms=")]) == 3)
     assert [line for line in err if line.startswith("POST /v1/completions 200 tokens=80 ms=")]
     assert [line for line in err if line.startswith("POST /v1/completions 404 tokens=0 ms=")]
 

@@ -185,7 +185,8 @@ def samples(req: CompletionRequest, tokenizer: Any) -> list[Sequence]:
     seqs = []
     for ids in req.prompt_ids:
         for j in range(req.n):  # sample j of a seeded request draws from seed + j
-            s = req.sampling if req.sampling.seed is None else dataclasses.replace(req.sampling, seed=req.sampling.seed + j)
+            s = (req.sampling if req.sampling.seed is None
+                 else dataclasses.replace(req.sampling, seed=req.sampling.seed + j))
             seqs.append(Sequence(ids, s, max_new_tokens=req.max_tokens, tokenizer=tokenizer, stop=req.stop,
                                  logprobs=req.logprobs))
     return seqs
@@ -319,7 +320,8 @@ async def poem(request: Request) -> Response:
 
     def result() -> dict[str, Any]:
         return R.poem(pid, s.model_name, req.prompt, breaks.layout(seq.text), seq.finish_reason,
-                      len(req.prompt_ids), len(seq.new_ids), R.timing(seq.submitted, seq.first_token_at, len(seq.new_ids)))
+                      len(req.prompt_ids), len(seq.new_ids),
+                      R.timing(seq.submitted, seq.first_token_at, len(seq.new_ids)))
 
     if req.stream:
         async def stream() -> AsyncIterator[bytes]:
