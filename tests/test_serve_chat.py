@@ -149,7 +149,7 @@ def test_chat_refuses_what_it_cannot_honour_by_name(client, extra, param):
 
 def test_chat_accepts_neutral_values_of_known_fields(client):
     body = {"model": NAME, "messages": [{"role": "user", "content": "a", "name": "me"}] * 3, "max_tokens": 2,
-            "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "modalities": ["text"],
+            "tools": [], "tool_choice": "none", "parallel_tool_calls": False, "metadata": {}, "response_format": {"type": "text"}, "modalities": ["text"],
             "store": False, "logit_bias": {}, "presence_penalty": 0, "user": "u"}
     assert client.post("/v1/chat/completions", json=body).status_code == 200
 

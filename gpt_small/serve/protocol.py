@@ -378,7 +378,7 @@ def decode_chat(d: dict[str, Any], tokenizer: Any, limits: Limits) -> Completion
     check_fields(d, _CHAT_FIELDS)
     check_model(d, limits, required=True)
     for name in _CHAT_UNSUPPORTED:
-        if d.get(name) not in (None, [], "none"):
+        if d.get(name) not in (None, [], {}, "none", False):  # unset, however a client spells it
             raise _bad(name, "is not supported by this server (a base model without tools or other modalities)")
     if d.get("modalities") not in (None, ["text"]):
         raise _bad("modalities", 'only ["text"] is supported')
