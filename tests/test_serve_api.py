@@ -203,6 +203,7 @@ def test_stanza_breaks_and_stop_hold_back():
 
 # --- bad requests: 4xx in OpenAI's shape, never a 500, and the server keeps serving ---
 
+JSON = {"Content-Type": "application/json"}
 LONG = "a" * 201
 BAD = [
     ("/v1/completions", b"{not json", 400, None),
@@ -223,7 +224,16 @@ BAD = [
     ("/v1/completions", {"model": NAME, "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "stop": ""}, 400, "stop"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "seed": "x"}, 400, "seed"),
-    ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 6}, 400, "logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 1, "echo": True}, 400, "logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "stop": "x" * 101}, 400, "stop"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "suffix": "b"}, 400, "suffix"),
+    ("/v1/completions", b'{"model": "tiny-poet", "prompt": "a", "max_tokens": 1e400}', 400, None),
+    ("/v1/completions", b'{"model": "tiny-poet", "prompt": "a", "seed": ' + b"9" * 5000 + b"}", 400, None),
+    ("/v1/completions", b'{"model": "tiny-poet", "prompt": "a", "temperature": NaN}', 400, None),
+    ("/v1/completions", b'{"model": "tiny-poet", "\\ud800": 1}', 400, None),
+    ("/v1/completions", b'{"model": "tiny-poet", "prompt": "\\udc00"}', 400, None),
+    ("/v1/completions", b"[" * 100000, 400, None),
     ("/v1/completions", {"model": NAME, "prompt": "a", "presence_penalty": 1}, 400, "presence_penalty"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "frobnicate": 1}, 400, "frobnicate"),
     ("/v1/completions", {"model": NAME, "prompt": "日本"}, 400, "prompt"),  # outside the vocabulary
@@ -242,7 +252,7 @@ BAD = [
 
 @pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD)])
 def test_bad_requests_get_4xx_in_openai_shape(client, path, body, status, param):
-    r = (client.post(path, content=body) if isinstance(body, bytes) else client.post(path, json=body))
+    r = (client.post(path, content=body, headers=JSON) if isinstance(body, bytes) else client.post(path, json=body))
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert isinstance(err["message"], str) and err["message"] and "\n" not in err["message"]
@@ -251,7 +261,7 @@ def test_bad_requests_get_4xx_in_openai_shape(client, path, body, status, param)
 
 def test_unknown_routes_methods_and_big_bodies(client):
     for r, status in [(client.get("/v1/nothing"), 404), (client.get("/v1/completions"), 405),
-                      (client.post("/v1/completions", content=b"x" * (1 << 20 + 1)), 413),
+                      (client.post("/v1/completions", content=b"x" * ((1 << 20) + 1), headers=JSON), 413),
                       (client.get("/v1/models/other"), 404)]:
         assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert client.post("/v1/completions", json={"model": NAME, "prompt": "ok", "max_tokens": 3}).status_code == 200

@@ -1,10 +1,14 @@
-"""The ASGI app (Starlette): routes, auth, request logging, and the bridge from the engine's worker
-thread to the event loop. Request decoding lives in protocol.py, batching in engine.py, response
-encoding in responses.py; this file only wires them.
+"""The ASGI app (Starlette): routes, auth, request checks and logging, and the bridge from the
+engine's worker thread to the event loop. Request decoding lives in protocol.py, batching in
+engine.py, response encoding in responses.py; this file only wires them.
 
-Routes: `GET /` (the page), `GET /healthz`, `GET /v1/models`, `GET /v1/models/{id}`,
-`POST /v1/completions` (OpenAI), `POST /v1/poem` (ours). With an API key, /v1/* wants
+Routes: `GET /` (the page), `GET /healthz`, `GET /metrics` (Prometheus), `GET /openapi.json`,
+`GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/completions` and `POST /v1/chat/completions`
+(OpenAI), `POST /v1/poem` (ours). With an API key, /v1/* and /metrics want
 `Authorization: Bearer <key>`. Each request logs one line: method, path, status, tokens, ms.
+
+Handlers are module-level functions that find what they serve in `request.app.state`
+(`create_app` puts it there), so each can be called alone.
 """
 
 from __future__ import annotations
@@ -28,20 +32,27 @@ from starlette.staticfiles import StaticFiles
 
 from ..ops.quantize import weights_of
 from . import responses as R
-from .engine import Engine, QueueFull, Sequence
-from .protocol import ApiError, Limits, decode_completion, decode_poem, parse_json
+from .guard import Guard, route_of
+from .engine import Engine, QueueFull, Sequence, ShuttingDown
+from .metrics import CONTENT_TYPE, Metrics
+from .openapi import openapi_schema
+from .protocol import (HTTP_LIMITS, ApiError, CompletionRequest, HttpLimits, Limits, decode_chat, decode_completion,
+                       decode_poem, parse_json)
 
 log = logging.getLogger("gpt_small.serve")
 
-MAX_BODY = 1 << 20  # bytes; a prompt at the token limit is far smaller
 _POLL = 0.5  # seconds between checks for a client that left while no text was coming
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# a sample that failed mid-stream: an event in OpenAI's error shape before [DONE], never a bare end
+STREAM_ERROR = ApiError(500, "internal error while generating (logged by the server)", type="server_error").body()
 
 
 class LogRequests:
-    """ASGI middleware: one line per request once its response has ended (streams included)."""
+    """ASGI middleware: one line per request once its response has ended (streams included), and
+    the request counted in the metrics by route and status."""
 
-    def __init__(self, app: Any):
-        self.app = app
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -57,193 +68,336 @@ class LogRequests:
         try:
             await self.app(scope, receive, send_logged)
         finally:
+            seconds = time.perf_counter() - t0
             tail = " (client left)" if state.get("cancelled") else ""
             log.info("%s %s %d tokens=%d ms=%.0f%s", scope["method"], scope["path"], status[0] or 500,
-                     state.get("tokens", 0), 1000 * (time.perf_counter() - t0), tail)
+                     state.get("tokens", 0), 1000 * seconds, tail)
+            self.metrics.request(route_of(scope["path"]), status[0] or 500, seconds)
+
+
+# --- helpers shared by the handlers ---
+
+def authorize(request: Request) -> None:
+    """The scheme name is case-insensitive (RFC 9110); the key is compared in constant time."""
+    key = request.app.state.api_key
+    if key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if not (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())):
+        raise ApiError(401, "missing or wrong API key: send the header Authorization: Bearer <key>",
+                       code="invalid_api_key")
+
+
+async def body_json(request: Request) -> dict[str, Any]:
+    """The body, bounded in size and in time (a client trickling bytes is cut off)."""
+    http = request.app.state.limits.http
+    body = b""
+    try:
+        async with asyncio.timeout(http.body_seconds):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > http.max_body_bytes:
+                    raise ApiError(413, f"the request body is larger than {http.max_body_bytes} bytes")
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {http.body_seconds:g} s") from None
+    return parse_json(body, http)
+
+
+def busy(message: str, status: int = 429) -> ApiError:
+    if status == 503:
+        return ApiError(503, f"{message}; retry on another server or once it is back", type="server_error",
+                        code="service_unavailable", headers={"Retry-After": "5"})
+    return ApiError(429, f"the server is busy: {message}; retry shortly", type="requests",
+                    code="rate_limit_exceeded", headers={"Retry-After": "1"})
+
+
+def start(request: Request, seqs: list[Sequence]) -> asyncio.Queue:
+    """Hand seqs to the engine; their events arrive on the returned queue as (index, kind, value)."""
+    state = request.app.state
+    if state.draining:
+        raise busy("the server is shutting down", 503)
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    for i, s in enumerate(seqs):
+        def bridge(kind: str, value: Any, i: int = i) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+                loop.call_soon_threadsafe(queue.put_nowait, (i, kind, value))
+        s.on_event = bridge
+    try:
+        state.engine.submit(seqs)
+    except ShuttingDown as e:
+        raise busy(str(e), 503) from None
+    except QueueFull as e:
+        raise busy(str(e)) from None
+    return queue
+
+
+async def events(request: Request, seqs: list[Sequence], queue: asyncio.Queue) -> AsyncIterator[tuple]:
+    """Yield (index, kind, value) until every sequence is done; a client that leaves (or a stream
+    closed early) cancels what is left, which frees the rows at the next step."""
+    left, metrics = len(seqs), request.app.state.metrics
+    checked = time.monotonic()
+    try:
+        while left:
+            # a client that left is noticed within _POLL seconds, also while text is flowing (a
+            # non-streamed request would otherwise hold its rows to its last token)
+            if time.monotonic() - checked > _POLL:
+                if await request.is_disconnected():
+                    return
+                checked = time.monotonic()
+            try:  # wait_for costs a task per call: only when nothing is ready
+                item = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), _POLL)
+            except TimeoutError:
+                continue
+            if item[1] == "done":
+                left -= 1
+                metrics.sample(seqs[item[0]], time.perf_counter())
+            request.state.tokens = sum(len(s.new_ids) for s in seqs)
+            yield item
+    finally:
+        if left:
+            request.state.cancelled = True
+            request.app.state.engine.cancel(seqs)
+
+
+class Scores:
+    """A sequence's per-token logprobs handed out as its text is: tokens whose text lies within
+    `upto` characters of the continuation (the rest wait, or are dropped past a stop string)."""
+
+    def __init__(self, seq: Sequence, tokenizer: Any, top: bool):
+        self.seq, self.tokenizer, self.top = seq, tokenizer, top
+        self.sent, self.chars = 0, 0  # tokens handed out, and their characters
+
+    def take(self, upto: int, final: bool = False) -> list[R.Scored]:
+        out, decode = [], self.tokenizer.decode
+        # the worker thread may be between recording a token's logprobs and appending its id
+        while self.sent < min(len(self.seq.token_logprobs), len(self.seq.new_ids)):
+            text = decode([self.seq.new_ids[self.sent]])
+            end = self.chars + len(text)
+            if end > upto and not (final and self.chars < upto):
+                break
+            lp, alts = self.seq.token_logprobs[self.sent]
+            out.append((text, lp, [(decode([t]), a) for t, a in alts]))
+            self.sent, self.chars = self.sent + 1, end
+        return out
+
+
+def samples(req: CompletionRequest, tokenizer: Any) -> list[Sequence]:
+    seqs = []
+    for ids in req.prompt_ids:
+        for j in range(req.n):  # sample j of a seeded request draws from seed + j
+            s = (req.sampling if req.sampling.seed is None
+                 else dataclasses.replace(req.sampling, seed=req.sampling.seed + j))
+            seqs.append(Sequence(ids, s, max_new_tokens=req.max_tokens, tokenizer=tokenizer, stop=req.stop,
+                                 logprobs=req.logprobs))
+    return seqs
+
+
+async def finished(request: Request, seqs: list[Sequence], queue: asyncio.Queue) -> None:
+    async for _ in events(request, seqs, queue):
+        pass
+    if any(s.finish_reason == "error" for s in seqs):
+        raise RuntimeError("the decode loop failed (logged)")
+
+
+# --- routes ---
+
+async def page(request: Request) -> Response:
+    return FileResponse(str(request.app.state.static / "index.html"), media_type="text/html; charset=utf-8")
+
+
+async def healthz(request: Request) -> Response:
+    s = request.app.state
+    return JSONResponse({"status": "ok", "model": s.model_name, "params": s.n_params, "weights": s.weights,
+                         **s.engine.stats()})
+
+
+async def metrics(request: Request) -> Response:
+    authorize(request)
+    s = request.app.state
+    return Response(s.metrics.render(s.engine.stats()), media_type=CONTENT_TYPE)
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_schema(request.app.state.limits))
+
+
+async def list_models(request: Request) -> Response:
+    authorize(request)
+    s = request.app.state
+    return JSONResponse(R.models(s.model_name, s.created, s.weights))
+
+
+async def get_model(request: Request) -> Response:
+    authorize(request)
+    s, wanted = request.app.state, request.path_params["model"]
+    if wanted != s.model_name:
+        raise ApiError(404, f"the model {wanted!r} does not exist", param="model", code="model_not_found")
+    return JSONResponse(R.model_card(s.model_name, s.created, s.weights))
+
+
+async def completions(request: Request) -> Response:
+    authorize(request)
+    s = request.app.state
+    req = decode_completion(await body_json(request), s.tokenizer, s.limits)
+    seqs = samples(req, s.tokenizer)
+    queue = start(request, seqs)
+    prompt_tokens = sum(len(ids) for ids in req.prompt_ids)
+    cid, now, name = R.new_id("cmpl"), int(time.time()), s.model_name
+    echo = [req.prompts[i // req.n] if req.echo else "" for i in range(len(seqs))]
+    scores = [Scores(q, s.tokenizer, bool(req.logprobs)) for q in seqs]
+    lp = (lambda i, got: R.completion_logprobs(got, scores[i].chars - sum(len(t) for t, _, _ in got), scores[i].top)
+          if req.logprobs is not None else None)
+    if req.stream:
+        async def stream() -> AsyncIterator[bytes]:
+            sent = [0] * len(seqs)  # characters of each sample's text sent so far
+            async for i, kind, value in events(request, seqs, queue):
+                if kind == "text":
+                    first = echo[i] if not sent[i] else ""
+                    sent[i] += len(value)
+                    yield R.sse(R.completion_chunk(cid, now, name, i, first + value, None,
+                                                   lp(i, scores[i].take(sent[i]))))
+                elif value in ("stop", "length"):
+                    got = scores[i].take(len(seqs[i].text), final=True)
+                    yield R.sse(R.completion_chunk(cid, now, name, i, "" if sent[i] else echo[i], value,
+                                                   lp(i, got) if got else None))
+                elif value == "error":
+                    yield R.sse(STREAM_ERROR)
+            if req.include_usage:
+                yield R.sse(R.usage_chunk(cid, now, name, R.usage(prompt_tokens, sum(len(q.new_ids) for q in seqs))))
+            yield R.sse("[DONE]")
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=_SSE_HEADERS)
+    await finished(request, seqs, queue)
+    choices = [(echo[i] + q.text, q.finish_reason, lp(i, scores[i].take(len(q.text), final=True)))
+               for i, q in enumerate(seqs)]
+    return JSONResponse(R.completion(cid, now, name, choices,
+                                     R.usage(prompt_tokens, sum(len(q.new_ids) for q in seqs))))
+
+
+async def chat_completions(request: Request) -> Response:
+    authorize(request)
+    s = request.app.state
+    req = decode_chat(await body_json(request), s.tokenizer, s.limits)
+    seqs = samples(req, s.tokenizer)
+    queue = start(request, seqs)
+    prompt_tokens = len(req.prompt_ids[0])
+    cid, now, name = R.new_id("chatcmpl"), int(time.time()), s.model_name
+    scores = [Scores(q, s.tokenizer, bool(req.logprobs)) for q in seqs]
+    lp = (lambda got: R.chat_logprobs(got)) if req.logprobs is not None else (lambda got: None)
+    if req.stream:
+        async def stream() -> AsyncIterator[bytes]:
+            sent = [0] * len(seqs)
+            for i in range(len(seqs)):  # OpenAI opens each choice with the role
+                yield R.sse(R.chat_chunk(cid, now, name, i, {"role": "assistant", "content": ""}))
+            async for i, kind, value in events(request, seqs, queue):
+                if kind == "text":
+                    sent[i] += len(value)
+                    yield R.sse(R.chat_chunk(cid, now, name, i, {"content": value}, None, lp(scores[i].take(sent[i]))))
+                elif value in ("stop", "length"):
+                    got = scores[i].take(len(seqs[i].text), final=True)
+                    yield R.sse(R.chat_chunk(cid, now, name, i, {}, value, lp(got) if got else None))
+                elif value == "error":
+                    yield R.sse(STREAM_ERROR)
+            if req.include_usage:
+                yield R.sse(R.chat_usage_chunk(cid, now, name,
+                                               R.usage(prompt_tokens, sum(len(q.new_ids) for q in seqs))))
+            yield R.sse("[DONE]")
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=_SSE_HEADERS)
+    await finished(request, seqs, queue)
+    choices = [(q.text, q.finish_reason, lp(scores[i].take(len(q.text), final=True))) for i, q in enumerate(seqs)]
+    return JSONResponse(R.chat_completion(cid, now, name, choices,
+                                          R.usage(prompt_tokens, sum(len(q.new_ids) for q in seqs))))
+
+
+async def poem(request: Request) -> Response:
+    authorize(request)
+    s = request.app.state
+    req = decode_poem(await body_json(request), s.tokenizer, s.limits)
+    seq = Sequence(req.prompt_ids, req.sampling, max_new_tokens=req.max_tokens, tokenizer=s.tokenizer,
+                   lines=req.lines * req.stanzas)
+    queue = start(request, [seq])
+    pid = R.new_id("poem")
+    breaks = StanzaBreaks(req.lines, req.stanzas)
+
+    def result() -> dict[str, Any]:
+        return R.poem(pid, s.model_name, req.prompt, breaks.layout(seq.text), seq.finish_reason,
+                      len(req.prompt_ids), len(seq.new_ids),
+                      R.timing(seq.submitted, seq.first_token_at, len(seq.new_ids)))
+
+    if req.stream:
+        async def stream() -> AsyncIterator[bytes]:
+            async for _, kind, value in events(request, [seq], queue):
+                if kind == "text":
+                    yield R.sse({"text": breaks.feed(value)})
+                elif value in ("stop", "length"):
+                    yield R.sse({"done": True, **result()})
+                elif value == "error":
+                    yield R.sse(STREAM_ERROR)
+            yield R.sse("[DONE]")
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=_SSE_HEADERS)
+    await finished(request, [seq], queue)
+    return JSONResponse(result())
+
+
+# --- errors: OpenAI's shape for every status ---
+
+async def api_error(request: Request, exc: ApiError) -> Response:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    err = ApiError(exc.status_code, message.get(exc.status_code, str(exc.detail)))
+    return JSONResponse(err.body(), status_code=exc.status_code, headers=dict(exc.headers or {}))
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    err = ApiError(500, "internal error (logged by the server)", type="server_error")
+    return JSONResponse(err.body(), status_code=500)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    s = app.state
+    s.engine = Engine(s.model, s.tokenizer, max_batch=s.max_batch, max_queue=s.max_queue)
+    try:
+        yield
+    finally:  # uvicorn has stopped taking requests and drained the open ones
+        s.draining = True
+        await asyncio.to_thread(s.engine.close)
+
+
+STATIC = resources.files("gpt_small.serve") / "static"
+ROUTES = [
+    Route("/", page), Route("/healthz", healthz), Route("/metrics", metrics), Route("/openapi.json", openapi),
+    Route("/v1/models", list_models), Route("/v1/models/{model:path}", get_model),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/poem", poem, methods=["POST"]), Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
+]
 
 
 def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 8, max_queue: int = 64,
-               max_new_tokens: int = 1000, max_prompt_tokens: int = 4096, api_key: str | None = None) -> Starlette:
-    """The app over a loaded model; the engine starts and drains with the app's lifespan."""
-    limits = Limits(model_name=model_name, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
-    created = int(time.time())
-    # read off the model rather than taken from the caller, so what clients see is what decodes
-    weights = weights_of(model)
-    # the config's count, not model.num_params(): an int8 Linear keeps its weight as a buffer
-    n_params = (model.config.num_params() if hasattr(model, "num_params")
-                else sum(p.numel() for p in model.parameters()))
-    box: dict[str, Engine] = {}
-    static = resources.files("gpt_small.serve") / "static"
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        box["engine"] = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
-        app.state.engine = box["engine"]
-        try:
-            yield
-        finally:  # uvicorn has stopped taking requests and drained the open ones
-            await asyncio.to_thread(box["engine"].close)
-
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), api_key.encode())):
-            raise ApiError(401, "missing or wrong API key: send the header Authorization: Bearer <key>",
-                           code="invalid_api_key")
-
-    async def body_json(request: Request) -> dict[str, Any]:
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY:
-                raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
-        return parse_json(body)
-
-    def start(request: Request, seqs: list[Sequence]) -> asyncio.Queue:
-        """Hand seqs to the engine; their events arrive on the returned queue as (index, kind, value)."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        for i, s in enumerate(seqs):
-            def bridge(kind: str, value: Any, i: int = i) -> None:
-                with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
-                    loop.call_soon_threadsafe(queue.put_nowait, (i, kind, value))
-            s.on_event = bridge
-        try:
-            box["engine"].submit(seqs)
-        except QueueFull as e:
-            raise ApiError(429, f"the server is busy: {e}; retry shortly", type="requests",
-                           code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
-        return queue
-
-    async def events(request: Request, seqs: list[Sequence], queue: asyncio.Queue) -> AsyncIterator[tuple]:
-        """Yield (index, kind, value) until every sequence is done; a client that leaves (or a
-        stream closed early) cancels what is left, which frees the rows at the next step."""
-        left = len(seqs)
-        try:
-            while left:
-                try:  # wait_for costs a task per call: only when nothing is ready
-                    item = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), _POLL)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
-                if item[1] == "done":
-                    left -= 1
-                request.state.tokens = sum(len(s.new_ids) for s in seqs)
-                yield item
-        finally:
-            if left:
-                request.state.cancelled = True
-                box["engine"].cancel(seqs)
-
-    # --- routes ---
-
-    async def page(request: Request) -> Response:
-        return FileResponse(str(static / "index.html"), media_type="text/html; charset=utf-8")
-
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": model_name, "params": n_params, "weights": weights,
-                             **box["engine"].stats()})
-
-    async def list_models(request: Request) -> Response:
-        authorize(request)
-        return JSONResponse(R.models(model_name, created, weights))
-
-    async def get_model(request: Request) -> Response:
-        authorize(request)
-        if request.path_params["model"] != model_name:
-            raise ApiError(404, f"the model {request.path_params['model']!r} does not exist", param="model",
-                           code="model_not_found")
-        return JSONResponse(R.model_card(model_name, created, weights))
-
-    async def completions(request: Request) -> Response:
-        authorize(request)
-        req = decode_completion(await body_json(request), tokenizer, limits)
-        seqs = []
-        for ids in req.prompt_ids:
-            for j in range(req.n):  # sample j of a seeded request draws from seed + j
-                s = req.sampling if req.sampling.seed is None else dataclasses.replace(
-                    req.sampling, seed=req.sampling.seed + j)
-                seqs.append(Sequence(ids, s, max_new_tokens=req.max_tokens, tokenizer=tokenizer, stop=req.stop))
-        queue = start(request, seqs)
-        prompt_tokens = sum(len(ids) for ids in req.prompt_ids)
-        cid, now = R.new_id("cmpl"), int(time.time())
-        echo = [req.prompts[i // req.n] if req.echo else "" for i in range(len(seqs))]
-        if req.stream:
-            async def stream() -> AsyncIterator[bytes]:
-                sent = [False] * len(seqs)
-                async for i, kind, value in events(request, seqs, queue):
-                    if kind == "text":
-                        yield R.sse(R.completion_chunk(cid, now, model_name, i, (echo[i] if not sent[i] else "") + value))
-                        sent[i] = True
-                    elif value in ("stop", "length"):
-                        yield R.sse(R.completion_chunk(cid, now, model_name, i, "" if sent[i] else echo[i], value))
-                if req.include_usage:
-                    yield R.sse(R.usage_chunk(cid, now, model_name,
-                                              R.usage(prompt_tokens, sum(len(s.new_ids) for s in seqs))))
-                yield R.sse("[DONE]")
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        async for _ in events(request, seqs, queue):
-            pass
-        if any(s.finish_reason == "error" for s in seqs):
-            raise RuntimeError("the decode loop failed (logged)")
-        return JSONResponse(R.completion(cid, now, model_name, [(echo[i] + s.text, s.finish_reason)
-                                                                  for i, s in enumerate(seqs)],
-                                         R.usage(prompt_tokens, sum(len(s.new_ids) for s in seqs))))
-
-    async def poem(request: Request) -> Response:
-        authorize(request)
-        req = decode_poem(await body_json(request), tokenizer, limits)
-        seq = Sequence(req.prompt_ids, req.sampling, max_new_tokens=req.max_tokens, tokenizer=tokenizer,
-                       lines=req.lines * req.stanzas)
-        queue = start(request, [seq])
-        pid = R.new_id("poem")
-        breaks = StanzaBreaks(req.lines, req.stanzas)
-
-        def result() -> dict[str, Any]:
-            return R.poem(pid, model_name, req.prompt, breaks.layout(seq.text), seq.finish_reason,
-                          len(req.prompt_ids), len(seq.new_ids),
-                          R.timing(seq.submitted, seq.first_token_at, len(seq.new_ids)))
-
-        if req.stream:
-            async def stream() -> AsyncIterator[bytes]:
-                async for _, kind, value in events(request, [seq], queue):
-                    if kind == "text":
-                        yield R.sse({"text": breaks.feed(value)})
-                    elif value in ("stop", "length"):
-                        yield R.sse({"done": True, **result()})
-                yield R.sse("[DONE]")
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        async for _ in events(request, [seq], queue):
-            pass
-        if seq.finish_reason == "error":
-            raise RuntimeError("the decode loop failed (logged)")
-        return JSONResponse(result())
-
-    # --- errors: OpenAI's shape for every status ---
-
-    async def api_error(request: Request, exc: ApiError) -> Response:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
-        err = ApiError(exc.status_code, message.get(exc.status_code, str(exc.detail)))
-        return JSONResponse(err.body(), status_code=exc.status_code, headers=dict(exc.headers or {}))
-
-    async def server_error(request: Request, exc: Exception) -> Response:
-        err = ApiError(500, "internal error (logged by the server)", type="server_error")
-        return JSONResponse(err.body(), status_code=500)
-
-    routes = [
-        Route("/", page), Route("/healthz", healthz), Route("/v1/models", list_models),
-        Route("/v1/models/{model:path}", get_model), Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/poem", poem, methods=["POST"]), Mount("/static", StaticFiles(directory=str(static)), name="static"),
-    ]
-    app = Starlette(routes=routes, lifespan=lifespan,
+               max_new_tokens: int = 1000, max_prompt_tokens: int = 4096, api_key: str | None = None,
+               allowed_hosts: list[str] | None = None, http: HttpLimits = HTTP_LIMITS) -> Starlette:
+    """The app over a loaded model; the engine starts and drains with the app's lifespan.
+    allowed_hosts: the Host header names accepted (None: any; `serve` passes the loopback names
+    when it runs on loopback without a key)."""
+    app = Starlette(routes=ROUTES, lifespan=lifespan,
                     exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
-    app.add_middleware(LogRequests)
+    s = app.state
+    s.model, s.tokenizer, s.model_name, s.api_key = model, tokenizer, model_name, api_key
+    s.max_batch, s.max_queue, s.static = max_batch, max_queue, STATIC
+    s.limits = Limits(model_name=model_name, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+                      http=http)
+    s.created = int(time.time())
+    # read off the model rather than taken from the caller, so what clients see is what decodes
+    s.weights = weights_of(model)
+    # the config's count, not model.num_params(): an int8 Linear keeps its weight as a buffer
+    s.n_params = (model.config.num_params() if hasattr(model, "num_params")
+                  else sum(p.numel() for p in model.parameters()))
+    s.metrics, s.draining = Metrics(), False
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts, http=http)
+    app.add_middleware(LogRequests, metrics=s.metrics)
     return app
 
 

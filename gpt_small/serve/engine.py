@@ -47,6 +47,10 @@ class QueueFull(Exception):
     """More sequences waiting than the engine's bound."""
 
 
+class ShuttingDown(QueueFull):
+    """The engine is closing: it takes no new sequences."""
+
+
 class Sequence:
     """One sample being written. The worker thread fills it; `on_event(kind, value)` tells the
     caller: ("text", new text) as it grows, then ("done", finish reason) once: "stop" (a stop
@@ -54,7 +58,7 @@ class Sequence:
 
     def __init__(self, prompt_ids: Seq[int], sampling: Sampling, *, max_new_tokens: int, tokenizer: Any,
                  stop: Seq[str] = (), keep_stop: bool = False, lines: int | None = None,
-                 on_event: Callable[[str, Any], None] = lambda kind, value: None):
+                 logprobs: int | None = None, on_event: Callable[[str, Any], None] = lambda kind, value: None):
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
         self.max_new_tokens = max_new_tokens
@@ -62,6 +66,10 @@ class Sequence:
         self.stop, self.keep_stop, self.lines = list(stop), keep_stop, lines
         self.on_event = on_event
         self.new_ids: list[int] = []
+        # logprobs=N: for each new token, (its log-probability, the top N (id, log-probability)),
+        # filled before the token's text is announced
+        self.logprobs = logprobs
+        self.token_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.text = ""  # the continuation so far, cut at the stop rule
         self.emitted = 0  # characters of self.text already sent
         self.finish_reason: str | None = None
@@ -158,7 +166,7 @@ class Engine:
         """Queue sequences (all or none); QueueFull when the bounded queue cannot take them."""
         with self._cond:
             if self._stopping:
-                raise QueueFull("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             free = self.max_batch - len(self._rows)
             if len(self._pending) + len(seqs) > self.max_queue + max(0, free - len(self._pending)):
                 raise QueueFull(f"{len(self._pending)} samples are waiting (the queue holds {self.max_queue})")
@@ -237,12 +245,18 @@ class Engine:
                 self._end(seq, "cancelled")
                 continue
             logits, s = row.logits, seq.sampling
+            # the model's own distribution, before the ban, penalty, temperature and truncation
+            logprobs = torch.log_softmax(logits.float(), dim=-1)[0] if seq.logprobs is not None else None
             if self.banned:
                 logits[:, self.banned] = float("-inf")
             if s.repetition_penalty != 1.0:
                 logits = apply_repetition_penalty(logits, row.ids[None, :row.T], s.repetition_penalty)
             cur = int(sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                              generator=seq.generator)[0])
+            if logprobs is not None:
+                top = torch.topk(logprobs, seq.logprobs) if seq.logprobs else None
+                seq.token_logprobs.append((float(logprobs[cur]), [] if top is None else
+                                           list(zip(top.indices.tolist(), top.values.tolist()))))
             row.ids[row.T] = cur
             row.T += 1
             self.counts["tokens"] += 1

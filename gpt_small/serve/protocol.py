@@ -7,10 +7,14 @@ limit is refused with a message that says which.
 
 `/v1/completions` follows OpenAI's legacy completions API: prompt (a string or a list of strings),
 max_tokens (default 16), temperature (0-2, default 1), top_p, n, stop (a string or up to 4),
-seed, stream, stream_options.include_usage, echo, user. Fields that would change the result and
-that we do not implement (logprobs, best_of > n, suffix, logit_bias, non-zero presence/frequency
-penalties) are refused, not silently ignored; unknown fields are refused as OpenAI refuses them.
-Two extensions, as vLLM spells them: top_k and repetition_penalty.
+seed, stream, stream_options.include_usage, echo, user, logprobs (0-5: the sampled token's
+log-probability and the top N). Fields that would change the result and that we do not implement
+(best_of > n, suffix, logit_bias, non-zero presence/frequency penalties) are refused, not silently
+ignored; unknown fields are refused as OpenAI refuses them. Two extensions, as vLLM spells them:
+top_k and repetition_penalty. chat.py decodes /v1/chat/completions with the same helpers.
+
+`HTTP_LIMITS` is the one table of what a request may hold (body size, number length, stop strings,
+connection timeouts); docs/serve.md shows it and the tests walk it.
 """
 
 from __future__ import annotations
@@ -30,11 +34,39 @@ class ApiError(Exception):
                  type: str = "invalid_request_error", code: str | None = None,
                  headers: dict[str, str] | None = None):
         super().__init__(message)
+        message, param = _printable(message), None if param is None else _printable(param)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _printable(text: str) -> str:
+    """One line that encodes as UTF-8, whatever a message quotes from the request: control
+    characters and lone surrogates become escapes."""
+    return "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF else ascii(c)[1:-1] for c in text)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpLimits:
+    """Bounds on what one client may send, checked before any work; one field per row of the
+    limits table in docs/serve.md."""
+
+    max_body_bytes: int = 1 << 20  # a request body; a prompt at the token limit is far smaller
+    max_number_chars: int = 32  # digits of one JSON number: Python parses a 10,000-digit integer slowly
+    max_stop_strings: int = 4  # as OpenAI
+    max_stop_chars: int = 100  # each stop string is searched for at every token of every row
+    max_top_logprobs: int = 5  # as OpenAI's completions API
+    max_messages: int = 256  # chat messages in one request
+    header_seconds: float = 10.0  # a connection must send a request's headers within this
+    body_seconds: float = 30.0  # and its body within this
+    keep_alive_seconds: int = 5  # an idle keep-alive connection is closed after this
+    max_header_bytes: int = 16 * 1024  # the request line and headers together
+    max_connections: int = 512  # past this the oldest idle connection is closed
+
+
+HTTP_LIMITS = HttpLimits()
 
 
 @dataclass(kw_only=True)
@@ -45,6 +77,7 @@ class Limits:
     max_new_tokens: int = 1000  # most tokens one sample may ask for
     max_prompt_tokens: int = 4096  # longer prompts are refused (the model sees the last block_size)
     max_n: int = 8  # most samples one request may ask for (prompts x n)
+    http: HttpLimits = HTTP_LIMITS
 
 
 @dataclass(kw_only=True)
@@ -69,6 +102,7 @@ class CompletionRequest:
     include_usage: bool
     echo: bool
     sampling: Sampling
+    logprobs: int | None = None  # top-N alternatives per token (0: the sampled token's only); None: off
 
 
 @dataclass(kw_only=True)
@@ -82,14 +116,53 @@ class PoemRequest:
     sampling: Sampling = field(default_factory=Sampling)
 
 
-def parse_json(body: bytes) -> dict[str, Any]:
+class _BadNumber(ValueError):
+    pass
+
+
+def parse_json(body: bytes, http: HttpLimits = HTTP_LIMITS) -> dict[str, Any]:
+    """The body as a JSON object. Numbers longer than `max_number_chars` and numbers that overflow a
+    float (1e400) are refused while parsing, before Python builds a huge int; so are NaN/Infinity
+    (not JSON) and lone surrogates anywhere (they cannot be encoded back to UTF-8)."""
+    def number(kind: type) -> Any:
+        def parse(text: str) -> Any:
+            if len(text) > http.max_number_chars:
+                raise _BadNumber(f"a number of {len(text)} characters (at most {http.max_number_chars})")
+            v = kind(text)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise _BadNumber(f"{text} does not fit a 64-bit float")
+            return v
+        return parse
+
+    def constant(text: str) -> Any:
+        raise _BadNumber(f"{text} is not a JSON number")
+
     try:
-        d = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        d = json.loads(body, parse_int=number(int), parse_float=number(float), parse_constant=constant)
+        _check_text(d)
+    except _BadNumber as e:
+        raise ApiError(400, f"the request body holds {e}") from None
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ApiError(400, "the request body is not valid JSON") from None
     if not isinstance(d, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(d).__name__}")
     return d
+
+
+def _check_text(v: Any) -> None:
+    """Refuse lone surrogates (\\ud800 escapes) in any key or string, which no reply could quote."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "the request body holds a lone surrogate (\\uD800-\\uDFFF) in a string") from None
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _check_text(k)
+            _check_text(x)
+    elif isinstance(v, list):
+        for x in v:
+            _check_text(x)
 
 
 def _bad(param: str, message: str) -> ApiError:
@@ -188,9 +261,8 @@ def decode_completion(d: dict[str, Any], tokenizer: Any, limits: Limits) -> Comp
         raise _bad("prompt", "token-id prompts are not supported; send text")
     else:
         raise _bad("prompt", "expected a string or a non-empty list of strings")
-    for name in ("logprobs", "suffix"):
-        if d.get(name) is not None:
-            raise _bad(name, "is not supported by this server")
+    if d.get("suffix") is not None:
+        raise _bad("suffix", "is not supported by this server")
     if d.get("logit_bias"):
         raise _bad("logit_bias", "is not supported by this server")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -201,24 +273,38 @@ def decode_completion(d: dict[str, Any], tokenizer: Any, limits: Limits) -> Comp
         raise _bad("best_of", "only best_of = n is supported")
     if n * len(prompts) > limits.max_n:
         raise _bad("n", f"{len(prompts)} prompts x n={n} samples is more than this server's {limits.max_n}")
-    stop = d.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
-        raise _bad("stop", "expected a non-empty string or a list of up to 4 non-empty strings")
-    opts = d.get("stream_options")
-    if opts is not None and not (isinstance(opts, dict) and set(opts) <= {"include_usage"}):
-        raise _bad("stream_options", "expected an object with include_usage")
+    logprobs = _int(d, "logprobs", None, 0, limits.http.max_top_logprobs)
+    echo = _bool(d, "echo", False)
+    if echo and logprobs is not None:
+        raise _bad("logprobs", "with echo is not supported (the prompt's tokens are not scored)")
     if d.get("user") is not None and not isinstance(d.get("user"), str):
         raise _bad("user", "expected a string")
     stream = _bool(d, "stream", False)
     return CompletionRequest(
         prompts=prompts, prompt_ids=[encode_prompt(tokenizer, p, limits) for p in prompts],
-        max_tokens=_int(d, "max_tokens", 16, 1, limits.max_new_tokens), n=n, stop=stop, stream=stream,
-        include_usage=stream and _bool(opts or {}, "include_usage", False), echo=_bool(d, "echo", False),
-        sampling=_sampling(d, 1.0))
+        max_tokens=_int(d, "max_tokens", 16, 1, limits.max_new_tokens), n=n, stop=decode_stop(d, limits),
+        stream=stream, include_usage=include_usage(d, stream), echo=echo, sampling=_sampling(d, 1.0),
+        logprobs=logprobs)
+
+
+def decode_stop(d: dict[str, Any], limits: Limits) -> list[str]:
+    stop, h = d.get("stop"), limits.http
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not (isinstance(stop, list) and len(stop) <= h.max_stop_strings and all(isinstance(s, str) and s for s in stop)):
+        raise _bad("stop", f"expected a non-empty string or a list of up to {h.max_stop_strings} non-empty strings")
+    if any(len(s) > h.max_stop_chars for s in stop):
+        raise _bad("stop", f"a stop string is longer than {h.max_stop_chars} characters")
+    return stop
+
+
+def include_usage(d: dict[str, Any], stream: bool) -> bool:
+    opts = d.get("stream_options")
+    if opts is not None and not (isinstance(opts, dict) and set(opts) <= {"include_usage"}):
+        raise _bad("stream_options", "expected an object with include_usage")
+    return stream and _bool(opts or {}, "include_usage", False)
 
 
 _POEM_FIELDS = {"model", "prompt", "lines", "stanzas", "temperature", "top_k", "top_p", "repetition_penalty",
@@ -237,3 +323,92 @@ def decode_poem(d: dict[str, Any], tokenizer: Any, limits: Limits) -> PoemReques
                        stanzas=stanzas, max_tokens=_int(d, "max_tokens", limits.max_new_tokens, 1,
                                                         limits.max_new_tokens),
                        stream=_bool(d, "stream", False), sampling=_sampling(d, 0.8))
+
+
+# --- /v1/chat/completions: OpenAI's chat shape over a base model ---
+
+_CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop",
+                "seed", "stream", "stream_options", "user", "logprobs", "top_logprobs", "logit_bias",
+                "presence_penalty", "frequency_penalty", "top_k", "repetition_penalty", "response_format",
+                "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "audio", "modalities",
+                "prediction", "reasoning_effort", "web_search_options", "store", "metadata", "service_tier"}
+# Known to OpenAI, meaningless for a model that only continues text: refused by name when set.
+_CHAT_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "audio",
+                     "prediction", "reasoning_effort", "web_search_options", "metadata", "service_tier")
+_ROLES = ("system", "developer", "user", "assistant")
+
+
+def chat_prompt(messages: list[dict[str, Any]]) -> str:
+    """The chat template: a base model continues text, so the conversation is read as one poem
+    written in turns. The user and assistant messages' texts, in order, joined by newlines, are the
+    prompt; the reply continues it (so one user message gives what /v1/completions gives for the
+    same prompt). System and developer messages are instructions that a model trained on poems
+    cannot follow: they are left out rather than written into the poem."""
+    return "\n".join(m["content"] for m in messages if m["role"] in ("user", "assistant"))
+
+
+def _message(i: int, m: Any) -> dict[str, str]:
+    param = f"messages[{i}]"
+    if not isinstance(m, dict):
+        raise _bad(param, "expected an object with role and content")
+    role = m.get("role")
+    if role in ("tool", "function"):
+        raise _bad(f"{param}.role", f"{role!r} messages are not supported: this server has no tools")
+    if role not in _ROLES:
+        raise _bad(f"{param}.role", f"expected one of {', '.join(_ROLES)}, got {json.dumps(role)[:40]}")
+    for name in m:
+        if name not in ("role", "content", "name"):
+            if name in ("tool_calls", "function_call", "audio", "refusal") and m[name] is None:
+                continue
+            raise _bad(f"{param}.{name}", "is not supported by this server")
+    content = m.get("content")
+    if isinstance(content, list):  # content parts: text only
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else None
+                raise _bad(f"{param}.content", f"only text parts are supported, got {json.dumps(kind)[:40]}")
+        content = "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise _bad(f"{param}.content", "expected a string or a list of text parts")
+    return {"role": role, "content": content}
+
+
+def decode_chat(d: dict[str, Any], tokenizer: Any, limits: Limits) -> CompletionRequest:
+    """A chat request as the completion request it runs as (one prompt, n samples)."""
+    check_fields(d, _CHAT_FIELDS)
+    check_model(d, limits, required=True)
+    for name in _CHAT_UNSUPPORTED:
+        if d.get(name) not in (None, [], {}, "none", False):  # unset, however a client spells it
+            raise _bad(name, "is not supported by this server (a base model without tools or other modalities)")
+    if d.get("modalities") not in (None, ["text"]):
+        raise _bad("modalities", 'only ["text"] is supported')
+    fmt = d.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise _bad("response_format", 'only {"type": "text"} is supported: a base model cannot promise JSON')
+    if d.get("store") not in (None, False):
+        raise _bad("store", "is not supported by this server: nothing is stored")
+    if d.get("logit_bias"):
+        raise _bad("logit_bias", "is not supported by this server")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _float(d, name, 0.0, -2.0, 2.0) != 0.0:
+            raise _bad(name, "only 0 is supported; see repetition_penalty")
+    messages = d.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "expected a non-empty list of messages")
+    if len(messages) > limits.http.max_messages:
+        raise _bad("messages", f"{len(messages)} messages, more than the limit of {limits.http.max_messages}")
+    prompt = chat_prompt([_message(i, m) for i, m in enumerate(messages)])
+    logprobs = _bool(d, "logprobs", False)
+    top = _int(d, "top_logprobs", None, 0, limits.http.max_top_logprobs)
+    if top is not None and not logprobs:
+        raise _bad("top_logprobs", "needs logprobs: true")
+    if d.get("user") is not None and not isinstance(d.get("user"), str):
+        raise _bad("user", "expected a string")
+    max_tokens = _int(d, "max_completion_tokens", None, 1, limits.max_new_tokens)
+    max_tokens = _int(d, "max_tokens", max_tokens, 1, limits.max_new_tokens)
+    stream = _bool(d, "stream", False)
+    return CompletionRequest(
+        prompts=[prompt], prompt_ids=[encode_prompt(tokenizer, prompt, limits, param="messages")],
+        max_tokens=max_tokens or limits.max_new_tokens, n=_int(d, "n", 1, 1, limits.max_n), stop=decode_stop(d, limits),
+        stream=stream, include_usage=include_usage(d, stream), echo=False, sampling=_sampling(d, 1.0),
+        logprobs=(top or 0) if logprobs else None)

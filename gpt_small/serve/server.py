@@ -4,9 +4,12 @@ A non-loopback address without an API key is refused before anything loads: the 
 hand anyone on the network a CPU to spend. The socket is bound here (port 0 picks a free one) and
 the address printed, so scripts and tests can start a server without guessing ports. On Ctrl-C or
 SIGTERM uvicorn stops accepting, waits for the open requests (streams included) for up to
-`drain_seconds`, then the engine's worker finishes and the process exits 0. `weights` converts the
-loaded model's Linear weights (ops/quantize.py) for faster CPU decoding; clients see which in
-/healthz and the model object.
+`drain_seconds`, then the engine's worker finishes and the process exits 0; a request that still
+arrives meanwhile gets 503 with Retry-After. `weights` converts the loaded model's Linear weights
+(ops/quantize.py) for faster CPU decoding; clients see which in /healthz and the model object.
+
+On loopback without a key the app answers only to loopback Host names (guard.py says why).
+Connections are bounded by connections.py and protocol.HTTP_LIMITS.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..errors import GPTSmallError
+from .guard import LOOPBACK_HOSTS
+from .protocol import HTTP_LIMITS, HttpLimits
 
 log = logging.getLogger("gpt_small.serve")
 
@@ -41,8 +47,6 @@ def model_name_of(checkpoint: str | Path) -> str:
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
           max_queue: int = 64, max_new_tokens: int = 1000, api_key: str | None = None, threads: int = 0,
           drain_seconds: float = 30.0, weights: str = "float32") -> None:
-    import uvicorn
-
     from ..checkpoint import load_checkpoint
     from ..device import set_threads
     from ..ops.quantize import check_weights, convert_weights
@@ -67,8 +71,9 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     ckpt = load_checkpoint(checkpoint, device="cpu")
     convert_weights(ckpt.model, weights)
     name = model_name_of(checkpoint)
+    hosts = None if api_key is not None else sorted({*LOOPBACK_HOSTS, host.strip("[]").lower()})
     app = create_app(model=ckpt.model, tokenizer=ckpt.tokenizer, model_name=name, max_batch=max_batch,
-                     max_queue=max_queue, max_new_tokens=max_new_tokens, api_key=api_key)
+                     max_queue=max_queue, max_new_tokens=max_new_tokens, api_key=api_key, allowed_hosts=hosts)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -76,20 +81,39 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
         sock.bind((host, port))
     except OSError as e:
         raise GPTSmallError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    # listening before the address is printed: a client that reads it and connects at once waits in
+    # the backlog until uvicorn accepts, instead of being refused
+    sock.listen(2048)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"serving {name} ({ckpt.model.config.num_params():,} parameters, {weights} weights) "
           f"on http://{shown}:{bound}/  (max batch {max_batch}; Ctrl-C drains and stops)", flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=drain_seconds,
-                            lifespan="on")
     # uvicorn drains on SIGINT/SIGTERM and then re-raises the signal to the handler it found; a
     # handler that only notes it makes a drained shutdown a normal exit (status 0), not a kill.
     got: list[str] = []
     previous = {sig: signal.signal(sig, lambda s, _: got.append(signal.Signals(s).name))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        make_server(app, drain_seconds).run(sockets=[sock])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print(f"stopped{' by ' + got[0] if got else ''}; open requests drained", flush=True)
+
+
+def make_server(app: Any, drain_seconds: float = 30.0, limits: HttpLimits = HTTP_LIMITS) -> Any:
+    """uvicorn's Server for the app, with the connection limits; from the first signal on, the app
+    answers new work with 503 (its `draining` flag) while uvicorn drains the open requests."""
+    import uvicorn
+
+    from .connections import guarded_protocol
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=drain_seconds,
+                            lifespan="on", http=guarded_protocol(limits), timeout_keep_alive=limits.keep_alive_seconds,
+                            h11_max_incomplete_event_size=limits.max_header_bytes)
+    return Server(config)

@@ -1,0 +1,81 @@
+"""Checks on a request before any route sees it: header size, the Host header and the body's
+content type.
+
+A server on loopback without an API key trusts whoever can reach it, and a web page the user
+visits can reach it too: the browser will POST to http://127.0.0.1:8000 from any page when the
+body is a "simple" one (text/plain, a form), and a DNS-rebinding page can even read the answer
+under its own host name. So:
+- with `allowed_hosts` set (serve does so on loopback without a key), a Host header naming
+  anything else is refused (400): a rebinding page's requests carry its own name;
+- a POST must say `Content-Type: application/json` (415 otherwise): a browser sends that type
+  across origins only after a CORS preflight, which this server never approves.
+Refusals come in OpenAI's error shape like every other.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .protocol import HTTP_LIMITS, ApiError, HttpLimits
+
+LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1"]
+
+# route labels for the metrics: a fixed set, so a client cannot make new ones
+_ROUTES = ("/", "/healthz", "/metrics", "/openapi.json", "/v1/models", "/v1/completions", "/v1/chat/completions",
+           "/v1/poem")
+
+
+def route_of(path: str) -> str:
+    if path in _ROUTES:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    if path.startswith("/static/"):
+        return "/static"
+    return "other"
+
+
+def host_name(header: str) -> str:
+    """`example.com:8000` -> example.com, `[::1]:8000` -> ::1 (lower case)."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+class Guard:
+    """ASGI middleware; see the module docstring."""
+
+    def __init__(self, app: Any, allowed_hosts: list[str] | None = None, http: HttpLimits = HTTP_LIMITS):
+        self.app, self.http = app, http
+        self.allowed = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            err = self.check(scope)
+            if err is not None:
+                return await self.refuse(err, send)
+        await self.app(scope, receive, send)
+
+    def check(self, scope: dict) -> ApiError | None:
+        size = sum(len(k) + len(v) + 4 for k, v in scope["headers"])  # h11 bounds only headers still arriving
+        if size > self.http.max_header_bytes:
+            return ApiError(431, f"the request's headers are larger than {self.http.max_header_bytes} bytes",
+                            code="headers_too_large")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.allowed is not None and host_name(headers.get("host", "")) not in self.allowed:
+            return ApiError(400, "the Host header names a host this server does not answer to "
+                                 f"(it answers to {', '.join(sorted(self.allowed))} only)", code="invalid_host")
+        if scope["method"] == "POST":
+            kind = headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                return ApiError(415, f"the body must be sent as Content-Type: application/json, got {kind or 'none'!r}",
+                                code="unsupported_media_type")
+        return None
+
+    async def refuse(self, err: ApiError, send: Any) -> None:
+        body = json.dumps(err.body()).encode()
+        await send({"type": "http.response.start", "status": err.status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

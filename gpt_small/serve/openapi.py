@@ -1,0 +1,103 @@
+"""`GET /openapi.json`: an OpenAPI 3.1 description of the routes and their request bodies, with the
+bounds the decoders in protocol.py enforce (so a client generator or a fuzzer sees the same
+limits the server applies). Fields that OpenAI defines and this server refuses by name are listed
+too, described as such."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .protocol import Limits
+
+_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+_REFUSED = {"description": "known to OpenAI; refused by name when set"}
+
+
+def _sampling(limits: Limits, temperature: float) -> dict[str, Any]:
+    return {
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": temperature},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": -1, "description": "vLLM's; -1 or 0: off"},
+        "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 10, "default": 1},
+        "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+        "stream": {"type": "boolean", "default": False},
+    }
+
+
+def _openai_common(limits: Limits) -> dict[str, Any]:
+    h = limits.http
+    return {
+        "model": {"type": "string", "enum": [limits.model_name]},
+        "n": {"type": "integer", "minimum": 1, "maximum": limits.max_n, "default": 1},
+        "stop": {"oneOf": [{"type": "string", "minLength": 1, "maxLength": h.max_stop_chars},
+                           {"type": "array", "maxItems": h.max_stop_strings,
+                            "items": {"type": "string", "minLength": 1, "maxLength": h.max_stop_chars}}]},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}},
+                           "additionalProperties": False},
+        "user": {"type": "string"},
+        "presence_penalty": {"type": "number", "enum": [0]},
+        "frequency_penalty": {"type": "number", "enum": [0]},
+        "logit_bias": {"type": "object", "maxProperties": 0},
+    }
+
+
+def request_schemas(limits: Limits) -> dict[str, dict[str, Any]]:
+    """The request body schema of each POST route."""
+    h, max_tokens = limits.http, {"type": "integer", "minimum": 1, "maximum": limits.max_new_tokens}
+    completion = {**_openai_common(limits), **_sampling(limits, 1.0),
+                  "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "maxItems": limits.max_n,
+                                                            "items": {"type": "string"}}]},
+                  "max_tokens": {**max_tokens, "default": 16},
+                  "echo": {"type": "boolean", "default": False},
+                  "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": h.max_top_logprobs},
+                  "best_of": {"type": "integer", "description": "equal to n only"},
+                  "suffix": _REFUSED}
+    part = {"type": "object", "required": ["type", "text"],
+            "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+    message = {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant"]},
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": part}]},
+        "name": {"type": "string"}}}
+    chat = {**_openai_common(limits), **_sampling(limits, 1.0),
+            "messages": {"type": "array", "minItems": 1, "maxItems": h.max_messages, "items": message},
+            "max_tokens": max_tokens, "max_completion_tokens": max_tokens,
+            "logprobs": {"type": "boolean", "default": False},
+            "top_logprobs": {"type": "integer", "minimum": 0, "maximum": h.max_top_logprobs},
+            "response_format": {"type": "object", "properties": {"type": {"const": "text"}}},
+            "modalities": {"type": "array", "items": {"const": "text"}},
+            "store": {"type": "boolean", "enum": [False]},
+            **{name: _REFUSED for name in ("tools", "tool_choice", "functions", "function_call",
+                                           "parallel_tool_calls", "audio", "prediction", "reasoning_effort",
+                                           "web_search_options", "metadata", "service_tier")}}
+    poem = {**_sampling(limits, 0.8), "model": {"type": "string", "enum": [limits.model_name]},
+            "prompt": {"type": "string"}, "lines": {"type": "integer", "minimum": 1, "maximum": 200, "default": 12},
+            "stanzas": {"type": "integer", "minimum": 1, "maximum": 50, "default": 1}, "max_tokens": max_tokens}
+    required = {"/v1/completions": ["model"], "/v1/chat/completions": ["model", "messages"], "/v1/poem": []}
+    return {path: {"type": "object", "properties": props, "required": required[path], "additionalProperties": False}
+            for path, props in (("/v1/completions", completion), ("/v1/chat/completions", chat), ("/v1/poem", poem))}
+
+
+def openapi_schema(limits: Limits) -> dict[str, Any]:
+    errors = {str(code): {"description": why, "content": {"application/json": {"schema": _ERROR}}}
+              for code, why in ((400, "a field is wrong (param names it)"), (401, "missing or wrong API key"),
+                                (404, "no such model"), (408, "the body came too slowly"), (413, "body too large"),
+                                (415, "not application/json"), (429, "queue full"), (503, "shutting down"))}
+    ok = {"description": "OpenAI's object, or server-sent events when stream is true",
+          "content": {"application/json": {"schema": {"type": "object"}},
+                      "text/event-stream": {"schema": {"type": "string"}}}}
+    paths: dict[str, Any] = {
+        path: {"post": {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+                        "responses": {"200": ok, **errors}}}
+        for path, schema in request_schemas(limits).items()}
+    json_ok = {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}}
+    for path in ("/healthz", "/v1/models", "/v1/models/{model}", "/openapi.json"):
+        paths[path] = {"get": {"responses": json_ok}}
+    paths["/v1/models/{model}"]["get"]["parameters"] = [{"name": "model", "in": "path", "required": True,
+                                                         "schema": {"type": "string"}}]
+    paths["/metrics"] = {"get": {"responses": {"200": {"description": "Prometheus text format",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
+    return {"openapi": "3.1.0", "info": {"title": "gpt-small serve", "version": "1"}, "paths": paths,
+            "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
