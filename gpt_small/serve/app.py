@@ -29,6 +29,7 @@ from starlette.staticfiles import StaticFiles
 from ..ops.quantize import weights_of
 from . import responses as R
 from .engine import Engine, QueueFull, Sequence
+from .forms import form_poem
 from .protocol import ApiError, Limits, decode_completion, decode_poem, parse_json
 
 log = logging.getLogger("gpt_small.serve")
@@ -195,6 +196,8 @@ def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 
     async def poem(request: Request) -> Response:
         authorize(request)
         req = decode_poem(await body_json(request), tokenizer, limits)
+        if req.form is not None:  # rhyme / syllables: serve/forms.py, its lines as rows of the engine
+            return await form_poem(request, req, box["engine"], model, tokenizer, model_name)
         seq = Sequence(req.prompt_ids, req.sampling, max_new_tokens=req.max_tokens, tokenizer=tokenizer,
                        lines=req.lines * req.stanzas)
         queue = start(request, [seq])

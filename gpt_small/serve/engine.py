@@ -54,7 +54,9 @@ class Sequence:
 
     def __init__(self, prompt_ids: Seq[int], sampling: Sampling, *, max_new_tokens: int, tokenizer: Any,
                  stop: Seq[str] = (), keep_stop: bool = False, lines: int | None = None,
-                 on_event: Callable[[str, Any], None] = lambda kind, value: None):
+                 on_event: Callable[[str, Any], None] = lambda kind, value: None,
+                 forced: Seq[int] | None = None, score: bool = False, keep_first: bool = False,
+                 group: object | None = None):
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
         self.max_new_tokens = max_new_tokens
@@ -70,6 +72,16 @@ class Sequence:
         self.first_token_at: float | None = None
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)  # private either way:
         self.generator = torch.Generator().manual_seed(seed)  # threads never share torch's global RNG
+        # Hooks for verse forms (serve/forms.py), which run their candidate lines as rows here:
+        # `forced` tokens are taken instead of sampled (teacher forcing); with `score`, `logprobs`
+        # gets each taken token's log-probability at temperature 1 (before bans and penalties);
+        # with `keep_first`, `first_logprobs` keeps the whole first distribution (V,). Sequences of
+        # one `group` with the same prompt, admitted in one step, share one prefill.
+        self.forced = list(forced) if forced is not None else None
+        self.logprobs: list[float] | None = [] if score else None
+        self.keep_first = keep_first
+        self.first_logprobs: Tensor | None = None
+        self.group = group
 
     def cancel(self) -> None:
         """Free this sequence's row at the next step boundary (the client went away)."""
@@ -197,11 +209,12 @@ class Engine:
                     admit.append(self._pending.popleft())
             try:
                 with torch.inference_mode():
+                    first_new = len(self._rows)
                     for seq in admit:
                         if seq.cancelled:
                             self._end(seq, "cancelled")
                         else:
-                            self._admit(seq)
+                            self._admit(seq, self._rows[first_new:])
                     if self._rows:
                         self._step()
             except Exception:  # a bug, not a bad request: fail what is live, keep serving
@@ -217,12 +230,27 @@ class Engine:
         self.counts["cancelled" if reason == "cancelled" else "finished"] += 1
         seq.finish(reason)
 
-    def _admit(self, seq: Sequence) -> None:
+    def _admit(self, seq: Sequence, admitted: list[_Row] = ()) -> None:
         ids = torch.tensor(seq.prompt_ids, dtype=torch.long)
         row = _Row(seq, ids, self.window)
         self._rows.append(row)
+        if self._share_prefill(row, admitted):
+            return
         start = max(0, row.T0 - self.window)  # a prompt longer than the window is cropped, as generate does
         self._prefill_row(len(self._rows) - 1, row.ids[start:row.T0])
+
+    def _share_prefill(self, row: _Row, admitted: list[_Row]) -> bool:
+        """Copy the cache and logits of a row of the same group and prompt admitted in this step
+        (not yet decoded, so its cache holds exactly the prompt) instead of prefilling again."""
+        seq = row.seq
+        if seq.group is None or row.T0 > self.window:
+            return False
+        for other in admitted:
+            if other.seq.group is seq.group and other.seq.prompt_ids == seq.prompt_ids and other in self._rows:
+                self.model.copy_kv_cache_row(self._rows.index(other), len(self._rows) - 1, row.T0)
+                row.logits = other.logits.clone()
+                return True
+        return False
 
     def _prefill_row(self, i: int, ids: Tensor) -> None:
         with self.model.kv_cache_rows(i, i + 1):
@@ -237,12 +265,20 @@ class Engine:
                 self._end(seq, "cancelled")
                 continue
             logits, s = row.logits, seq.sampling
-            if self.banned:
-                logits[:, self.banned] = float("-inf")
-            if s.repetition_penalty != 1.0:
-                logits = apply_repetition_penalty(logits, row.ids[None, :row.T], s.repetition_penalty)
-            cur = int(sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                             generator=seq.generator)[0])
+            lp = torch.log_softmax(logits[0].float(), dim=-1) if seq.logprobs is not None else None
+            if seq.keep_first and seq.first_logprobs is None:
+                seq.first_logprobs = lp if lp is not None else torch.log_softmax(logits[0].float(), dim=-1)
+            if seq.forced is not None:
+                cur = seq.forced[len(seq.new_ids)]
+            else:
+                if self.banned:
+                    logits[:, self.banned] = float("-inf")
+                if s.repetition_penalty != 1.0:
+                    logits = apply_repetition_penalty(logits, row.ids[None, :row.T], s.repetition_penalty)
+                cur = int(sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                 generator=seq.generator)[0])
+            if lp is not None:
+                seq.logprobs.append(float(lp[cur]))
             row.ids[row.T] = cur
             row.T += 1
             self.counts["tokens"] += 1
