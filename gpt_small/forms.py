@@ -383,7 +383,6 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
                 line_head = head if not lines else ""
                 ids = tokenizer.encode(context)[-(block - max_line):]
                 prefix = torch.tensor(ids, dtype=torch.long, device=device)
-                t_line = time.perf_counter()
                 best, tried = _write_line(lm, tokenizer, judge, prefix, line_head, search, max_line, block)
                 word = verse.last_word(best.text)
                 if letter is not None and word and best.ok:
@@ -395,7 +394,7 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
                                   "end_word": word, "syllables": lo if lo == hi else [lo, hi],
                                   "log_prob": round(best.log_prob, 4), "how": best.how, "candidates": tried,
                                   "met": best.ok, "violations": best.violations,
-                                  "over_budget": not best.ok, "seconds": round(time.perf_counter() - t_line, 3)})
+                                  "over_budget": not best.ok})
                 if on_line is not None:
                     on_line(line_meta[-1])
     finally:

@@ -92,12 +92,14 @@ def decode_form(d: dict[str, Any], lines: int | None, stanzas: int | None) -> tu
             form = Form(rhyme=rhyme, lines=(lines or len(scheme[0])) * k, stanzas=k, syllables=syllables)
     else:
         form = Form(lines=(lines or 12) * k, stanzas=k, syllables=syllables)
+    if form.lines is not None and form.lines > MAX_FORM_LINES:
+        raise _bad("lines", f"a poem in a form has at most {MAX_FORM_LINES} lines; this one has {form.lines}")
     try:
-        total = sum(map(len, form.plan()))
+        form.plan()
     except GPTSmallError as e:
-        raise _bad("stanzas" if stanzas is not None else "rhyme", str(e).replace("--", "")) from None
-    if total > MAX_FORM_LINES:
-        raise _bad("lines", f"a poem in a form has at most {MAX_FORM_LINES} lines; this one has {total}")
+        param = ("stanzas" if "stanzas" in str(e) or lines is None and stanzas is not None
+                 else "lines" if lines is not None else "rhyme")
+        raise _bad(param, str(e).replace("--", "")) from None
     return form, (name.lower() if name is not None else None)
 
 
@@ -170,14 +172,15 @@ class EngineCalls:
         return [sum(s.logprobs) for s in seqs]
 
 
-def form_check(form: Form, name: str | None, meta: dict[str, Any]) -> dict[str, Any]:
+def form_check(form: Form, name: str | None, meta: dict[str, Any], seconds: list[float]) -> dict[str, Any]:
     """The response's account of the form: which lines meet it and what the others break."""
     return {"name": name, "rhyme": meta["form"]["plan"][0] if form.rhyme else None, "syllables": form.syllables,
             "tolerance": form.tolerance, "all_met": meta["all_met"],
             "lines_met": sum(m["met"] for m in meta["lines"]), "lines_total": len(meta["lines"]),
             "candidates": meta["candidates"],
             "lines": [{k: m[k] for k in ("line", "stanza", "rhyme", "text", "end_word", "syllables", "met",
-                                         "violations", "how", "candidates", "seconds")} for m in meta["lines"]]}
+                                         "violations", "how", "candidates")} | {"seconds": t}
+                      for m, t in zip(meta["lines"], seconds)]}
 
 
 async def form_poem(request: Request, req: Any, engine: Engine, model: Any, tokenizer: Any,
@@ -198,12 +201,18 @@ async def form_poem(request: Request, req: Any, engine: Engine, model: Any, toke
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
             loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
+    line_seconds: list[float] = []  # wall time of each line's search, as the server saw it
+
+    def on_line(m: dict[str, Any]) -> None:
+        line_seconds.append(round(time.perf_counter() - started - sum(line_seconds), 3))
+        post("line", m)
+
     def work() -> None:
         try:
             calls = lambda newline, sampling, banned: EngineCalls(engine, tokenizer, sampling, s.seed, stop)  # noqa: E731
             poem = compose(model, tokenizer, req.form, prompt=req.prompt, search=SearchConfig(),
                            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed, calls=calls,
-                           on_line=lambda m: post("line", m))
+                           on_line=on_line)
             post("done", poem)
         except Cancelled:
             post("cancelled", None)
@@ -229,7 +238,7 @@ async def form_poem(request: Request, req: Any, engine: Engine, model: Any, toke
         request.state.tokens = tokens
         out = R.poem(pid, model_name, req.prompt, text, "stop", len(req.prompt_ids), tokens,
                      R.timing(started, first_at[0], tokens))
-        return {**out, "seed": s.seed, "form": form_check(req.form, req.form_name, poem.meta)}
+        return {**out, "seed": s.seed, "form": form_check(req.form, req.form_name, poem.meta, line_seconds)}
 
     async def items() -> AsyncIterator[tuple[str, Any]]:
         try:
