@@ -81,3 +81,116 @@ def test_page_writes_streams_stops_and_cowrites(tmp_path):
             browser.close()
     assert shot.stat().st_size > 10_000
     assert any(line.startswith("POST /v1/poem 200") for line in err)
+
+
+# --- forms, history, errors and small screens ---
+
+def _open(browser, url: str, width: int = 900, height: int = 1000):
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.set_default_timeout(240_000)
+    page.add_init_script("Math.random = () => 0.25")  # the page's seeds, fixed: the same poem each run
+    page.goto(url + "/")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('ready')")
+    return page
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    run_dir = make_checkpoint(tmp_path_factory.mktemp("page") / "tiny-poet")
+    with live_server(run_dir, "--max-batch", "16") as (url, _, err), sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            yield url, browser, err
+        finally:
+            browser.close()
+
+
+def test_sonnet_form_history_and_seed(server):
+    url, browser, _ = server
+    page = _open(browser, url)
+    page.fill("#prompt", "")
+    page.select_option("#form", "sonnet")
+    assert page.input_value("#syllables") == "10" and page.is_disabled("#lines")  # a sonnet has its length
+    page.click("#write")
+    page.wait_for_function("!document.querySelector('#check').hidden")
+    verse = [line for line in page.inner_text("#poem").split("\n") if line.strip()]
+    assert len(verse) == 14
+    check = page.inner_text("#check")
+    assert "All 14 lines meet the form (sonnet, rhyme ABAB CDCD EFEF GG, 10±1 syllables)" in check, check
+    seed = page.inner_text("#seed")
+    assert seed.startswith("seed ") and page.is_visible("#again")
+    poem = page.inner_text("#poem")
+
+    # the same seed writes the same sonnet
+    page.click("#again")
+    page.wait_for_function("!document.querySelector('#write').disabled && !document.querySelector('#check').hidden")
+    assert page.inner_text("#poem") == poem and page.inner_text("#seed") == seed
+
+    # history: both poems survive a reload; reopen shows the poem, its check and seed; delete stays deleted
+    page.reload()
+    page.wait_for_function("document.querySelectorAll('#history li').length === 2")
+    item = page.locator("#history li").first
+    assert "sonnet" in item.inner_text() and seed in item.inner_text()
+    page.fill("#prompt", "something else")
+    page.select_option("#form", "free")
+    item.get_by_role("button", name="Reopen").click()
+    assert page.inner_text("#poem") == poem and page.input_value("#form") == "sonnet"
+    assert "All 14 lines meet the form" in page.inner_text("#check") and page.inner_text("#seed") == seed
+    item.get_by_role("button", name="Delete").click()
+    assert page.locator("#history li").count() == 1
+    page.reload()
+    page.wait_for_function("document.querySelectorAll('#history li').length === 1")
+
+    # a phone: no horizontal scroll, with a poem, its check and the history on the page
+    page.set_viewport_size({"width": 375, "height": 800})
+    page.locator("#history li").first.get_by_role("button", name="Reopen").click()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    page.close()
+
+
+def test_cut_notice_and_stanza_breaks_when_writing_together(tmp_path):
+    run_dir = make_checkpoint(tmp_path / "tiny-poet")
+    with live_server(run_dir, "--max-new-tokens", "40") as (url, _, err), sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = _open(browser, url)
+            page.fill("#prompt", "The sea\n")
+            page.locator("#lines").fill("24")
+            page.click("#write")
+            page.wait_for_function("!document.querySelector('#cut').hidden")
+            body = page.text_content("#poem")[len("The sea\n"):]
+            assert page.inner_text("#cut").startswith(f"Cut at {len(body)} characters")
+            # writing together: a blank line between stanzas of four
+            page.click("#tab-cowrite")
+            for line in ("One", "Two", "Three", "Four", "Five"):
+                page.fill("#line", line)
+                page.press("#line", "Enter")
+                page.wait_for_function("!document.querySelector('#answer').disabled")
+            assert page.locator("#verses li.blank").count() >= 1
+            kinds = page.eval_on_selector_all("#verses li", "els => els.map(e => e.className)")
+            assert kinds[4] == "blank" and kinds.count("blank") == (len(kinds) - kinds.count("blank") - 1) // 4
+        finally:
+            browser.close()
+
+
+def test_server_down_and_wrong_key_are_said_plainly(tmp_path):
+    run_dir = make_checkpoint(tmp_path / "tiny-poet")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            with live_server(run_dir, "--api-key", "right") as (url, proc, err):
+                page = _open(browser, url)
+                asked = []
+                page.on("dialog", lambda d: (asked.append(d.message), d.accept("wrong")))
+                page.click("#write")
+                page.wait_for_function("document.querySelector('#status').textContent.includes('API key was wrong')")
+                assert len(asked) == 1  # asked once, told it was wrong, not asked again
+            # the server has stopped; the page is still open
+            assert proc.poll() is not None
+            page.click("#write")
+            page.wait_for_function("document.querySelector('#status').textContent.includes('not running')")
+            status = page.inner_text("#status")
+            assert "Failed to fetch" not in status and status.startswith("The server is not running")
+            assert len(asked) == 1
+        finally:
+            browser.close()
