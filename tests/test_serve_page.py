@@ -1,8 +1,10 @@
 """The page in a real browser: Playwright driving Debian's Chromium (`make test` installs it with
 apt; Playwright cannot download browsers here) against a live `gpt-small serve`. Types a prompt,
-presses Write, sees lines stream in, presses Stop, co-writes a line and re-rolls it; saves a
-screenshot. With GPT_SMALL_SERVE_CHECKPOINT set (a trained run, e.g. runs/poem-cpu) the screenshot
-goes to docs/serve-page.png; otherwise to the test's temporary folder."""
+presses Write, sees lines stream in, presses Stop, co-writes a line and re-rolls it; writes a
+sonnet and reads its form check; keeps history across a reload; says plainly when the server is
+down or the key is wrong; fits a phone's width. With GPT_SMALL_SERVE_CHECKPOINT set (a trained
+run, e.g. runs/poem-cpu) the sonnet's screenshot goes to docs/serve-page.png; otherwise to the
+test's temporary folder."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ pytestmark = [pytest.mark.slow,
 def test_page_writes_streams_stops_and_cowrites(tmp_path):
     trained = os.environ.get("GPT_SMALL_SERVE_CHECKPOINT")
     run_dir = Path(trained) if trained else make_checkpoint(tmp_path / "tiny-poet")
-    shot = Path("docs/serve-page.png") if trained else tmp_path / "serve-page.png"
+    shot = tmp_path / "serve-page.png"
     with live_server(run_dir) as (url, _, err), sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:
@@ -96,7 +98,8 @@ def _open(browser, url: str, width: int = 900, height: int = 1000):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    run_dir = make_checkpoint(tmp_path_factory.mktemp("page") / "tiny-poet")
+    trained = os.environ.get("GPT_SMALL_SERVE_CHECKPOINT")
+    run_dir = Path(trained) if trained else make_checkpoint(tmp_path_factory.mktemp("page") / "tiny-poet")
     with live_server(run_dir, "--max-batch", "16") as (url, _, err), sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:
@@ -105,21 +108,24 @@ def server(tmp_path_factory):
             browser.close()
 
 
-def test_sonnet_form_history_and_seed(server):
+def test_sonnet_form_history_and_seed(server, tmp_path):
     url, browser, _ = server
     page = _open(browser, url)
-    page.fill("#prompt", "")
+    page.fill("#prompt", "The Tide\n" if os.environ.get("GPT_SMALL_SERVE_CHECKPOINT") else "")
     page.select_option("#form", "sonnet")
     assert page.input_value("#syllables") == "10" and page.is_disabled("#lines")  # a sonnet has its length
     page.click("#write")
     page.wait_for_function("!document.querySelector('#check').hidden")
-    verse = [line for line in page.inner_text("#poem").split("\n") if line.strip()]
-    assert len(verse) == 14
+    verse = [line for line in page.text_content("#poem").split("\n") if line.strip()]
+    assert len(verse) == 14 + (page.input_value("#prompt") != "")
     check = page.inner_text("#check")
     assert "All 14 lines meet the form (sonnet, rhyme ABAB CDCD EFEF GG, 10±1 syllables)" in check, check
     seed = page.inner_text("#seed")
     assert seed.startswith("seed ") and page.is_visible("#again")
     poem = page.inner_text("#poem")
+    shot = Path("docs/serve-page.png") if os.environ.get("GPT_SMALL_SERVE_CHECKPOINT") else tmp_path / "page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
 
     # the same seed writes the same sonnet
     page.click("#again")
