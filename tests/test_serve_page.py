@@ -151,6 +151,7 @@ def test_sonnet_form_history_and_seed(server, tmp_path):
     page.set_viewport_size({"width": 375, "height": 800})
     page.locator("#history li").first.get_by_role("button", name="Reopen").click()
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
     page.close()
 
 

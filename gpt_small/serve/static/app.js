@@ -216,7 +216,10 @@ async function write(seed = randomSeed(), s = settings(), prompt = $("prompt").v
     renderPoem(prompt, text);
     renderCheck(result.form);
     showCut(result, text);
-    $("status").textContent = `${modelName} · ${rate(result.timing)}`;
+    $("status").textContent = `${modelName} · ` + (result.form
+      ? `${result.form.lines_total} lines from ${result.form.candidates.toLocaleString("en")} candidates · ` +
+        `${(result.timing.ms / 1000).toFixed(1)} s`
+      : rate(result.timing));
     remember({ prompt, text, settings: s, seed, form: result.form || null, cut: result.finish_reason === "length" });
   } catch (e) {
     const secs = (performance.now() - started) / 1000;
@@ -295,15 +298,20 @@ function renderHistory() {
     const buttons = [["Reopen", () => reopen(entry)],
       ["Copy", (b) => copyText(entry.prompt + entry.text, b)],
       ["Delete", () => { saveHistory(loadHistory().filter((x) => x.id !== entry.id)); renderHistory(); }]];
-    li.append(title, info);
+    const what = document.createElement("span");
+    what.className = "what";
+    what.append(title, info);
+    const actions = document.createElement("span");
+    actions.className = "actions";
     for (const [label, act] of buttons) {
       const b = document.createElement("button");
       b.className = "quiet";
       b.textContent = label;
       b.ariaLabel = `${label}: ${title.textContent}`;
       b.addEventListener("click", () => act(b));
-      li.append(b);
+      actions.append(b);
     }
+    li.append(what, actions);
     list.append(li);
   }
 }
