@@ -240,7 +240,7 @@ const HISTORY_MAX = 20;
 function loadHistory() {
   try {
     const h = JSON.parse(localStorage.getItem(HISTORY_KEY) || "[]");
-    return Array.isArray(h) ? h : [];
+    return Array.isArray(h) ? h.filter((e) => e && e.settings && typeof e.text === "string") : [];
   } catch {
     return [];
   }
@@ -342,6 +342,7 @@ $("again").addEventListener("click", () => lastRun && write(lastRun.seed, lastRu
 $("stop").addEventListener("click", stop);
 $("copy").addEventListener("click", () => copyText(shownText, $("copy")));
 $("form").addEventListener("change", () => formChanged());
+formChanged(false);  // a reload may have restored the controls
 renderHistory();
 for (const id of ["temp", "lines"]) {
   $(id).addEventListener("input", () => ($(`${id}-out`).textContent = $(id).value));
