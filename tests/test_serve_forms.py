@@ -129,4 +129,7 @@ def test_forms_run_beside_plain_streams_without_stalling_them(tmp_path):
         for t in threads:
             t.join(timeout=900)
         assert len(gaps) == 16 and len(line_seconds) == 16, err
-        assert max(gaps) < statistics.median(line_seconds), (max(gaps), sorted(line_seconds))
+        line = statistics.median(line_seconds)
+        print(f"longest wait between two chunks of a plain stream {max(gaps):.3f} s; "
+              f"a form line: median {line:.3f} s, shortest {min(line_seconds):.3f} s")
+        assert max(gaps) < line, (max(gaps), sorted(line_seconds))
