@@ -87,6 +87,16 @@ def test_page_writes_streams_stops_and_cowrites(tmp_path):
 
 # --- forms, history, errors and small screens ---
 
+def _contrast(a: str, b: str) -> float:
+    """WCAG contrast ratio of two CSS rgb() colours."""
+    def luminance(css: str) -> float:
+        rgb = [int(x) / 255 for x in css[css.index("(") + 1:css.index(")")].split(",")[:3]]
+        lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
 def _open(browser, url: str, width: int = 900, height: int = 1000):
     page = browser.new_page(viewport={"width": width, "height": height})
     page.set_default_timeout(240_000)
@@ -97,19 +107,26 @@ def _open(browser, url: str, width: int = 900, height: int = 1000):
 
 
 @pytest.fixture(scope="module")
+def browser():
+    """One Playwright and Chromium for the tests below (Playwright's sync API runs one at a time)."""
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
 def server(tmp_path_factory):
     trained = os.environ.get("GPT_SMALL_SERVE_CHECKPOINT")
     run_dir = Path(trained) if trained else make_checkpoint(tmp_path_factory.mktemp("page") / "tiny-poet")
-    with live_server(run_dir, "--max-batch", "16") as (url, _, err), sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            yield url, browser, err
-        finally:
-            browser.close()
+    with live_server(run_dir, "--max-batch", "16") as (url, _, err):
+        yield url, err
 
 
-def test_sonnet_form_history_and_seed(server, tmp_path):
-    url, browser, _ = server
+def test_sonnet_form_history_and_seed(server, browser, tmp_path):
+    url, _ = server
     page = _open(browser, url)
     page.fill("#prompt", "The Tide\n" if os.environ.get("GPT_SMALL_SERVE_CHECKPOINT") else "")
     page.select_option("#form", "sonnet")
@@ -155,12 +172,11 @@ def test_sonnet_form_history_and_seed(server, tmp_path):
     page.close()
 
 
-def test_cut_notice_and_stanza_breaks_when_writing_together(tmp_path):
+def test_cut_notice_and_stanza_breaks_when_writing_together(browser, tmp_path):
     run_dir = make_checkpoint(tmp_path / "tiny-poet")
-    with live_server(run_dir, "--max-new-tokens", "40") as (url, _, err), sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+    with live_server(run_dir, "--max-new-tokens", "40") as (url, _, err):
+        page = _open(browser, url)
         try:
-            page = _open(browser, url)
             page.fill("#prompt", "The sea\n")
             page.locator("#lines").fill("24")
             page.click("#write")
@@ -177,27 +193,33 @@ def test_cut_notice_and_stanza_breaks_when_writing_together(tmp_path):
             kinds = page.eval_on_selector_all("#verses li", "els => els.map(e => e.className)")
             assert kinds[4] == "blank" and kinds.count("blank") == (len(kinds) - kinds.count("blank") - 1) // 4
         finally:
-            browser.close()
+            page.close()
 
 
-def test_server_down_and_wrong_key_are_said_plainly(tmp_path):
+def test_server_down_and_wrong_key_are_said_plainly(browser, tmp_path):
     run_dir = make_checkpoint(tmp_path / "tiny-poet")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            with live_server(run_dir, "--api-key", "right") as (url, proc, err):
-                page = _open(browser, url)
-                asked = []
-                page.on("dialog", lambda d: (asked.append(d.message), d.accept("wrong")))
-                page.click("#write")
-                page.wait_for_function("document.querySelector('#status').textContent.includes('API key was wrong')")
-                assert len(asked) == 1  # asked once, told it was wrong, not asked again
-            # the server has stopped; the page is still open
-            assert proc.poll() is not None
+    page = browser.new_page(viewport={"width": 900, "height": 1000})
+    try:
+        with live_server(run_dir, "--api-key", "right") as (url, proc, err):
+            page.close()
+            page = _open(browser, url)
+            # dark mode: the Write button under the pointer keeps its text readable (WCAG AA)
+            page.emulate_media(color_scheme="dark")
+            page.hover("#write")
+            fg, bg = page.eval_on_selector("#write", "b => [getComputedStyle(b).color, getComputedStyle(b).backgroundColor]")
+            assert _contrast(fg, bg) >= 4.5, (fg, bg)
+            page.emulate_media(color_scheme="light")
+            asked = []
+            page.on("dialog", lambda d: (asked.append(d.message), d.accept("wrong")))
             page.click("#write")
-            page.wait_for_function("document.querySelector('#status').textContent.includes('not running')")
-            status = page.inner_text("#status")
-            assert "Failed to fetch" not in status and status.startswith("The server is not running")
-            assert len(asked) == 1
-        finally:
-            browser.close()
+            page.wait_for_function("document.querySelector('#status').textContent.includes('API key was wrong')")
+            assert len(asked) == 1  # asked once, told it was wrong, not asked again
+        # the server has stopped; the page is still open
+        assert proc.poll() is not None
+        page.click("#write")
+        page.wait_for_function("document.querySelector('#status').textContent.includes('not running')")
+        status = page.inner_text("#status")
+        assert "Failed to fetch" not in status and status.startswith("The server is not running")
+        assert len(asked) == 1
+    finally:
+        page.close()
