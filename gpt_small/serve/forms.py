@@ -273,5 +273,7 @@ async def form_poem(request: Request, req: Any, engine: Engine, model: Any, toke
     async for kind, value in items():
         if kind == "done":
             return JSONResponse(result(value))
-    raise ApiError(503, "the server is shutting down", type="server_error")
+    if getattr(request.state, "cancelled", False):  # the client left: nobody reads this
+        return Response(status_code=499)
+    raise ApiError(503, "the server is shutting down", type="server_error", headers={"Retry-After": "1"})
 
