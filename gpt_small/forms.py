@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -207,6 +208,26 @@ def score_continuations(model: nn.Module, prefix: Tensor, conts: list[list[int]]
     return scores
 
 
+class ModelCalls:
+    """The three model calls of a form's search. `compose` runs them on the model directly; the
+    server runs them as rows of its batch (serve/forms.py) behind the same three methods."""
+
+    def __init__(self, model: nn.Module, newline: Tensor, generator: torch.Generator | None, sampling: dict,
+                 banned: list[int], batch_rows: int):
+        self.model, self.newline, self.generator = model, newline, generator
+        self.sampling, self.banned, self.batch_rows = sampling, banned, batch_rows
+
+    def sample_lines(self, prefix: Tensor, rows: int, max_tokens: int) -> list[tuple[list[int], float, bool]]:
+        return sample_lines(self.model, prefix, rows, max_tokens, self.newline, self.generator, self.sampling,
+                            self.banned)
+
+    def next_token_logprobs(self, prefix: Tensor) -> Tensor:
+        return next_token_logprobs(self.model, prefix)
+
+    def score_continuations(self, prefix: Tensor, conts: list[list[int]]) -> list[float]:
+        return score_continuations(self.model, prefix, conts, self.batch_rows)
+
+
 # ---------------------------------------------------------------- constraints
 
 MAX_POOL = 2000  # dictionary words ranked per stem at most (Judge.ending_words)
@@ -318,8 +339,12 @@ def _newline_mask(tokenizer: TextTokenizer, vocab_size: int, device: torch.devic
 
 def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: str = "",
             search: SearchConfig | None = None, temperature: float = 0.8, top_k: int | None = None,
-            top_p: float | None = None, seed: int | None = None) -> Poem:
-    """Write a poem in `form`, continuing `prompt`; see the module docstring."""
+            top_p: float | None = None, seed: int | None = None,
+            calls: Callable[[Tensor, dict, list[int]], ModelCalls] | None = None,
+            on_line: Callable[[dict[str, Any]], None] | None = None) -> Poem:
+    """Write a poem in `form`, continuing `prompt`; see the module docstring. `calls(newline,
+    sampling, banned)` gives the object that runs the model (default: ModelCalls on `model`, whose
+    KV cache it then owns for the poem's length); `on_line` hears of each line as it is chosen."""
     search = search or SearchConfig()
     check_sampling_args(temperature, top_k, top_p)
     plan = form.plan()
@@ -335,6 +360,9 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    own_model = calls is None
+    lm = (ModelCalls(model, newline, generator, sampling, banned, search.batch_rows) if own_model
+          else calls(newline, sampling, banned))
 
     base = prompt or "\n"  # an empty prompt starts a new line, as generate_text does
     tokenizer.encode(base, unknown="error")
@@ -344,7 +372,8 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
     used: dict[str, set[str]] = {}
     line_meta: list[dict[str, Any]] = []
     was_training = model.training
-    model.eval()
+    if own_model:
+        model.eval()
     try:
         for s, stanza in enumerate(plan):
             for letter in stanza:
@@ -354,8 +383,7 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
                 line_head = head if not lines else ""
                 ids = tokenizer.encode(context)[-(block - max_line):]
                 prefix = torch.tensor(ids, dtype=torch.long, device=device)
-                best, tried = _write_line(model, tokenizer, judge, prefix, line_head, search, max_line, newline,
-                                          generator, sampling, banned)
+                best, tried = _write_line(lm, tokenizer, judge, prefix, line_head, search, max_line, block)
                 word = verse.last_word(best.text)
                 if letter is not None and word and best.ok:
                     group_words.setdefault(letter, word)
@@ -367,9 +395,12 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
                                   "log_prob": round(best.log_prob, 4), "how": best.how, "candidates": tried,
                                   "met": best.ok, "violations": best.violations,
                                   "over_budget": not best.ok})
+                if on_line is not None:
+                    on_line(line_meta[-1])
     finally:
-        model.clear_kv_cache()
-        model.train(was_training)
+        if own_model:
+            model.clear_kv_cache()
+            model.train(was_training)
 
     body, k = [], 0
     for stanza in plan:
@@ -388,15 +419,14 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
     return Poem(text=text, lines=lines, meta=meta)
 
 
-def _write_line(model: nn.Module, tokenizer: TextTokenizer, judge: _Judge, prefix: Tensor, head: str,
-                search: SearchConfig, max_line: int, newline: Tensor, generator: torch.Generator | None,
-                sampling: dict, banned: list[int]) -> tuple[_Candidate, int]:
+def _write_line(lm: ModelCalls, tokenizer: TextTokenizer, judge: _Judge, prefix: Tensor, head: str,
+                search: SearchConfig, max_line: int, block: int) -> tuple[_Candidate, int]:
     pool: list[_Candidate] = []
     stems_tried: set[str] = set()
     tried = 0
     while tried < search.budget:
         n = min(search.candidates, search.budget - tried)
-        for ids, lp, ended in sample_lines(model, prefix, n, max_line, newline, generator, sampling, banned):
+        for ids, lp, ended in lm.sample_lines(prefix, n, max_line):
             text = head + tokenizer.decode(ids).split("\n", 1)[0]
             bad = judge.check(text) + ([] if ended else [f"no newline within {max_line} tokens"])
             pool.append(_Candidate(text, lp, bad, "sampled"))
@@ -419,8 +449,8 @@ def _write_line(model: nn.Module, tokenizer: TextTokenizer, judge: _Judge, prefi
         for stem in stems:
             if tried >= search.budget:
                 break
-            cands = _score_endings(model, tokenizer, judge, prefix, head, stem, search,
-                                   min(search.endings, search.budget - tried))
+            cands = _score_endings(lm, tokenizer, judge, prefix, head, stem, search,
+                                   min(search.endings, search.budget - tried), block)
             tried += len(cands)
             pool.extend(cands)
         if any(c.ok for c in pool):
@@ -430,8 +460,8 @@ def _write_line(model: nn.Module, tokenizer: TextTokenizer, judge: _Judge, prefi
     return best, tried
 
 
-def _score_endings(model: nn.Module, tokenizer: TextTokenizer, judge: _Judge, prefix: Tensor, head: str,
-                   stem: str, search: SearchConfig, limit: int) -> list[_Candidate]:
+def _score_endings(lm: ModelCalls, tokenizer: TextTokenizer, judge: _Judge, prefix: Tensor, head: str,
+                   stem: str, search: SearchConfig, limit: int, block: int) -> list[_Candidate]:
     words = judge.ending_words(stem)
     if not words or limit < 1:
         return []
@@ -442,7 +472,7 @@ def _score_endings(model: nn.Module, tokenizer: TextTokenizer, judge: _Judge, pr
         if getattr(tokenizer, "unk_id", None) in ids:  # a character the vocabulary lacks
             continue
         endings.append((w, ids))
-    keep = model.config.block_size - len(stem_ids) - max((len(e) for _, e in endings), default=0)
+    keep = block - len(stem_ids) - max((len(e) for _, e in endings), default=0)
     if not endings or keep < 1:
         return []
     prefix = prefix[-keep:]  # prefix + stem + ending within the model's block
@@ -452,9 +482,9 @@ def _score_endings(model: nn.Module, tokenizer: TextTokenizer, judge: _Judge, pr
     while all(len(e) > common + 1 and e[common] == endings[0][1][common] for _, e in endings):
         common += 1
     ctx = torch.cat((prefix, torch.tensor(stem_ids + endings[0][1][:common], dtype=torch.long, device=prefix.device)))
-    first = next_token_logprobs(model, ctx)
+    first = lm.next_token_logprobs(ctx)
     ranked = sorted(endings, key=lambda e: (-float(first[e[1][common]]), len(e[0]), e[0]))[:limit]
-    scores = score_continuations(model, prefix, [stem_ids + e for _, e in ranked], search.batch_rows)
+    scores = lm.score_continuations(prefix, [stem_ids + e for _, e in ranked])
     out = []
     for (w, _), lp in zip(ranked, scores):
         text = f"{stem} {w}"

@@ -34,6 +34,7 @@ from ..ops.quantize import weights_of
 from . import responses as R
 from .guard import Guard, route_of
 from .engine import Engine, QueueFull, Sequence, ShuttingDown
+from .forms import form_poem
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import openapi_schema
 from .protocol import (HTTP_LIMITS, ApiError, CompletionRequest, HttpLimits, Limits, decode_chat, decode_completion,
@@ -312,6 +313,8 @@ async def poem(request: Request) -> Response:
     authorize(request)
     s = request.app.state
     req = decode_poem(await body_json(request), s.tokenizer, s.limits)
+    if req.form is not None:  # rhyme / syllables: serve/forms.py, its lines as rows of the engine
+        return await form_poem(request, req, s.engine, s.model, s.tokenizer, s.model_name)
     seq = Sequence(req.prompt_ids, req.sampling, max_new_tokens=req.max_tokens, tokenizer=s.tokenizer,
                    lines=req.lines * req.stanzas)
     queue = start(request, [seq])

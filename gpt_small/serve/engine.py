@@ -58,7 +58,9 @@ class Sequence:
 
     def __init__(self, prompt_ids: Seq[int], sampling: Sampling, *, max_new_tokens: int, tokenizer: Any,
                  stop: Seq[str] = (), keep_stop: bool = False, lines: int | None = None,
-                 logprobs: int | None = None, on_event: Callable[[str, Any], None] = lambda kind, value: None):
+                 logprobs: int | None = None, on_event: Callable[[str, Any], None] = lambda kind, value: None,
+                 forced: Seq[int] | None = None, score: bool = False, keep_first: bool = False,
+                 group: object | None = None):
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
         self.max_new_tokens = max_new_tokens
@@ -78,6 +80,16 @@ class Sequence:
         self.first_token_at: float | None = None
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)  # private either way:
         self.generator = torch.Generator().manual_seed(seed)  # threads never share torch's global RNG
+        # Hooks for verse forms (serve/forms.py), which run their candidate lines as rows here:
+        # `forced` tokens are taken instead of sampled (teacher forcing); with `score`, `scores`
+        # gets each taken token's log-probability at temperature 1 (before bans and penalties);
+        # with `keep_first`, `first_logprobs` keeps the whole first distribution (V,). Sequences of
+        # one `group` with the same prompt, admitted in one step, share one prefill.
+        self.forced = list(forced) if forced is not None else None
+        self.scores: list[float] | None = [] if score else None
+        self.keep_first = keep_first
+        self.first_logprobs: Tensor | None = None
+        self.group = group
 
     def cancel(self) -> None:
         """Free this sequence's row at the next step boundary (the client went away)."""
@@ -205,11 +217,12 @@ class Engine:
                     admit.append(self._pending.popleft())
             try:
                 with torch.inference_mode():
+                    first_new = len(self._rows)
                     for seq in admit:
                         if seq.cancelled:
                             self._end(seq, "cancelled")
                         else:
-                            self._admit(seq)
+                            self._admit(seq, self._rows[first_new:])
                     if self._rows:
                         self._step()
             except Exception:  # a bug, not a bad request: fail what is live, keep serving
@@ -225,12 +238,27 @@ class Engine:
         self.counts["cancelled" if reason == "cancelled" else "finished"] += 1
         seq.finish(reason)
 
-    def _admit(self, seq: Sequence) -> None:
+    def _admit(self, seq: Sequence, admitted: list[_Row] = ()) -> None:
         ids = torch.tensor(seq.prompt_ids, dtype=torch.long)
         row = _Row(seq, ids, self.window)
         self._rows.append(row)
+        if self._share_prefill(row, admitted):
+            return
         start = max(0, row.T0 - self.window)  # a prompt longer than the window is cropped, as generate does
         self._prefill_row(len(self._rows) - 1, row.ids[start:row.T0])
+
+    def _share_prefill(self, row: _Row, admitted: list[_Row]) -> bool:
+        """Copy the cache and logits of a row of the same group and prompt admitted in this step
+        (not yet decoded, so its cache holds exactly the prompt) instead of prefilling again."""
+        seq = row.seq
+        if seq.group is None or row.T0 > self.window:
+            return False
+        for other in admitted:
+            if other.seq.group is seq.group and other.seq.prompt_ids == seq.prompt_ids and other in self._rows:
+                self.model.copy_kv_cache_row(self._rows.index(other), len(self._rows) - 1, row.T0)
+                row.logits = other.logits.clone()
+                return True
+        return False
 
     def _prefill_row(self, i: int, ids: Tensor) -> None:
         with self.model.kv_cache_rows(i, i + 1):
@@ -246,16 +274,24 @@ class Engine:
                 continue
             logits, s = row.logits, seq.sampling
             # the model's own distribution, before the ban, penalty, temperature and truncation
-            logprobs = torch.log_softmax(logits.float(), dim=-1)[0] if seq.logprobs is not None else None
-            if self.banned:
-                logits[:, self.banned] = float("-inf")
-            if s.repetition_penalty != 1.0:
-                logits = apply_repetition_penalty(logits, row.ids[None, :row.T], s.repetition_penalty)
-            cur = int(sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                             generator=seq.generator)[0])
-            if logprobs is not None:
-                top = torch.topk(logprobs, seq.logprobs) if seq.logprobs else None
-                seq.token_logprobs.append((float(logprobs[cur]), [] if top is None else
+            need = seq.logprobs is not None or seq.scores is not None or (seq.keep_first and seq.first_logprobs is None)
+            lp = torch.log_softmax(logits[0].float(), dim=-1) if need else None
+            if seq.keep_first and seq.first_logprobs is None:
+                seq.first_logprobs = lp
+            if seq.forced is not None:
+                cur = seq.forced[len(seq.new_ids)]
+            else:
+                if self.banned:
+                    logits[:, self.banned] = float("-inf")
+                if s.repetition_penalty != 1.0:
+                    logits = apply_repetition_penalty(logits, row.ids[None, :row.T], s.repetition_penalty)
+                cur = int(sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                 generator=seq.generator)[0])
+            if seq.scores is not None:
+                seq.scores.append(float(lp[cur]))
+            if seq.logprobs is not None:
+                top = torch.topk(lp, seq.logprobs) if seq.logprobs else None
+                seq.token_logprobs.append((float(lp[cur]), [] if top is None else
                                            list(zip(top.indices.tolist(), top.values.tolist()))))
             row.ids[row.T] = cur
             row.T += 1

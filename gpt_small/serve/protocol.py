@@ -114,6 +114,8 @@ class PoemRequest:
     max_tokens: int
     stream: bool
     sampling: Sampling = field(default_factory=Sampling)
+    form: Any = None  # a forms.Form when the request asks for one (serve/forms.py), else free verse
+    form_name: str | None = None  # its preset's name, if any
 
 
 class _BadNumber(ValueError):
@@ -308,7 +310,7 @@ def include_usage(d: dict[str, Any], stream: bool) -> bool:
 
 
 _POEM_FIELDS = {"model", "prompt", "lines", "stanzas", "temperature", "top_k", "top_p", "repetition_penalty",
-                "seed", "stream", "max_tokens"}
+                "seed", "stream", "max_tokens", "form", "rhyme", "syllables"}
 
 
 def decode_poem(d: dict[str, Any], tokenizer: Any, limits: Limits) -> PoemRequest:
@@ -319,10 +321,16 @@ def decode_poem(d: dict[str, Any], tokenizer: Any, limits: Limits) -> PoemReques
         raise _bad("prompt", "expected a string")
     lines = _int(d, "lines", 12, 1, 200)
     stanzas = _int(d, "stanzas", 1, 1, 50)
+    from .forms import decode_form  # verse forms: their fields and checks live with them
+
+    form = decode_form(d, d.get("lines") and lines, d.get("stanzas") and stanzas)
+    if form is not None and d.get("max_tokens") is not None:
+        raise _bad("max_tokens", "does not apply to a poem in a form (each line is at most half the context)")
     return PoemRequest(prompt=prompt, prompt_ids=encode_prompt(tokenizer, prompt, limits), lines=lines,
                        stanzas=stanzas, max_tokens=_int(d, "max_tokens", limits.max_new_tokens, 1,
                                                         limits.max_new_tokens),
-                       stream=_bool(d, "stream", False), sampling=_sampling(d, 0.8))
+                       stream=_bool(d, "stream", False), sampling=_sampling(d, 0.8),
+                       form=form and form[0], form_name=form and form[1])
 
 
 # --- /v1/chat/completions: OpenAI's chat shape over a base model ---
