@@ -22,7 +22,7 @@ defaults; a char model's `<unk>` is never generated, as in `gpt-small generate`)
 a model card (model_card.py). Every file is written through fileio.atomic_write (mode 0666 minus
 the umask, as checkpoints) into a hidden `.OUT.tmp-PID-RANDOM` folder (0777 minus the umask), which
 is renamed into place; a folder left by an export killed mid-way (its pid no longer alive) is
-swept by the next export into the same parent.
+swept by the next export into the same parent folder.
 
 Past `block_size` tokens `gpt-small generate` slides its window, which GPT-2 cannot (its position
 table ends there: transformers raises IndexError) and GPT-NeoX does not do (it goes on rotating,
@@ -237,18 +237,19 @@ def generation_config(ckpt: Checkpoint, architecture: str) -> dict:
     return gen
 
 
-def sweep_stale_exports(out: Path) -> None:
-    """Remove `.OUT.tmp-PID-*` folders beside `out` whose export process is gone (killed mid-way).
+STALE_EXPORT = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")  # .OUT.tmp-PID-RANDOM, as export names them
 
-    A folder whose pid is alive belongs to an export still running: left alone."""
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.tmp-(\d+)-[0-9a-f]+$")
+
+def sweep_stale_exports(parent: Path) -> None:
+    """Remove the `.OUT.tmp-PID-RANDOM` folders in `parent` whose export process is gone (killed
+    mid-way), whatever OUT was. A folder whose pid is alive belongs to an export still running."""
     try:
-        siblings = list(out.parent.iterdir())
+        siblings = list(parent.iterdir())
     except OSError:
         return
     for d in siblings:
-        m = pattern.match(d.name)
-        if m and d.is_dir() and not _alive(int(m.group(1))):
+        m = STALE_EXPORT.match(d.name)
+        if m and d.is_dir() and not d.is_symlink() and not _alive(int(m.group(1))):
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -277,6 +278,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     if target not in TARGETS:
         raise GPTSmallError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     out = Path(out)
+    sweep_stale_exports(out.parent)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GPTSmallError(f"{out} already exists and is not empty; choose another --out")
     ckpt = load_checkpoint(checkpoint, prefer=prefer)
@@ -304,7 +306,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise write_error(out.parent, e) from None
-    sweep_stale_exports(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         try:

@@ -173,8 +173,9 @@ def limitations(ckpt: Checkpoint, architecture: str) -> list[str]:
     block = cfg.block_size
     if architecture == "gpt2":
         context = (f"- **Context: {block} tokens, prompt included.** GPT-2's position table ends there: "
-                   f"transformers raises `IndexError` when prompt + `max_new_tokens` exceeds {block} "
-                   "(`gpt-small generate` slides its window instead). Without `max_new_tokens`, "
+                   f"transformers raises `IndexError` when it must read more than {block} tokens, i.e. when "
+                   f"prompt + `max_new_tokens` exceeds {block + 1} (the last token is generated, never read); "
+                   "`gpt-small generate` slides its window instead. Without `max_new_tokens`, "
                    f"generation_config.json stops at {block} tokens (`max_length`).")
     elif architecture == "gpt_neox":
         context = (f"- **Context: {block} tokens, prompt included.** Past it GPT-NeoX keeps rotating into "
