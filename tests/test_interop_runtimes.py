@@ -306,6 +306,23 @@ def test_model_card_names_no_absolute_path(verse_data, tmp_path):
     assert "Imported from the transformers folder `gpt2-medium`" in imported and str(tmp_path) not in imported
 
 
+def test_model_card_finds_a_relative_data_folder_beside_runs(verse_data, tmp_path):
+    """A run recorded `--data data/d` from its project folder; exported from elsewhere, the card still
+    reads data/d/meta.json beside runs/."""
+    import shutil
+
+    from gpt_small.data import PreparedData
+
+    tok = PreparedData(verse_data).tokenizer
+    shutil.copytree(verse_data, tmp_path / "proj" / "data" / "d")
+    cfg = GPTConfig.from_preset("tiny", vocab_size=tok.vocab_size)
+    save_checkpoint(tmp_path / "proj" / "runs" / "r", step=1, model=GPT(cfg), tokenizer=tok,
+                    config={"model": cfg.to_dict(), "data": {"directory": "data/d", "tokenizer": "char"}})
+    assert not Path("data/d").exists()  # the tests' own working folder has no such data
+    card = (export(tmp_path / "proj" / "runs" / "r", tmp_path / "hf") / "README.md").read_text()
+    assert "`poems.txt` (" in card and "val_fraction 0.1" in card
+
+
 def test_card_tags_follow_the_data():
     assert "poetry" in tags({"source_kind": "corpus", "source": "eng-poem"}, "char")
     assert "poetry" not in tags({"source_kind": "text", "source": "poems.txt"}, "bpe")

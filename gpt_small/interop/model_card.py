@@ -46,6 +46,19 @@ def run_folder(ckpt: Checkpoint) -> Path | None:
     return ckpt.path.parent.parent if ckpt.path.parent.name == "checkpoints" else None
 
 
+def data_folder(ckpt: Checkpoint) -> Path | None:
+    """The prepared-data folder the checkpoint names, if present: as recorded, or (a relative path,
+    exported from another folder) relative to the folder that holds the run's `runs/`."""
+    recorded = (ckpt.meta.get("data") or {}).get("directory")
+    if not recorded:
+        return None
+    candidates = [Path(str(recorded))]
+    run_dir = run_folder(ckpt)
+    if run_dir and not candidates[0].is_absolute():
+        candidates.append(run_dir.parent.parent / candidates[0])
+    return next((c for c in candidates if (c / "meta.json").is_file()), None)
+
+
 def portable(path: str | Path, folder: str = "") -> str:
     """`path` as a card may print it: relative paths as they are, an absolute one as `folder/NAME`."""
     text = str(path)
@@ -119,8 +132,8 @@ def validation_figure(ckpt: Checkpoint, summary: dict[str, Any] | None,
             res_step = summary.get("steps") if key == "final_val" else (res or {}).get("step")
             if res and res_step == step:
                 return res, "recorded by the training run (summary.json)"
-    data_dir = Path(str((ckpt.meta.get("data") or {}).get("directory", "")))
-    if evaluate and data_dir.name and (data_dir / "meta.json").is_file():
+    data_dir = data_folder(ckpt)
+    if evaluate and data_dir is not None:
         from ..data import PreparedData
         from ..evaluate import evaluate_tokens
         from ..tokenizer import same_tokenizer
@@ -205,8 +218,8 @@ def model_card(ckpt: Checkpoint, *, architecture: str, reason: str, dtype: str, 
     run_dir = run_folder(ckpt)
     summary = _read_json(run_dir / "summary.json") if run_dir else None
     run_config = _read_json(run_dir / "run_config.json") if run_dir else None
-    data_info = ckpt.meta.get("data") or {}
-    data_meta = _read_json(Path(str(data_info.get("directory", ""))) / "meta.json") if data_info.get("directory") else None
+    data_dir = data_folder(ckpt)
+    data_meta = _read_json(data_dir / "meta.json") if data_dir else None
     trust = ", trust_remote_code=True" if architecture == "gpt_small" else ""
     tok = ckpt.tokenizer
     prompt, new_tokens = snippet_length(ckpt, architecture)
