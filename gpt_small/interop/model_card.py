@@ -64,7 +64,10 @@ def portable(path: str | Path, folder: str = "") -> str:
     text = str(path)
     if not (text.startswith("/") or text.startswith("~")):
         return text
-    name = Path(text).expanduser().name or text
+    path = Path(text).expanduser()
+    name = path.name or text
+    if path.parent.name == "checkpoints":  # runs/X/checkpoints/step-N: keep the run's name
+        name = f"{path.parent.parent.name}/checkpoints/{name}"
     return f"{folder}/{name}" if folder else name
 
 
