@@ -242,6 +242,24 @@ def test_an_export_killed_mid_way_is_swept_by_the_next(tmp_path, char_tok):
     assert sorted(p.name for p in out.parent.iterdir()) == ["hf", "other"]
 
 
+def test_export_on_a_full_disk_gives_one_line_and_leaves_nothing(tmp_path, capsys):
+    """A real 1 MB tmpfs; the weights (~6.5 MB: GPT-2's 50,257-token table) do not fit."""
+    ckpt = checkpoint(tmp_path, "run", gpt2_tokenizer(), pos_encoding="learned")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        capsys.readouterr()
+        assert main(["export", "--checkpoint", str(ckpt), "--out", str(disk / "hf"), "--no-eval"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no space left on device" in err and str(disk / "hf") in err, err
+        assert ".tmp-" not in err and list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 # ---------------------------------------------------------------- other runtimes
 
 @pytest.mark.parametrize("target, tokenizer, overrides, says", [

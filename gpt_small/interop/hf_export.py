@@ -300,6 +300,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     config["gpt_small"] = {"step": ckpt.meta.get("step"), "gpt_small_version": ckpt.meta.get("gpt_small_version"),
                            "model": cfg.to_dict()}
     state = {k: v.to(EXPORT_DTYPES[dtype]).contiguous() for k, v in state.items()}
+    generation = generation_config(ckpt, architecture)
     card = model_card(ckpt, architecture=architecture, reason=reason, dtype=dtype, evaluate=evaluate)
 
     try:
@@ -312,14 +313,17 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
             tmp.mkdir()  # 0777 minus the umask, as a checkpoint folder (mkdtemp would make it 0700)
         except OSError as e:
             raise write_error(out, e) from None
-        atomic_write(tmp / "model.safetensors", safetensors_bytes(state, metadata={"format": "pt"}))
-        atomic_write(tmp / "config.json", json.dumps(config, indent=2) + "\n")
-        atomic_write(tmp / "generation_config.json", json.dumps(generation_config(ckpt, architecture), indent=2) + "\n")
-        write_tokenizer(ckpt.tokenizer, tmp, cfg.block_size)
-        if architecture == "gpt_small":
-            for name in REMOTE_FILES:
-                atomic_write(tmp / name, (REMOTE_DIR / name).read_bytes())
-        atomic_write(tmp / "README.md", card)
+        try:
+            atomic_write(tmp / "model.safetensors", safetensors_bytes(state, metadata={"format": "pt"}))
+            atomic_write(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+            atomic_write(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+            write_tokenizer(ckpt.tokenizer, tmp, cfg.block_size)
+            if architecture == "gpt_small":
+                for name in REMOTE_FILES:
+                    atomic_write(tmp / name, (REMOTE_DIR / name).read_bytes())
+            atomic_write(tmp / "README.md", card)
+        except GPTSmallError as e:  # name the folder the user asked for, not its temporary name
+            raise GPTSmallError(str(e).replace(str(tmp), str(out))) from None
         try:
             if out.exists():
                 out.rmdir()  # empty (checked above)
