@@ -122,6 +122,13 @@ def test_gpt2_export_past_the_context_fails_as_the_card_says(folders):
         with pytest.raises(IndexError):
             model.generate(ids, max_new_tokens=33 - 7 + 1, do_sample=False)
         assert model.generate(ids, do_sample=False).shape[1] == 32  # max_length from generation_config.json
+    assert 'pass `handle_long_generation="hole"` to the pipeline' in card
+    pipe = transformers.pipeline("text-generation", model=model, tokenizer=tok)
+    long_prompt = "The sea, the moon and the stars. " * 2  # 66 characters
+    with pytest.raises(IndexError):
+        pipe(long_prompt, max_new_tokens=20, do_sample=False)
+    text = pipe(long_prompt, max_new_tokens=20, do_sample=False, handle_long_generation="hole")[0]["generated_text"]
+    assert text.startswith(long_prompt) and len(text) == len(long_prompt) + 20
 
 
 def test_card_states_limits_temperature_licence_and_eos(folders):

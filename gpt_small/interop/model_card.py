@@ -192,7 +192,9 @@ def limitations(ckpt: Checkpoint, architecture: str) -> list[str]:
                    f"transformers raises `IndexError` when it must read more than {block} tokens, i.e. when "
                    f"prompt + `max_new_tokens` exceeds {block + 1} (the last token is generated, never read); "
                    "`gpt-small generate` slides its window instead. Without `max_new_tokens`, "
-                   f"generation_config.json stops at {block} tokens (`max_length`).")
+                   f"generation_config.json stops at {block} tokens (`max_length`). For a longer prompt, pass "
+                   "`handle_long_generation=\"hole\"` to the pipeline: it keeps the prompt's last "
+                   f"{block} - `max_new_tokens` tokens.")
     elif architecture == "gpt_neox":
         context = (f"- **Context: {block} tokens, prompt included.** Past it GPT-NeoX keeps rotating into "
                    "positions the model never trained on (`gpt-small generate` slides its window instead); "
