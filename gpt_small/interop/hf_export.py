@@ -31,7 +31,7 @@ tokens, but an explicit `max_new_tokens` overrides `max_length` in transformers,
 snippet asks for no more than the context holds. The gpt_small code slides as ours does.
 
 `target` names the runtime the folder is for; for vllm and llama.cpp, a model that runtime would
-compute differently from ours is refused in one line that names the runtime (RUNTIME_TRAPS).
+compute differently from ours is refused in one line that names the runtime (runtime_trap).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def runtime_trap(cfg: GPTConfig, tok: Tokenizer, architecture: str, target: str)
             return "llama.cpp's convert_hf_to_gguf.py has no GPTSmallForCausalLM (n-gram tables, QK-norm)"
         if cfg.activation != "gelu":
             return f"llama.cpp's GPT-2 and GPT-NeoX graphs compute GELU, whatever config.json says ({cfg.activation})"
-        if cfg.mlp_ratio != 4:
+        if architecture == "gpt2" and cfg.mlp_ratio != 4:
             return f"llama.cpp's GPT-2 conversion writes a 4x MLP width, this model's is {cfg.mlp_ratio}x"
         if tok.kind != "gpt2":
             return (f"llama.cpp's convert_hf_to_gguf.py converts only BPE tokenizers it recognises, "
