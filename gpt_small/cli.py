@@ -419,6 +419,8 @@ def _args_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-eval", action="store_true", help="where the run recorded no whole-split figure for this "
                    "step, do not score the validation split for the model card")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for that scoring (default 0 = all cores)")
+    p.add_argument("--target", default="transformers", help="runtime the folder is for: transformers (default), "
+                   "vllm or llama.cpp (refuses, in one line, a model that runtime would compute differently)")
 
 
 def _run_export(args: argparse.Namespace) -> None:
@@ -426,7 +428,7 @@ def _run_export(args: argparse.Namespace) -> None:
     from .interop.hf_export import ARCHITECTURES, export_checkpoint
 
     set_threads(args.threads)
-    r = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, evaluate=not args.no_eval)
+    r = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, evaluate=not args.no_eval, target=args.target)
     print(f"exported {args.checkpoint} to {r.out} as {ARCHITECTURES[r.architecture]}")
     print(f"  why: {r.reason}")
 

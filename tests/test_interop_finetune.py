@@ -91,7 +91,8 @@ def test_fine_tune_an_imported_gpt2_on_poetry_then_export(imported_gpt2, gpt2_po
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, tuned(idx), atol=1e-5, rtol=0)
     card = (tmp_path / "hf" / "README.md").read_text()
-    assert f"--init-from {ckpt.path}" in card and "Fine-tuned from" in card
+    local = f"runs/{ckpt.path.parent.parent.name}/checkpoints/{ckpt.path.name}"  # the card names no absolute path
+    assert f"--init-from {local}" in card and f"Fine-tuned from `{local}`." in card and str(tmp_path) not in card
 
 
 def test_init_from_starts_a_new_run_with_a_fresh_step_and_optimizer(verse_data, tmp_path):

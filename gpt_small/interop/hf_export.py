@@ -19,30 +19,41 @@ model depends on what it uses:
 
 Beside the weights: the tokenizer (hf_tokenizer.py), generation_config.json (our sampling
 defaults; a char model's `<unk>` is never generated, as in `gpt-small generate`), and README.md,
-a model card (model_card.py). Written into a temporary folder and renamed into place.
+a model card (model_card.py). Every file is written through fileio.atomic_write (mode 0666 minus
+the umask, as checkpoints) into a hidden `.OUT.tmp-PID-RANDOM` folder (0777 minus the umask), which
+is renamed into place; a folder left by an export killed mid-way (its pid no longer alive) is
+swept by the next export into the same parent folder.
 
-Known difference: past `block_size` tokens `gpt-small generate` slides its window, which GPT-2
-(a learned table) cannot and GPT-NeoX does not do; generation_config.json caps GPT-2 and GPT-NeoX
-exports at `block_size` tokens. The gpt_small code slides as ours does.
+Past `block_size` tokens `gpt-small generate` slides its window, which GPT-2 cannot (its position
+table ends there: transformers raises IndexError) and GPT-NeoX does not do (it goes on rotating,
+into positions it never trained on). generation_config.json caps those exports at `block_size`
+tokens, but an explicit `max_new_tokens` overrides `max_length` in transformers, so the model card's
+snippet asks for no more than the context holds. The gpt_small code slides as ours does.
+
+`target` names the runtime the folder is for; for vllm and llama.cpp, a model that runtime would
+compute differently from ours is refused in one line that names the runtime (runtime_trap).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..config import GPTConfig
 from ..errors import GPTSmallError
+from ..fileio import atomic_write, fsync_dir, write_error
 from ..positional import sinusoidal_table
-from ..tokenizer import CharTokenizer
-from .hf_tokenizer import write_tokenizer
+from ..tokenizer import CharTokenizer, Tokenizer
+from .hf_tokenizer import eos_token, write_tokenizer
 
 REMOTE_DIR = Path(__file__).parent / "remote"
 REMOTE_FILES = ("configuration_gpt_small.py", "modeling_gpt_small.py")
@@ -54,6 +65,8 @@ ARCHITECTURES = {
     "gpt_neox": "GPTNeoXForCausalLM (standard transformers; no remote code)",
     "gpt_small": "GPTSmallForCausalLM (our modeling_gpt_small.py: load with trust_remote_code=True)",
 }
+TARGETS = ("transformers", "vllm", "llama.cpp")
+DEFAULT_TEMPERATURE = 0.8  # gpt-small generate's default, written to generation_config.json
 
 
 @dataclass(kw_only=True)
@@ -71,6 +84,32 @@ def choose_architecture(cfg: GPTConfig) -> tuple[str, str]:
     if cfg.pos_encoding == "rope":
         return "gpt_neox", "rotary positions: GPT-NeoX with rotary over the whole head and sequential residual"
     return "gpt2", f"{cfg.pos_encoding} positions: GPT-2 (the position table as its wpe)"
+
+
+def runtime_trap(cfg: GPTConfig, tok: Tokenizer, architecture: str, target: str) -> str | None:
+    """Why `target` would compute this export differently from gpt-small (None: it would not).
+
+    vLLM's GPT-2 always ties the head to wte; llama.cpp's converter (convert_hf_to_gguf.py) writes
+    neither the activation nor n_inner of a GPT-2 (its graphs compute GELU with a 4x MLP), knows no
+    remote code, and refuses a BPE whose pre-tokenizer it does not recognise by hash."""
+    if target == "vllm":
+        if architecture == "gpt_small":
+            return "vLLM has no GPTSmallForCausalLM (needed for n-gram tables and QK-norm)"
+        if architecture == "gpt2" and not (cfg.tie_embeddings and cfg.pos_encoding != "sinusoidal"):
+            why = ("sinusoidal positions are exported with a pre-scaled wte and a separate head"
+                   if cfg.pos_encoding == "sinusoidal" else "this model's head is untied")
+            return f"vLLM's GPT-2 ties the head to the token embeddings, and {why}"
+    elif target == "llama.cpp":
+        if architecture == "gpt_small":
+            return "llama.cpp's convert_hf_to_gguf.py has no GPTSmallForCausalLM (n-gram tables, QK-norm)"
+        if cfg.activation != "gelu":
+            return f"llama.cpp's GPT-2 and GPT-NeoX graphs compute GELU, whatever config.json says ({cfg.activation})"
+        if architecture == "gpt2" and cfg.mlp_ratio != 4:
+            return f"llama.cpp's GPT-2 conversion writes a 4x MLP width, this model's is {cfg.mlp_ratio}x"
+        if tok.kind != "gpt2":
+            return (f"llama.cpp's convert_hf_to_gguf.py converts only BPE tokenizers it recognises, "
+                    f"such as GPT-2's; this model's is {tok.kind}")
+    return None
 
 
 def _bias(sd: dict[str, torch.Tensor], name: str, n: int) -> torch.Tensor:
@@ -106,7 +145,7 @@ def gpt2_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
     return out, tied
 
 
-def gpt2_config(cfg: GPTConfig, tied: bool) -> dict:
+def gpt2_config(cfg: GPTConfig, tied: bool, eos_id: int | None) -> dict:
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
@@ -114,7 +153,7 @@ def gpt2_config(cfg: GPTConfig, tied: bool) -> dict:
         "activation_function": HF_ACTIVATION[cfg.activation], "layer_norm_epsilon": LAYER_NORM_EPS,
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": tied, "bos_token_id": None, "eos_token_id": None, "use_cache": True,
+        "tie_word_embeddings": tied, "bos_token_id": eos_id, "eos_token_id": eos_id, "use_cache": True,
     }
 
 
@@ -148,7 +187,7 @@ def neox_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def neox_config(cfg: GPTConfig) -> dict:
+def neox_config(cfg: GPTConfig, eos_id: int | None) -> dict:
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": 1.0}
     return {
         "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox",
@@ -159,7 +198,7 @@ def neox_config(cfg: GPTConfig) -> dict:
         "rope_parameters": rope, "rotary_pct": 1.0, "rotary_emb_base": cfg.rope_theta,
         "use_parallel_residual": False, "layer_norm_eps": LAYER_NORM_EPS, "attention_bias": cfg.bias,
         "hidden_dropout": 0.0, "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": None, "eos_token_id": None, "use_cache": True,
+        "bos_token_id": eos_id, "eos_token_id": eos_id, "use_cache": True,
     }
 
 
@@ -170,22 +209,25 @@ def gpt_small_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def gpt_small_config(cfg: GPTConfig) -> dict:
+def gpt_small_config(cfg: GPTConfig, eos_id: int | None) -> dict:
     fields = {k: v for k, v in cfg.to_dict().items() if k != "dropout"}
     return {
         "architectures": ["GPTSmallForCausalLM"], "model_type": "gpt_small",
         "auto_map": {"AutoConfig": "configuration_gpt_small.GPTSmallConfig",
                      "AutoModelForCausalLM": "modeling_gpt_small.GPTSmallForCausalLM"},
-        **fields, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None, "eos_token_id": None,
+        **fields, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eos_id, "eos_token_id": eos_id,
         "use_cache": False,
     }
 
 
 def generation_config(ckpt: Checkpoint, architecture: str) -> dict:
-    """Our `generate` defaults (temperature 0.8, no top-k / top-p)."""
+    """Our `generate` defaults (temperature 0.8, no top-k / top-p), and the tokenizer's EOS, at
+    which transformers stops (GPT-2's `<|endoftext|>`; `gpt-small generate` does not stop there)."""
     cfg = ckpt.model.config
-    gen = {"do_sample": True, "temperature": 0.8, "top_k": None, "top_p": None,
-           "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    eos = eos_token(ckpt.tokenizer)
+    eos_id = eos[1] if eos else None
+    gen = {"do_sample": True, "temperature": DEFAULT_TEMPERATURE, "top_k": None, "top_p": None,
+           "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
     if architecture == "gpt_small":
         gen["use_cache"] = False  # the remote code recomputes the window; it slides past block_size
     else:
@@ -195,50 +237,100 @@ def generation_config(ckpt: Checkpoint, architecture: str) -> dict:
     return gen
 
 
+STALE_EXPORT = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")  # .OUT.tmp-PID-RANDOM, as export names them
+
+
+def sweep_stale_exports(parent: Path) -> None:
+    """Remove the `.OUT.tmp-PID-RANDOM` folders in `parent` whose export process is gone (killed
+    mid-way), whatever OUT was. A folder whose pid is alive belongs to an export still running."""
+    try:
+        siblings = list(parent.iterdir())
+    except OSError:
+        return
+    for d in siblings:
+        m = STALE_EXPORT.match(d.name)
+        if m and d.is_dir() and not d.is_symlink() and not _alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32",
-                      prefer: str = "best", evaluate: bool = True) -> ExportResult:
+                      prefer: str = "best", evaluate: bool = True, target: str = "transformers") -> ExportResult:
     """Write `checkpoint` (a run folder or checkpoint folder) as a transformers folder at `out`.
 
     evaluate: let the model card score the whole validation split when the run recorded no
-    figure for this step (model_card.py); False writes "not measured" instead."""
+    figure for this step (model_card.py); False writes "not measured" instead.
+    target: transformers (any model), or vllm / llama.cpp, which refuse what that runtime would
+    compute differently (runtime_trap)."""
     from .model_card import model_card
 
     if dtype not in EXPORT_DTYPES:
         raise GPTSmallError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    if target not in TARGETS:
+        raise GPTSmallError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     out = Path(out)
+    sweep_stale_exports(out.parent)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GPTSmallError(f"{out} already exists and is not empty; choose another --out")
     ckpt = load_checkpoint(checkpoint, prefer=prefer)
     model, cfg = ckpt.model.eval(), ckpt.model.config
     architecture, reason = choose_architecture(cfg)
+    trap = runtime_trap(cfg, ckpt.tokenizer, architecture, target)
+    if trap:
+        raise GPTSmallError(f"cannot export for {target}: {trap}; export without --target for transformers")
+    eos = eos_token(ckpt.tokenizer)
+    eos_id = eos[1] if eos else None
     if architecture == "gpt2":
         state, tied = gpt2_state(model)
-        config = gpt2_config(cfg, tied)
+        config = gpt2_config(cfg, tied, eos_id)
     elif architecture == "gpt_neox":
-        state, config = neox_state(model), neox_config(cfg)
+        state, config = neox_state(model), neox_config(cfg, eos_id)
     else:
-        state, config = gpt_small_state(model), gpt_small_config(cfg)
+        state, config = gpt_small_state(model), gpt_small_config(cfg, eos_id)
     config["dtype"] = config["torch_dtype"] = dtype  # transformers 5 reads dtype, 4.x torch_dtype
     config["gpt_small"] = {"step": ckpt.meta.get("step"), "gpt_small_version": ckpt.meta.get("gpt_small_version"),
                            "model": cfg.to_dict()}
     state = {k: v.to(EXPORT_DTYPES[dtype]).contiguous() for k, v in state.items()}
+    generation = generation_config(ckpt, architecture)
+    card = model_card(ckpt, architecture=architecture, reason=reason, dtype=dtype, evaluate=evaluate)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(ckpt, architecture), indent=2) + "\n")
-        write_tokenizer(ckpt.tokenizer, tmp, cfg.block_size)
-        if architecture == "gpt_small":
-            for name in REMOTE_FILES:
-                shutil.copyfile(REMOTE_DIR / name, tmp / name)
-        (tmp / "README.md").write_text(model_card(ckpt, architecture=architecture, reason=reason, dtype=dtype,
-                                                  evaluate=evaluate),
-                                       encoding="utf-8")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(out.parent, e) from None
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        try:
+            tmp.mkdir()  # 0777 minus the umask, as a checkpoint folder (mkdtemp would make it 0700)
+        except OSError as e:
+            raise write_error(out, e) from None
+        try:
+            atomic_write(tmp / "model.safetensors", safetensors_bytes(state, metadata={"format": "pt"}))
+            atomic_write(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+            atomic_write(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+            write_tokenizer(ckpt.tokenizer, tmp, cfg.block_size)
+            if architecture == "gpt_small":
+                for name in REMOTE_FILES:
+                    atomic_write(tmp / name, (REMOTE_DIR / name).read_bytes())
+            atomic_write(tmp / "README.md", card)
+        except GPTSmallError as e:  # name the folder the user asked for, not its temporary name
+            raise GPTSmallError(str(e).replace(str(tmp), str(out))) from None
+        try:
+            if out.exists():
+                out.rmdir()  # empty (checked above)
+            tmp.rename(out)
+        except OSError as e:
+            raise write_error(out, e) from None
+        fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(out=out, architecture=architecture, reason=reason)

@@ -8,9 +8,13 @@ tokenizer gives exactly the ids of ours, and decodes them to the same text.
         U+FFFD, the character ours decodes it to (or `<unk>` where U+FFFD is itself in the
         vocabulary). Characters are never special tokens, so `<unk>` in a text stays 5 characters.
   bpe   our tokenizer.json is already the `tokenizers` JSON: written as it is.
-  gpt2  the byte-level BPE built from GPT-2's tables. `<|endoftext|>` stays an ordinary token, as in
-        ours: declared as a special token, transformers would match the literal text
-        "<|endoftext|>" in a prompt and give another id than ours.
+  gpt2  the byte-level BPE built from GPT-2's tables. `<|endoftext|>` (50256) is declared the EOS
+        token (and BOS, as GPT-2's own files do), so that transformers and llama.cpp stop there;
+        `split_special_tokens` keeps the literal text "<|endoftext|>" in a prompt encoded as the
+        characters it is, as ours does, instead of matching it as that one id.
+
+Char and our own BPE tokenizers have no end-of-text token (none is in their vocabulary), so their
+exports declare none (eos_token_id null): generation runs to max_new_tokens, as `gpt-small generate`.
 """
 
 from __future__ import annotations
@@ -19,9 +23,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_write
 from ..tokenizer import ByteLevelTokenizer, CharTokenizer, Tokenizer
 
 UNK_NAME = "\ufffd"
+
+
+GPT2_EOS = "<|endoftext|>"
+
+
+def eos_token(tok: Tokenizer) -> tuple[str, int] | None:
+    """(text, id) of the tokenizer's end-of-text token, or None where it has none."""
+    if tok.kind == "gpt2":
+        return GPT2_EOS, tok.hf.token_to_id(GPT2_EOS)
+    return None
 
 
 def char_unk_name(tok: CharTokenizer) -> str:
@@ -43,7 +58,13 @@ def tokenizer_json(tok: Tokenizer) -> dict[str, Any]:
             "model": {"type": "WordLevel", "vocab": vocab, "unk_token": unk},
         }
     if isinstance(tok, ByteLevelTokenizer):
-        return json.loads(tok.hf.to_str())
+        spec = json.loads(tok.hf.to_str())
+        eos = eos_token(tok)
+        if eos and not any(t["content"] == eos[0] for t in spec.get("added_tokens") or []):
+            spec["added_tokens"] = [*(spec.get("added_tokens") or []), {
+                "id": eos[1], "content": eos[0], "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True}]
+        return spec
     raise TypeError(f"no Hugging Face form for {tok!r}")
 
 
@@ -57,11 +78,14 @@ def tokenizer_config(tok: Tokenizer, model_max_length: int) -> dict[str, Any]:
     }
     if isinstance(tok, CharTokenizer) and char_unk_name(tok) == UNK_NAME:
         config["unk_token"] = UNK_NAME  # matched as a special token: U+FFFD is unknown to ours too
+    eos = eos_token(tok)
+    if eos:
+        config.update(eos_token=eos[0], bos_token=eos[0], split_special_tokens=True)
     return config
 
 
 def write_tokenizer(tok: Tokenizer, directory: str | Path, model_max_length: int) -> None:
     directory = Path(directory)
-    (directory / "tokenizer.json").write_text(json.dumps(tokenizer_json(tok), ensure_ascii=False), encoding="utf-8")
-    (directory / "tokenizer_config.json").write_text(
-        json.dumps(tokenizer_config(tok, model_max_length), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write(directory / "tokenizer.json", json.dumps(tokenizer_json(tok), ensure_ascii=False))
+    atomic_write(directory / "tokenizer_config.json",
+                 json.dumps(tokenizer_config(tok, model_max_length), indent=2, ensure_ascii=False) + "\n")
