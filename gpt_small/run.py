@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .checkpoint import find_checkpoint, read_checkpoint_config
-from .config import (Assignment, ConfigError, GPTConfig, TrainConfig, apply_assignments, file_assignments,
-                     parse_value, set_assignments)
+from .config import (DEFAULT_PRESET, Assignment, ConfigError, GPTConfig, TrainConfig, apply_assignments,
+                     parse_value, user_assignments)
 from .data import PreparedData
 from .errors import GPTSmallError
 from .tokenizer import Tokenizer, load_tokenizer, same_tokenizer
@@ -43,7 +43,6 @@ RunKind = Literal["fresh", "resume", "init"]
 RESUME_MAY_CHANGE = tuple(sorted(f.name for cls in (GPTConfig, TrainConfig) for f in fields(cls)
                                  if f.metadata.get("resume")))
 INIT_MAY_CHANGE = ("dropout",)  # --init-from: model fields that are training behaviour, not shape
-DEFAULT_PRESET = "poem-cpu"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,26 +82,25 @@ def plan_run(out: str | Path, *, data: PreparedData | str | Path | None = None, 
         raise GPTSmallError("--init-from starts a new run; leave it out with --resume (the run holds its weights)")
     if init_from is not None and preset:
         raise GPTSmallError("--preset does not apply with --init-from: the model comes from the checkpoint")
-    file_preset, given = file_assignments(config_file)
-    after_file = len(given)
-    given += [Assignment(f"{k}={v!r}", "train", k, v) for k, v in (train_overrides or {}).items()]
-    given += list(flags or []) + set_assignments(sets)
+    prepared = None
+    if not resume:
+        if data is None:
+            raise GPTSmallError("--data is required (the folder made by `gpt-small prepare`)")
+        prepared = data if isinstance(data, PreparedData) else PreparedData(data)
+    # a fresh run's vocabulary is the data's (unless a flag or --set says otherwise)
+    vocab = {"vocab_size": prepared.tokenizer.vocab_size} if prepared is not None and init_from is None and model is None else None
+    file_preset, given = user_assignments(config_file=config_file, model_overrides=vocab,
+                                          train_overrides=train_overrides, flags=flags, sets=sets)
     if model is not None or train is not None:  # whole configs: every field is stated
         given += _config_assignments("model", model or GPTConfig()) + _config_assignments("train", train or TrainConfig())
     if resume:
         plan = _plan_resume(out, data, preset, given)
+    elif init_from is not None:
+        plan = _plan_init(out, prepared, Path(init_from), given)
     else:
-        if data is None:
-            raise GPTSmallError("--data is required (the folder made by `gpt-small prepare`)")
-        prepared = data if isinstance(data, PreparedData) else PreparedData(data)
-        if init_from is not None:
-            plan = _plan_init(out, prepared, Path(init_from), given)
-        else:
-            base = GPTConfig.from_preset(preset or file_preset or DEFAULT_PRESET)
-            if model is None:  # the data decides the vocabulary, unless a flag or --set says otherwise
-                given.insert(after_file, Assignment("--data", "model", "vocab_size", prepared.tokenizer.vocab_size))
-            model_cfg, train_cfg = apply_assignments(base, TrainConfig(), given)
-            plan = RunPlan(kind="fresh", out=out, data=prepared, model=model_cfg, train=train_cfg)
+        model_cfg, train_cfg = apply_assignments(GPTConfig.from_preset(preset or file_preset or DEFAULT_PRESET),
+                                                 TrainConfig(), given)
+        plan = RunPlan(kind="fresh", out=out, data=prepared, model=model_cfg, train=train_cfg)
     _check_startable(plan)
     return plan
 
