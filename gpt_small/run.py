@@ -160,6 +160,7 @@ def _resume_data(ckpt: Path, meta: dict[str, Any], data: PreparedData | str | Pa
     saved_entry = meta.get("data")
     directory = saved_entry.get("directory") if isinstance(saved_entry, dict) else None
     saved = Path(directory) if directory else None
+    what = "--data" if data is not None else "the run's data"
     if data is None:
         if saved is None or not saved.is_dir():
             raise GPTSmallError(f"--resume: the run's data folder {saved} is gone; pass --data with the folder "
@@ -167,9 +168,9 @@ def _resume_data(ckpt: Path, meta: dict[str, Any], data: PreparedData | str | Pa
         data = saved
     prepared = data if isinstance(data, PreparedData) else PreparedData(data)
     if not same_tokenizer(load_tokenizer(ckpt), prepared.tokenizer):
-        raise GPTSmallError(f"--resume: --data {prepared.directory} was prepared with another tokenizer "
-                            f"({prepared.tokenizer.kind}, vocab {prepared.tokenizer.vocab_size}) than the run's "
-                            f"data {saved}; resume on the run's data or start a new run")
+        raise GPTSmallError(f"--resume: {what} {prepared.directory} was prepared with another tokenizer "
+                            f"({prepared.tokenizer.kind}, vocab {prepared.tokenizer.vocab_size}) than the checkpoint "
+                            f"{ckpt}; resume on the run's data or start a new run")
     if saved is not None and saved.is_dir() and prepared.directory.resolve() != saved.resolve():
         raise GPTSmallError(f"--resume: --data would change the data from {saved} (the run's) to "
                             f"{prepared.directory}; leave --data out to continue on {saved}, or start a new run")
