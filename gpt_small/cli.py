@@ -5,7 +5,8 @@ The table `VERBS` maps names to the pair. A `GPTSmallError` from anywhere, an OS
 disk, read-only folder) and a bad flag alike become one line on stderr and exit code 2; Ctrl-C
 becomes exit 130 and SIGTERM 143 (training saves a checkpoint before either). The train/model flags
 are derived from the config dataclasses (`config.config_flags`), so `--help` shows each field's
-meaning, unit and default from one place.
+meaning, unit and default from one place; `train` hands them to `run.plan_run`, which alone decides
+a fresh run, a resume or a fine-tune and what each may change.
 """
 
 from __future__ import annotations
