@@ -5,7 +5,8 @@ The table `VERBS` maps names to the pair. A `GPTSmallError` from anywhere, an OS
 disk, read-only folder) and a bad flag alike become one line on stderr and exit code 2; Ctrl-C
 becomes exit 130 and SIGTERM 143 (training saves a checkpoint before either). The train/model flags
 are derived from the config dataclasses (`config.config_flags`), so `--help` shows each field's
-meaning, unit and default from one place.
+meaning, unit and default from one place; `train` hands them to `run.plan_run`, which alone decides
+a fresh run, a resume or a fine-tune and what each may change.
 """
 
 from __future__ import annotations
@@ -141,65 +142,37 @@ def _args_train(p: argparse.ArgumentParser) -> None:
     _add_config_flags(p)
 
 
-def _explicit_model_keys(args: argparse.Namespace) -> dict:
-    """The GPTConfig fields the user set (raw values): the config file's [model], model flags, --set model keys."""
-    from .config import file_assignments, set_assignments
-
-    _, from_file = file_assignments(args.config)
-    given = from_file + _flag_assignments(args) + set_assignments(args.set)
-    return {a.name: a.value for a in given if a.section == "model"}
-
-
 def _run_train(args: argparse.Namespace) -> int:
-    from .data import PreparedData
     from .device import configure_process
     from .distributed import print0, teardown_distributed
-    from .train import Trainer, format_summary
+    from .loop import format_summary
+    from .run import plan_run
+    from .train import Trainer
 
-    if args.resume:
-        from .resume import resume_plan
-
-        if args.init_from:
-            raise GPTSmallError("--init-from starts a new run; leave it out with --resume (the run holds its weights)")
-
-        data_dir, model_cfg, train_cfg = resume_plan(args.out, data=args.data, preset=args.preset,
-                                                      config_file=args.config, sets=args.set,
-                                                      flags=_flag_assignments(args))
-        data = PreparedData(data_dir)
-    else:
-        if args.data is None:
-            raise GPTSmallError("--data is required (the folder made by `gpt-small prepare`)")
-        data = PreparedData(args.data)
-        _, model_cfg, train_cfg = _configs_from_args(args, vocab_size=data.tokenizer.vocab_size)
-    init_from = None
-    if args.init_from:
-        from .interop.finetune import init_from_config
-
-        if args.preset:
-            raise GPTSmallError("--preset does not apply with --init-from: the model comes from the checkpoint")
-        init_from, model_cfg = init_from_config(args.init_from, data_tokenizer=data.tokenizer, data_dir=data.directory,
-                                                model_overrides=_explicit_model_keys(args))
+    # fresh, --resume or --init-from: decided, and any change a resume or fine-tune may not make
+    # refused, by plan_run alone
+    plan = plan_run(args.out, data=args.data, resume=args.resume, init_from=args.init_from, preset=args.preset,
+                    config_file=args.config, sets=args.set, flags=_flag_assignments(args))
     trackers = []
     if args.logger:  # a tracker writes nothing before its first record, when the run's lock is held
         from .interop.trackers import make_tracker
 
-        trackers.append(make_tracker(args.logger, args.out, train_chars_per_token=data.chars_per_token("train"),
-                                     config={"model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
-                                             "data": str(data.directory), "init_from": args.init_from}))
-    configure_process(device=train_cfg.device, threads=train_cfg.threads)
-    trainer = Trainer(model_cfg, train_cfg, data, args.out, resume=args.resume, show_progress=not args.no_progress,
-                      init_from=init_from, trackers=trackers)
+        trackers.append(make_tracker(args.logger, args.out, train_chars_per_token=plan.data.chars_per_token("train"),
+                                     config={"model": plan.model.to_dict(), "train": plan.train.to_dict(),
+                                             "data": str(plan.data.directory), "init_from": args.init_from}))
+    configure_process(device=plan.train.device, threads=plan.train.threads)
+    trainer = Trainer.from_plan(plan, show_progress=not args.no_progress, trackers=trackers)
     ok = False
     try:
-        summary = trainer.fit()
+        with trainer:  # DDP's reducer goes before its process group, while Python is fully alive
+            summary = trainer.fit()
         print0(format_summary(summary))
         interrupted = summary["stopped_by"] in ("SIGINT", "SIGTERM")
         if interrupted:
             print0(f"interrupted by {summary['stopped_by']}; continue with: gpt-small train --data "
-                   f"{shlex.quote(str(data.directory))} --out {shlex.quote(str(args.out))} --resume")
+                   f"{shlex.quote(str(plan.data.directory))} --out {shlex.quote(str(args.out))} --resume")
         ok = True
     finally:
-        trainer.close()  # DDP's reducer goes before its process group, while Python is fully alive
         teardown_distributed(ok)
     if interrupted:
         return 128 + int(signal.Signals[summary["stopped_by"]])  # 130 for SIGINT, 143 for SIGTERM

@@ -432,15 +432,27 @@ def apply_assignments(model: GPTConfig, train: TrainConfig,
     return apply_overrides(model, model_kv), apply_overrides(train, train_kv)
 
 
+DEFAULT_PRESET = "poem-cpu"
+
+
+def user_assignments(*, config_file: str | Path | None = None, model_overrides: dict[str, Any] | None = None,
+                     train_overrides: dict[str, Any] | None = None, flags: list[Assignment] | None = None,
+                     sets: list[str] | None = None) -> tuple[str | None, list[Assignment]]:
+    """(the config file's preset, every setting given) in priority order, lowest first: config file
+    < overrides < flags < --set; applied in this order, a later assignment of a field wins."""
+    file_preset, from_file = file_assignments(config_file)
+    overrides = [Assignment(f"{section}.{k}={v!r}", section, k, v)
+                 for section, kv in (("model", model_overrides), ("train", train_overrides)) for k, v in (kv or {}).items()]
+    return file_preset, from_file + overrides + list(flags or []) + set_assignments(sets)
+
+
 def resolve_configs(*, preset: str | None = None, config_file: str | Path | None = None,
                     model_overrides: dict[str, Any] | None = None, train_overrides: dict[str, Any] | None = None,
                     sets: list[str] | None = None,
                     flags: list[Assignment] | None = None) -> tuple[str, GPTConfig, TrainConfig]:
     """preset < config file < overrides and flags < --set. Returns (preset name, model config, train config)."""
-    file_preset, from_file = file_assignments(config_file)
-    name = preset or file_preset or "poem-cpu"
-    given = (from_file + [Assignment("", "model", k, v) for k, v in (model_overrides or {}).items()]
-             + [Assignment("", "train", k, v) for k, v in (train_overrides or {}).items()]
-             + list(flags or []) + set_assignments(sets))
+    file_preset, given = user_assignments(config_file=config_file, model_overrides=model_overrides,
+                                          train_overrides=train_overrides, flags=flags, sets=sets)
+    name = preset or file_preset or DEFAULT_PRESET
     model, train = apply_assignments(GPTConfig.from_preset(name), TrainConfig(), given)
     return name, model, train

@@ -35,12 +35,12 @@ def ensure_data(data_dir: Path) -> None:
 def ensure_model(data_dir: Path, run_dir: Path, config_file: str | None, minutes: float,
                  sets: list[str] | None = None) -> dict[str, Any] | None:
     """Train, resume or reuse; returns the training summary (None when an existing run is reused)."""
-    from .config import resolve_configs
-    from .data import PreparedData
     from .device import configure_process
-    from .train import Trainer, format_summary, run_progress
+    from .loop import format_summary
+    from .run import plan_run
+    from .run_folder import run_progress
+    from .train import Trainer
 
-    data = PreparedData(data_dir)
     resume = (run_dir / "last").exists()
     if resume:
         progress = run_progress(run_dir)
@@ -51,11 +51,13 @@ def ensure_model(data_dir: Path, run_dir: Path, config_file: str | None, minutes
         print0(f"[2/3] model: resuming {run_dir} from step {progress.step:,}")
     else:
         print0(f"[2/3] training the CPU preset for {minutes:g} minutes into {run_dir}")
-    _, model_cfg, train_cfg = resolve_configs(
-        config_file=config_file, model_overrides={"vocab_size": data.tokenizer.vocab_size},
-        train_overrides={"max_time": minutes * 60}, sets=sets)
-    configure_process(device=train_cfg.device, threads=train_cfg.threads)
-    summary = Trainer(model_cfg, train_cfg, data, run_dir, resume=resume).fit()
+    # the same plan as `gpt-small train --config FILE --max-time M [--resume]`: a resumed run
+    # keeps its model and optimizer, and its time budget counts the time already spent
+    plan = plan_run(run_dir, data=data_dir, resume=resume, config_file=config_file, sets=sets,
+                    train_overrides={"max_time": minutes * 60})
+    configure_process(device=plan.train.device, threads=plan.train.threads)
+    with Trainer.from_plan(plan) as trainer:
+        summary = trainer.fit()
     print0(format_summary(summary))
     if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
         raise KeyboardInterrupt

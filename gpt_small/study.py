@@ -164,20 +164,12 @@ def compare_encodings(encodings: str | Sequence[str], *, model_config: GPTConfig
             run_dir = out_dir / f"{enc}-seed{seed}"
             log.info("[%d/%d] training %s, seed %d -> %s", done, total, enc, seed, run_dir)
             cfg = dataclasses.replace(train_config, seed=seed, final_eval=True)
-            trainer = Trainer(configs[enc], cfg, data, run_dir, show_progress=show_progress,
-                              init_weights=lambda model, seed=seed: copy_shared_weights(model, seed))
-            summary = trainer.fit()
-            if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
-                raise KeyboardInterrupt(f"{summary['stopped_by']} during {run_dir}")
-            runs[enc].append({
-                "seed": seed, "run_dir": str(run_dir), "params": trainer.model.num_params(),
-                "steps": summary["steps"], "tokens": summary["tokens"], "tokens_per_step": trainer.tokens_per_step,
-                "wall_seconds": summary["wall_seconds"], "tokens_per_s": summary["tokens_per_s"],
-                "stopped_by": summary["stopped_by"],
-                "final_val_loss": summary["final_val"]["loss"], "final_val_bpc": summary["final_val"]["bits_per_char"],
-                "final_val_tokens": summary["final_val"]["tokens"],
-                "extrapolation": _measure_extrapolation(trainer, data, factors, n_tokens, too_long),
-            })
+            with Trainer(configs[enc], cfg, data, run_dir, show_progress=show_progress,
+                         init_weights=lambda model, seed=seed: copy_shared_weights(model, seed)) as trainer:
+                summary = trainer.fit()
+                if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
+                    raise KeyboardInterrupt(f"{summary['stopped_by']} during {run_dir}")
+                runs[enc].append(_run_row(trainer, summary, seed, run_dir, data, factors, n_tokens, too_long))
 
     per_encoding = {enc: _aggregate(rs) for enc, rs in runs.items()}
     results = {
@@ -203,6 +195,20 @@ def compare_encodings(encodings: str | Sequence[str], *, model_config: GPTConfig
     plot_compare({enc: [Path(r["run_dir"]) / "metrics.jsonl" for r in rs] for enc, rs in runs.items()},
                  out_dir / "curves.png")
     return results
+
+
+def _run_row(trainer: Trainer, summary: dict[str, Any], seed: int, run_dir: Path, data: PreparedData,
+             factors: Sequence[int], n_tokens: int, too_long: dict[int, str]) -> dict[str, Any]:
+    """One run's figures (and its extrapolation, measured on the trainer's final weights)."""
+    return {
+        "seed": seed, "run_dir": str(run_dir), "params": trainer.model.num_params(),
+        "steps": summary["steps"], "tokens": summary["tokens"], "tokens_per_step": trainer.tokens_per_step,
+        "wall_seconds": summary["wall_seconds"], "tokens_per_s": summary["tokens_per_s"],
+        "stopped_by": summary["stopped_by"],
+        "final_val_loss": summary["final_val"]["loss"], "final_val_bpc": summary["final_val"]["bits_per_char"],
+        "final_val_tokens": summary["final_val"]["tokens"],
+        "extrapolation": _measure_extrapolation(trainer, data, factors, n_tokens, too_long),
+    }
 
 
 def _budget_text(cfg: TrainConfig) -> str:

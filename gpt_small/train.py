@@ -1,17 +1,20 @@
-"""The training loop: `Trainer(...).fit()`, with explicit state so that resume is exact.
+"""The trainer: a model, its optimizer, its data sampler, one step, evaluation, and a state dict
+that makes resume exact.
 
-The trainer owns everything that changes during a run: the model, the optimizer, the step, the
-data sampler's position, the RNG states and the best validation loss. `state_dict()` gathers them
-into plain tensors and numbers (saved as `trainer_state.pt`, read back with
+`Trainer` owns everything that changes during a run: the model, the optimizer, the step, the data
+sampler's position, the RNG states and the best validation loss. `state_dict()` gathers them into
+plain tensors and numbers (saved as `trainer_state.pt`, read back with
 `torch.load(weights_only=True)`), `load_state_dict()` puts them back, so 10 steps + resume + 10
-steps equals 20 steps.
+steps equals 20 steps. One optimizer step = `grad_accum` micro-batches per process; under torchrun
+the gradients are all-reduced once per step (DDP's `no_sync` on the other micro-batches). A NaN or
+infinite loss stops before anything is saved, so the last good checkpoint stays.
 
-`fit()` is a short loop over named steps: `train_step`, `log_step`, `stop_reason`, then
-`evaluate_and_save` or `save`, and at the end `finish`. One optimizer step = `grad_accum` micro-batches per
-process; under torchrun the gradients are all-reduced once per step (DDP's `no_sync` on the other
-micro-batches). Rank 0 alone logs and writes checkpoints. SIGINT/SIGTERM finish the current step,
-save, and stop; a NaN or infinite loss stops before anything is saved, so the last good checkpoint
-stays.
+What the run is comes from a `RunPlan` (run.py: fresh, resume or fine-tune, decided there);
+where it is written is the `RunFolder`'s (run_folder.py: the lock, metrics, checkpoints' config,
+summary, plot); the loop that calls `train_step`, evaluates, saves and stops is loop.py's
+(`fit()` hands over to it). As in torchtitan, checkpointing and metrics sit beside the trainer,
+not in it. A Trainer holds its folder's lock from construction to `close()`; `with Trainer(...)
+as t:` closes it on every path.
 
 Process-wide settings (CPU threads, the allocator, TF32) are not made here: the entry points call
 `gpt_small.device.configure_process` once, before building a Trainer.
@@ -20,37 +23,32 @@ Process-wide settings (CPU threads, the allocator, TF32) are not made here: the 
 from __future__ import annotations
 
 import gc
-import json
 import math
-import os
 import random
-import signal
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .checkpoint import find_checkpoint, load_trainer_state, load_weights, read_checkpoint_config, save_checkpoint
+from .checkpoint import load_trainer_state, load_weights
 from .config import GPTConfig, TrainConfig
 from .data import BatchSampler, PreparedData, eval_windows
 from .device import autocast, bf16_matmul_is_faster, pick_device, pick_dtype
-from .distributed import DistInfo, all_reduce_mean, any_rank, print0, setup_distributed
+from .distributed import DistInfo, all_reduce_mean, any_rank, setup_distributed
 from .errors import GPTSmallError
-from .evaluate import bits_per_char, evaluate_tokens
-from .fileio import FolderLock, append_line, atomic_write, strict_json
+from .evaluate import evaluate_tokens
 from .model import GPT
 from .optim import MuonWithAdamW, is_hidden_matrix
-from .tokenizer import load_tokenizer, same_tokenizer
+from .run import RunPlan, plan_run
+from .run_folder import RunFolder
 
 # A resumed rank > 0 reseeds its dropout stream with seed + rank + RESUME_SEED_STRIDE * step: a
 # prime larger than any rank count, so no (rank, step) pair repeats another's seed.
 RESUME_SEED_STRIDE = 1_000_003
-INTERRUPTS = ("SIGINT", "SIGTERM")  # the stop reasons that leave a run unfinished (also "stop_after")
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig, warmup_progress: float = 0.0) -> float:
@@ -140,137 +138,51 @@ def build_optimizer(model: GPT, cfg: TrainConfig, *, fused: bool,
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def check_resumable(out_dir: Path, model_config: GPTConfig, train_config: TrainConfig, data: PreparedData) -> Path:
-    """The `last` checkpoint of out_dir, checked against the tokenizer, model and optimizer asked for."""
-    ckpt = find_checkpoint(out_dir, prefer="last")
-    meta = read_checkpoint_config(ckpt)
-    # The tokenizer first: another tokenizer also shows as another vocab_size.
-    if not same_tokenizer(load_tokenizer(ckpt), data.tokenizer):
-        raise GPTSmallError(f"--resume: the data in {data.directory} was prepared with another "
-                            f"tokenizer than the checkpoint {ckpt}")
-    saved_model = GPTConfig.from_dict(meta["model"])
-    if saved_model != model_config:
-        diff = "; ".join(f"{k} from {v!r} (the run's) to {getattr(model_config, k)!r}"
-                         for k, v in saved_model.to_dict().items() if getattr(model_config, k) != v)
-        raise GPTSmallError(f"--resume: the model config would change {diff}; resume with the run's "
-                            "config (`gpt-small train --out RUN --resume` takes it from the run)")
-    saved_optimizer = meta.get("train", {}).get("optimizer", "adamw")
-    if saved_optimizer != train_config.optimizer:
-        raise GPTSmallError(f"--resume: the checkpoint was trained with optimizer={saved_optimizer}, "
-                            f"not {train_config.optimizer}; its optimizer state cannot be carried over")
-    return ckpt
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop the log lines written after `step` (a resumed run writes them again; a fresh start, step
-    0, drops the log of a run killed before its first checkpoint) and a last line cut short by a
-    kill or a full disk."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass
-    atomic_write(path, "".join(line + "\n" for line in keep))
-
-
-class StopSignals:
-    """While entered, SIGINT and SIGTERM are noted in `.name` instead of stopping the process (the
-    trainer finishes its step, saves and stops); the old handlers come back on exit."""
-
-    def __enter__(self) -> "StopSignals":
-        self.name: str | None = None
-        self._old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._note)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _note(self, signum, frame) -> None:
-        self.name = signal.Signals(signum).name
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunProgress:
-    """Where a run folder's last checkpoint stands, read from its config.json alone."""
-
-    step: int  # optimizer steps done
-    finished: bool  # the run reached its step or time budget (an interrupted run is not finished)
-    elapsed: float  # training seconds spent so far
-
-
-def run_progress(run_dir: str | Path) -> RunProgress:
-    """The progress of the run in `run_dir` (its `last` checkpoint) without loading optimizer moments."""
-    ckpt = find_checkpoint(run_dir, prefer="last")
-    meta = read_checkpoint_config(ckpt)
-    progress = meta.get("progress")
-    if progress is None:  # a checkpoint written before config.json carried it
-        state = load_trainer_state(ckpt)
-        progress = {"finished": state.get("finished", False), "elapsed": state["elapsed"]}
-    return RunProgress(step=int(meta["step"]), finished=bool(progress["finished"]),
-                       elapsed=float(progress["elapsed"]))
-
-
 class Trainer:
-    """Trains `model_config` on `data` into `out_dir` with `train_config`.
+    """Trains `model_config` on `data` into `out_dir` with `train_config` (the Python API; the CLI
+    builds a `RunPlan` and calls `Trainer.from_plan`). resume: continue the run in out_dir;
+    init_from: a run or checkpoint folder whose weights replace the random init (fine-tuning).
+    Both are checked by `plan_run`, the same rules as the CLI's.
 
     init_weights: called on a fresh model (never on a resumed one) after the trainer built it,
     before the optimizer sees it; the positional-encoding study gives every encoding the same
-    starting weights this way. init_from: a checkpoint folder whose weights replace the random init
-    (fine-tuning, interop/finetune.py). trackers: objects with log(record) and close() that also
-    receive every metrics.jsonl record (interop/trackers.py).
+    starting weights this way. trackers: objects with log(record) and close() that also receive
+    every metrics.jsonl record (interop/trackers.py).
     """
 
     def __init__(self, model_config: GPTConfig, train_config: TrainConfig, data: PreparedData | str | Path,
                  out_dir: str | Path, *, resume: bool = False, show_progress: bool = True,
                  init_weights: Callable[[GPT], None] | None = None, init_from: str | Path | None = None,
                  trackers: Sequence[Any] = ()):
-        self.data = data if isinstance(data, PreparedData) else PreparedData(data)
-        self._init_from = Path(init_from) if init_from is not None else None
-        self.trackers = list(trackers)
-        self.out_dir = Path(out_dir)
+        plan = plan_run(out_dir, data=data, model=model_config, train=train_config, resume=resume, init_from=init_from)
+        self._open(plan, show_progress=show_progress, init_weights=init_weights, trackers=trackers)
+
+    @classmethod
+    def from_plan(cls, plan: RunPlan, *, show_progress: bool = True, init_weights: Callable[[GPT], None] | None = None,
+                  trackers: Sequence[Any] = ()) -> "Trainer":
+        trainer = cls.__new__(cls)
+        trainer._open(plan, show_progress=show_progress, init_weights=init_weights, trackers=trackers)
+        return trainer
+
+    def _open(self, plan: RunPlan, *, show_progress: bool, init_weights: Callable[[GPT], None] | None,
+              trackers: Sequence[Any]) -> None:
+        self.plan = plan
+        self.data, self.model_config, self.train_config, self.out_dir = plan.data, plan.model, plan.train, plan.out
         self.show_progress = show_progress
         self.init_weights = init_weights
         self.dist = DistInfo()
-        self.model_config, self.train_config = model_config, train_config
-        # One process per run folder for the trainer's life (rank 0 of a torchrun job: the others
-        # write nothing); taken before the already-a-run check so two starts cannot both pass it.
-        self._lock = FolderLock(self.out_dir, "--out")
-        if os.environ.get("RANK", "0") == "0":
-            self._lock.acquire()
-        try:
-            self._check_run(resume)
-        except BaseException:
-            self._lock.release()
-            raise
+        self.forward_model: torch.nn.Module | None = None
+        self.folder = RunFolder(plan, trackers=trackers).__enter__()  # the lock, held until close()
 
-    def _check_run(self, resume: bool) -> None:
-        """Refuse a run that cannot start: a resume that changes the model, optimizer or tokenizer, a
-        folder that holds another run, no way to end, data too short for one window."""
-        model_config, train_config = self.model_config, self.train_config
-        self.resume_from = check_resumable(self.out_dir, model_config, train_config, self.data) if resume else None
-        if not resume and (self.out_dir / "last").exists():
-            raise GPTSmallError(f"{self.out_dir} already holds a run; pass --resume to continue it "
-                                "or choose another --out")
-        if not (train_config.max_steps or train_config.max_time):
-            raise GPTSmallError("max_steps 0 (no step limit) needs a max_time (--max-time) to end the run")
-        if model_config.vocab_size != self.data.tokenizer.vocab_size:
-            raise GPTSmallError(f"the model's vocab_size {model_config.vocab_size} differs from the data's "
-                                f"tokenizer ({self.data.tokenizer.vocab_size})")
-        for split, arr in (("train", self.data.train), ("validation", self.data.val)):
-            if len(arr) < model_config.block_size + 1:
-                raise GPTSmallError(f"the {split} split has {len(arr)} tokens, fewer than one window of "
-                                    f"block_size + 1 = {model_config.block_size + 1}; use a smaller "
-                                    "block_size or more text")
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def resume_from(self) -> Path | None:
+        return self.plan.resume_from
 
     # ------------------------------------------------------------------ set-up
 
@@ -290,8 +202,8 @@ class Trainer:
         # Same initial weights on every rank; each rank's dropout stream differs.
         torch.manual_seed(cfg.seed)
         self.model = GPT(self.model_config).to(self.device)
-        if self._init_from is not None:  # fine-tuning: the weights only; step, optimizer and schedule start afresh
-            load_weights(self.model, self._init_from)
+        if self.plan.init_from is not None:  # fine-tuning: the weights only; step, optimizer and schedule start afresh
+            load_weights(self.model, self.plan.init_from)
         if self.init_weights is not None and self.resume_from is None:
             self.init_weights(self.model)
         torch.manual_seed(cfg.seed + self.dist.rank)
@@ -300,7 +212,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg, fused=self.device.type in ("cuda", "cpu"),
                                          ns_dtype=torch.bfloat16 if bf16_faster else torch.float32)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.forward_model: torch.nn.Module = torch.compile(self.model) if cfg.compile else self.model
+        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -314,12 +226,15 @@ class Trainer:
         self.step = 0
         self.best_val = float("inf")
         self.elapsed = 0.0  # training seconds before this process (resume)
+        self.clock_start: float | None = None  # when this process's training began (loop.py starts it)
         self.warmup_progress = cfg.warmup_steps / self.step_limit
         self.finished = False
         self.lr = 0.0  # the learning rate of the last step
+        self.saved_step = -1  # the step of this process's last save (a resumed run's checkpoint counts)
         if self.resume_from is not None:
             self.load_state_dict(load_trainer_state(self.resume_from))
             load_weights(self.model, self.resume_from)
+            self.saved_step = self.step
 
     @property
     def step_limit(self) -> float:
@@ -332,14 +247,12 @@ class Trainer:
         return c.batch_size * c.grad_accum * self.model_config.block_size * self.dist.world_size
 
     def close(self) -> None:
-        """Drop the DistributedDataParallel wrapper (and a compiled module), keeping the model."""
-        if hasattr(self, "forward_model"):
+        """Drop the DistributedDataParallel wrapper (and a compiled module), keeping the model; close
+        the trackers and release the run folder."""
+        if self.forward_model is not None:
             self.forward_model = self.model
             gc.collect()
-        for tracker in self.trackers:
-            tracker.close()
-        self.trackers = []
-        self._lock.release()
+        self.folder.close()
 
     # ------------------------------------------------------------------ state
 
@@ -373,7 +286,7 @@ class Trainer:
         set_rng_state(state["rng"], rank=self.dist.rank, seed=self.train_config.seed, step=self.step)
 
     def elapsed_total(self) -> float:
-        return self.elapsed + (time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0)
+        return self.elapsed + (time.perf_counter() - self.clock_start if self.clock_start is not None else 0.0)
 
     def progress(self) -> float:
         p = self.step / self.step_limit
@@ -381,7 +294,55 @@ class Trainer:
             p = max(p, self.elapsed_total() / self.train_config.max_time)
         return min(p, 1.0)
 
-    # ------------------------------------------------------------------ evaluation
+    def save(self, *, best: bool = False) -> Path | None:
+        """A checkpoint of this step in the run folder, `last` (and `best`) pointed at it; rank 0 only."""
+        self.saved_step = self.step
+        return self.folder.save(step=self.step, model=self.model, trainer_state=self.state_dict(),
+                                best_val=self.best_val, finished=self.finished, elapsed=self.elapsed_total(),
+                                best=best)
+
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Set up, train until max_steps or max_time (loop.py), return the run's summary.
+
+        stop_after: stop after this many steps of this call, as an interruption would (the
+        checkpoint is resumable and the schedule stays that of the whole run).
+        """
+        from .loop import TrainLoop
+
+        self.setup()
+        return TrainLoop(self, stop_after).run()
+
+    # ------------------------------------------------------------------ a step and evaluation
+
+    def train_step(self) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the mean micro-batch loss."""
+        cfg = self.train_config
+        lr = lr_at(self.step, self.progress(), cfg, self.warmup_progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_ratio", 1.0)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = self.sampler.next_batch(self.device)
+            last = micro == cfg.grad_accum - 1
+            sync = nullcontext() if last or not self.dist.enabled else self.forward_model.no_sync()
+            with sync, autocast(self.device, self.amp_dtype):
+                _, loss = self.forward_model(x, y)
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            total += loss.item()
+        loss_value = total / cfg.grad_accum
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise GPTSmallError(f"the loss became {loss_value} at step {self.step + 1} (lr {lr:.3g}); stopped "
+                                f"without saving; {self.folder.on_disk()} (try a lower lr or more warm-up)")
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.lr = lr
+        return loss_value
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -403,223 +364,3 @@ class Trainer:
         return evaluate_tokens(self.model, self.data.val, context=self.model_config.block_size,
                                batch_size=max(8, self.train_config.batch_size), device=self.device,
                                chars_per_token=self.data.chars_per_token("val"), autocast_dtype=torch.float32)
-
-    def _evaluate_best_checkpoint(self) -> dict[str, Any] | None:
-        """The whole-split loss of the `best` checkpoint where it is not the last one (an
-        overfitting run: `generate` and `eval` take `best` by default, so its figure is the one a
-        user samples from). Chosen on the interval windows, which are part of this split. The
-        final weights are put back afterwards. None where `best` is `last` or is not on this
-        rank's disk (rank 0 writes checkpoints)."""
-        best, last = self.out_dir / "best", self.out_dir / "last"
-        if not (self.dist.is_main and best.exists() and last.exists()) or best.resolve() == last.resolve():
-            return None
-        final = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        try:
-            load_weights(self.model, best)
-            res = self.evaluate_full()
-        finally:
-            self.model.load_state_dict(final)
-        return {"step": read_checkpoint_config(best)["step"], "checkpoint": str(best), **res.to_dict()}
-
-    # ------------------------------------------------------------------ checkpoints and logs
-
-    def save(self, *, best: bool = False) -> Path | None:
-        """A checkpoint of this step, `last` (and `best`) pointed at it; rank 0 only."""
-        self._last_saved_step = self.step
-        if not self.dist.is_main:
-            return None
-        links = ("last", "best") if best else ("last",)
-        config = {"model": self.model_config.to_dict(), "train": self.train_config.to_dict(),
-                  "data": {"directory": str(self.data.directory), "tokenizer": self.data.tokenizer.kind,
-                           "chars_per_token": self.data.chars_per_token("val")},
-                  "val_loss": None if math.isinf(self.best_val) else self.best_val,
-                  "progress": {"finished": self.finished, "elapsed": self.elapsed_total()}}
-        if self._init_from is not None:
-            config["init_from"] = str(self._init_from)
-        return save_checkpoint(self.out_dir, step=self.step, model=self.model, tokenizer=self.data.tokenizer,
-                               config=config, trainer_state=self.state_dict(), links=links)
-
-    def log(self, record: dict[str, Any]) -> None:
-        if self.dist.is_main:
-            append_line(self.out_dir / "metrics.jsonl", strict_json(record))
-            for tracker in self.trackers:
-                tracker.log(record)
-
-    # ------------------------------------------------------------------ the loop
-
-    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
-        """Train until max_steps or max_time; returns the run's summary.
-
-        stop_after: stop after this many steps of this call, as an interruption would (the
-        checkpoint is resumable and the schedule stays that of the whole run).
-        """
-        self.setup()
-        self.start(stop_after)
-        stopped_by = "max_steps"
-        with StopSignals() as self.signals, self._bar:
-            while self.step < self.step_limit:
-                loss = self.train_step()
-                self.log_step(loss)
-                stop = self.stop_reason()
-                done = stop is not None or self.step >= self.step_limit
-                if done or self.step % self.train_config.eval_interval == 0:
-                    self.evaluate_and_save(done=done, interrupted=stop in (*INTERRUPTS, "stop_after"))
-                elif self.train_config.checkpoint_interval and self.step % self.train_config.checkpoint_interval == 0:
-                    self.save()
-                if stop is not None:
-                    stopped_by = stop
-                    break
-        return self.finish(stopped_by)
-
-    def start(self, stop_after: int | None = None) -> None:
-        """Before the first step: the run folder, run_config.json, the clocks, the progress bar."""
-        from tqdm import tqdm
-
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.dist.is_main:
-            run_config = {"model": self.model_config.to_dict(), "train": self.train_config.to_dict(),
-                          "data": str(self.data.directory), "world_size": self.dist.world_size,
-                          "device": str(self.device), "autocast": str(self.amp_dtype).removeprefix("torch.")}
-            if self._init_from is not None:
-                run_config["init_from"] = str(self._init_from)
-            atomic_write(self.out_dir / "run_config.json", strict_json(run_config, indent=2) + "\n")
-        if self.dist.is_main:
-            trim_metrics(self.out_dir / "metrics.jsonl", self.step)
-        if self.resume_from is not None:
-            print0(f"resuming {self.out_dir} at step {self.step}")
-        self._t_start = time.perf_counter()
-        self._start_step = self.step
-        self._stop_after = stop_after
-        self._last_saved_step = self.step if self.resume_from is not None else -1
-        self._t_log, self._tokens_since_log = time.perf_counter(), 0
-        # The bar follows progress(): the fraction of max_steps or of max_time, whichever is further,
-        # so its time-left estimate is right for step and for wall-clock budgets alike.
-        self._bar = tqdm(total=100, initial=int(self.progress() * 100), unit="%", dynamic_ncols=True,
-                         bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}",
-                         disable=not (self.show_progress and self.dist.is_main))
-
-    def train_step(self) -> float:
-        """One optimizer step over grad_accum micro-batches; returns the mean micro-batch loss."""
-        cfg = self.train_config
-        lr = lr_at(self.step, self.progress(), cfg, self.warmup_progress)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_ratio", 1.0)
-        total = 0.0
-        for micro in range(cfg.grad_accum):
-            x, y = self.sampler.next_batch(self.device)
-            last = micro == cfg.grad_accum - 1
-            sync = nullcontext() if last or not self.dist.enabled else self.forward_model.no_sync()
-            with sync, autocast(self.device, self.amp_dtype):
-                _, loss = self.forward_model(x, y)
-                self.scaler.scale(loss / cfg.grad_accum).backward()
-            total += loss.item()
-        loss_value = total / cfg.grad_accum
-        if not math.isfinite(loss_value):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise GPTSmallError(f"the loss became {loss_value} at step {self.step + 1} (lr {lr:.3g}); stopped "
-                                f"without saving; {self._on_disk()} (try a lower lr or more warm-up)")
-        if cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.lr = lr
-        return loss_value
-
-    def _on_disk(self) -> str:
-        """What a stopped run leaves: the step of its last checkpoint, or that there is none."""
-        last = self.out_dir / "last"
-        if not last.exists():
-            return f"no checkpoint was saved in {self.out_dir}"
-        return f"the last good checkpoint is step {read_checkpoint_config(last.resolve())['step']} in {last}"
-
-    def log_step(self, loss: float) -> None:
-        """Advance the bar; every log_interval steps (and after the first), a metrics line."""
-        self._tokens_since_log += self.tokens_per_step
-        self._bar.update(max(0, int(self.progress() * 100) - self._bar.n))
-        if self.step % self.train_config.log_interval and self.step != 1:
-            return
-        now = time.perf_counter()
-        tps = self._tokens_since_log / (now - self._t_log)
-        self._t_log, self._tokens_since_log = now, 0
-        self.log({"kind": "train", "step": self.step, "loss": loss, "lr": self.lr,
-                  "tokens": self.step * self.tokens_per_step, "elapsed": self.elapsed_total(), "tokens_per_s": tps})
-        self._bar.set_postfix_str(f"step {self.step} loss {loss:.4f} lr {self.lr:.2e} {tps:,.0f} tok/s")
-
-    def stop_reason(self) -> str | None:
-        """Why to stop after this step (a signal, the time budget, stop_after), or None; every rank
-        stops when any rank asks (the reason is this rank's own)."""
-        cfg = self.train_config
-        out_of_time = bool(cfg.max_time) and self.elapsed_total() >= cfg.max_time
-        paused = self._stop_after is not None and self.step - self._start_step >= self._stop_after
-        if not any_rank(self.signals.name is not None or out_of_time or paused, self.device):
-            return None
-        return self.signals.name or ("stop_after" if paused else "max_time")
-
-    def evaluate_and_save(self, *, done: bool, interrupted: bool) -> None:
-        """Interval evaluation: log it, save `best` on improvement; at the end, the final checkpoint."""
-        val = self.evaluate()
-        improved = val < self.best_val
-        self.best_val = min(self.best_val, val)
-        bpc = bits_per_char(val, self.data.chars_per_token("val"))
-        self.log({"kind": "eval", "step": self.step, "val_loss": val, "val_bpc": bpc, "elapsed": self.elapsed_total()})
-        if self.dist.is_main:
-            self._bar.write(f"step {self.step}: val loss {val:.4f} ({bpc:.3f} bits/char)")
-        if done:
-            self.finished = not interrupted
-            self.save(best=improved)
-        elif improved:
-            self.save(best=True)
-
-    def finish(self, stopped_by: str) -> dict[str, Any]:
-        """The last checkpoint if the loop did not save one, the whole-split evaluations, the summary
-        and the plot; returns the summary."""
-        if self._last_saved_step != self.step:  # max_steps was already reached: nothing trained
-            self.finished = True
-            self.save()
-        wall = time.perf_counter() - self._t_start
-        steps_this_run = self.step - self._start_step
-        summary = {
-            "out_dir": str(self.out_dir), "stopped_by": stopped_by, "steps": self.step,
-            "steps_this_run": steps_this_run, "tokens": self.step * self.tokens_per_step,
-            "wall_seconds": wall, "tokens_per_s": steps_this_run * self.tokens_per_step / max(wall, 1e-9),
-            "best_val_loss": self.best_val,
-            "best_val_bpc": bits_per_char(self.best_val, self.data.chars_per_token("val")),
-            "checkpoint": str(self.out_dir / "last"),
-        }
-        if self.train_config.final_eval and stopped_by in ("max_steps", "max_time"):
-            res = self.evaluate_full()
-            summary["final_val"] = res.to_dict()
-            self.log({"kind": "final_eval", "step": self.step, **res.to_dict()})
-            best = self._evaluate_best_checkpoint()
-            if best is not None:
-                summary["best_checkpoint_val"] = best
-                self.log({"kind": "final_eval_best", **best})
-        if self.dist.is_main:
-            from .plots import plot_run
-
-            atomic_write(self.out_dir / "summary.json", strict_json(summary, indent=2) + "\n")
-            plot_run(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
-            summary["plot"] = str(self.out_dir / "curves.png")
-        return summary
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    """The one-paragraph summary printed at the end of `gpt-small train`."""
-    text = (f"Trained {s['steps']:,} steps ({s['steps_this_run']:,} in this run, {s['tokens']:,} tokens in all) "
-            f"in {s['wall_seconds']:.0f} s at {s['tokens_per_s']:,.0f} tokens/s; stopped by {s['stopped_by']}. "
-            f"Best interval validation loss {s['best_val_loss']:.4f} nats/token ({s['best_val_bpc']:.3f} bits/char).")
-    if "final_val" in s:
-        f = s["final_val"]
-        text += (f" Whole validation split: {f['loss']:.4f} nats/token, perplexity {f['perplexity']:.2f}, "
-                 f"{f['bits_per_char']:.3f} bits/char over {f['tokens']:,} tokens.")
-    if "best_checkpoint_val" in s:
-        b = s["best_checkpoint_val"]
-        text += (f" The best checkpoint (step {b['step']:,}, what generate and eval load by default) on the "
-                 f"whole split: {b['loss']:.4f} nats/token, {b['bits_per_char']:.3f} bits/char.")
-    text += f" Checkpoint: {s['checkpoint']}"
-    if "plot" in s:
-        text += f"; curves: {s['plot']}"
-    return text + "."

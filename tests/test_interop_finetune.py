@@ -123,7 +123,7 @@ def test_init_from_refuses_another_tokenizer_and_another_shape(imported_gpt2, ve
     (tmp_path / "v.txt").write_text((verse_data.parent / "poems.txt").read_text())
     prepare(out=gpt2_data, text=tmp_path / "v.txt", tokenizer="gpt2")
     base[2] = str(gpt2_data)
-    assert "n_layer=3 differs from its 2" in one_line_error(capsys, base + ["--n-layer", "3"])
+    assert "--n-layer would change n_layer from 2" in one_line_error(capsys, base + ["--n-layer", "3"])
     assert "--preset does not apply" in one_line_error(capsys, base + ["--preset", "tiny"])
     assert "not found" in one_line_error(capsys, base[:-1] + [str(tmp_path / "nowhere")])
     assert not (tmp_path / "x").exists()

@@ -222,7 +222,7 @@ def test_last_link_is_switched_atomically(data_dir, tmp_path, monkeypatch):
 def test_run_progress_says_finished_only_for_a_run_that_reached_its_budget(data_dir, tmp_path):
     """config.json carries step and finished, so make poem decides without the optimizer moments.
     Mutation: an interrupted run marked finished."""
-    from gpt_small.train import run_progress
+    from gpt_small.run_folder import run_progress
 
     _trainer(data_dir, tmp_path / "run", max_steps=6).fit(stop_after=3)
     p = run_progress(tmp_path / "run")

@@ -144,7 +144,7 @@ def test_overfit_run_also_reports_the_best_checkpoints_whole_split_loss(data_dir
     """Where validation rose after its best (an overfitting run), `best` (what generate and eval
     load) is scored on the whole split too, and the trainer keeps the final weights."""
     from gpt_small.evaluate import evaluate_tokens
-    from gpt_small.train import format_summary
+    from gpt_small.loop import format_summary
 
     monkeypatch.setattr(Trainer, "evaluate", lambda self: float(self.step))  # rises: best = step 5
     model, cfg = _configs(data_dir, max_steps=20, final_eval=True)
@@ -254,7 +254,7 @@ def test_head_lr_scale_scales_the_untied_heads_lr(data_dir, tmp_path):
 def test_resume_with_another_optimizer_is_refused(data_dir, tmp_path):
     model, cfg = _configs(data_dir, max_steps=2, optimizer="muon")
     Trainer(model, cfg, data_dir, tmp_path / "run", show_progress=False).fit()
-    with pytest.raises(GPTSmallError, match="optimizer=muon"):
+    with pytest.raises(GPTSmallError, match="would change optimizer from 'muon'"):
         Trainer(model, TrainConfig(**{**cfg.to_dict(), "optimizer": "adamw"}), data_dir, tmp_path / "run",
                 resume=True, show_progress=False)
 

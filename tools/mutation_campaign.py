@@ -50,7 +50,7 @@ PROMISES = "tests/test_promises.py"
 GOLDEN = "tests/test_golden.py"
 
 MUTATIONS: list[Mutation] = [
-    # ---- train.py: the step, the schedule, the state
+    # ---- train.py, loop.py, run_folder.py: the step, the schedule, the state, the loop
     M("T1", "train.py", "self.scaler.scale(loss / cfg.grad_accum).backward()", "self.scaler.scale(loss).backward()",
       "gradient accumulation sums instead of averaging the micro-batch losses", PROMISES, GOLDEN),
     M("T2", "train.py", 'elif p.dim() >= 2 and "wpe" not in name', 'elif p.dim() >= 1 and "wpe" not in name',
@@ -73,22 +73,22 @@ MUTATIONS: list[Mutation] = [
       TRAIN, "-k", "resume_equals"),
     M("T10", "train.py", '        self.sampler.load_state_dict(state["sampler"])\n', "",
       "resume restarts the data order", TRAIN, "-k", "resume_equals"),
-    M("T11", "train.py", "improved = val < self.best_val", "improved = val > self.best_val",
+    M("T11", "loop.py", "improved = val < t.best_val", "improved = val > t.best_val",
       "`best` never follows the lowest validation loss", TRAIN, "-k", "best"),
-    M("T12", "train.py", "self.finished = not interrupted", "self.finished = True",
+    M("T12", "loop.py", "t.finished = not interrupted", "t.finished = True",
       "an interrupted run is marked finished (make poem would not resume it)", PROMISES, "-k", "progress"),
     M("T13", "train.py", "        self.model.eval()\n        losses = []", "        losses = []",
       "interval evaluation runs with dropout on", PROMISES, "-k", "eval_mode"),
     M("T14", "train.py", "p = max(p, self.elapsed_total() / self.train_config.max_time)",
       "p = min(p, self.elapsed_total() / self.train_config.max_time)",
       "a time budget no longer drives the schedule", PROMISES, "-k", "progress"),
-    M("T15", "train.py", "self.step - self._start_step >= self._stop_after",
-      "self.step - self._start_step > self._stop_after", "stop_after runs one step too many",
+    M("T15", "loop.py", "t.step - self.start_step >= self.stop_after",
+      "t.step - self.start_step > self.stop_after", "stop_after runs one step too many",
       TRAIN, "-k", "resume_equals"),
     M("T16", "train.py", "        torch.manual_seed(cfg.seed)\n        self.model = GPT(",
       "        torch.manual_seed(cfg.seed + 1)\n        self.model = GPT(",
       "the seed no longer decides the initial weights", GOLDEN),
-    M("T17", "train.py", 'if json.loads(line)["step"] <= step:', 'if json.loads(line)["step"] < step:',
+    M("T17", "run_folder.py", 'if json.loads(line)["step"] <= step:', 'if json.loads(line)["step"] < step:',
       "resume drops the checkpoint step's metrics line", TRAIN, "-k", "resume_equals"),
     M("T18", "train.py", "torch.manual_seed(cfg.seed + self.dist.rank)\n", "",
       "the dropout stream continues from the weight draw instead of its own seed", GOLDEN),
