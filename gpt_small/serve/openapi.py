@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .forms import FORMS, MAX_SYLLABLES
 from .protocol import Limits
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -74,7 +75,11 @@ def request_schemas(limits: Limits) -> dict[str, dict[str, Any]]:
                                            "web_search_options", "metadata", "service_tier")}}
     poem = {**_sampling(limits, 0.8), "model": {"type": "string", "enum": [limits.model_name]},
             "prompt": {"type": "string"}, "lines": {"type": "integer", "minimum": 1, "maximum": 200, "default": 12},
-            "stanzas": {"type": "integer", "minimum": 1, "maximum": 50, "default": 1}, "max_tokens": max_tokens}
+            "stanzas": {"type": "integer", "minimum": 1, "maximum": 50, "default": 1}, "max_tokens": max_tokens,
+            # verse forms (serve/forms.py holds their names and bounds)
+            "form": {"type": "string", "enum": list(FORMS)},
+            "rhyme": {"type": "string", "description": "a rhyme scheme such as ABAB, or a named one"},
+            "syllables": {"type": "integer", "minimum": 1, "maximum": MAX_SYLLABLES}}
     required = {"/v1/completions": ["model"], "/v1/chat/completions": ["model", "messages"], "/v1/poem": []}
     return {path: {"type": "object", "properties": props, "required": required[path], "additionalProperties": False}
             for path, props in (("/v1/completions", completion), ("/v1/chat/completions", chat), ("/v1/poem", poem))}
