@@ -220,6 +220,15 @@ def run_progress(run_dir: str | Path) -> RunProgress:
                        elapsed=float(progress["elapsed"]))
 
 
+def _holds_run(out_dir: Path) -> bool:
+    """Whether a fresh run in `out_dir` could overwrite a run's work: a `last` or `best` link (a
+    broken one too: its checkpoints may still be there) or any saved checkpoint."""
+    if any((out_dir / name).is_symlink() or (out_dir / name).exists() for name in ("last", "best")):
+        return True
+    root = out_dir / "checkpoints"
+    return root.is_dir() and any(p.name.startswith("step-") and ".tmp-" not in p.name for p in root.iterdir())
+
+
 class Trainer:
     """Trains `model_config` on `data` into `out_dir` with `train_config`.
 
@@ -258,7 +267,7 @@ class Trainer:
         folder that holds another run, no way to end, data too short for one window."""
         model_config, train_config = self.model_config, self.train_config
         self.resume_from = check_resumable(self.out_dir, model_config, train_config, self.data) if resume else None
-        if not resume and (self.out_dir / "last").exists():
+        if not resume and _holds_run(self.out_dir):
             raise GPTSmallError(f"{self.out_dir} already holds a run; pass --resume to continue it "
                                 "or choose another --out")
         if not (train_config.max_steps or train_config.max_time):

@@ -47,13 +47,9 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.is_file():
         raise GPTSmallError(f"{directory} has no config.json: not a transformers model folder")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise GPTSmallError(f"{path} is unreadable: {e}") from None
-    if not isinstance(cfg, dict):
-        raise GPTSmallError(f"{path} is not a JSON object")
-    return cfg
+    from ..schemas import HFConfig, read_json
+
+    return read_json(path, HFConfig)  # sizes strict positive ints, within limits.py's maximums
 
 
 def gpt_config_of(hf: dict[str, Any], directory: Path) -> GPTConfig:
@@ -95,9 +91,14 @@ def read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
         if single.is_file():
             return load_file(str(single)), single
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            from ..schemas import ShardIndex, read_json
+
+            # every shard a file name inside `directory` (a `../other/x.safetensors` is refused)
+            shards = sorted(set(read_json(index, ShardIndex)["weight_map"].values()))
             sd: dict[str, torch.Tensor] = {}
             for shard in shards:
+                if not (directory / shard).resolve().is_relative_to(directory.resolve()):  # a link out
+                    raise GPTSmallError(f"{index}: shard {shard!r} lies outside {directory}")
                 sd.update(load_file(str(directory / shard)))
             return sd, index
         if bin_.is_file():
@@ -105,10 +106,12 @@ def read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
             if not isinstance(sd, dict):
                 raise GPTSmallError(f"{bin_} does not hold a state dict")
             return sd, bin_
-    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
-        raise GPTSmallError(f"cannot read the weights in {directory}: {e}") from None
-    except Exception as e:  # a pickle that weights_only refuses, a truncated file
-        raise GPTSmallError(f"cannot read the weights in {directory}: {e}") from None
+    except GPTSmallError:
+        raise
+    except Exception as e:  # a pickle that weights_only refuses, a truncated file, a Rust error
+        from ..errors import one_line
+
+        raise GPTSmallError(f"cannot read the weights in {directory}: {one_line(e)}") from None
     raise GPTSmallError(f"{directory} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
