@@ -186,7 +186,8 @@ def _run_train(args: argparse.Namespace) -> int:
         trackers.append(make_tracker(args.logger, args.out, train_chars_per_token=data.chars_per_token("train"),
                                      config={"model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
                                              "data": str(data.directory), "init_from": args.init_from}))
-    _check_train_fits(model_cfg, train_cfg)
+    if len(data.train) > model_cfg.block_size:  # else the trainer's "fewer than one window" says more
+        _check_train_fits(model_cfg, train_cfg)
     configure_process(device=train_cfg.device, threads=train_cfg.threads)
     trainer = Trainer(model_cfg, train_cfg, data, args.out, resume=args.resume, show_progress=not args.no_progress,
                       init_from=init_from, trackers=trackers)
@@ -215,7 +216,7 @@ def _check_train_fits(model_cfg, train_cfg) -> None:
     c = model_cfg
     need = limits.model_bytes(c.num_params(), training=True) + limits.activation_bytes(
         batch_size=train_cfg.batch_size, block_size=c.block_size, n_layer=c.n_layer, n_embd=c.n_embd,
-        mlp_ratio=c.mlp_ratio, n_head=c.n_head, vocab_size=c.vocab_size)
+        mlp_ratio=c.mlp_ratio, vocab_size=c.vocab_size)
     limits.check_fits(need, f"training a model of {c.num_params():,} parameters at batch_size "
                             f"{train_cfg.batch_size} x block_size {c.block_size}")
 

@@ -12,6 +12,7 @@ the field's type, with any unknown key named.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import tomllib
@@ -273,6 +274,7 @@ class TrainConfig:
 
 # --- building configs from dicts, TOML and key=value strings ---
 
+@functools.cache  # get_type_hints compiles every annotation; the CLI asks ~250 times to build its flags
 def _field_types(cls: type) -> dict[str, Any]:
     hints = get_type_hints(cls)
     return {f.name: hints[f.name] for f in fields(cls)}

@@ -80,6 +80,9 @@ def prepare(*, out: str | Path, corpus: str | None = None, text: str | Path | No
 
         if tokenizer == "char":
             raise GPTSmallError("--vocab-size is for the bpe tokenizer; char takes its vocabulary from the text")
+        if tokenizer == "gpt2" and vocab_size != limits.GPT2_VOCAB:
+            raise GPTSmallError(f"the gpt2 tokenizer has {limits.GPT2_VOCAB} tokens; --vocab-size {vocab_size} "
+                                "does not apply")
         limits.check_int(vocab_size, "--vocab-size", minimum=256, maximum=limits.MAX_VOCAB_SIZE)
     out = Path(out)
     _check_out(out, force)  # before the work, not after minutes of it

@@ -41,6 +41,7 @@ MAX_STANZAS = 1_000             # --stanzas
 MAX_CANDIDATES = 4_096          # --candidates per round
 MAX_FORM_BUDGET = 1_000_000     # --budget candidate lines per verse line
 MAX_STEPS = 10**12              # steps, intervals, warm-up: counts, not sizes
+GPT2_VOCAB = 50257              # the gpt2 tokenizer's size (tokenizer.py checks its files against it)
 
 # --- model and batch shapes: structural maximums; check_fits bounds them by memory too ---
 MAX_VOCAB_SIZE = 2**24
@@ -73,7 +74,7 @@ def check_int(value: Any, name: str, *, minimum: int = 0, maximum: int = C_LONG_
     """`value` as an int in [minimum, maximum], or a ConfigError naming `name` and the range."""
     if not _is_int(value) or not minimum <= value <= maximum:
         shown = repr(value) if not _is_int(value) or abs(value) < 10**30 else f"an integer of {len(str(value))} digits"
-        raise ConfigError(f"{name} must be an integer from {minimum:,} to {maximum:,}, got {shown}")
+        raise ConfigError(f"{name} must be an integer >= {minimum:,} and <= {maximum:,}, got {shown}")
     return value
 
 
@@ -165,10 +166,12 @@ def model_bytes(params: int, *, training: bool = False, bytes_per_param: int = 4
 
 
 def activation_bytes(*, batch_size: int, block_size: int, n_layer: int, n_embd: int, mlp_ratio: int,
-                     n_head: int, vocab_size: int) -> int:
-    """A rough fp32 upper estimate of what one training micro-batch keeps for its backward pass:
-    per block the residual, q/k/v, attention weights (B, nh, T, T), the MLP hidden, plus the logits."""
-    per_block = batch_size * block_size * n_embd * (6 + 2 * mlp_ratio) + batch_size * n_head * block_size**2 * 2
+                     vocab_size: int) -> int:
+    """A rough fp32 estimate of what one training micro-batch keeps for its backward pass: per block
+    the residual, norms, q/k/v, attention output and the MLP hidden, plus the logits and their
+    gradient. Attention weights (B, nh, T, T) are left out: the fused attention kernels do not keep
+    them, so the estimate stays a lower bound, and what it refuses surely cannot fit."""
+    per_block = batch_size * block_size * n_embd * (8 + 2 * mlp_ratio)
     return 4 * (n_layer * per_block + 3 * batch_size * block_size * vocab_size)
 
 

@@ -184,7 +184,7 @@ def read_json(path: str | Path, schema: type[BaseModel] | None = None) -> Any:
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, and ints beyond 4300 digits
-        raise GPTSmallError(f"{path} is not valid JSON: {str(e)[:120]}") from None
+        raise GPTSmallError(f"cannot read {path}: not valid JSON ({str(e)[:120]})") from None
     if schema is not None:
         validate(data, schema, path)
     return data
