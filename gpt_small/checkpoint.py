@@ -220,8 +220,12 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     path = ckpt / TRAINER_STATE
     if not path.is_file():
         raise GPTSmallError(f"{ckpt} has no {TRAINER_STATE}: it cannot be resumed")
+    import warnings
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle on stderr before it refuses it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: any unpickling error
         from .errors import one_line
 

@@ -362,7 +362,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     unknown = set(data) - {"preset", "model", "train"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; use preset, [model], [train]")
-    if "preset" in data and data["preset"] not in PRESETS:  # a list or a table is not a name either
+    if "preset" in data and (not isinstance(data["preset"], str) or data["preset"] not in PRESETS):
         raise ConfigError(f"{path}: preset must be one of {', '.join(PRESETS)}, got {data['preset']!r}")
     for section in ("model", "train"):
         if section in data and not isinstance(data[section], dict):

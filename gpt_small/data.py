@@ -279,7 +279,9 @@ class PreparedData:
         # in another process refuses to rewrite the files under it
         weakref.finalize(self, read_lock(self.directory, "data folder"))
         self.meta: dict[str, Any] = read_json(meta_path)
-        version = self.meta.get("format_version") if isinstance(self.meta, dict) else None
+        if not isinstance(self.meta, dict):
+            validate(self.meta, DataMeta, meta_path)  # "expected a JSON object"
+        version = self.meta.get("format_version")
         if version != FORMAT_VERSION:
             raise GPTSmallError(f"{self.directory} has data format_version {version}; this gpt-small reads "
                                 f"{FORMAT_VERSION}; run `gpt-small prepare` again")

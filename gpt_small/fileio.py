@@ -197,9 +197,11 @@ class FolderLock:
             if not reading:
                 f.close()
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise GPTSmallError(f"{self.folder} is in use by another gpt-small process (the last writer was pid "
-                                    f"{pid}; a run reading it holds it too); wait for it to finish or choose another "
-                                    f"{self.what}") from None
+                if _only_readers(path):
+                    raise GPTSmallError(f"{self.folder} is in use by another gpt-small process reading it (a "
+                                        f"training run); wait for it to finish or choose another {self.what}") from None
+                raise GPTSmallError(f"{self.folder} is in use by another gpt-small process (pid {pid}); wait for it "
+                                    f"to finish or choose another {self.what}") from None
             raise GPTSmallError(f"cannot lock {self.folder}: {reason(e)}") from None
         try:  # the pid is a message for the next process, not the lock itself: a failure here is harmless
             f.seek(0)
@@ -236,6 +238,16 @@ class FolderLock:
 
 
 # ---------------------------------------------------------------- readers' shared lock
+
+def _only_readers(path: Path) -> bool:
+    """Whether the lock that just refused a writer is held by readers alone (a shared lock is
+    still free), whose pids the file does not record, rather than by a writer."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+    except OSError:
+        return False
 
 _shared: dict[Path, list] = {}  # resolved folder -> [file object, readers in this process]
 

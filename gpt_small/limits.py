@@ -73,7 +73,9 @@ def _is_int(value: Any) -> bool:
 def check_int(value: Any, name: str, *, minimum: int = 0, maximum: int = C_LONG_MAX) -> int:
     """`value` as an int in [minimum, maximum], or a ConfigError naming `name` and the range."""
     if not _is_int(value) or not minimum <= value <= maximum:
-        shown = repr(value) if not _is_int(value) or abs(value) < 10**30 else f"an integer of {len(str(value))} digits"
+        # str() of an int beyond 4,300 digits raises; its length comes from the bit count instead
+        shown = (repr(value)[:40] if not _is_int(value) or abs(value) < 10**30
+                 else f"an integer of ~{int(abs(value).bit_length() * math.log10(2)) + 1:,} digits")
         raise ConfigError(f"{name} must be an integer >= {minimum:,} and <= {maximum:,}, got {shown}")
     return value
 

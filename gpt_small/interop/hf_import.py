@@ -102,7 +102,11 @@ def read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
                 sd.update(load_file(str(directory / shard)))
             return sd, index
         if bin_.is_file():
-            sd = torch.load(bin_, map_location="cpu", weights_only=True)  # tensors only: runs no code
+            import warnings
+
+            with warnings.catch_warnings():  # torch's warning about a foreign pickle would be a second line
+                warnings.simplefilter("ignore")
+                sd = torch.load(bin_, map_location="cpu", weights_only=True)  # tensors only: runs no code
             if not isinstance(sd, dict):
                 raise GPTSmallError(f"{bin_} does not hold a state dict")
             return sd, bin_
