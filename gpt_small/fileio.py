@@ -266,7 +266,7 @@ def read_lock(folder: str | Path, what: str = "folder") -> Callable[[], None]:
         _shared[key] = [_held[key][0], 1]
     else:
         try:
-            f = open(folder / LOCK_NAME, "r+", encoding="utf-8")
+            f = open(folder / LOCK_NAME, "r", encoding="utf-8")  # flock needs no write access
         except OSError:
             return lambda: None
         try:
