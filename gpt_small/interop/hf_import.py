@@ -168,14 +168,17 @@ def import_gpt2(hf_dir: str | Path, out: str | Path) -> ImportResult:
     hf_dir, out = Path(hf_dir), Path(out)
     if not hf_dir.is_dir():
         raise GPTSmallError(f"{hf_dir} is not a folder")
-    if (out / "last").exists() or (out / "best").exists():
+    if any((out / name).exists() or (out / name).is_symlink() for name in ("last", "best")):
         raise GPTSmallError(f"{out} already holds a checkpoint; choose another --out")
     cfg = gpt_config_of(read_hf_config(hf_dir), hf_dir)
     notes = check_tokenizer_files(hf_dir)
+    from .. import limits
+
+    limits.check_fits(limits.model_bytes(cfg.num_params()), f"the model in {hf_dir} ({cfg.num_params():,} parameters)")
     sd, source = read_hf_weights(hf_dir)
     model = GPT(cfg)
     state = our_state(sd, cfg)
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and "transformer.wte.weight" in state:  # else "missing" below names it
         state["lm_head.weight"] = state["transformer.wte.weight"]
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
