@@ -269,3 +269,9 @@ def test_a_report_that_fails_leaves_the_old_report_whole(tmp_path, monkeypatch):
         report._write_together(out, {"report.json": "new", "report.md": "new", "report.png": fail})
     assert {p.name: p.read_text() for p in out.iterdir()} == {n: "old " + n for n in
                                                               ("report.json", "report.md", "report.png")}
+
+
+def test_the_bounds_and_schemas_import_without_torch():
+    """The server's request decoding imports limits.py; `info` and config checks stay instant."""
+    code = "import sys, gpt_small.limits, gpt_small.schemas; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
