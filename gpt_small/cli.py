@@ -238,7 +238,8 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
                    help=f"at most this many tokens per sample (default: {LINE_TOKEN_BUDGET} per --lines line, else 500)")
     p.add_argument("--lines", type=int, help="stop after this many complete verse lines")
     p.add_argument("--stop", help="stop after this text")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="0 to 100 (default: 0.8); below 0.0001, 0 included, = greedy (the most likely token)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
