@@ -7,7 +7,7 @@ MINUTES ?=
 DATA := data/eng-poem-char
 RUN := runs/poem-cpu
 
-.PHONY: setup poem test bench serve browser clean lock
+.PHONY: setup poem test bench serve browser clean lock fuzz
 
 # `make` installs from hash-locked exact versions (requirements.lock, made from pyproject.toml by
 # `make lock`: every extra, every transitive dependency), so a dependency's release next year
@@ -49,6 +49,12 @@ $(CHROMIUM):
 
 test: setup browser
 	$(PY) -m pytest -q
+
+# The fuzzer of tests/test_fuzz.py at length: 500 random (not replayed) examples per property
+# instead of `make test`'s 12 fixed ones (many times longer than make test).
+FUZZ_EXAMPLES ?= 500
+fuzz: setup
+	GPT_SMALL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
 
 poem: setup
 	$(PY) -m gpt_small poem --data $(DATA) --out $(RUN) --config configs/poem-cpu.toml $(if $(MINUTES),--minutes $(MINUTES))

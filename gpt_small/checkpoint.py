@@ -143,15 +143,15 @@ def find_checkpoint(path: str | Path, prefer: str = "best") -> Path:
 
 
 def read_checkpoint_config(ckpt: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((ckpt / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GPTSmallError(f"{ckpt / CONFIG} is unreadable or corrupt: {e}") from None
+    from .schemas import CheckpointConfig, read_json, validate
+
+    meta = read_json(ckpt / CONFIG)
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FORMAT_VERSION:
         raise GPTSmallError(
             f"{ckpt} is a checkpoint of format {version!r}; this gpt-small {__version__} reads format {FORMAT_VERSION}"
         )
+    validate(meta, CheckpointConfig, ckpt / CONFIG)
     return meta
 
 
@@ -189,6 +189,9 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", pre
     if tokenizer.vocab_size != cfg.vocab_size:
         raise GPTSmallError(f"{ckpt} disagrees with itself: {TOKENIZER} has {tokenizer.vocab_size} tokens, "
                             f"{CONFIG} says vocab_size {cfg.vocab_size}")
+    from . import limits
+
+    limits.check_fits(limits.model_bytes(cfg.num_params()), f"the model in {ckpt} ({cfg.num_params():,} parameters)")
     model = GPT(cfg)
     load_weights(model, ckpt)
     return Checkpoint(ckpt, meta, model.to(device), tokenizer)
@@ -217,7 +220,13 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     path = ckpt / TRAINER_STATE
     if not path.is_file():
         raise GPTSmallError(f"{ckpt} has no {TRAINER_STATE}: it cannot be resumed")
+    import warnings
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle on stderr before it refuses it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: any unpickling error
-        raise GPTSmallError(f"{path} is unreadable or corrupt: {e}") from None
+        from .errors import one_line
+
+        raise GPTSmallError(f"{path} is unreadable or corrupt: {one_line(e)}") from None

@@ -42,7 +42,7 @@ def _run_info(args: argparse.Namespace) -> None:
         extra["vocab_size"] = PreparedData(args.data).vocab_size
     if args.vocab_size is not None:
         extra["vocab_size"] = args.vocab_size
-    name, cfg, _ = _configs_from_args(args, **extra)
+    name, cfg, _ = _configs_from_args(args, **extra)  # GPTConfig checks vocab_size with the rest
     info = {
         "preset": name,
         "config": cfg.to_dict(),
@@ -196,7 +196,8 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
                    help=f"at most this many tokens per sample (default: {LINE_TOKEN_BUDGET} per --lines line, else 500)")
     p.add_argument("--lines", type=int, help="stop after this many complete verse lines")
     p.add_argument("--stop", help="stop after this text")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="0 to 100 (default: 0.8); below 0.0001, 0 included, = greedy (the most likely token)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -224,17 +225,19 @@ def _run_generate(args: argparse.Namespace) -> None:
 
     # Everything is checked before the first byte reaches stdout: a sample that starts and then
     # fails leaves the user a prompt and a traceback-free error, but a mixed stream.
+    from . import limits
+
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    for name in ("max_new_tokens", "lines", "num_samples"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise GPTSmallError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.stop is not None and args.stop == "":
-        raise GPTSmallError("--stop must be a non-empty text")
+    limits.optional_positive_int(args.max_new_tokens, "--max-new-tokens", limits.MAX_NEW_TOKENS)
+    limits.optional_positive_int(args.lines, "--lines", limits.MAX_LINES)
+    limits.positive_int(args.num_samples, "--num-samples", limits.MAX_NUM_SAMPLES)
+    limits.check_seed(args.seed, "--seed")
+    if args.stop is not None:
+        limits.check_text(args.stop, "--stop", max_chars=limits.MAX_STOP_CHARS)
     check_weights(args.weights)
     device = pick_device(args.device)
     prompt = read_text_source(args.prompt_file) if args.prompt_file else args.prompt
-    if args.rhyme or args.syllables or args.stanzas:
+    if args.rhyme is not None or args.syllables is not None or args.stanzas is not None:
         from .forms import run_form_cli
         return run_form_cli(args, prompt, device)
     ckpt = load_checkpoint(args.checkpoint, device=device)
@@ -269,10 +272,14 @@ def _run_generate(args: argparse.Namespace) -> None:
                   "pass a larger --max-new-tokens", file=sys.stderr)
 
 
+_POEM_CONFIG = "configs/poem-cpu.toml"
+
+
 def _args_poem(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/eng-poem-char", help="prepared data (made from eng-poem if missing)")
     p.add_argument("--out", default="runs/poem-cpu", help="run folder (reused or resumed if present)")
-    p.add_argument("--config", default="configs/poem-cpu.toml", help="training config (TOML)")
+    p.add_argument("--config", default=_POEM_CONFIG, help=f"training config (TOML; default: {_POEM_CONFIG} "
+                   "in the current folder)")
     p.add_argument("--minutes", type=float, help="training budget (default: 10 on a CPU, 3 on a GPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
 
@@ -280,8 +287,13 @@ def _args_poem(p: argparse.ArgumentParser) -> None:
 def _run_poem(args: argparse.Namespace) -> None:
     from .poem import make_poem
 
+    from pathlib import Path
+
     if args.minutes is not None and not 0 < args.minutes < float("inf"):
         raise GPTSmallError(f"--minutes must be a positive number, got {args.minutes}")
+    if args.config == _POEM_CONFIG and not Path(args.config).is_file():
+        raise GPTSmallError(f"no --config given and the default {_POEM_CONFIG} is not in the current folder "
+                            f"({Path.cwd()}); run from the gpt-small checkout or pass --config FILE")
     make_poem(data_dir=args.data, run_dir=args.out, config_file=args.config, minutes=args.minutes, sets=args.set)
 
 
@@ -310,7 +322,12 @@ def _run_eval(args: argparse.Namespace) -> None:
     from .device import set_threads
     from .evaluate import evaluate_checkpoint, format_eval
 
+    from . import limits
+
     set_threads(check_threads(args.threads))  # evaluate_checkpoint checks the rest before any work
+    limits.positive_int(args.batch_size, "--batch-size", limits.MAX_BATCH_SIZE)
+    limits.optional_positive_int(args.context, "--context", limits.MAX_BLOCK_SIZE)
+    limits.optional_positive_int(args.stride, "--stride", limits.MAX_BLOCK_SIZE)
     result = evaluate_checkpoint(args.checkpoint, text=args.text, corpus=args.corpus, data=args.data,
                                  split=args.split, context=args.context, stride=args.stride,
                                  batch_size=args.batch_size, device=args.device, dtype=args.dtype,
@@ -344,10 +361,10 @@ def _run_compare(args: argparse.Namespace) -> None:
 
     encodings = parse_encodings(args.model__pos_encoding)
     args.model__pos_encoding = None  # the study sets it per run
-    if args.seeds < 1:
-        raise GPTSmallError(f"--seeds must be at least 1, got {args.seeds}")
-    if args.extrapolation_tokens is not None and args.extrapolation_tokens < 1:
-        raise GPTSmallError(f"--extrapolation-tokens must be at least 1, got {args.extrapolation_tokens}")
+    from . import limits
+
+    limits.positive_int(args.seeds, "--seeds", limits.MAX_NUM_SAMPLES)
+    limits.optional_positive_int(args.extrapolation_tokens, "--extrapolation-tokens")
     data = PreparedData(args.data)
     _, model_cfg, train_cfg = _configs_from_args(args, vocab_size=data.tokenizer.vocab_size)
     configure_process(device=train_cfg.device, threads=train_cfg.threads)
@@ -374,6 +391,13 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> None:
+    from . import limits
+
+    limits.check_threads(args.threads, "--threads")
+    limits.positive_int(args.max_batch, "--max-batch", limits.MAX_SERVE_BATCH)
+    limits.nonneg_int(args.max_queue, "--max-queue", limits.MAX_SERVE_QUEUE)
+    limits.positive_int(args.max_new_tokens, "--max-new-tokens", limits.MAX_NEW_TOKENS)
+    limits.nonneg_int(args.port, "--port", 65535)
     try:
         from .serve import serve
     except ImportError as e:
@@ -400,7 +424,9 @@ def _run_export(args: argparse.Namespace) -> None:
     from .device import set_threads
     from .interop.hf_export import ARCHITECTURES, export_checkpoint
 
-    set_threads(args.threads)
+    from . import limits
+
+    set_threads(limits.check_threads(args.threads, "--threads"))
     r = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, evaluate=not args.no_eval, target=args.target)
     print(f"exported {args.checkpoint} to {r.out} as {ARCHITECTURES[r.architecture]}")
     print(f"  why: {r.reason}")

@@ -12,6 +12,7 @@ the field's type, with any unknown key named.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import tomllib
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
+from . import limits
 from .errors import ConfigError
 
 # The allowed choices: each spelled once, as a Literal type; the tuples are derived from it.
@@ -47,10 +49,15 @@ def check_device(name: Any) -> str:
 
 
 def check_threads(n: Any) -> int:
-    """The one rule for a thread count, used by every verb."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ConfigError(f"threads must be an integer >= 0 (0 = all cores), got {n!r}")
-    return n
+    """The one rule for a thread count, used by every verb (0 = all cores; limits.MAX_THREADS at most)."""
+    return limits.check_threads(n)
+
+
+# GPTConfig's integer fields and their structural maximums (limits.py); memory bounds them further
+# where a model is built (limits.check_fits).
+_MODEL_INTS = {"vocab_size": limits.MAX_VOCAB_SIZE, "block_size": limits.MAX_BLOCK_SIZE,
+               "n_layer": limits.MAX_N_LAYER, "n_head": limits.MAX_N_HEAD, "n_embd": limits.MAX_N_EMBD,
+               "mlp_ratio": limits.MAX_MLP_RATIO, "ngram_buckets": limits.MAX_NGRAM_BUCKETS}
 
 
 def _check_finite(obj: Any) -> None:
@@ -84,10 +91,8 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         _check_finite(self)
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name, maximum in _MODEL_INTS.items():
+            limits.positive_int(getattr(self, name), name, maximum)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.activation not in ACTIVATIONS:
@@ -104,8 +109,6 @@ class GPTConfig:
             raise ConfigError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
         if not isinstance(self.ngram, int) or isinstance(self.ngram, bool) or not 1 <= self.ngram <= 8:
             raise ConfigError(f"ngram must be 1 (token embeddings only) to 8, got {self.ngram!r}")
-        if not isinstance(self.ngram_buckets, int) or self.ngram_buckets <= 0:
-            raise ConfigError(f"ngram_buckets must be a positive integer, got {self.ngram_buckets!r}")
         if self.rope_theta <= 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
 
@@ -228,14 +231,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_finite(self)
-        for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        limits.positive_int(self.batch_size, "batch_size", limits.MAX_BATCH_SIZE)
+        limits.positive_int(self.grad_accum, "grad_accum", limits.MAX_GRAD_ACCUM)
+        for name in ("eval_interval", "eval_batches", "log_interval"):
+            limits.positive_int(getattr(self, name), name, limits.MAX_STEPS)
         for name in ("warmup_steps", "max_steps", "checkpoint_interval"):  # 0: off
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+            limits.nonneg_int(getattr(self, name), name, limits.MAX_STEPS)
+        limits.check_seed(self.seed)
         check_threads(self.threads)
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
@@ -272,6 +274,7 @@ class TrainConfig:
 
 # --- building configs from dicts, TOML and key=value strings ---
 
+@functools.cache  # get_type_hints compiles every annotation; the CLI asks ~250 times to build its flags
 def _field_types(cls: type) -> dict[str, Any]:
     hints = get_type_hints(cls)
     return {f.name: hints[f.name] for f in fields(cls)}
@@ -359,6 +362,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     unknown = set(data) - {"preset", "model", "train"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; use preset, [model], [train]")
+    if "preset" in data and (not isinstance(data["preset"], str) or data["preset"] not in PRESETS):
+        raise ConfigError(f"{path}: preset must be one of {', '.join(PRESETS)}, got {data['preset']!r}")
+    for section in ("model", "train"):
+        if section in data and not isinstance(data[section], dict):
+            raise ConfigError(f"{path}: [{section}] must be a table of key = value, got {data[section]!r}")
     return data
 
 

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -38,7 +39,8 @@ import numpy as np
 from . import __version__
 from .corpus import CHUNK_BYTES, CORPORA, corpus_path, iter_text_bytes, scan_text, source_files
 from .errors import GPTSmallError
-from .fileio import LOCK_NAME, FolderLock, atomic_write, fsync_dir, remove_quietly, write_error, write_temp
+from .fileio import (LOCK_NAME, FolderLock, atomic_write, fsync_dir, read_lock, remove_quietly, write_error,
+                     write_temp)
 from .tokenizer import KINDS, Tokenizer, load_tokenizer, make_tokenizer
 
 if TYPE_CHECKING:
@@ -73,6 +75,15 @@ def prepare(*, out: str | Path, corpus: str | None = None, text: str | Path | No
         raise GPTSmallError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(KINDS)}")
     if not 0.0 < val_fraction < 1.0:
         raise GPTSmallError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if vocab_size is not None:  # before the text is scanned
+        from . import limits
+
+        if tokenizer == "char":
+            raise GPTSmallError("--vocab-size is for the bpe tokenizer; char takes its vocabulary from the text")
+        if tokenizer == "gpt2" and vocab_size != limits.GPT2_VOCAB:
+            raise GPTSmallError(f"the gpt2 tokenizer has {limits.GPT2_VOCAB} tokens; --vocab-size {vocab_size} "
+                                "does not apply")
+        limits.check_int(vocab_size, "--vocab-size", minimum=256, maximum=limits.MAX_VOCAB_SIZE)
     out = Path(out)
     _check_out(out, force)  # before the work, not after minutes of it
     if corpus is not None and corpus not in CORPORA:
@@ -262,14 +273,19 @@ class PreparedData:
         meta_path = self.directory / "meta.json"
         if not meta_path.is_file():
             raise GPTSmallError(f"{self.directory} holds no meta.json; it is not a folder made by `gpt-small prepare`")
-        try:
-            self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise GPTSmallError(f"{meta_path} is not valid JSON: {e}") from None
+        from .schemas import DataMeta, read_json, validate
+
+        # held while this object lives (a training run: its whole length), so `prepare --force`
+        # in another process refuses to rewrite the files under it
+        weakref.finalize(self, read_lock(self.directory, "data folder"))
+        self.meta: dict[str, Any] = read_json(meta_path)
+        if not isinstance(self.meta, dict):
+            validate(self.meta, DataMeta, meta_path)  # "expected a JSON object"
         version = self.meta.get("format_version")
         if version != FORMAT_VERSION:
             raise GPTSmallError(f"{self.directory} has data format_version {version}; this gpt-small reads "
                                 f"{FORMAT_VERSION}; run `gpt-small prepare` again")
+        validate(self.meta, DataMeta, meta_path)
         self.train = self._open("train")
         self.val = self._open("val")
 
@@ -280,7 +296,16 @@ class PreparedData:
         if not path.is_file() or path.stat().st_size != expected * dtype.itemsize:
             raise GPTSmallError(f"{path} is missing or does not hold the {expected} tokens meta.json records; "
                                 "run `gpt-small prepare --force` again")
-        return np.memmap(path, dtype=dtype, mode="r")
+        if expected == 0:
+            raise GPTSmallError(f"{path} holds no tokens; run `gpt-small prepare --force` again")
+        tokens = np.memmap(path, dtype=dtype, mode="r")
+        # ids beyond the vocabulary would index past the embedding table (an IndexError mid-run);
+        # one pass of max() over the file costs milliseconds next to a training run
+        top = int(tokens.max())
+        if top >= self.vocab_size:
+            raise GPTSmallError(f"{path} holds token id {top}, beyond the vocabulary of {self.vocab_size} that "
+                                "meta.json records; run `gpt-small prepare --force` again")
+        return tokens
 
     @cached_property
     def tokenizer(self) -> Tokenizer:

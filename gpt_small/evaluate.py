@@ -207,8 +207,11 @@ def evaluate_checkpoint(checkpoint: str | Path | Checkpoint, *, text: str | Path
         raise GPTSmallError(f"--dtype must be one of {', '.join(EVAL_DTYPES)}, got {dtype!r}")
     if split not in ("val", "train"):
         raise GPTSmallError(f"split must be val or train, got {split!r}")
-    if batch_size < 1:
-        raise GPTSmallError(f"batch size must be at least 1, got {batch_size}")
+    from . import limits
+
+    limits.positive_int(batch_size, "batch_size", limits.MAX_BATCH_SIZE)
+    if context is not None:
+        limits.positive_int(context, "context", limits.MAX_BLOCK_SIZE)
     check_weights(weights)
     dev = pick_device(device)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, device=dev)

@@ -15,6 +15,9 @@ results, the corpus cache) goes through this module, so that each keeps the same
   the holder writes its pid into the file so that a second process can name it. Re-entrant within
   one process (a trainer resumed in the same interpreter shares its caller's lock): it guards
   against two processes, not against two objects.
+- `read_lock(folder)` is the readers' side of that lock: a shared flock that any number of
+  readers hold at once (a training run on its data folder) and that a FolderLock writer (`prepare
+  --force`) respects.
 - `strict_json(obj)` is JSON with non-finite floats written as null (`json.dumps` would write
   `NaN` / `Infinity`, which strict parsers refuse).
 """
@@ -106,6 +109,19 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[IO[bytes]], Any
     return result
 
 
+def check_writable(path: str | Path, what: str) -> None:
+    """Before any work: `path`'s folder exists and takes files, and `path` is not a folder. The
+    write itself still goes through atomic_write; this only moves the likely failures to the start."""
+    path = Path(path)
+    folder = path.parent
+    if path.is_dir():
+        raise GPTSmallError(f"{what} {path} is a folder; give a file name")
+    if not folder.is_dir():
+        raise GPTSmallError(f"{what} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise GPTSmallError(f"{what} {path}: the folder {folder} is not writable")
+
+
 def append_line(path: str | Path, line: str) -> None:
     """Append one line (metrics.jsonl): appends are whole lines or nothing a reader can parse past."""
     try:
@@ -168,8 +184,9 @@ class FolderLock:
             self._held = True
             return self
         path = self.folder / LOCK_NAME
-        try:
-            f = open(path, "a+", encoding="utf-8")
+        reading = _shared.get(key)
+        try:  # this process reading the folder too: its one open file is converted (flock is per file)
+            f = reading[0] if reading else open(path, "a+", encoding="utf-8")
         except OSError as e:
             raise GPTSmallError(f"cannot lock {self.folder}: {path}: {reason(e)}") from None
         try:
@@ -177,8 +194,12 @@ class FolderLock:
         except OSError as e:
             f.seek(0)
             pid = f.read().strip() or "unknown"
-            f.close()
+            if not reading:
+                f.close()
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                if _only_readers(path):
+                    raise GPTSmallError(f"{self.folder} is in use by another gpt-small process reading it (a "
+                                        f"training run); wait for it to finish or choose another {self.what}") from None
                 raise GPTSmallError(f"{self.folder} is in use by another gpt-small process (pid {pid}); wait for it "
                                     f"to finish or choose another {self.what}") from None
             raise GPTSmallError(f"cannot lock {self.folder}: {reason(e)}") from None
@@ -204,10 +225,72 @@ class FolderLock:
         entry[1] -= 1
         if entry[1] == 0:
             del _held[key]
-            entry[0].close()  # closing the file releases the flock
+            if key in _shared:  # back to the readers' shared lock
+                fcntl.flock(entry[0].fileno(), fcntl.LOCK_SH)
+            else:
+                entry[0].close()  # closing the file releases the flock
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+# ---------------------------------------------------------------- readers' shared lock
+
+def _only_readers(path: Path) -> bool:
+    """Whether the lock that just refused a writer is held by readers alone (a shared lock is
+    still free), whose pids the file does not record, rather than by a writer."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+    except OSError:
+        return False
+
+_shared: dict[Path, list] = {}  # resolved folder -> [file object, readers in this process]
+
+
+def read_lock(folder: str | Path, what: str = "folder") -> Callable[[], None]:
+    """A shared lock on `folder/.lock` for a reader (a training run reading its data folder): any
+    number of readers at once, but no FolderLock writer (`prepare --force`) while one holds it, and
+    no reader while a writer works. Returns the function that releases it. A folder whose lock
+    file cannot be opened (read-only, made by an older version) is read unlocked: no prepare can
+    write there either."""
+    folder = Path(folder)
+    key = folder.resolve()
+    if key in _shared:
+        _shared[key][1] += 1
+    elif key in _held:  # this process writes it (prepare checking its own output)
+        _shared[key] = [_held[key][0], 1]
+    else:
+        try:
+            f = open(folder / LOCK_NAME, "r", encoding="utf-8")  # flock needs no write access
+        except OSError:
+            return lambda: None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            pid = f.read().strip() or "unknown"
+            f.close()
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise GPTSmallError(f"{folder} is being written by another gpt-small process (pid {pid}); wait "
+                                    f"for it to finish before reading this {what}") from None
+            return lambda: None
+        _shared[key] = [f, 1]
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        entry = _shared.get(key)
+        if released or entry is None:
+            return
+        released = True
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _shared[key]
+            if key not in _held:
+                entry[0].close()
+
+    return release

@@ -52,12 +52,14 @@ class Form:
     rhyme: str | None = None  # "ABAB", "AABB", "ABAB CDCD EFEF GG", "sonnet", ...
 
     def __post_init__(self) -> None:
-        for name in ("lines", "stanzas", "syllables"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise GPTSmallError(f"{name} must be an integer >= 1, got {v!r}")
-        if not isinstance(self.tolerance, int) or self.tolerance < 0:
-            raise GPTSmallError(f"syllable tolerance must be an integer >= 0, got {self.tolerance!r}")
+        from . import limits
+
+        limits.optional_positive_int(self.lines, "lines", limits.MAX_LINES)
+        limits.optional_positive_int(self.stanzas, "stanzas", limits.MAX_STANZAS)
+        limits.optional_positive_int(self.syllables, "syllables", limits.MAX_SYLLABLES)
+        limits.nonneg_int(self.tolerance, "syllable tolerance", limits.MAX_SYLLABLES)
+        if self.rhyme is not None and not self.rhyme.strip():
+            raise GPTSmallError("rhyme must name a scheme (ABAB, AABB, sonnet, ...), got an empty text")
         if self.lines is None and self.rhyme is None:
             raise GPTSmallError("a form needs --lines or --rhyme")
 
@@ -107,10 +109,12 @@ class SearchConfig:
     batch_rows: int = 128  # rows per forward pass when scoring endings
 
     def __post_init__(self) -> None:
-        for name in ("candidates", "budget", "endings", "stems", "batch_rows"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise GPTSmallError(f"search {name} must be an integer >= 1, got {v!r}")
+        from . import limits
+
+        limits.positive_int(self.candidates, "search candidates", limits.MAX_CANDIDATES)
+        limits.positive_int(self.budget, "search budget", limits.MAX_FORM_BUDGET)
+        for name in ("endings", "stems", "batch_rows"):
+            limits.positive_int(getattr(self, name), f"search {name}", limits.MAX_CANDIDATES)
         if self.max_line_tokens is not None and self.max_line_tokens < 2:
             raise GPTSmallError(f"max_line_tokens must be >= 2, got {self.max_line_tokens!r}")
 
@@ -521,6 +525,10 @@ def run_form_cli(args: Any, prompt: str, device: Any) -> None:
     search = SearchConfig(candidates=args.candidates, budget=args.budget, max_line_tokens=args.max_new_tokens)
     if args.repetition_penalty != 1.0 or args.stop:
         raise GPTSmallError("--repetition-penalty and --stop do not apply to verse forms")
+    if args.form_meta:  # a folder that is missing fails now, not after the poems are printed
+        from .fileio import check_writable
+
+        check_writable(args.form_meta, "--form-meta")
     ckpt = load_checkpoint(args.checkpoint, device=device)
     convert_weights(ckpt.model, args.weights)
     metas = []
@@ -536,7 +544,6 @@ def run_form_cli(args: Any, prompt: str, device: Any) -> None:
     if args.form_meta:
         from pathlib import Path
 
-        try:
-            Path(args.form_meta).write_text(json.dumps(metas[0] if len(metas) == 1 else metas, indent=2) + "\n")
-        except OSError as e:
-            raise GPTSmallError(f"cannot write --form-meta {args.form_meta}: {e.strerror}") from None
+        from .fileio import atomic_write
+
+        atomic_write(Path(args.form_meta), json.dumps(metas[0] if len(metas) == 1 else metas, indent=2) + "\n")

@@ -39,6 +39,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from . import limits
 from .errors import GPTSmallError
 
 _REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete UTF-8 character
@@ -53,20 +54,16 @@ class TextTokenizer(Protocol):
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None,
                         repetition_penalty: float = 1.0) -> None:
-    """Raise GPTSmallError naming the first impossible sampling setting."""
-    if not 0 <= temperature < float("inf"):  # also catches NaN
-        raise GPTSmallError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise GPTSmallError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise GPTSmallError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not 0 < repetition_penalty < float("inf"):
-        raise GPTSmallError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty!r}")
+    """Raise GPTSmallError naming the first impossible sampling setting (limits.check_sampling)."""
+    limits.check_sampling(temperature, top_k, top_p, repetition_penalty)
+
+
+_COUNT_MAX = {"max_new_tokens": limits.MAX_NEW_TOKENS, "num_samples": limits.MAX_NUM_SAMPLES,
+              "lines": limits.MAX_LINES}
 
 
 def _check_count(name: str, value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise GPTSmallError(f"{name} must be an integer >= 1, got {value!r}")
+    limits.optional_positive_int(value, name, _COUNT_MAX[name])
 
 
 # --- pure steps ---
@@ -95,10 +92,19 @@ def top_p_mask(probs: Tensor, top_p: float) -> Tensor:
 
 def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """Draw one token per row from logits (B, V) -> ids (B,). Temperature 0 or top_k 1 is argmax."""
-    if temperature == 0 or top_k == 1:
+    """Draw one token per row from logits (B, V) -> ids (B,). A temperature below
+    limits.TEMPERATURE_FLOOR (0 included) or top_k 1 is argmax. NaN logits (NaN weights, an
+    overflow) are a one-line GPTSmallError, never a sample from garbage."""
+    if torch.isnan(logits).any():
+        raise GPTSmallError("the model produced NaN scores (its weights hold NaN or overflow); "
+                            "this checkpoint cannot be sampled")
+    if temperature < limits.TEMPERATURE_FLOOR or top_k == 1:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Shift each row's maximum to 0 before dividing: every logit is then <= 0 with one at 0, so
+    # softmax cannot see inf - inf whatever the temperature (dividing first overflows at 1e-300).
+    big = torch.finfo(torch.float32).max
+    logits = torch.nan_to_num(logits.float(), posinf=big, neginf=-big)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -157,6 +163,7 @@ def generate_tokens(model: nn.Module, prompt_ids: Sequence[int] | Tensor, *, max
     device = next(model.parameters()).device
     idx = _prompt_batch(prompt_ids, num_samples, model.config.vocab_size, device)
     generator = None
+    limits.check_seed(seed)
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)

@@ -234,18 +234,23 @@ def make_report(checkpoint: str | Path, *, samples: int = 50, out: str | Path | 
     from .generate import generate_text
     from .tokenizer import same_tokenizer
 
-    for name, v in (("samples", samples), ("lines", lines)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise GPTSmallError(f"{name} must be an integer >= 1, got {v!r}")
-    if eval_tokens is not None and eval_tokens < 2:
-        raise GPTSmallError(f"eval_tokens must be at least 2, got {eval_tokens}")
+    from . import limits
+
+    limits.positive_int(samples, "samples", limits.MAX_REPORT_SAMPLES)
+    limits.positive_int(lines, "lines", limits.MAX_LINES)
+    limits.check_seed(seed)
+    limits.check_sampling(temperature)
+    if eval_tokens is not None:
+        limits.check_int(eval_tokens, "eval_tokens", minimum=2)
     dev = pick_device(device)
     ckpt = load_checkpoint(checkpoint, device=dev)
     run_dir = Path(checkpoint)
     if data is None:
         cfg_path = next((p / "run_config.json" for p in (run_dir, ckpt.path.parent.parent)
                          if (p / "run_config.json").is_file()), None)
-        data = json.loads(cfg_path.read_text()).get("data") if cfg_path else None
+        from .schemas import RunConfig, read_json
+
+        data = read_json(cfg_path, RunConfig).get("data") if cfg_path else None
         if data is None:
             raise GPTSmallError(f"no --data given and {run_dir} records no data folder; pass --data")
     prepared = PreparedData(data)
@@ -281,11 +286,33 @@ def make_report(checkpoint: str | Path, *, samples: int = 50, out: str | Path | 
         "model": sides["model"], "corpus": sides["corpus"],
         "poems": {"model": made, "corpus": real},
     }
-    (out / "report.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(format_markdown(result), encoding="utf-8")
-    plot_report(result, out / "report.png")
+    _write_together(out, {"report.json": json.dumps(result, indent=1, ensure_ascii=False) + "\n",
+                          "report.md": format_markdown(result),
+                          "report.png": lambda f: plot_report(result, f)})
     result["out"] = str(out)
     return result
+
+
+def _write_together(out: Path, files: dict[str, Any]) -> None:
+    """Write every file to a temporary beside it first, then rename them all: a full disk or a
+    failed plot leaves the previous report whole (none of its three files replaced)."""
+    import os
+
+    from .fileio import fsync_dir, remove_quietly, write_error, write_temp
+
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for name, data in files.items():
+            temps.append((write_temp(out / name, data)[0], out / name))
+        for tmp, path in temps:
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise write_error(path, e) from None
+    finally:
+        for tmp, _ in temps:
+            remove_quietly(tmp)  # gone already where renamed
+    fsync_dir(out)
 
 
 _ROWS = [  # (label, side path, format)
@@ -376,5 +403,5 @@ def plot_report(r: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"{Path(r['checkpoint']).name}: {r['samples']} poems x {r['lines']} lines vs the validation split; "
                  f"{e['bits_per_char']:.3f} bits/char")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")  # a path or an open file
     plt.close(fig)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from . import limits
 from .checkpoint import find_checkpoint, read_checkpoint_config
 from .config import (DEFAULT_PRESET, Assignment, ConfigError, GPTConfig, TrainConfig, apply_assignments,
                      parse_value, user_assignments)
@@ -220,3 +221,14 @@ def _check_startable(plan: RunPlan) -> None:
         if len(arr) < model.block_size + 1:
             raise GPTSmallError(f"the {split} split has {len(arr)} tokens, fewer than one window of "
                                 f"block_size + 1 = {model.block_size + 1}; use a smaller block_size or more text")
+    _check_fits(model, train)
+
+
+def _check_fits(model: GPTConfig, train: TrainConfig) -> None:
+    """Refuse a model and batch that cannot fit in this machine's memory before building anything
+    (on a GPU the device's own memory bounds it further; torch reports that one itself)."""
+    need = limits.model_bytes(model.num_params(), training=True) + limits.activation_bytes(
+        batch_size=train.batch_size, block_size=model.block_size, n_layer=model.n_layer, n_embd=model.n_embd,
+        mlp_ratio=model.mlp_ratio, vocab_size=model.vocab_size)
+    limits.check_fits(need, f"training a model of {model.num_params():,} parameters at batch_size "
+                            f"{train.batch_size} x block_size {model.block_size}")

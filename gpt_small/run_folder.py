@@ -92,8 +92,16 @@ class RunFolder:
         self.close()
 
     def claim(self) -> None:
-        if self.plan.kind != "resume" and (self.path / "last").exists():
+        if self.plan.kind != "resume" and self.holds_run():
             raise GPTSmallError(f"{self.path} already holds a run; pass --resume to continue it or choose another --out")
+
+    def holds_run(self) -> bool:
+        """Whether a fresh run here could overwrite a run's work: a `last` or `best` link (a broken
+        one too: its checkpoints may still be there) or any saved checkpoint."""
+        if any((self.path / name).is_symlink() or (self.path / name).exists() for name in ("last", "best")):
+            return True
+        root = self.path / "checkpoints"
+        return root.is_dir() and any(p.name.startswith("step-") and ".tmp-" not in p.name for p in root.iterdir())
 
     def close(self) -> None:
         for tracker in self.trackers:

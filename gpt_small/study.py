@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from . import limits
 from .config import POS_ENCODINGS, ConfigError, GPTConfig, TrainConfig
 from .data import PreparedData
 from .errors import GPTSmallError
@@ -141,13 +142,11 @@ def compare_encodings(encodings: str | Sequence[str], *, model_config: GPTConfig
                       show_progress: bool = True) -> dict[str, Any]:
     """Train `seeds` runs per encoding (seeds train_config.seed, +1, ...) and write the comparison."""
     names = parse_encodings(encodings)
-    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
-        raise GPTSmallError(f"seeds must be a positive integer, got {seeds!r}")
+    limits.positive_int(seeds, "seeds", limits.MAX_NUM_SAMPLES)
     factors = sorted(set(extrapolation))
     if not factors or any(not isinstance(f, int) or f < 1 for f in factors):
         raise GPTSmallError(f"extrapolation factors must be positive integers, got {list(extrapolation)}")
-    if extrapolation_tokens < 1:
-        raise GPTSmallError(f"extrapolation_tokens must be positive, got {extrapolation_tokens}")
+    limits.positive_int(extrapolation_tokens, "extrapolation_tokens")
     data = data if isinstance(data, PreparedData) else PreparedData(data)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

@@ -289,13 +289,13 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     """The tokenizer saved in `directory/tokenizer.json` (or given the file itself)."""
     path = Path(directory)
     path = path / "tokenizer.json" if path.is_dir() else path
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GPTSmallError(f"{path} does not exist") from None
-    except (OSError, ValueError) as e:
-        raise GPTSmallError(f"cannot read {path}: {e}") from None
-    kind = d.get("type") if isinstance(d, dict) else None
+    from .schemas import read_json, tokenizer_schema, validate
+
+    d = read_json(path)
+    if not isinstance(d, dict) or (d.get("type") not in ("char", "gpt2") and "model" not in d):
+        raise GPTSmallError(f"{path} is not a gpt-small tokenizer (char, gpt2 or Hugging Face BPE JSON)")
+    validate(d, tokenizer_schema(d), path)
+    kind = d.get("type")
     if kind == "char" and d.get("version") == 1:
         tok = CharTokenizer(d["chars"])
         if d.get("unk_id") != tok.unk_id:
@@ -309,5 +309,9 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if isinstance(d, dict) and isinstance(d.get("model"), dict) and d["model"].get("type") == "BPE":
         from tokenizers import Tokenizer as HFTokenizer
 
-        return ByteLevelTokenizer(HFTokenizer.from_str(json.dumps(d)), "bpe")
+        try:
+            return ByteLevelTokenizer(HFTokenizer.from_str(json.dumps(d)), "bpe")
+        except Exception as e:  # the tokenizers library's own check, raised as a bare Exception
+            raise GPTSmallError(f"{path}: not a tokenizer the tokenizers library can load: "
+                                f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
     raise GPTSmallError(f"{path} is not a gpt-small tokenizer (char, gpt2 or Hugging Face BPE JSON)")

@@ -179,7 +179,7 @@ def test_cli_json_matches_the_api(env, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--data", "{bpe}"], "prepared with another tokenizer"),
     (["--data", "{char}", "--context", "64"], r"context 64 is longer than the learned position table \(32\)"),
-    (["--data", "{char}", "--context", "0"], "context must be a positive"),
+    (["--data", "{char}", "--context", "0"], "context must be an integer >= 1"),
     (["--data", "{char}", "--stride", "40"], "stride must be between 1 and the context"),
     (["--data", "{char}", "--split", "test"], "split must be val or train"),
     (["--data", "{char}", "--dtype", "int8"], "--dtype must be one of float32, bfloat16, float16"),

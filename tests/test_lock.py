@@ -26,7 +26,7 @@ def test_lock_pins_every_requirement_with_hashes():
     assert entries and all("==" in e and e.endswith("\\") for e in entries), entries[:5]
     pyproject = (ROOT / "pyproject.toml").read_text()
     for name in ("torch", "numpy", "safetensors", "tokenizers", "tqdm", "matplotlib", "pandas", "pytest",
-                 "hypothesis"):
+                 "hypothesis", "pydantic"):
         assert name in pyproject and any(e.split("==")[0] == name for e in entries), name
 
 

@@ -164,7 +164,7 @@ def test_compare_three_encodings_two_seeds(data_dir, tmp_path, capsys):
     (["--pos", ""], "at least one positional encoding"),
     (["--pos", "learned,alibi"], "unknown positional encoding 'alibi'"),
     (["--pos", "rope,learned,rope"], "'rope' is listed 2 times"),
-    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--seeds", "0"], "--seeds must be an integer >= 1"),
     (["--data", "/nonexistent/data"], "does not exist"),
     (["--n-embd", "30", "--n-head", "6", "--pos", "rope"], "rope needs an even head size"),
 ])

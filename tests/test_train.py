@@ -408,7 +408,7 @@ def test_two_process_ddp_matches_single_process(data_dir, tmp_path):
     (["--lr", "-1"], "lr must be positive"),
     (["--set", "nonsense=3"], "unknown --set key 'nonsense'"),
     (["--max-time", "ten minutes"], "max_time must look like 600, 600s, 10m or 1.5h"),
-    (["--batch-size", "0"], "batch_size must be a positive integer"),
+    (["--batch-size", "0"], "batch_size must be an integer >= 1"),
     (["--pos", "spiral"], "pos_encoding must be one of"),
     (["--block-size", "100000"], "fewer than one window"),
 ])

@@ -47,13 +47,9 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.is_file():
         raise GPTSmallError(f"{directory} has no config.json: not a transformers model folder")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise GPTSmallError(f"{path} is unreadable: {e}") from None
-    if not isinstance(cfg, dict):
-        raise GPTSmallError(f"{path} is not a JSON object")
-    return cfg
+    from ..schemas import HFConfig, read_json
+
+    return read_json(path, HFConfig)  # sizes strict positive ints, within limits.py's maximums
 
 
 def gpt_config_of(hf: dict[str, Any], directory: Path) -> GPTConfig:
@@ -95,20 +91,31 @@ def read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
         if single.is_file():
             return load_file(str(single)), single
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            from ..schemas import ShardIndex, read_json
+
+            # every shard a file name inside `directory` (a `../other/x.safetensors` is refused)
+            shards = sorted(set(read_json(index, ShardIndex)["weight_map"].values()))
             sd: dict[str, torch.Tensor] = {}
             for shard in shards:
+                if not (directory / shard).resolve().is_relative_to(directory.resolve()):  # a link out
+                    raise GPTSmallError(f"{index}: shard {shard!r} lies outside {directory}")
                 sd.update(load_file(str(directory / shard)))
             return sd, index
         if bin_.is_file():
-            sd = torch.load(bin_, map_location="cpu", weights_only=True)  # tensors only: runs no code
+            import warnings
+
+            with warnings.catch_warnings():  # torch's warning about a foreign pickle would be a second line
+                warnings.simplefilter("ignore")
+                sd = torch.load(bin_, map_location="cpu", weights_only=True)  # tensors only: runs no code
             if not isinstance(sd, dict):
                 raise GPTSmallError(f"{bin_} does not hold a state dict")
             return sd, bin_
-    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
-        raise GPTSmallError(f"cannot read the weights in {directory}: {e}") from None
-    except Exception as e:  # a pickle that weights_only refuses, a truncated file
-        raise GPTSmallError(f"cannot read the weights in {directory}: {e}") from None
+    except GPTSmallError:
+        raise
+    except Exception as e:  # a pickle that weights_only refuses, a truncated file, a Rust error
+        from ..errors import one_line
+
+        raise GPTSmallError(f"cannot read the weights in {directory}: {one_line(e)}") from None
     raise GPTSmallError(f"{directory} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
@@ -161,14 +168,17 @@ def import_gpt2(hf_dir: str | Path, out: str | Path) -> ImportResult:
     hf_dir, out = Path(hf_dir), Path(out)
     if not hf_dir.is_dir():
         raise GPTSmallError(f"{hf_dir} is not a folder")
-    if (out / "last").exists() or (out / "best").exists():
+    if any((out / name).exists() or (out / name).is_symlink() for name in ("last", "best")):
         raise GPTSmallError(f"{out} already holds a checkpoint; choose another --out")
     cfg = gpt_config_of(read_hf_config(hf_dir), hf_dir)
     notes = check_tokenizer_files(hf_dir)
+    from .. import limits
+
+    limits.check_fits(limits.model_bytes(cfg.num_params()), f"the model in {hf_dir} ({cfg.num_params():,} parameters)")
     sd, source = read_hf_weights(hf_dir)
     model = GPT(cfg)
     state = our_state(sd, cfg)
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and "transformer.wte.weight" in state:  # else "missing" below names it
         state["lm_head.weight"] = state["transformer.wte.weight"]
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
