@@ -298,8 +298,8 @@ def _run_generate(args: argparse.Namespace) -> None:
 
 def _args_poem(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/eng-poem-char", help="prepared data (made from eng-poem if missing)")
-    p.add_argument("--out", default="runs/poem-cpu", help="run folder (reused or resumed if present)")
-    p.add_argument("--config", default="configs/poem-cpu.toml", help="training config (TOML)")
+    p.add_argument("--out", help="run folder, reused or resumed if present (default: runs/poem-cpu, runs/poem-gpu on a GPU)")
+    p.add_argument("--config", help="training config (default: configs/poem-cpu.toml, configs/poem-gpu.toml on a GPU)")
     p.add_argument("--minutes", type=float, help="training budget (default: 10 on a CPU, 3 on a GPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
 
@@ -474,7 +474,7 @@ VERBS: dict[str, tuple[str, Callable, Callable]] = {
     "info": ("show the model train would build: its configuration, parameters and FLOPs per token", _args_info, _run_info),
     "train": ("train a model on prepared data (resumable, kill-safe checkpoints)", _args_train, _run_train),
     "generate": ("write text with a trained model (KV cache, streaming)", _args_generate, _run_generate),
-    "poem": ("the main job: prepare eng-poem, train the CPU preset, print three poems", _args_poem, _run_poem),
+    "poem": ("the main job: prepare eng-poem, train (the CPU or GPU recipe), print three poems", _args_poem, _run_poem),
     "prepare": ("tokenize a built-in corpus or your text into train/val token files", _args_prepare, _run_prepare),
     "eval": ("loss, perplexity and bits/char of a checkpoint on a text or prepared split", _args_eval, _run_eval),
     "report": ("judge a model's poems against the corpus: copying, form, language, loss", _args_report,
