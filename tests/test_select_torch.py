@@ -169,3 +169,22 @@ def test_dry_run_prints_the_one_line_and_the_commands_and_installs_nothing(tmp_p
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "select_torch.py"), "--dry-run", "--torch", "rocm"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "TORCH must be one of" in r.stderr
+
+
+def test_the_makefile_hands_torch_and_python_to_the_rule(tmp_path):
+    r = subprocess.run(["make", "-n", "-B", "setup", "TORCH=cuda", "PYTHON=/usr/bin/python3.11", f"VENV={tmp_path}/v"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (f"/usr/bin/python3.11 tools/select_torch.py --python /usr/bin/python3.11 --venv {tmp_path}/v --torch cuda"
+            in r.stdout)
+
+
+def test_keep_with_a_torch_the_new_venv_cannot_see_is_one_line(tmp_path):
+    """PYTHON is this test's venv, whose torch a venv made from it does not see (its base Python's
+    site-packages are what --system-site-packages adds)."""
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("this test runs in a base Python, whose torch a venv does see")
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "select_torch.py"), "--python", sys.executable,
+                        "--venv", str(tmp_path / "v"), "--torch", "keep"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stdout.startswith("make setup: keep the torch already installed")
+    assert r.stderr.count("\n") == 1 and "does not see" in r.stderr

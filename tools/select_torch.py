@@ -220,9 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     if choice.locked and choice.kind not in ("lock", "cpu"):
         Path("build").mkdir(exist_ok=True)
         Path("build/requirements-no-torch.lock").write_text(without_torch(lock_text))
-    for cmd in cmds:
+    for i, cmd in enumerate(cmds):
         subprocess.run(cmd, check=True)
+        if i == 0 and choice.kind == "keep" and not _imports_torch(str(Path(args.venv) / "bin" / "python")):
+            print(f"make setup: error: the venv does not see {args.python}'s torch (a torch inside another venv "
+                  f"stays there); use that venv directly (pip install -e .) or PYTHON=<the Python it came from>",
+                  file=sys.stderr)
+            return 2
     return 0
+
+
+def _imports_torch(python: str) -> bool:
+    return subprocess.run([python, "-c", "import torch"], capture_output=True).returncode == 0
 
 
 if __name__ == "__main__":
