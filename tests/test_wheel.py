@@ -42,7 +42,8 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, Path]:
-    """(wheel, sdist) built from a copy of the tracked sources, so no build folder lands in the tree."""
+    """(wheel, sdist): the sdist from the tree, the wheel from the sdist (build's default, so the wheel
+    proves the sdist complete); nothing downloaded (--no-isolation: the locked setuptools)."""
     out = tmp_path_factory.mktemp("dist")
     _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
          env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
