@@ -188,3 +188,21 @@ def test_keep_with_a_torch_the_new_venv_cannot_see_is_one_line(tmp_path):
                         "--venv", str(tmp_path / "v"), "--torch", "keep"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stdout.startswith("make setup: keep the torch already installed")
     assert r.stderr.count("\n") == 1 and "does not see" in r.stderr
+
+
+def test_a_venv_python_is_probed_as_itself_not_as_the_binary_it_links_to(tmp_path):
+    """This test's venv has torch; the base Python its python links to need not."""
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("this test runs in a base Python")
+    r = subprocess.run([sys.base_prefix + "/bin/python3", "-c",
+                        "import sys; sys.path.insert(0, sys.argv[1]); import select_torch as st; "
+                        "print(st.probe_python(sys.argv[2])[2])", str(ROOT / "tools"), sys.executable],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == torch_version()
+
+
+def torch_version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("torch")

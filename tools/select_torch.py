@@ -163,7 +163,22 @@ def unpinned_warning(choice: Choice) -> str | None:
 # ---------------------------------------------------------------- reading the real machine
 
 def probe_python(python: str) -> tuple[tuple[int, int], str, str | None]:
-    """(version, implementation, torch version or None) of the interpreter `python`."""
+    """(version, implementation, torch version or None) of the interpreter `python` (read in this
+    process where it is the interpreter running this script: `make setup` then starts one Python)."""
+    found = shutil.which(python)
+    same = (found and os.path.realpath(found) == os.path.realpath(sys.executable) and sys.prefix == sys.base_prefix
+            and not (Path(found).parent.parent / "pyvenv.cfg").exists())  # a venv's python links to the same binary
+    if same:
+        import importlib.metadata as md
+        import importlib.util
+
+        torch = None
+        if importlib.util.find_spec("torch"):
+            try:
+                torch = md.version("torch")
+            except md.PackageNotFoundError:
+                torch = "unknown version"
+        return sys.version_info[:2], platform.python_implementation(), torch
     code = ("import importlib.metadata as md, importlib.util as u, platform, sys\n"
             "t = None\n"
             "if u.find_spec('torch'):\n"
