@@ -59,13 +59,13 @@ class Machine:
 
 @dataclass(frozen=True)
 class Choice:
-    kind: str         # keep, cuda, mps, lock, cpu
+    kind: str         # keep, cuda, mps, index, lock, cpu
     locked: bool      # the rest comes from the hash lock (False: pyproject's ranges)
     reason: str
 
     def line(self) -> str:
         how = {"keep": "keep the torch already installed", "cuda": "the index's CUDA build of torch",
-               "mps": "the index's torch (MPS)", "lock": "the hash lock, CPU torch included",
+               "mps": "the index's torch (MPS)", "index": "the index's torch", "lock": "the hash lock, CPU torch included",
                "cpu": "the hash lock with its CPU torch"}[self.kind]
         rest = "" if self.kind in ("lock", "cpu") else (", the rest locked" if self.locked else ", the rest from pyproject ranges")
         return f"make setup: {how}{rest}: {self.reason}"
@@ -115,9 +115,9 @@ def choose(m: Machine, override: str = "auto") -> Choice:
         return Choice("mps", lock_serves, f"Apple silicon{unlocked}")
     if lock_serves and m.cpu_wheel:
         return Choice("lock", True, f"{where}, the CPU torch wheel is in {WHEELS}")
-    why = "no local CPU torch wheel" if lock_serves else where
-    return Choice("cuda" if m.system == "Linux" else "mps", False,
-                  f"{why}: the index's torch{unlocked}")
+    if lock_serves:  # the lock's class without its CPU wheel: a Linux laptop, a container, a cloud VM
+        return Choice("cuda", True, f"{where}, but the lock's CPU torch wheel is not in {WHEELS}")
+    return Choice("cuda" if m.system == "Linux" else "index", False, unlocked.removeprefix("; "))
 
 
 def plan(choice: Choice, *, python: str, venv: str, torch_version: str) -> list[list[str]]:
