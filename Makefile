@@ -30,7 +30,7 @@ LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-m
 # already has torch keeps it; the rest locked wherever the lock serves. TORCH=cpu|cuda|keep overrides.
 TORCH ?= auto
 $(VENV)/.installed: pyproject.toml Makefile $(LOCK) $(DATA_LOCK) tools/select_torch.py
-	$(PYTHON) tools/select_torch.py --python $(PYTHON) --venv $(VENV) --torch $(TORCH)
+	$(PYTHON) tools/select_torch.py --python $(PYTHON) --venv $(VENV) --torch=$(TORCH)
 	touch $@
 
 # Refresh the locks from pyproject.toml (all extras) with uv, installed into the venv from PyPI.

@@ -179,7 +179,7 @@ def test_the_makefile_hands_torch_and_python_to_the_rule(tmp_path):
     r = subprocess.run(["make", "-n", "-B", "setup", "TORCH=cuda", "PYTHON=/usr/bin/python3.11", f"VENV={tmp_path}/v"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert (f"/usr/bin/python3.11 tools/select_torch.py --python /usr/bin/python3.11 --venv {tmp_path}/v --torch cuda"
+    assert (f"/usr/bin/python3.11 tools/select_torch.py --python /usr/bin/python3.11 --venv {tmp_path}/v --torch=cuda"
             in r.stdout)
 
 
