@@ -53,6 +53,12 @@ def _device_set(sets: list[str] | None) -> str:
     return next((s.partition("=")[2] for s in reversed(sets or []) if s.startswith("device=")), "auto")
 
 
+def _on_mps(sets: list[str] | None) -> bool:
+    from .device import pick_device
+
+    return pick_device(_device_set(sets)).type == "mps"
+
+
 def ensure_data(data_dir: Path) -> None:
     from .data import prepare
 
@@ -85,15 +91,9 @@ def ensure_model(data_dir: Path, run_dir: Path, config_file: str | None, minutes
     _, model_cfg, train_cfg = resolve_configs(
         config_file=config_file, model_overrides={"vocab_size": data.tokenizer.vocab_size},
         train_overrides={"max_time": minutes * 60}, sets=sets)
-    dev = configure_process(device=train_cfg.device, threads=train_cfg.threads)
+    configure_process(device=train_cfg.device, threads=train_cfg.threads)
     print0(device_line(train_cfg.device, train_cfg.dtype))
-    try:
-        summary = Trainer(model_cfg, train_cfg, data, run_dir, resume=resume).fit()
-    except NotImplementedError as e:
-        if dev.type != "mps":
-            raise
-        raise GPTSmallError(f"an op is missing on MPS ({str(e).splitlines()[0]}); run with "
-                            "PYTORCH_ENABLE_MPS_FALLBACK=1 to run it on the CPU, or --set device=cpu") from None
+    summary = Trainer(model_cfg, train_cfg, data, run_dir, resume=resume).fit()
     print0(format_summary(summary))
     if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
         raise KeyboardInterrupt
@@ -133,8 +133,14 @@ def make_poem(*, data_dir: str | Path, run_dir: str | Path | None, config_file: 
     data_dir, run_dir = Path(data_dir), Path(default_run if run_dir is None else run_dir)
     minutes = default_minutes(_device_set(sets)) if minutes is None else minutes
     ensure_data(data_dir)
-    ensure_model(data_dir, run_dir, config_file, minutes, sets)
-    poems = write_poems(run_dir)
+    try:
+        ensure_model(data_dir, run_dir, config_file, minutes, sets)
+        poems = write_poems(run_dir)
+    except NotImplementedError as e:  # what torch raises for an op without an MPS kernel
+        if not _on_mps(sets):
+            raise
+        raise GPTSmallError(f"an op is missing on MPS ({str(e).splitlines()[0]}); run with "
+                            "PYTORCH_ENABLE_MPS_FALLBACK=1 to run it on the CPU, or --set device=cpu") from None
     print0(f"The checkpoint is in {run_dir}. Write more with:\n"
            f"  gpt-small generate --checkpoint {run_dir} --lines 12 --prompt \"The night\"")
     return poems

@@ -80,9 +80,9 @@ def test_a_missing_mps_op_is_one_line_naming_the_fallback(monkeypatch, mps, tmp_
     monkeypatch.setattr(train.Trainer, "__init__", lambda self, *a, **k: None)
     monkeypatch.setattr(train.Trainer, "fit", missing)
     cfg = tmp_path / "c.toml"
-    cfg.write_text('preset = "tiny"\n[train]\ndevice = "cpu"\n')
+    cfg.write_text('preset = "tiny"\n[train]\nthreads = 1\n')
     with pytest.raises(GPTSmallError) as e:
-        poem.ensure_model(verse_data, tmp_path / "run", str(cfg), minutes=1.0)
+        poem.make_poem(data_dir=verse_data, run_dir=tmp_path / "run", config_file=str(cfg), minutes=1.0)
     msg = str(e.value)
     assert "\n" not in msg and "aten::_fused_rms_norm" in msg and "PYTORCH_ENABLE_MPS_FALLBACK=1" in msg
 
@@ -93,6 +93,7 @@ def test_on_the_cpu_a_not_implemented_error_is_not_relabelled(monkeypatch, tmp_p
     monkeypatch.setattr(train.Trainer, "__init__", lambda self, *a, **k: None)
     monkeypatch.setattr(train.Trainer, "fit", lambda self: (_ for _ in ()).throw(NotImplementedError("x")))
     cfg = tmp_path / "c.toml"
-    cfg.write_text('preset = "tiny"\n[train]\ndevice = "cpu"\nthreads = 1\n')
+    cfg.write_text('preset = "tiny"\n[train]\nthreads = 1\n')
     with pytest.raises(NotImplementedError):
-        poem.ensure_model(verse_data, tmp_path / "run", str(cfg), minutes=1.0)
+        poem.make_poem(data_dir=verse_data, run_dir=tmp_path / "run", config_file=str(cfg), minutes=1.0,
+                       sets=["device=cpu"])
