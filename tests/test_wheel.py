@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,9 +112,10 @@ def test_the_installed_wheel_prepares_trains_generates_and_serves_with_no_reposi
 
     gen = [cli, "generate", "--checkpoint", "run", "--max-new-tokens", "20", "--seed", "1", "--prompt", "The"]
     with_cc = _run(gen, cwd=work, env=env)
-    assert list((tmp_path / "cache" / "kernels").glob("cpu-*.so"))  # compiled from the wheel's csrc/
     ops = "from gpt_small import ops; print(ops.describe('cpu'))"
-    assert "decoding kernels: on" in _run([str(installed / "python"), "-c", ops], cwd=work, env=env).stdout
+    if shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"):
+        assert list((tmp_path / "cache" / "kernels").glob("cpu-*.so"))  # compiled from the wheel's csrc/
+        assert "decoding kernels: on" in _run([str(installed / "python"), "-c", ops], cwd=work, env=env).stdout
 
     bare = _env(tmp_path / "nocc", CC=str(tmp_path / "no-such-cc"), PATH=str(installed))  # no compiler to be found
     assert "no-such-cc" in _run([str(installed / "python"), "-c", ops], cwd=work, env=bare).stdout
