@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 # MINUTES: training budget of `make poem` (default: 10 on a CPU, 3 on a GPU)
 MINUTES ?=
 DATA := data/eng-poem-char
-RUN := runs/poem-cpu
+# RUN: `make poem`'s run folder; empty = runs/poem-gpu when it trains on a GPU (CUDA or MPS, with
+# configs/poem-gpu.toml), else runs/poem-cpu (configs/poem-cpu.toml)
+RUN ?=
 
 .PHONY: setup poem test bench serve browser clean lock fuzz
 
@@ -22,11 +24,13 @@ UV_VERSION := 0.13.9
 LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	--find-links /opt/wheels --custom-compile-command "make lock"
 
-$(VENV)/.installed: pyproject.toml Makefile $(LOCK) $(DATA_LOCK)
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
-	$(PY) -m pip install -q --require-hashes --no-deps -r $(DATA_LOCK)
-	$(PY) -m pip install -q --no-deps -e .
+# Which torch: tools/select_torch.py looks at the machine and says in one line which install it
+# picks and why (docs/install.md): this machine class gets the hash lock above; a Linux box whose
+# nvidia-smi works, the index's CUDA torch; Apple silicon, the index's torch (MPS); a Python that
+# already has torch keeps it; the rest locked wherever the lock serves. TORCH=cpu|cuda|keep overrides.
+TORCH ?= auto
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK) $(DATA_LOCK) tools/select_torch.py
+	$(PYTHON) tools/select_torch.py --python $(PYTHON) --venv $(VENV) --torch=$(TORCH)
 	touch $@
 
 # Refresh the locks from pyproject.toml (all extras) with uv, installed into the venv from PyPI.
@@ -57,11 +61,11 @@ fuzz: setup
 	GPT_SMALL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
 
 poem: setup
-	$(PY) -m gpt_small poem --data $(DATA) --out $(RUN) --config configs/poem-cpu.toml $(if $(MINUTES),--minutes $(MINUTES))
+	$(PY) -m gpt_small poem --data $(DATA) $(if $(RUN),--out $(RUN)) $(if $(MINUTES),--minutes $(MINUTES))
 
 # the `make poem` checkpoint behind the HTTP API and the page: open http://127.0.0.1:8000/
 serve: setup
-	$(PY) -m gpt_small serve --checkpoint $(RUN)
+	$(PY) -m gpt_small serve --checkpoint $(or $(RUN),$(firstword $(wildcard runs/poem-gpu) runs/poem-cpu))
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py

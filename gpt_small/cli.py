@@ -272,14 +272,10 @@ def _run_generate(args: argparse.Namespace) -> None:
                   "pass a larger --max-new-tokens", file=sys.stderr)
 
 
-_POEM_CONFIG = "configs/poem-cpu.toml"
-
-
 def _args_poem(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/eng-poem-char", help="prepared data (made from eng-poem if missing)")
-    p.add_argument("--out", default="runs/poem-cpu", help="run folder (reused or resumed if present)")
-    p.add_argument("--config", default=_POEM_CONFIG, help=f"training config (TOML; default: {_POEM_CONFIG} "
-                   "in the current folder)")
+    p.add_argument("--out", help="run folder, reused or resumed if present (default: runs/poem-cpu, runs/poem-gpu on a GPU)")
+    p.add_argument("--config", help="training config (default: configs/poem-cpu.toml, configs/poem-gpu.toml on a GPU)")
     p.add_argument("--minutes", type=float, help="training budget (default: 10 on a CPU, 3 on a GPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
 
@@ -287,13 +283,8 @@ def _args_poem(p: argparse.ArgumentParser) -> None:
 def _run_poem(args: argparse.Namespace) -> None:
     from .poem import make_poem
 
-    from pathlib import Path
-
     if args.minutes is not None and not 0 < args.minutes < float("inf"):
         raise GPTSmallError(f"--minutes must be a positive number, got {args.minutes}")
-    if args.config == _POEM_CONFIG and not Path(args.config).is_file():
-        raise GPTSmallError(f"no --config given and the default {_POEM_CONFIG} is not in the current folder "
-                            f"({Path.cwd()}); run from the gpt-small checkout or pass --config FILE")
     make_poem(data_dir=args.data, run_dir=args.out, config_file=args.config, minutes=args.minutes, sets=args.set)
 
 
@@ -475,7 +466,7 @@ VERBS: dict[str, tuple[str, Callable, Callable]] = {
     "info": ("show the model train would build: its configuration, parameters and FLOPs per token", _args_info, _run_info),
     "train": ("train a model on prepared data (resumable, kill-safe checkpoints)", _args_train, _run_train),
     "generate": ("write text with a trained model (KV cache, streaming)", _args_generate, _run_generate),
-    "poem": ("the main job: prepare eng-poem, train the CPU preset, print three poems", _args_poem, _run_poem),
+    "poem": ("the main job: prepare eng-poem, train (the CPU or GPU recipe), print three poems", _args_poem, _run_poem),
     "prepare": ("tokenize a built-in corpus or your text into train/val token files", _args_prepare, _run_prepare),
     "eval": ("loss, perplexity and bits/char of a checkpoint on a text or prepared split", _args_eval, _run_eval),
     "report": ("judge a model's poems against the corpus: copying, form, language, loss", _args_report,

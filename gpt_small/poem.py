@@ -11,15 +11,52 @@ from pathlib import Path
 from typing import Any
 
 from .distributed import print0
+from .errors import GPTSmallError
 
 PROMPTS = ("The sea", "O moon, ", "When I")
 
 
 def default_minutes(device: str = "auto") -> float:
-    """10 minutes on a CPU; 3 on a GPU, which gets further in less time."""
+    """10 minutes on a CPU; 3 on a GPU (CUDA or MPS), which gets further in less time."""
     from .device import pick_device
 
-    return 3.0 if pick_device(device).type == "cuda" else 10.0
+    return 3.0 if pick_device(device).type in ("cuda", "mps") else 10.0
+
+
+def recipe_for(device: str = "auto") -> tuple[str, str]:
+    """(config file, run folder) of `make poem` for the device it would train on: the GPU recipe on
+    CUDA or MPS, the CPU one elsewhere; `device` as TrainConfig.device names it."""
+    from .device import pick_device
+
+    kind = "gpu" if pick_device(device).type in ("cuda", "mps") else "cpu"
+    return f"configs/poem-{kind}.toml", f"runs/poem-{kind}"
+
+
+def device_line(device: str = "auto", dtype: str = "float32") -> str:
+    """The one line that says where `make poem` trains and in which precision (TrainConfig's names)."""
+    import torch
+
+    from .device import pick_device, pick_dtype
+
+    dev = pick_device(device)
+    precision = str(pick_dtype(dtype, dev)).removeprefix("torch.")
+    precision = "fp32" if precision == "float32" else f"{precision} autocast"
+    if dev.type == "cuda":
+        return f"device: cuda ({torch.cuda.get_device_name(dev)}), {precision}"
+    if dev.type == "mps":
+        return f"device: mps (Apple GPU), {precision}"
+    return f"device: cpu ({torch.get_num_threads()} threads), {precision}"
+
+
+def _device_set(sets: list[str] | None) -> str:
+    """The device a `--set device=...` names, else auto."""
+    return next((s.partition("=")[2] for s in reversed(sets or []) if s.startswith("device=")), "auto")
+
+
+def _on_mps(sets: list[str] | None) -> bool:
+    from .device import pick_device
+
+    return pick_device(_device_set(sets)).type == "mps"
 
 
 def ensure_data(data_dir: Path) -> None:
@@ -50,12 +87,13 @@ def ensure_model(data_dir: Path, run_dir: Path, config_file: str | None, minutes
             return None
         print0(f"[2/3] model: resuming {run_dir} from step {progress.step:,}")
     else:
-        print0(f"[2/3] training the CPU preset for {minutes:g} minutes into {run_dir}")
+        print0(f"[2/3] training {config_file} for {minutes:g} minutes into {run_dir}")
     # the same plan as `gpt-small train --config FILE --max-time M [--resume]`: a resumed run
     # keeps its model and optimizer, and its time budget counts the time already spent
     plan = plan_run(run_dir, data=data_dir, resume=resume, config_file=config_file, sets=sets,
                     train_overrides={"max_time": minutes * 60})
     configure_process(device=plan.train.device, threads=plan.train.threads)
+    print0(device_line(plan.train.device, plan.train.dtype))
     with Trainer.from_plan(plan) as trainer:
         summary = trainer.fit()
     print0(format_summary(summary))
@@ -89,13 +127,25 @@ def write_poems(run_dir: Path, *, lines: int = 12, prompts: tuple[str, ...] = PR
     return poems
 
 
-def make_poem(*, data_dir: str | Path, run_dir: str | Path, config_file: str | None,
+def make_poem(*, data_dir: str | Path, run_dir: str | Path | None, config_file: str | None,
               minutes: float | None = None, sets: list[str] | None = None) -> list[str]:
-    data_dir, run_dir = Path(data_dir), Path(run_dir)
-    minutes = default_minutes() if minutes is None else minutes
+    """`config_file`/`run_dir` None: recipe_for's, for the device the run would take."""
+    recipe, default_run = recipe_for(_device_set(sets))
+    if config_file is None and not Path(recipe).is_file():
+        raise GPTSmallError(f"no --config given and the default {recipe} is not in the current folder "
+                            f"({Path.cwd()}); run from the gpt-small checkout or pass --config FILE")
+    config_file = recipe if config_file is None else config_file
+    data_dir, run_dir = Path(data_dir), Path(default_run if run_dir is None else run_dir)
+    minutes = default_minutes(_device_set(sets)) if minutes is None else minutes
     ensure_data(data_dir)
-    ensure_model(data_dir, run_dir, config_file, minutes, sets)
-    poems = write_poems(run_dir)
+    try:
+        ensure_model(data_dir, run_dir, config_file, minutes, sets)
+        poems = write_poems(run_dir)
+    except NotImplementedError as e:  # what torch raises for an op without an MPS kernel
+        if not _on_mps(sets):
+            raise
+        raise GPTSmallError(f"an op is missing on MPS ({str(e).splitlines()[0]}); run with "
+                            "PYTORCH_ENABLE_MPS_FALLBACK=1 to run it on the CPU, or --set device=cpu") from None
     print0(f"The checkpoint is in {run_dir}. Write more with:\n"
            f"  gpt-small generate --checkpoint {run_dir} --lines 12 --prompt \"The night\"")
     return poems
