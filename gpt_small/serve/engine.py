@@ -12,7 +12,8 @@ never runs a model step: it hears of new text through `on_event`, called from th
 
 Contract: a seeded sequence yields the tokens of `generate_tokens(model, prompt, seed=...)` for
 one sample, whether it runs alone or beside others. The steps are generate.py's (`prefill`,
-`sample`, `apply_repetition_penalty`, the same sliding-window rule past block_size), the prefill
+`sample`, `apply_repetition_penalty`, the same window rule past block_size with the same `keep`),
+the prefill
 runs alone, and the batched step computes every row as it would alone (model.py: per-row
 positions, attention row by row). The output matmuls are row-independent in the CPU decoding
 kernel (ops/csrc/decode.c), up to its 8 rows; past 8 rows torch's GEMM takes over and rows may differ
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..generate import apply_repetition_penalty, prefill, sample
+from ..generate import apply_repetition_penalty, prefill, sample, window_keep
 from .protocol import Sampling
 
 log = logging.getLogger("gpt_small.serve")
@@ -130,17 +131,19 @@ class _Row:
         self.ids = torch.empty(self.total, dtype=torch.long)
         self.ids[:self.T0] = ids
         self.T = self.T0  # tokens so far
-        self.window = window
+        self.start = max(0, self.T0 - window)  # sequence index at cache position 0 (generate.Window)
         self.logits: Tensor | None = None  # (1, V)
 
 
 class Engine:
     """One decode loop over `max_batch` cache rows; see the module docstring."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 8, max_queue: int = 64,
+                 keep: int | str | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.window = model.config.block_size
+        self.keep = window_keep(self.window, keep)
         self.banned = [u] if (u := getattr(tokenizer, "unk_id", None)) is not None else []
         self.positions = torch.arange(self.window)
         self._pending: deque[Sequence] = deque()
@@ -219,10 +222,9 @@ class Engine:
 
     def _admit(self, seq: Sequence) -> None:
         ids = torch.tensor(seq.prompt_ids, dtype=torch.long)
-        row = _Row(seq, ids, self.window)
+        row = _Row(seq, ids, self.window)  # a prompt longer than the window is cropped, as generate does
         self._rows.append(row)
-        start = max(0, row.T0 - self.window)  # a prompt longer than the window is cropped, as generate does
-        self._prefill_row(len(self._rows) - 1, row.ids[start:row.T0])
+        self._prefill_row(len(self._rows) - 1, row.ids[row.start:row.T0])
 
     def _prefill_row(self, i: int, ids: Tensor) -> None:
         with self.model.kv_cache_rows(i, i + 1):
@@ -254,22 +256,27 @@ class Engine:
         for i, row in enumerate(keep):
             j = self._rows.index(row)
             if j != i:
-                self.model.copy_kv_cache_row(j, i, min(row.T - 1, self.window))
+                self.model.copy_kv_cache_row(j, i, row.T - 1 - row.start)
         self._rows = keep
         if not keep:
             return
-        # 3. one batched step at per-row positions over rows :B, up to the last row still inside
-        # the window; rows past it re-prefill alone (generate.py's rule). Such a row inside :B
-        # computes a throw-away token at the last position, overwritten by its re-prefill.
-        B = max((i + 1 for i, r in enumerate(keep) if r.T <= self.window), default=0)
+        # 3. one batched step at per-row positions over rows :B, up to the last row whose cache has
+        # room. A row with a full cache inside :B decodes a throw-away token at the last position,
+        # before its re-prefill (step 4) resets its n-gram history; later decodes overwrite that
+        # position before any attention reads it.
+        full = [row.T - 1 - row.start >= self.window for row in keep]
+        B = max((i + 1 for i, f in enumerate(full) if not f), default=0)
         if B:
             cur = torch.tensor([[int(r.ids[r.T - 1])] for r in keep[:B]])
-            pos = torch.tensor([[min(r.T, self.window) - 1] for r in keep[:B]])
+            pos = torch.tensor([[min(r.T - 1 - r.start, self.window - 1)] for r in keep[:B]])
             logits = self.model(cur, input_pos=pos, last_only=True)[:, -1]  # (B, V)
             self.counts["steps"] += 1
             self.counts["peak_batch"] = max(self.counts["peak_batch"], len(keep))
+        # 4. the window rule (generate.Window): a row whose cache is full keeps its last
+        # `self.keep` tokens and the new one, re-prefilled alone at positions 0..keep
         for i, row in enumerate(keep):
-            if row.T <= self.window:
-                row.logits = logits[i:i + 1]
+            if full[i]:
+                row.start = row.T - 1 - self.keep
+                self._prefill_row(i, row.ids[row.start:row.T])
             else:
-                self._prefill_row(i, row.ids[row.T - self.window:row.T])
+                row.logits = logits[i:i + 1]
