@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 from . import verse
 from .errors import GPTSmallError
-from .generate import TextTokenizer, check_sampling_args, decode_one, prefill, sample
+from .config import LINE_TOKEN_BUDGET
+from .generate import TextTokenizer, check_sampling_args, decode_one, prefill, prompt_text, sample, window_keep
 
 
 @dataclass(kw_only=True)
@@ -102,7 +103,7 @@ class SearchConfig:
     endings: int = 64  # dictionary words scored per stem when the sampled lines miss the rhyme
     stems: int = 4  # stems (best sampled lines less their last word) tried per round
     min_rhymes: int = 3  # a rhyme group's first word needs this many rhyming dictionary words
-    max_line_tokens: int | None = None  # default: 160, at most half the model's block_size
+    max_line_tokens: int | None = None  # default: LINE_TOKEN_BUDGET, at most half the model's block_size
     batch_rows: int = 128  # rows per forward pass when scoring endings
 
     def __post_init__(self) -> None:
@@ -318,7 +319,7 @@ def _newline_mask(tokenizer: TextTokenizer, vocab_size: int, device: torch.devic
 
 def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: str = "",
             search: SearchConfig | None = None, temperature: float = 0.8, top_k: int | None = None,
-            top_p: float | None = None, seed: int | None = None) -> Poem:
+            top_p: float | None = None, seed: int | None = None, keep: int | str | None = None) -> Poem:
     """Write a poem in `form`, continuing `prompt`; see the module docstring."""
     search = search or SearchConfig()
     check_sampling_args(temperature, top_k, top_p)
@@ -326,8 +327,11 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     block = model.config.block_size
-    max_line = search.max_line_tokens or 160
+    max_line = search.max_line_tokens or LINE_TOKEN_BUDGET
     max_line = max(2, min(max_line, block // 2))
+    # generate.py's window rule, line by line: while the poem and a line fit the window, all of it
+    # is context; past that, the last `keep` tokens (no more than leaves room for a line)
+    context_tokens = max(1, min(window_keep(block, keep), block - max_line))
     newline = _newline_mask(tokenizer, model.config.vocab_size, device)
     banned = [u] if (u := getattr(tokenizer, "unk_id", None)) is not None else []
     generator = None
@@ -336,7 +340,7 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
         generator.manual_seed(seed)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
 
-    base = prompt or "\n"  # an empty prompt starts a new line, as generate_text does
+    base = prompt_text(prompt)
     tokenizer.encode(base, unknown="error")
     head = "" if base.endswith("\n") else base.rsplit("\n", 1)[-1]  # the prompt's unfinished line
     lines: list[str] = []
@@ -352,7 +356,9 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
                 judge = _Judge(form, search, letter, opener, group_words, used)
                 context = base + "".join(line[len(head) if k == 0 else 0:] + "\n" for k, line in enumerate(lines))
                 line_head = head if not lines else ""
-                ids = tokenizer.encode(context)[-(block - max_line):]
+                ids = tokenizer.encode(context)
+                if len(ids) + max_line > block:
+                    ids = ids[-context_tokens:]
                 prefix = torch.tensor(ids, dtype=torch.long, device=device)
                 best, tried = _write_line(model, tokenizer, judge, prefix, line_head, search, max_line, newline,
                                           generator, sampling, banned)
@@ -493,10 +499,12 @@ def run_form_cli(args: Any, prompt: str, device: Any) -> None:
         raise GPTSmallError("--repetition-penalty and --stop do not apply to verse forms")
     ckpt = load_checkpoint(args.checkpoint, device=device)
     convert_weights(ckpt.model, args.weights)
+    window_keep(ckpt.model.config.block_size, getattr(args, "window_keep", None))  # one line, before output
     metas = []
     for i in range(args.num_samples):
         poem = compose(ckpt.model, ckpt.tokenizer, form, prompt=prompt, search=search, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=None if args.seed is None else args.seed + i)
+                       top_k=args.top_k, top_p=args.top_p, seed=None if args.seed is None else args.seed + i,
+                       keep=getattr(args, "window_keep", None))
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(poem.text)

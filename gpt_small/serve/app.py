@@ -63,7 +63,8 @@ class LogRequests:
 
 
 def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 8, max_queue: int = 64,
-               max_new_tokens: int = 1000, max_prompt_tokens: int = 4096, api_key: str | None = None) -> Starlette:
+               max_new_tokens: int = 1000, max_prompt_tokens: int = 4096, api_key: str | None = None,
+               window_keep: int | str | None = None) -> Starlette:
     """The app over a loaded model; the engine starts and drains with the app's lifespan."""
     limits = Limits(model_name=model_name, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
     created = int(time.time())
@@ -77,7 +78,7 @@ def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        box["engine"] = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+        box["engine"] = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, keep=window_keep)
         app.state.engine = box["engine"]
         try:
             yield
