@@ -177,14 +177,15 @@ class GeluTanh(torch.autograd.Function):
         return kernels.gelu_tanh_backward(grad.contiguous(), x)
 
 
-GELU_KERNEL_MIN = 4096  # below this many elements per sample (one token) the call costs more than torch's op
+GELU_KERNEL_MIN = 4096  # below this many elements (decoding one token) the call costs more than torch's op
 
 
 def gelu(x: Tensor) -> Tensor:
     """Through our kernel where it is built (not while torch.compile traces: it fuses its own),
-    without autograd's wrapper where no gradient is wanted. The choice counts the elements of one
-    sample, not of the batch, so a decoded row takes the same path (same bits) at any batch size."""
-    if (x.numel() // max(1, x.shape[0]) >= GELU_KERNEL_MIN and x.dtype == torch.float32 and x.is_contiguous()
+    without autograd's wrapper where no gradient is wanted. A decoding step (x (B, 1, H)) is sized
+    by one row, not the batch, so a row takes the same path (same bits) at any batch size."""
+    size = x.shape[-1] if x.dim() == 3 and x.shape[1] == 1 else x.numel()
+    if (size >= GELU_KERNEL_MIN and x.dtype == torch.float32 and x.is_contiguous()
             and not torch.compiler.is_compiling() and kernels.available()):
         if torch.is_grad_enabled() and x.requires_grad:
             return GeluTanh.apply(x)

@@ -116,10 +116,13 @@ def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 
                            code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
         return queue
 
-    async def events(request: Request, seqs: list[Sequence], queue: asyncio.Queue) -> AsyncIterator[tuple]:
+    async def events(request: Request, seqs: list[Sequence], queue: asyncio.Queue,
+                     watch: bool = False) -> AsyncIterator[tuple]:
         """Yield (index, kind, value) until every sequence is done; a client that leaves (or a
-        stream closed early) cancels what is left, which frees the rows at the next step."""
+        stream closed early) cancels what is left, which frees the rows at the next step. With
+        `watch` (a response sent only at the end), the client's disconnect cancels at once."""
         left = len(seqs)
+        watcher = asyncio.create_task(cancel_on_disconnect(request, seqs)) if watch else None
         try:
             while left:
                 try:  # wait_for costs a task per call: only when nothing is ready
@@ -133,9 +136,23 @@ def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 
                 request.state.tokens = sum(len(s.new_ids) for s in seqs)
                 yield item
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if left:
                 request.state.cancelled = True
                 box["engine"].cancel(seqs)
+
+    async def cancel_on_disconnect(request: Request, seqs: list[Sequence]) -> None:
+        """The body has been read, so the next ASGI message is the client's disconnect."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        request.state.cancelled = True
+        box["engine"].cancel(seqs)
+
+    def stream_error() -> bytes:
+        """The event that ends a stream whose sample failed (OpenAI's error shape), before [DONE]."""
+        return R.sse(ApiError(500, "the sample failed on the server (logged); the text so far is incomplete",
+                              type="server_error").body())
 
     # --- routes ---
 
@@ -179,13 +196,15 @@ def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 
                         sent[i] = True
                     elif value in ("stop", "length"):
                         yield R.sse(R.completion_chunk(cid, now, model_name, i, "" if sent[i] else echo[i], value))
+                    elif value == "error":
+                        yield stream_error()
                 if req.include_usage:
                     yield R.sse(R.usage_chunk(cid, now, model_name,
                                               R.usage(prompt_tokens, sum(len(s.new_ids) for s in seqs))))
                 yield R.sse("[DONE]")
             return StreamingResponse(stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        async for _ in events(request, seqs, queue):
+        async for _ in events(request, seqs, queue, watch=True):
             pass
         if any(s.finish_reason == "error" for s in seqs):
             raise RuntimeError("the decode loop failed (logged)")
@@ -214,10 +233,12 @@ def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 
                         yield R.sse({"text": breaks.feed(value)})
                     elif value in ("stop", "length"):
                         yield R.sse({"done": True, **result()})
+                    elif value == "error":
+                        yield stream_error()
                 yield R.sse("[DONE]")
             return StreamingResponse(stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        async for _ in events(request, [seq], queue):
+        async for _ in events(request, [seq], queue, watch=True):
             pass
         if seq.finish_reason == "error":
             raise RuntimeError("the decode loop failed (logged)")

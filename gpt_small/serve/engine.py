@@ -64,6 +64,9 @@ class Sequence:
         self.on_event = on_event
         self.new_ids: list[int] = []
         self.text = ""  # the continuation so far, cut at the stop rule
+        self._decoded = ""  # the text of new_ids up to the last complete character: it never changes
+        self._pending: list[int] = []  # ids after that (a byte-level character still incomplete)
+        self._newlines = 0  # newlines in self._decoded
         self.emitted = 0  # characters of self.text already sent
         self.finish_reason: str | None = None
         self.cancelled = False
@@ -77,27 +80,35 @@ class Sequence:
         self.cancelled = True
 
     def feed(self, token: int) -> bool:
-        """Take one new token; send the text that is now certain; return whether the sample ended."""
+        """Take one new token; send the text that is now certain; return whether the sample ended.
+
+        Incremental: only the ids since the last complete character are decoded (together, so a
+        character split over byte-level tokens joins), and only the new text is searched for
+        newlines and stop strings (an earlier match would have ended the sample)."""
         self.new_ids.append(token)
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        # Decoding the whole continuation (not the token alone) lets split characters join.
-        text = self.tokenizer.decode(self.new_ids)
-        end, hold = len(text), 0
+        self._pending.append(token)
+        tail = self.tokenizer.decode(self._pending)
+        old = len(self._decoded)  # text before this is settled and was searched
+        text = self._decoded + tail
+        end, hold, lines_done = len(text), 0, False
         if self.lines is not None:
-            k = -1
-            for _ in range(self.lines):
-                k = text.find("\n", k + 1)
-                if k < 0:
-                    break
-            else:
-                end = k + 1
+            seen, k = self._newlines, old - 1
+            while seen < self.lines and (k := text.find("\n", k + 1)) >= 0:
+                seen += 1
+            if seen >= self.lines:
+                end, lines_done = k + 1, True
         for s in self.stop:
-            k = text.find(s)
+            k = text.find(s, max(0, old - len(s) + 1))
             if k >= 0:
                 end = min(end, k + len(s) if self.keep_stop else k)
+        if not tail.endswith(_REPLACEMENT):  # every character complete: settle the text
+            if self.lines is not None:
+                self._newlines += text.count("\n", old)
+            self._decoded, self._pending = text, []
         self.text = text[:end]
-        if end < len(text) or (self.lines is not None and end == len(text) and text.count("\n") >= self.lines):
+        if end < len(text) or lines_done:
             self.finish_reason = "stop"
         elif len(self.new_ids) >= self.max_new_tokens:
             self.finish_reason = "length"
@@ -132,6 +143,7 @@ class _Row:
         self.ids[:self.T0] = ids
         self.T = self.T0  # tokens so far
         self.start = max(0, self.T0 - window)  # sequence index at cache position 0 (generate.Window)
+        self.failed = False  # ended with an error; its cache row is freed at the next step
         self.logits: Tensor | None = None  # (1, V)
 
 
@@ -220,11 +232,21 @@ class Engine:
         self.counts["cancelled" if reason == "cancelled" else "finished"] += 1
         seq.finish(reason)
 
+    def _fail(self, row: _Row, what: str) -> None:
+        """End one row's sequence with an error (its client gets an error event); the others go on."""
+        log.exception("%s failed; ending that request", what)
+        row.failed = True
+        if row.seq.finish_reason not in ("cancelled", "error"):
+            self._end(row.seq, "error")
+
     def _admit(self, seq: Sequence) -> None:
         ids = torch.tensor(seq.prompt_ids, dtype=torch.long)
         row = _Row(seq, ids, self.window)  # a prompt longer than the window is cropped, as generate does
         self._rows.append(row)
-        self._prefill_row(len(self._rows) - 1, row.ids[row.start:row.T0])
+        try:
+            self._prefill_row(len(self._rows) - 1, row.ids[row.start:row.T0])
+        except Exception:
+            self._fail(row, "a prefill")
 
     def _prefill_row(self, i: int, ids: Tensor) -> None:
         with self.model.kv_cache_rows(i, i + 1):
@@ -235,20 +257,17 @@ class Engine:
         keep: list[_Row] = []
         for row in self._rows:
             seq = row.seq
+            if row.failed:
+                continue
             if seq.cancelled:
                 self._end(seq, "cancelled")
                 continue
-            logits, s = row.logits, seq.sampling
-            if self.banned:
-                logits[:, self.banned] = float("-inf")
-            if s.repetition_penalty != 1.0:
-                logits = apply_repetition_penalty(logits, row.ids[None, :row.T], s.repetition_penalty)
-            cur = int(sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                             generator=seq.generator)[0])
-            row.ids[row.T] = cur
-            row.T += 1
-            self.counts["tokens"] += 1
-            if seq.feed(cur) or row.T == row.total:
+            try:
+                ended = self._sample_row(row)
+            except Exception:
+                self._fail(row, "sampling a row")
+                continue
+            if ended:
                 self._end(seq, "length")
             else:
                 keep.append(row)
@@ -269,14 +288,39 @@ class Engine:
         if B:
             cur = torch.tensor([[int(r.ids[r.T - 1])] for r in keep[:B]])
             pos = torch.tensor([[min(r.T - 1 - r.start, self.window - 1)] for r in keep[:B]])
-            logits = self.model(cur, input_pos=pos, last_only=True)[:, -1]  # (B, V)
+            try:
+                logits = self.model(cur, input_pos=pos, last_only=True)[:, -1]  # (B, V)
+            except Exception:  # every row of the step is affected; rows past :B are not
+                for row, f in zip(keep[:B], full):
+                    if not f:
+                        self._fail(row, "a batched decode step")
             self.counts["steps"] += 1
             self.counts["peak_batch"] = max(self.counts["peak_batch"], len(keep))
         # 4. the window rule (generate.Window): a row whose cache is full keeps its last
         # `self.keep` tokens and the new one, re-prefilled alone at positions 0..keep
         for i, row in enumerate(keep):
+            if row.failed:
+                continue
             if full[i]:
                 row.start = row.T - 1 - self.keep
-                self._prefill_row(i, row.ids[row.start:row.T])
+                try:
+                    self._prefill_row(i, row.ids[row.start:row.T])
+                except Exception:
+                    self._fail(row, "a re-prefill past the window")
             else:
                 row.logits = logits[i:i + 1]
+
+    def _sample_row(self, row: _Row) -> bool:
+        """Sample a row's next token from its own logits, options and generator; feed it to its
+        sequence; return whether the sequence ended."""
+        seq, logits, s = row.seq, row.logits, row.seq.sampling
+        if self.banned:
+            logits[:, self.banned] = float("-inf")
+        if s.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, row.ids[None, :row.T], s.repetition_penalty)
+        cur = int(sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                         generator=seq.generator)[0])
+        row.ids[row.T] = cur
+        row.T += 1
+        self.counts["tokens"] += 1
+        return seq.feed(cur) or row.T == row.total
