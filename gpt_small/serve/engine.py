@@ -100,7 +100,7 @@ class Sequence:
             if seen >= self.lines:
                 end, lines_done = k + 1, True
         for s in self.stop:
-            k = text.find(s, max(0, old - len(s) + 1))
+            k = text.find(s, max(0, old - len(s)))  # a match ending right at `old` did not end the sample
             if k >= 0:
                 end = min(end, k + len(s) if self.keep_stop else k)
         if not tail.endswith(_REPLACEMENT):  # every character complete: settle the text
