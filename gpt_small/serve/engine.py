@@ -14,10 +14,10 @@ Contract: a seeded sequence yields the tokens of `generate_tokens(model, prompt,
 one sample, whether it runs alone or beside others. The steps are generate.py's (`prefill`,
 `sample`, `apply_repetition_penalty`, the same window rule past block_size with the same `keep`),
 the prefill
-runs alone, and the batched step computes every row as it would alone (model.py: per-row
-positions, attention row by row). The output matmuls are row-independent in the CPU decoding
-kernel (ops/csrc/decode.c), up to its 8 rows; past 8 rows torch's GEMM takes over and rows may differ
-from a lone run in the last bits, which can rarely change a sampled token.
+runs alone, and the batched step computes every row bit for bit as it would alone (model.py:
+per-row positions, attention row by row; ops: every product of a decoding step treats each row
+alike at any batch size, tests/test_decoder.py). A failure ends only the sequences it touched
+(a row's sampling or prefill: that row; a batched step: its rows), with "error".
 
 Rows stay packed: live sequences hold cache rows 0..B-1, so the batched step runs on rows :B; a
 finished row is refilled by moving the last live row into it (its cached prefix only).
