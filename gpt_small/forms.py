@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from . import verse
 from .errors import GPTSmallError
 from .config import LINE_TOKEN_BUDGET
+from .kv_cache import rows_of
 from .generate import TextTokenizer, check_sampling_args, decode_one, prefill, prompt_text, sample, window_keep
 
 
@@ -124,29 +125,21 @@ class Poem:
 
 # ---------------------------------------------------------------- batched model calls
 
-def _kv_caches(model: nn.Module) -> list[Any]:
-    return [m.kv_cache for m in model.modules() if getattr(m, "kv_cache", None) is not None]
-
-
 @torch.inference_mode()
 def _prefill_rows(model: nn.Module, prefix: Tensor, rows: int, cache_len: int) -> Tensor:
     """Set up a KV cache of `rows` rows holding `prefix` (T,) in each; logits (rows, V) of its last token.
 
-    The prefix runs once, in row 0, and the cache is copied to the other rows; where the model's
-    cache is not laid out as expected, the prefix runs in every row (same result, more work).
+    The prefix runs once, in row 0, and the cache (kv_cache.ModelCache) copies it to the other rows;
+    a model without such a cache runs the prefix in every row (same result, more work).
     """
     T = prefix.shape[0]
     model.setup_kv_cache(rows, cache_len)
     pos = torch.arange(T, device=prefix.device)
-    caches = _kv_caches(model)
-    if rows > 1 and caches and all(hasattr(c, "k") and hasattr(c, "v") and c.k.shape[0] == rows for c in caches):
-        logits = prefill(model, prefix[None], pos)
-        for c in caches:
-            c.k[1:, :, :T] = c.k[:1, :, :T]
-            c.v[1:, :, :T] = c.v[:1, :, :T]
-        history = getattr(model, "_ngram_history", None)  # the n-gram embedding's last tokens
-        if history is not None:
-            history[1:] = history[:1]
+    cache = getattr(model, "kv_cache", None)
+    if rows > 1 and cache is not None:
+        with rows_of(model, 0, 1):
+            logits = prefill(model, prefix[None], pos)
+        cache.broadcast_row(0, T)
         return logits.expand(rows, -1).clone()
     return prefill(model, prefix[None].expand(rows, -1).contiguous(), pos)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gpt_small.config import GPTConfig
+from gpt_small.kv_cache import rows_of
 from gpt_small.model import GPT
 from gpt_small.ops import decoder, kernels
 from gpt_small.ops.quantize import convert_weights
@@ -44,7 +45,7 @@ def _decode(model: GPT, idx: torch.Tensor, starts: list[int], steps: int, *, fus
         model.setup_kv_cache(B, max(starts) + steps)
         last = []
         for b, s in enumerate(starts):
-            with model.kv_cache_rows(b, b + 1):
+            with rows_of(model, b, b + 1):
                 last.append(model(idx[b:b + 1, :s], input_pos=torch.arange(s), last_only=True)[:, -1])
         cur = torch.cat(last).argmax(-1)
         lockstep = len(set(starts)) == 1
@@ -173,7 +174,7 @@ def _one_step(model: GPT, prompts: list[torch.Tensor], nxt: torch.Tensor, rows: 
     batched step at per-row positions, as gpt_small/serve does -> logits (len(prompts), V)."""
     model.setup_kv_cache(rows, 64)
     for b, p in enumerate(prompts):
-        with model.kv_cache_rows(b, b + 1):
+        with rows_of(model, b, b + 1):
             model(p[None], input_pos=torch.arange(len(p)))
     pos = torch.tensor([[len(p)] for p in prompts])
     return model(nxt[:, None], input_pos=pos, last_only=True)[:, -1]

@@ -367,3 +367,32 @@ def test_a_row_that_stopped_stays_stopped_while_the_others_go_on():
         table[token, nxt] = 100.0
     out = run(TableModel(table), torch.tensor([[1], [2]]), 50, stop=lambda t: t == 0, temperature=0)
     assert out.tolist() == [[0, 1], [3, 0]]
+
+
+# --- --window-keep on the command line ---
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory):
+    from serve_util import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("window") / "run")  # block_size 64
+
+
+@pytest.mark.parametrize("keep", ["half", "slide", "0", "63"])
+def test_cli_generate_takes_window_keep(char_run, keep, capsys):
+    from gpt_small.cli import main
+
+    assert main(["generate", "--checkpoint", str(char_run), "--prompt", "the ", "--max-new-tokens", "150",
+                 "--seed", "1", "--window-keep", keep]) == 0
+    assert len(capsys.readouterr().out) >= len("the ") + 150  # past the 64-token window
+
+
+@pytest.mark.parametrize("verb,extra", [("generate", []), ("generate", ["--rhyme", "AABB"]), ("serve", [])])
+@pytest.mark.parametrize("keep", ["64", "-1", "most"])
+def test_cli_bad_window_keep_is_one_line(char_run, verb, extra, keep, capsys):
+    from gpt_small.cli import main
+
+    assert main([verb, "--checkpoint", str(char_run), "--window-keep", keep, *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "window keep" in captured.err

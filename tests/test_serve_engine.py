@@ -97,7 +97,9 @@ def test_rows_past_the_window_equal_generate_alone(keep):
     model, tok = make_model()
     engine = Engine(model, tok, max_batch=4, keep=keep)
     try:
-        prompts = ["the ", "a", "It was a dark night and", "x" * 70]  # the last is cropped to the window
+        # the third shares the first's prompt: copied from its row, not prefilled again; the last
+        # is cropped to the window
+        prompts = ["the ", "a", "the ", "x" * 70]
         seqs = [_seq(tok, p, 10 + i, 150 - 20 * i) for i, p in enumerate(prompts)]
         _run(engine, seqs)
     finally:

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..generate import apply_repetition_penalty, prefill, sample, window_keep
+from ..kv_cache import rows_of
 from .protocol import Sampling
 
 log = logging.getLogger("gpt_small.serve")
@@ -212,11 +213,12 @@ class Engine:
                     admit.append(self._pending.popleft())
             try:
                 with torch.inference_mode():
+                    prefilled: dict[tuple[int, ...], _Row] = {}  # this round's prompts, by their ids
                     for seq in admit:
                         if seq.cancelled:
                             self._end(seq, "cancelled")
                         else:
-                            self._admit(seq)
+                            self._admit(seq, prefilled)
                     if self._rows:
                         self._step()
             except Exception:  # a bug, not a bad request: fail what is live, keep serving
@@ -225,7 +227,7 @@ class Engine:
                     if seq.finish_reason not in ("cancelled", "error"):
                         self._end(seq, "error")
                 self._rows.clear()
-                if self.model.transformer.h[0].attn.kv_cache is None:  # someone cleared it: start over
+                if self.model.kv_cache is None:  # someone cleared it: start over
                     self.model.setup_kv_cache(self.max_batch, self.window)
 
     def _end(self, seq: Sequence, reason: str) -> None:
@@ -239,17 +241,27 @@ class Engine:
         if row.seq.finish_reason not in ("cancelled", "error"):
             self._end(row.seq, "error")
 
-    def _admit(self, seq: Sequence) -> None:
+    def _admit(self, seq: Sequence, prefilled: dict[tuple[int, ...], _Row]) -> None:
+        """Give seq a row and prefill its prompt alone. A prompt another arrival of this round
+        already prefilled (the `n` samples of one request) is copied from that row instead: the
+        same bits, one forward pass for all of them."""
         ids = torch.tensor(seq.prompt_ids, dtype=torch.long)
         row = _Row(seq, ids, self.window)  # a prompt longer than the window is cropped, as generate does
         self._rows.append(row)
+        i, key = len(self._rows) - 1, tuple(seq.prompt_ids)
         try:
-            self._prefill_row(len(self._rows) - 1, row.ids[row.start:row.T0])
+            twin = prefilled.get(key)
+            if twin is not None and not twin.failed and twin in self._rows:
+                self.model.kv_cache.copy_row(self._rows.index(twin), i, row.T0 - row.start)
+                row.logits = twin.logits.clone()
+            else:
+                self._prefill_row(i, row.ids[row.start:row.T0])
+                prefilled[key] = row
         except Exception:
             self._fail(row, "a prefill")
 
     def _prefill_row(self, i: int, ids: Tensor) -> None:
-        with self.model.kv_cache_rows(i, i + 1):
+        with rows_of(self.model, i, i + 1):
             self._rows[i].logits = prefill(self.model, ids[None], self.positions[:ids.numel()])
 
     def _step(self) -> None:
@@ -275,7 +287,7 @@ class Engine:
         for i, row in enumerate(keep):
             j = self._rows.index(row)
             if j != i:
-                self.model.copy_kv_cache_row(j, i, row.T - 1 - row.start)
+                self.model.kv_cache.copy_row(j, i, row.T - 1 - row.start)
         self._rows = keep
         if not keep:
             return
