@@ -400,7 +400,7 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder (its best checkpoint) or checkpoint folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; others need an API key)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default: 8)")
+    p.add_argument("--max-batch", type=int, help="sequences decoded together (default: 32, measured: docs/serve.md)")
     p.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond that; then 429 (default: 64)")
     p.add_argument("--max-new-tokens", type=int, default=1000, help="most tokens one sample may ask for (default: 1000)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 (default: env GPT_SMALL_API_KEY)")

@@ -169,3 +169,15 @@ def test_cancel_frees_the_row_at_the_next_step():
         assert engine.stats()["active"] == 0
     finally:
         engine.close(10)
+
+
+def test_the_default_max_batch_is_the_measured_32():
+    from gpt_small.serve.engine import DEFAULT_MAX_BATCH
+
+    model, tok = make_model()
+    engine = Engine(model, tok)
+    try:
+        assert DEFAULT_MAX_BATCH == 32 and engine.stats()["max_batch"] == 32
+        assert model.kv_cache.layers[0].k.shape[0] == 32  # one cache row per batch row
+    finally:
+        engine.close(10)

@@ -28,7 +28,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..ops.quantize import weights_of
 from . import responses as R
-from .engine import Engine, QueueFull, Sequence
+from .engine import DEFAULT_MAX_BATCH, Engine, QueueFull, Sequence
 from .protocol import ApiError, Limits, decode_completion, decode_poem, parse_json
 
 log = logging.getLogger("gpt_small.serve")
@@ -62,7 +62,7 @@ class LogRequests:
                      state.get("tokens", 0), 1000 * (time.perf_counter() - t0), tail)
 
 
-def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 8, max_queue: int = 64,
+def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 64,
                max_new_tokens: int = 1000, max_prompt_tokens: int = 4096, api_key: str | None = None,
                window_keep: int | str | None = None) -> Starlette:
     """The app over a loaded model; the engine starts and drains with the app's lifespan."""

@@ -45,6 +45,11 @@ log = logging.getLogger("gpt_small.serve")
 _REPLACEMENT = "\ufffd"  # a character still incomplete (byte-level BPE split a UTF-8 character)
 
 
+# Rows decoded together by default: on the 2-core machine 32 rows gave about 1.5x the aggregate
+# tokens/s of 8 with 32 clients (benchmarks/long_generation.py --max-batch-sweep, docs/serve.md).
+DEFAULT_MAX_BATCH = 32
+
+
 class QueueFull(Exception):
     """More sequences waiting than the engine's bound."""
 
@@ -151,7 +156,7 @@ class _Row:
 class Engine:
     """One decode loop over `max_batch` cache rows; see the module docstring."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 8, max_queue: int = 64,
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 64,
                  keep: int | str | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue

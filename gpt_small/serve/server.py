@@ -38,7 +38,7 @@ def model_name_of(checkpoint: str | Path) -> str:
     return p.parent.parent.name if p.parent.name == "checkpoints" else p.name
 
 
-def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
+def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int | None = None,
           max_queue: int = 64, max_new_tokens: int = 1000, api_key: str | None = None, threads: int = 0,
           drain_seconds: float = 30.0, weights: str = "float32", window_keep: int | str | None = None) -> None:
     import uvicorn
@@ -49,6 +49,9 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     from ..ops.quantize import check_weights, convert_weights
     from .app import create_app
 
+    from .engine import DEFAULT_MAX_BATCH
+
+    max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
     api_key = api_key or os.environ.get("GPT_SMALL_API_KEY") or None
     if not is_loopback(host) and api_key is None:
         raise GPTSmallError(f"refusing to serve on {host}, which other machines can reach, without an API key: "
