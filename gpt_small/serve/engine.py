@@ -4,7 +4,9 @@ batching over the model's KV cache).
 A `Sequence` is one sample: prompt ids, its sampling options, its own `torch.Generator`, and the
 rule that ends its text. `Engine.submit` queues sequences (bounded: `QueueFull` beyond
 `max_queue`); between two decode steps the worker prefills queued sequences alone into free rows
-of the cache, decodes one token for every live row in one batched forward (each row at its own
+of the cache (each prompt once: the `n` samples of a request copy its row; a padded batched
+prefill of different prompts would round each row by the batch's shape, as GEMMs do, and break
+the bitwise promise below), decodes one token for every live row in one batched forward (each row at its own
 position), samples each row with its own options and generator, and frees the rows that finished
 or whose client went away (`Sequence.cancel`, honoured at the next step boundary). The event loop
 never runs a model step: it hears of new text through `on_event`, called from the worker thread
@@ -187,6 +189,8 @@ class Engine:
             self._cond.notify()
 
     def cancel(self, seqs: Seq[Sequence]) -> None:
+        """End these sequences ("cancelled") and free their rows at the next step boundary, at
+        most one decoding step from now (a client went away); queued ones never start."""
         for s in seqs:
             s.cancel()
         with self._cond:
