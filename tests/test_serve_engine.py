@@ -181,3 +181,71 @@ def test_the_default_max_batch_is_the_measured_32():
         assert model.kv_cache.layers[0].k.shape[0] == 32  # one cache row per batch row
     finally:
         engine.close(10)
+
+
+def test_a_failed_stream_ends_with_an_openai_error_event_and_the_server_goes_on():
+    """Through the real app: the failing sample's stream ends with an error event (OpenAI's shape)
+    before [DONE], not with a finish_reason that would read as a finished text."""
+    import json
+
+    pytest.importorskip("httpx")
+    from starlette.testclient import TestClient
+
+    from gpt_small.serve import create_app
+
+    model, tok = make_model()
+    failing = FailingTokenizer(tok, 5)
+    app = create_app(model=model, tokenizer=failing, model_name="tiny", max_batch=4, max_new_tokens=50)
+    with TestClient(app) as client:
+        failing.calls = 0  # the 5th decode from here: the sample's 5th token
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "the ", "max_tokens": 20,
+                                                 "stream": True, "seed": 1})
+        events = [e[6:] for e in r.text.split("\n\n") if e]
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])
+        assert set(last) == {"error"} and last["error"]["type"] == "server_error"
+        assert {"message", "type", "param", "code"} <= set(last["error"])
+        assert all(c["finish_reason"] is None for e in events[:-2] for c in json.loads(e)["choices"])
+        ok = client.post("/v1/completions", json={"model": "tiny", "prompt": "the ", "max_tokens": 20, "seed": 1})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_non_streamed_request_whose_client_left_frees_its_row_at_once(tmp_path):
+    """A real server and a real socket: the client sends a long non-streamed request and closes
+    the connection; the row is freed within a few steps, not after the 50,000 tokens."""
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    from serve_util import live_server, make_checkpoint
+
+    run = make_checkpoint(tmp_path / "run")
+    with live_server(run, "--max-new-tokens", "50000") as (url, _, err):
+        host, port = url.removeprefix("http://").split(":")
+
+        def health() -> dict:
+            return json.load(urllib.request.urlopen(f"{url}/healthz", timeout=10))
+
+        deadline = time.monotonic() + 60
+        while True:  # the address is printed before uvicorn listens
+            try:
+                health()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "".join(err)
+                time.sleep(0.1)
+        body = json.dumps({"model": "run", "prompt": "the ", "max_tokens": 50000, "seed": 1}).encode()
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while health()["active"] == 0:  # wait until it decodes
+            assert time.monotonic() < deadline, "".join(err)
+            time.sleep(0.05)
+        sock.close()
+        left = time.monotonic()
+        while (h := health())["active"] != 0:
+            assert time.monotonic() - left < 5, f"the row was not freed: {h}"
+            time.sleep(0.05)
+        assert h["cancelled"] == 1 and h["tokens"] < 50000
