@@ -5,7 +5,9 @@ The steps (gpt-fast, litgpt):
   top_p_mask, sample        temperature, top-k, nucleus; greedy at temperature 0
   prefill                   a chunk of tokens through the KV cache -> logits of its last position
   decode_one                one token per row at one position -> logits
+  Window                    the window rule below: where the cache starts, the next logits
   generate_tokens           the loop: yields one new token per row per step; knows nothing of text
+  forced_log_prob           a given text teacher-forced through the same rule (its loss)
   generate_text             the edge: a str prompt in, str samples out, `lines` / `stop`, streaming
 
 The window rule (every decoder: generate, the serve engine, verse forms, report). The KV cache
