@@ -38,7 +38,7 @@ onednn_linear = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
                  if torch.backends.mkldnn.is_available() else None)
 _ONEDNN_MIN_WEIGHTS = 2**17  # 512 KiB of fp32: below, the call costs more than it saves
 _SKINNY_MIN_WEIGHTS = 2**12  # below, the matrix stays in cache and the call overhead dominates
-# bf16/int8 weights: up to this many rows the kernel, 8 rows at a time; beyond, one fp32 matmul
+# bf16/int8 weights: up to this many rows the kernel, 4 rows at a time; beyond, one fp32 matmul
 # on the dequantized weight costs less than the kernel's extra passes (benchmarks/low_precision_prompt.py)
 _LOW_PRECISION_KERNEL_MAX_ROWS = 48
 
@@ -54,7 +54,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor 
     K, N = weight.shape[1], weight.shape[0]
     rows = x.numel() // K
     # bf16 and int8 weights take the kernel at any size (torch has no cheaper skinny op for them),
-    # and for a short prompt too, 8 rows at a time, which beats dequantizing the weight
+    # and for a short prompt too, 4 rows at a time, which beats dequantizing the weight
     low_precision = weight.dtype != torch.float32
     decoding = x.dim() == 3 and x.shape[1] == 1
     if decoding and not kernels.available():
