@@ -19,7 +19,7 @@ import signal
 import sys
 from typing import Callable, NoReturn
 
-from . import __version__
+from . import __version__, limits
 from .config import LINE_TOKEN_BUDGET  # --lines N without --max-new-tokens: room for N lines
 from .errors import GPTSmallError
 
@@ -187,6 +187,11 @@ _WEIGHTS_HELP = ("float32 (default), bfloat16 or int8: the Linear weights' preci
                  "converted at load (faster CPU decoding; docs/decoding.md)")
 
 
+_WINDOW_KEEP_HELP = ("past the model's context, tokens of the full window kept and re-prefilled: half (default; "
+                     "the context eval's default stride scores), slide (the exact per-token slide of older "
+                     "versions) or a number (docs/decoding.md)")
+
+
 def _args_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder (its best checkpoint) or checkpoint folder")
     src = p.add_mutually_exclusive_group()
@@ -206,6 +211,7 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, mps or cuda[:N]")
     p.add_argument("--weights", default="float32", help=_WEIGHTS_HELP)
     p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
+    p.add_argument("--window-keep", help=_WINDOW_KEEP_HELP)
     verse = p.add_argument_group("verse form (any of these writes a poem line by line: docs/poetry.md)")
     verse.add_argument("--rhyme", help="rhyme scheme: ABAB, AABB, ABBA, 'ABAB CDCD EFEF GG', or sonnet, quatrain, ...")
     verse.add_argument("--syllables", type=int, help="target syllables per line")
@@ -220,7 +226,7 @@ def _run_generate(args: argparse.Namespace) -> None:
     from .checkpoint import load_checkpoint
     from .corpus import read_text_source
     from .device import pick_device
-    from .generate import check_sampling_args, generate_text
+    from .generate import check_sampling_args, generate_text, window_keep
     from .ops.quantize import check_weights, convert_weights
 
     # Everything is checked before the first byte reaches stdout: a sample that starts and then
@@ -242,6 +248,7 @@ def _run_generate(args: argparse.Namespace) -> None:
         return run_form_cli(args, prompt, device)
     ckpt = load_checkpoint(args.checkpoint, device=device)
     convert_weights(ckpt.model, args.weights)
+    window_keep(ckpt.model.config.block_size, args.window_keep)  # a bad value fails before any output
     ckpt.tokenizer.encode(prompt, unknown="error")  # a bad prompt fails before anything is printed
     stream = None
     if args.num_samples == 1 and not args.no_stream:
@@ -254,7 +261,8 @@ def _run_generate(args: argparse.Namespace) -> None:
     samples = generate_text(ckpt.model, ckpt.tokenizer, prompt, max_new_tokens=max_new,
                             lines=args.lines, stop=args.stop, num_samples=args.num_samples,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            repetition_penalty=args.repetition_penalty, seed=args.seed, stream=stream)
+                            repetition_penalty=args.repetition_penalty, seed=args.seed, stream=stream,
+                            keep=args.window_keep)
     if stream is not None:
         print()
     else:
@@ -373,12 +381,14 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder (its best checkpoint) or checkpoint folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; others need an API key)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default: 8)")
+    p.add_argument("--max-batch", type=int, default=limits.DEFAULT_SERVE_BATCH,
+                   help=f"sequences decoded together (default: {limits.DEFAULT_SERVE_BATCH}, measured: docs/serve.md)")
     p.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond that; then 429 (default: 64)")
     p.add_argument("--max-new-tokens", type=int, default=1000, help="most tokens one sample may ask for (default: 1000)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 (default: env GPT_SMALL_API_KEY)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0 = all cores)")
     p.add_argument("--weights", default="float32", help=_WEIGHTS_HELP)
+    p.add_argument("--window-keep", help=_WINDOW_KEEP_HELP)
 
 
 def _run_serve(args: argparse.Namespace) -> None:
@@ -395,7 +405,8 @@ def _run_serve(args: argparse.Namespace) -> None:
         raise GPTSmallError(f"gpt-small serve needs the serve extra ({e.name} is missing): "
                             "pip install 'gpt-small[serve]'") from None
     serve(args.checkpoint, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-          max_new_tokens=args.max_new_tokens, api_key=args.api_key, threads=args.threads, weights=args.weights)
+          max_new_tokens=args.max_new_tokens, api_key=args.api_key, threads=args.threads, weights=args.weights,
+          window_keep=args.window_keep)
 
 
 # ---------------------------------------------------------------- export and import (gpt_small/interop)
@@ -451,13 +462,15 @@ def _args_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--eval-tokens", type=int, help="score only the first N validation tokens (default: all)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--window-keep", help=_WINDOW_KEEP_HELP)
 
 
 def _run_report(args: argparse.Namespace) -> None:
     from .report import make_report, report_line
 
     r = make_report(args.checkpoint, samples=args.samples, out=args.out, data=args.data, lines=args.lines,
-                    seed=args.seed, temperature=args.temperature, eval_tokens=args.eval_tokens, device=args.device)
+                    seed=args.seed, temperature=args.temperature, eval_tokens=args.eval_tokens, device=args.device,
+                    window_keep=args.window_keep)
     print(report_line(r))
     print(f"wrote {r['out']}/report.json, report.md, report.png")
 

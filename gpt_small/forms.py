@@ -38,7 +38,9 @@ from torch import Tensor, nn
 
 from . import verse
 from .errors import GPTSmallError
-from .generate import TextTokenizer, check_sampling_args, decode_one, prefill, sample
+from .config import LINE_TOKEN_BUDGET
+from .kv_cache import rows_of
+from .generate import TextTokenizer, check_sampling_args, decode_one, prefill, prompt_text, sample, window_keep
 
 
 @dataclass(kw_only=True)
@@ -105,7 +107,7 @@ class SearchConfig:
     endings: int = 64  # dictionary words scored per stem when the sampled lines miss the rhyme
     stems: int = 4  # stems (best sampled lines less their last word) tried per round
     min_rhymes: int = 3  # a rhyme group's first word needs this many rhyming dictionary words
-    max_line_tokens: int | None = None  # default: 160, at most half the model's block_size
+    max_line_tokens: int | None = None  # default: LINE_TOKEN_BUDGET, at most half the model's block_size
     batch_rows: int = 128  # rows per forward pass when scoring endings
 
     def __post_init__(self) -> None:
@@ -128,29 +130,21 @@ class Poem:
 
 # ---------------------------------------------------------------- batched model calls
 
-def _kv_caches(model: nn.Module) -> list[Any]:
-    return [m.kv_cache for m in model.modules() if getattr(m, "kv_cache", None) is not None]
-
-
 @torch.inference_mode()
 def _prefill_rows(model: nn.Module, prefix: Tensor, rows: int, cache_len: int) -> Tensor:
     """Set up a KV cache of `rows` rows holding `prefix` (T,) in each; logits (rows, V) of its last token.
 
-    The prefix runs once, in row 0, and the cache is copied to the other rows; where the model's
-    cache is not laid out as expected, the prefix runs in every row (same result, more work).
+    The prefix runs once, in row 0, and the cache (kv_cache.ModelCache) copies it to the other rows;
+    a model without such a cache runs the prefix in every row (same result, more work).
     """
     T = prefix.shape[0]
     model.setup_kv_cache(rows, cache_len)
     pos = torch.arange(T, device=prefix.device)
-    caches = _kv_caches(model)
-    if rows > 1 and caches and all(hasattr(c, "k") and hasattr(c, "v") and c.k.shape[0] == rows for c in caches):
-        logits = prefill(model, prefix[None], pos)
-        for c in caches:
-            c.k[1:, :, :T] = c.k[:1, :, :T]
-            c.v[1:, :, :T] = c.v[:1, :, :T]
-        history = getattr(model, "_ngram_history", None)  # the n-gram embedding's last tokens
-        if history is not None:
-            history[1:] = history[:1]
+    cache = getattr(model, "kv_cache", None)
+    if rows > 1 and cache is not None:
+        with rows_of(model, 0, 1):
+            logits = prefill(model, prefix[None], pos)
+        cache.broadcast_row(0, T)
         return logits.expand(rows, -1).clone()
     return prefill(model, prefix[None].expand(rows, -1).contiguous(), pos)
 
@@ -343,20 +337,24 @@ def _newline_mask(tokenizer: TextTokenizer, vocab_size: int, device: torch.devic
 
 def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: str = "",
             search: SearchConfig | None = None, temperature: float = 0.8, top_k: int | None = None,
-            top_p: float | None = None, seed: int | None = None,
+            top_p: float | None = None, seed: int | None = None, keep: int | str | None = None,
             calls: Callable[[Tensor, dict, list[int]], ModelCalls] | None = None,
             on_line: Callable[[dict[str, Any]], None] | None = None) -> Poem:
-    """Write a poem in `form`, continuing `prompt`; see the module docstring. `calls(newline,
-    sampling, banned)` gives the object that runs the model (default: ModelCalls on `model`, whose
-    KV cache it then owns for the poem's length); `on_line` hears of each line as it is chosen."""
+    """Write a poem in `form`, continuing `prompt`; see the module docstring. `keep`: the window
+    rule past the context (generate.window_keep). `calls(newline, sampling, banned)` gives the
+    object that runs the model (default: ModelCalls on `model`, whose KV cache it then owns for the
+    poem's length); `on_line` hears of each line as it is chosen."""
     search = search or SearchConfig()
     check_sampling_args(temperature, top_k, top_p)
     plan = form.plan()
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     block = model.config.block_size
-    max_line = search.max_line_tokens or 160
+    max_line = search.max_line_tokens or LINE_TOKEN_BUDGET
     max_line = max(2, min(max_line, block // 2))
+    # generate.py's window rule, line by line: while the poem and a line fit the window, all of it
+    # is context; past that, the last `keep` tokens (no more than leaves room for a line)
+    context_tokens = max(1, min(window_keep(block, keep), block - max_line))
     newline = _newline_mask(tokenizer, model.config.vocab_size, device)
     banned = [u] if (u := getattr(tokenizer, "unk_id", None)) is not None else []
     generator = None
@@ -368,7 +366,7 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
     lm = (ModelCalls(model, newline, generator, sampling, banned, search.batch_rows) if own_model
           else calls(newline, sampling, banned))
 
-    base = prompt or "\n"  # an empty prompt starts a new line, as generate_text does
+    base = prompt_text(prompt)
     tokenizer.encode(base, unknown="error")
     head = "" if base.endswith("\n") else base.rsplit("\n", 1)[-1]  # the prompt's unfinished line
     lines: list[str] = []
@@ -385,7 +383,9 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
                 judge = _Judge(form, search, letter, opener, group_words, used)
                 context = base + "".join(line[len(head) if k == 0 else 0:] + "\n" for k, line in enumerate(lines))
                 line_head = head if not lines else ""
-                ids = tokenizer.encode(context)[-(block - max_line):]
+                ids = tokenizer.encode(context)
+                if len(ids) + max_line > block:
+                    ids = ids[-context_tokens:]
                 prefix = torch.tensor(ids, dtype=torch.long, device=device)
                 best, tried = _write_line(lm, tokenizer, judge, prefix, line_head, search, max_line, block)
                 word = verse.last_word(best.text)
@@ -531,10 +531,12 @@ def run_form_cli(args: Any, prompt: str, device: Any) -> None:
         check_writable(args.form_meta, "--form-meta")
     ckpt = load_checkpoint(args.checkpoint, device=device)
     convert_weights(ckpt.model, args.weights)
+    window_keep(ckpt.model.config.block_size, getattr(args, "window_keep", None))  # one line, before output
     metas = []
     for i in range(args.num_samples):
         poem = compose(ckpt.model, ckpt.tokenizer, form, prompt=prompt, search=search, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=None if args.seed is None else args.seed + i)
+                       top_k=args.top_k, top_p=args.top_p, seed=None if args.seed is None else args.seed + i,
+                       keep=getattr(args, "window_keep", None))
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(poem.text)

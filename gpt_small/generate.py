@@ -5,27 +5,26 @@ The steps (gpt-fast, litgpt):
   top_p_mask, sample        temperature, top-k, nucleus; greedy at temperature 0
   prefill                   a chunk of tokens through the KV cache -> logits of its last position
   decode_one                one token per row at one position -> logits
+  Window                    the window rule below: where the cache starts, the next logits
   generate_tokens           the loop: yields one new token per row per step; knows nothing of text
+  forced_log_prob           a given text teacher-forced through the same rule (its loss)
   generate_text             the edge: a str prompt in, str samples out, `lines` / `stop`, streaming
 
-Contract. `generate_tokens` yields exactly the tokens of nanoGPT's uncached `generate`: at every
-step the model sees the last `block_size` tokens at positions 0..T-1 and the next token is drawn
-from the logits of the last one. The same seed gives the same tokens.
-
-The KV cache is sized per request, min(T0 + max_new_tokens, block_size), and written at input_pos.
-While the sequence fits in block_size there is one prefill and then one cached decode per token.
-
-Past block_size every step re-prefills the last block_size tokens at positions 0..block_size-1,
-for all three positional encodings:
-- learned / sinusoidal: moving the window by one token changes every token's absolute position,
-  so every cached key and value is stale; re-prefilling is the only exact rule. The usual shortcut
-  (drop the oldest half, re-prefill the rest, decode on with the cache) shows the model contexts
-  that the per-step reference never shows it, so its tokens differ.
-- rope: we slide too rather than continue. Continuing with the cache past block_size is possible
-  (attention depends only on distances) but the model never saw distances >= block_size in
-  training, so it would sample from a regime no loss or evaluation measured. Sliding keeps one
-  rule and one reference for all encodings. An O(1) exact RoPE slide would need a ring-buffer
-  cache with windowed attention in model.py; verse-length samples rarely reach the window.
+The window rule (every decoder: generate, the serve engine, verse forms, report). The KV cache
+holds at most block_size tokens, at positions 0..block_size-1. While the sequence fits, there is one
+prefill and then one cached decode per token. When the cache is full, the last `keep` tokens of
+the window (plus the token just sampled) are re-prefilled in one forward pass at positions 0..keep,
+and decoding continues with the cache. `keep` defaults to half the window (`WINDOW_KEEP`); each
+token is then predicted from between block_size - stride + 1 and block_size tokens, stride =
+block_size - keep, which is exactly what `eval --stride block_size // 2` scores: eval's default
+figure is the quality of long samples (tests/test_generate.py checks it to 1e-4 with
+`forced_log_prob`). Past the window this costs one prefill of keep + 1 tokens per
+block_size - keep new tokens, instead of one prefill of block_size tokens per token.
+`keep = "slide"` (block_size - 1) re-prefills the whole window at every step: the exact per-token
+slide of nanoGPT's uncached `generate`, kept for reproducing older samples.
+The same rule holds for learned, sinusoidal and RoPE positions: a re-prefill starts at position 0,
+so no model ever sees a position or a distance it did not see in training. The same seed gives the
+same tokens.
 
 Rows of a batch are independent samples; `stop` ends the loop once every row has stopped (rows
 that stopped early keep being computed, as the batch has one shape, and their tokens are ignored).
@@ -42,6 +41,8 @@ from torch import Tensor, nn
 from . import limits
 from .errors import GPTSmallError
 
+WINDOW_KEEP = "half"  # the one default of every decoder's window rule (module docstring)
+EMPTY_PROMPT = "\n"  # an empty prompt starts a new line: the corpus has one verse line per row
 _REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete UTF-8 character
 
 
@@ -64,6 +65,31 @@ _COUNT_MAX = {"max_new_tokens": limits.MAX_NEW_TOKENS, "num_samples": limits.MAX
 
 def _check_count(name: str, value: int | None) -> None:
     limits.optional_positive_int(value, name, _COUNT_MAX[name])
+
+
+def window_keep(block_size: int, keep: int | str | None = None) -> int:
+    """Tokens of a full window kept when it moves on: "half" (the default: block_size minus eval's
+    default stride, block_size // 2), "slide" (block_size - 1: the exact per-token slide) or a
+    number 0..block_size - 1."""
+    keep = WINDOW_KEEP if keep is None else keep
+    if keep == "half":
+        return block_size - max(1, block_size // 2)
+    if keep == "slide":
+        return block_size - 1
+    if isinstance(keep, str):
+        try:
+            keep = int(keep)
+        except ValueError:
+            raise GPTSmallError(f"window keep must be half, slide or a number of tokens, got {keep!r}") from None
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep < block_size:
+        raise GPTSmallError(f"window keep must be half, slide or a number of tokens from 0 to "
+                            f"{block_size - 1} (the window is {block_size}), got {keep!r}")
+    return keep
+
+
+def prompt_text(prompt: str) -> str:
+    """The text a model starts from: the prompt, or a newline for an empty one."""
+    return prompt or EMPTY_PROMPT
 
 
 # --- pure steps ---
@@ -147,7 +173,7 @@ def generate_tokens(model: nn.Module, prompt_ids: Sequence[int] | Tensor, *, max
                     num_samples: int = 1, temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
                     stop: Callable[[Tensor], Tensor] | None = None,
-                    banned_ids: Sequence[int] = ()) -> Iterator[Tensor]:
+                    banned_ids: Sequence[int] = (), keep: int | str | None = None) -> Iterator[Tensor]:
     """Yield the next token of every row, (B,) int64, up to max_new_tokens times.
 
     `seed=None` draws from torch's global RNG (so `torch.manual_seed` governs it); an int seeds a
@@ -155,11 +181,13 @@ def generate_tokens(model: nn.Module, prompt_ids: Sequence[int] | Tensor, *, max
     row so far, prompt included (as CTRL and Hugging Face do). `stop(new_ids (B,)) -> bool (B,)`
     marks rows as finished, e.g. `lambda t: t == eos_id`; the loop ends when all rows are.
     `banned_ids` are never sampled (a char tokenizer's `<unk>`, which stands for no character).
-    Arguments are checked here, at the call, not at the first `next()`.
+    `keep` is the window rule's (module docstring). Arguments are checked here, at the call, not
+    at the first `next()`.
     """
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
     _check_count("max_new_tokens", max_new_tokens)
     _check_count("num_samples", num_samples)
+    kept = window_keep(model.config.block_size, keep)
     device = next(model.parameters()).device
     idx = _prompt_batch(prompt_ids, num_samples, model.config.vocab_size, device)
     generator = None
@@ -169,14 +197,36 @@ def generate_tokens(model: nn.Module, prompt_ids: Sequence[int] | Tensor, *, max
         generator.manual_seed(seed)
     return _token_loop(model, idx, max_new_tokens, generator, stop,
                        dict(temperature=temperature, top_k=top_k, top_p=top_p), repetition_penalty,
-                       list(banned_ids))
+                       list(banned_ids), kept)
+
+
+class Window:
+    """The window rule over one batch of rows that move in step: where the cache's tokens start
+    in the sequence, and the forward pass that gives the next logits (module docstring)."""
+
+    def __init__(self, model: nn.Module, keep: int, device: torch.device):
+        self.model, self.keep = model, keep
+        self.size = model.config.block_size
+        self.start = 0  # sequence index of the token at cache position 0
+        self.positions = torch.arange(self.size, device=device)  # sliced, never rebuilt
+
+    def prefill(self, seq: Tensor, T: int) -> Tensor:
+        """Prefill a prompt seq[:, :T] (cropped to the window's last tokens) -> logits (B, V)."""
+        self.start = max(0, T - self.size)  # a prompt longer than the window is cropped, as nanoGPT does
+        return prefill(self.model, seq[:, self.start:T], self.positions[:T - self.start])
+
+    def next_logits(self, seq: Tensor, T: int) -> Tensor:
+        """seq[:, T] was just appended: the logits (B, V) of the token after it."""
+        if T - self.start < self.size:  # room in the cache: decode the new token at its position
+            return decode_one(self.model, seq[:, T], self.positions[T - self.start:T - self.start + 1])
+        self.start = T - self.keep  # full: keep the last `keep` tokens and the new one, at 0..keep
+        return prefill(self.model, seq[:, self.start:T + 1], self.positions[:self.keep + 1])
 
 
 def _token_loop(model: nn.Module, idx: Tensor, max_new_tokens: int, generator: torch.Generator | None,
                 stop: Callable[[Tensor], Tensor] | None, sampling: dict, repetition_penalty: float,
-                banned_ids: list[int] | None = None) -> Iterator[Tensor]:
+                banned_ids: list[int] | None = None, keep: int | None = None) -> Iterator[Tensor]:
     B, T0 = idx.shape
-    window = model.config.block_size
     total = T0 + max_new_tokens
     was_training = model.training
     model.eval()
@@ -186,10 +236,9 @@ def _token_loop(model: nn.Module, idx: Tensor, max_new_tokens: int, generator: t
         with torch.inference_mode():
             seq = torch.empty(B, total, dtype=torch.long, device=idx.device)  # prompt + new tokens
             seq[:, :T0] = idx
-            positions = torch.arange(max(total, window), device=idx.device)  # sliced, never rebuilt
-            model.setup_kv_cache(B, min(total, window))
-            start = max(0, T0 - window)  # a prompt longer than the window is cropped, as nanoGPT does
-            logits = prefill(model, seq[:, start:T0], positions[:T0 - start])
+            model.setup_kv_cache(B, min(total, model.config.block_size))
+            window = Window(model, window_keep(model.config.block_size, keep), idx.device)
+            logits = window.prefill(seq, T0)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for T in range(T0, total):  # T tokens so far; the new one goes at index T
             with torch.inference_mode():
@@ -208,13 +257,37 @@ def _token_loop(model: nn.Module, idx: Tensor, max_new_tokens: int, generator: t
             if T + 1 == total:
                 return
             with torch.inference_mode():
-                if T + 1 <= window:  # the whole sequence is the context: decode with the cache
-                    logits = decode_one(model, cur, positions[T:T + 1])
-                else:  # the window slides: every position changes, re-prefill it (module docstring)
-                    logits = prefill(model, seq[:, T + 1 - window:T + 1], positions[:window])
+                logits = window.next_logits(seq, T)
     finally:
         model.clear_kv_cache()
         model.train(was_training)
+
+
+@torch.inference_mode()
+def forced_log_prob(model: nn.Module, ids: Sequence[int] | Tensor, *, keep: int | str | None = None) -> tuple[float, int]:
+    """Teacher-force ids (a 1-D sequence) through the generator's window rule from its first token:
+    (sum of log p(ids[t] | what the generator would have in its window), number of targets).
+    The mean is the loss `eval` reports at stride block_size - keep (module docstring) on a text of
+    1 + block_size + k * stride tokens; on other lengths eval's last window ends at the text's end,
+    so its last few targets get more context than the generator gives them."""
+    seq = torch.as_tensor(ids, dtype=torch.long, device=next(model.parameters()).device)[None]
+    n = seq.shape[1]
+    if n < 2:
+        raise GPTSmallError(f"need at least 2 tokens to score, got {n}")
+    was_training = model.training
+    model.eval()
+    try:
+        model.setup_kv_cache(1, min(n, model.config.block_size))
+        window = Window(model, window_keep(model.config.block_size, keep), seq.device)
+        logits, total = window.prefill(seq, 1), 0.0
+        for T in range(1, n):
+            total += float(torch.log_softmax(logits.double(), dim=-1)[0, seq[0, T]])
+            if T + 1 < n:
+                logits = window.next_logits(seq, T)
+    finally:
+        model.clear_kv_cache()
+        model.train(was_training)
+    return total, n - 1
 
 
 # --- text at the edge ---
@@ -243,7 +316,7 @@ def generate_text(model: nn.Module, tokenizer: TextTokenizer, prompt: str, *, ma
                   lines: int | None = None, stop: str | None = None, num_samples: int = 1,
                   temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
                   repetition_penalty: float = 1.0, seed: int | None = None,
-                  stream: Callable[[int, str], None] | None = None) -> list[str]:
+                  stream: Callable[[int, str], None] | None = None, keep: int | str | None = None) -> list[str]:
     """Sample num_samples continuations of `prompt`; return each as prompt + continuation.
 
     An empty prompt starts from "\\n" (the corpus has one verse line per row), which is not part of
@@ -252,7 +325,7 @@ def generate_text(model: nn.Module, tokenizer: TextTokenizer, prompt: str, *, ma
     newline of `lines`). A stop string that straddles the prompt and the continuation is not seen.
     A finished sample stops growing and streaming; the loop ends when all are finished or after
     max_new_tokens. `stream(i, text)` receives sample i's text as it grows; the pieces concatenate
-    to the continuation. A character still incomplete (decoded as U+FFFD, as when a byte-level
+    to the continuation. `keep` is the window rule's (module docstring). A character still incomplete (decoded as U+FFFD, as when a byte-level
     BPE token splits UTF-8) is held back until it completes or the sample ends.
     """
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
@@ -261,7 +334,7 @@ def generate_text(model: nn.Module, tokenizer: TextTokenizer, prompt: str, *, ma
     _check_count("lines", lines)
     if stop is not None and (not isinstance(stop, str) or stop == ""):
         raise GPTSmallError(f"stop must be a non-empty string, got {stop!r}")
-    ids = tokenizer.encode(prompt or "\n", unknown="error")  # names an unknown character
+    ids = tokenizer.encode(prompt_text(prompt), unknown="error")  # names an unknown character
 
     new_ids: list[list[int]] = [[] for _ in range(num_samples)]
     texts = [""] * num_samples
@@ -275,7 +348,7 @@ def generate_text(model: nn.Module, tokenizer: TextTokenizer, prompt: str, *, ma
 
     tokens = generate_tokens(model, ids, max_new_tokens=max_new_tokens, num_samples=num_samples,
                              temperature=temperature, top_k=top_k, top_p=top_p,
-                             repetition_penalty=repetition_penalty, seed=seed,
+                             repetition_penalty=repetition_penalty, seed=seed, keep=keep,
                              banned_ids=[u] if (u := getattr(tokenizer, "unk_id", None)) is not None else [])
     try:
         for cur in tokens:

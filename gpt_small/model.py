@@ -7,7 +7,7 @@ The model knows nothing about files, devices, DDP or compile: those wrap it from
 Shapes: B batch, T time (tokens), C = n_embd, nh = n_head, hs = head size.
 
 KV cache (gpt-fast style, kv_cache.py): `setup_kv_cache(batch_size, max_seq_len)` preallocates
-a key and value buffer per layer; `forward(idx, input_pos=pos)` then writes the new keys/values at
+a key and value buffer per layer (`model.kv_cache`, whose row operations live in kv_cache.py); `forward(idx, input_pos=pos)` then writes the new keys/values at
 `pos` and attends to everything cached up to the last position; `input_pos` (B, 1) decodes one
 token per row, each at its own position (continuous batching, gpt_small/serve).
 """
@@ -15,8 +15,6 @@ token per row, each at its own position (continuous batching, gpt_small/serve).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import overload
 
 import torch
@@ -25,7 +23,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .config import GPTConfig
-from .kv_cache import KVCache
+from .kv_cache import KVCache, ModelCache
 from .positional import LearnedPositions, RotaryEmbedding, SinusoidalPositions
 
 
@@ -167,7 +165,7 @@ class GPT(nn.Module):
         self.rope = (RotaryEmbedding(config.head_size, config.block_size, config.rope_theta)
                      if config.pos_encoding == "rope" else None)
         self._emb_scale = math.sqrt(C)
-        self._ngram_history: Tensor | None = None  # with a KV cache: the last tokens fed (n-gram models)
+        self._kv_cache: ModelCache | None = None  # set up for generation (setup_kv_cache)
         self.lm_head = Linear(C, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -269,62 +267,45 @@ class GPT(nn.Module):
         the cache's history (padding at position 0), and the history moves on."""
         ngram = self.transformer.ngram
         B = idx.shape[0]
+        history = self._kv_cache.history if start is not None else None
         if start:
-            before = self._ngram_history[:B]
+            before = history[:B]
         else:
             before = torch.full((B, ngram.context), ngram.pad, dtype=idx.dtype, device=idx.device)
         out = ngram(idx, before)
         if start is not None:  # after the lookup: `before` may be a view of the history
-            self._ngram_history[:B] = torch.cat((before, idx), dim=1)[:, -ngram.context:]
+            history[:B] = torch.cat((before, idx), dim=1)[:, -ngram.context:]
         return out
 
-    # --- KV cache for generation ---
+    # --- KV cache for generation (its row operations: kv_cache.ModelCache) ---
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """Preallocate a key/value cache per layer for `batch_size` sequences of `max_seq_len` tokens."""
         if self.config.pos_encoding == "learned" and max_seq_len > self.config.block_size:
             max_seq_len = self.config.block_size  # learned positions never go further
         p = self.transformer.wte.weight
-        for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_seq_len, self.config.head_size,
-                                          dtype or p.dtype, p.device)
+        layers = [KVCache(batch_size, self.config.n_head, max_seq_len, self.config.head_size, dtype or p.dtype,
+                          p.device) for _ in self.transformer.h]
+        history = None
         if "ngram" in self.transformer:  # the last tokens fed, for the next chunk's n-grams
-            self._ngram_history = torch.zeros(batch_size, self.transformer.ngram.context, dtype=torch.long,
-                                              device=p.device)
+            history = torch.zeros(batch_size, self.transformer.ngram.context, dtype=torch.long, device=p.device)
+        self.kv_cache = ModelCache(layers, history)
 
-    @contextmanager
-    def kv_cache_rows(self, lo: int, hi: int) -> Iterator[None]:
-        """Within the block, the KV cache (and n-gram history) is rows lo..hi-1 of the current one."""
-        blocks = list(self.transformer.h)
-        caches, history = [b.attn.kv_cache for b in blocks], self._ngram_history
-        try:
-            for b, c in zip(blocks, caches):
-                b.attn.kv_cache = c.rows(lo, hi)
-            if history is not None:
-                self._ngram_history = history[lo:hi]
-            yield
-        finally:
-            for b, c in zip(blocks, caches):
-                b.attn.kv_cache = c
-            self._ngram_history = history
+    @property
+    def kv_cache(self) -> ModelCache | None:
+        return self._kv_cache
 
-    def copy_kv_cache_row(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of row src of the KV cache (and its n-gram history)
-        to row dst."""
-        for block in self.transformer.h:
-            c = block.attn.kv_cache
-            c.k[dst, :, :length].copy_(c.k[src, :, :length])
-            c.v[dst, :, :length].copy_(c.v[src, :, :length])
-        if self._ngram_history is not None:
-            self._ngram_history[dst].copy_(self._ngram_history[src])
+    @kv_cache.setter
+    def kv_cache(self, cache: ModelCache | None) -> None:
+        """Install a cache (or None): each block's attention gets its layer."""
+        self._kv_cache = cache
+        for i, block in enumerate(self.transformer.h):
+            block.attn.kv_cache = None if cache is None else cache.layers[i]
 
     def clear_kv_cache(self) -> None:
-        for block in self.transformer.h:
-            block.attn.kv_cache = None
-        self._ngram_history = None
+        self.kv_cache = None
 
     @property
     def kv_cache_capacity(self) -> int:
         """Positions the KV cache holds (0 without one): the most a decode may reach."""
-        cache = self.transformer.h[0].attn.kv_cache
-        return 0 if cache is None else cache.k.shape[2]
+        return 0 if self._kv_cache is None else self._kv_cache.capacity

@@ -225,13 +225,15 @@ def corpus_poems(val_text: str, samples: int, lines: int) -> list[list[str]]:
 
 def make_report(checkpoint: str | Path, *, samples: int = 50, out: str | Path | None = None,
                 data: str | Path | None = None, lines: int = 14, seed: int = 0, temperature: float = 0.8,
-                eval_tokens: int | None = None, device: str = "auto") -> dict[str, Any]:
+                eval_tokens: int | None = None, device: str = "auto",
+                window_keep: int | str | None = None) -> dict[str, Any]:
     from .checkpoint import load_checkpoint
     from .corpus import cache_dir
     from .data import PreparedData
     from .device import pick_device
     from .evaluate import evaluate_tokens
-    from .generate import generate_text
+    from .config import LINE_TOKEN_BUDGET
+    from .generate import generate_text, window_keep as check_keep
     from .tokenizer import same_tokenizer
 
     from . import limits
@@ -244,6 +246,7 @@ def make_report(checkpoint: str | Path, *, samples: int = 50, out: str | Path | 
         limits.check_int(eval_tokens, "eval_tokens", minimum=2)
     dev = pick_device(device)
     ckpt = load_checkpoint(checkpoint, device=dev)
+    check_keep(ckpt.model_config.block_size, window_keep)
     run_dir = Path(checkpoint)
     if data is None:
         cfg_path = next((p / "run_config.json" for p in (run_dir, ckpt.path.parent.parent)
@@ -261,8 +264,8 @@ def make_report(checkpoint: str | Path, *, samples: int = 50, out: str | Path | 
 
     train_text, val_text = split_texts(prepared)
     real = corpus_poems(val_text, samples, lines)
-    texts = generate_text(ckpt.model, ckpt.tokenizer, "", max_new_tokens=160 * lines, lines=lines,
-                          num_samples=samples, temperature=temperature, seed=seed)
+    texts = generate_text(ckpt.model, ckpt.tokenizer, "", max_new_tokens=LINE_TOKEN_BUDGET * lines, lines=lines,
+                          num_samples=samples, temperature=temperature, seed=seed, keep=window_keep)
     made = [t.split("\n")[:lines] for t in texts]
 
     index = NGramIndex.cached(train_text, [prepared.directory, cache_dir() / "ngrams"])
@@ -281,6 +284,7 @@ def make_report(checkpoint: str | Path, *, samples: int = 50, out: str | Path | 
     result = {
         "checkpoint": str(ckpt.path), "step": ckpt.meta.get("step"), "data": str(prepared.directory),
         "samples": samples, "lines": lines, "seed": seed, "temperature": temperature,
+        "window_keep": check_keep(ckpt.model_config.block_size, window_keep),
         "model_eval": {"loss": res.loss, "bits_per_char": res.bits_per_char, "tokens": res.tokens,
                        "whole_split": eval_tokens is None or eval_tokens >= len(prepared.val)},
         "model": sides["model"], "corpus": sides["corpus"],

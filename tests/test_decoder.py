@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gpt_small.config import GPTConfig
+from gpt_small.kv_cache import rows_of
 from gpt_small.model import GPT
 from gpt_small.ops import decoder, kernels
 from gpt_small.ops.quantize import convert_weights
@@ -44,7 +45,7 @@ def _decode(model: GPT, idx: torch.Tensor, starts: list[int], steps: int, *, fus
         model.setup_kv_cache(B, max(starts) + steps)
         last = []
         for b, s in enumerate(starts):
-            with model.kv_cache_rows(b, b + 1):
+            with rows_of(model, b, b + 1):
                 last.append(model(idx[b:b + 1, :s], input_pos=torch.arange(s), last_only=True)[:, -1])
         cur = torch.cat(last).argmax(-1)
         lockstep = len(set(starts)) == 1
@@ -103,10 +104,10 @@ def test_new_caches_are_picked_up():
 def test_where_it_does_not_apply_the_blocks_run():
     model = _model("gpt2-like", "float32")
     x = torch.randn(1, 1, 64)
-    too_many = decoder.MAX_ROWS + 1
+    too_many = decoder.MAX_ROWS + 1  # more rows than its first scratch space: it grows
     with torch.inference_mode():
         model.setup_kv_cache(too_many, 8)
-        assert decoder.decode_blocks(model, x.expand(too_many, 1, 64).contiguous(), 0) is None
+        assert decoder.decode_blocks(model, x.expand(too_many, 1, 64).contiguous(), 0) is not None
         assert decoder.decode_blocks(model, torch.randn(1, 2, 64), 0) is None  # a chunk, not one token
         model.setup_kv_cache(1, 8, dtype=torch.bfloat16)
         assert decoder.decode_blocks(model, x, 0) is None  # a bf16 cache
@@ -163,3 +164,52 @@ def test_any_thread_count(threads):
                                    _decode(model, idx, [5, 2], 8, fused=False), rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(before)
+
+
+# --- batch-invariant decoding ---
+
+
+def _one_step(model: GPT, prompts: list[torch.Tensor], nxt: torch.Tensor, rows: int) -> torch.Tensor:
+    """Prefill each prompt alone into its own cache row, then decode nxt (one token per row) in one
+    batched step at per-row positions, as gpt_small/serve does -> logits (len(prompts), V)."""
+    model.setup_kv_cache(rows, 64)
+    for b, p in enumerate(prompts):
+        with rows_of(model, b, b + 1):
+            model(p[None], input_pos=torch.arange(len(p)))
+    pos = torch.tensor([[len(p)] for p in prompts])
+    return model(nxt[:, None], input_pos=pos, last_only=True)[:, -1]
+
+
+def _alone(model: GPT, prompt: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """The same row as `generate` decodes a single sample: its own cache, a lockstep position."""
+    model.setup_kv_cache(1, 64)
+    model(prompt[None], input_pos=torch.arange(len(prompt)))
+    return model(token.view(1, 1), input_pos=torch.tensor([len(prompt)]), last_only=True)[0, -1]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("name", ["poem-cpu-like", "gpt2-like"])
+def test_a_row_decodes_to_the_same_bits_alone_and_in_any_batch(name, weights, backend, monkeypatch):
+    """A row's logits do not depend on how many rows decode beside it, nor where it sits: every
+    linear computes each row alike (csrc/decode.c's fixed partial sums, the torch path's batched
+    products), attention runs per row, and the choice of path never looks at the batch size."""
+    from gpt_small import ops
+    from gpt_small.ops import reference
+
+    if backend == "torch":
+        monkeypatch.setitem(ops._chosen, "cpu", reference)
+    elif not kernels.available():
+        pytest.skip(kernels.describe())
+    model = _model(name, weights, n_embd=128).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        for rows in (2, 5, 8, 17, 33, 64):
+            prompts = [torch.randint(0, 97, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g)
+                       for _ in range(rows)]
+            nxt = torch.randint(0, 97, (rows,), generator=g)
+            batched = _one_step(model, prompts, nxt, rows)
+            for b in sorted({0, rows - 1, int(torch.randint(0, rows, (1,), generator=g))}):
+                alone = _alone(model, prompts[b], nxt[b])
+                assert torch.equal(batched[b], alone), f"row {b} of {rows} differs from the row alone"
+        model.clear_kv_cache()

@@ -8,8 +8,9 @@ from torch import nn
 
 from gpt_small.config import GPTConfig
 from gpt_small.errors import GPTSmallError
+from gpt_small.evaluate import evaluate_tokens
 from gpt_small.generate import (
-    apply_repetition_penalty, generate_text, generate_tokens, sample, top_p_mask,
+    apply_repetition_penalty, forced_log_prob, generate_text, generate_tokens, sample, top_p_mask, window_keep,
 )
 from gpt_small.model import GPT
 
@@ -106,6 +107,21 @@ def uncached_reference(model: GPT, idx: torch.Tensor, max_new_tokens: int, pick)
     return idx
 
 
+@torch.no_grad()
+def uncached_window_reference(model: GPT, idx: torch.Tensor, max_new_tokens: int, pick, keep: int) -> torch.Tensor:
+    """The window rule recomputed without a cache: the full model on seq[start:T] at every step,
+    where start moves to T - 1 - keep when the window is full (generate.py's docstring)."""
+    W, T0 = model.config.block_size, idx.shape[1]
+    start = max(0, T0 - W)
+    for _ in range(max_new_tokens):
+        T = idx.shape[1]
+        if T > T0 and T - 1 - start >= W:
+            start = T - 1 - keep
+        logits = model(idx[:, start:])[:, -1]
+        idx = torch.cat((idx, pick(logits)[:, None]), dim=1)
+    return idx
+
+
 def run(model, prompt, n, **kw) -> torch.Tensor:
     return torch.stack(list(generate_tokens(model, prompt, max_new_tokens=n, **kw)), dim=1)
 
@@ -120,7 +136,7 @@ def test_cached_greedy_equals_uncached_past_the_window(pos_encoding, T0, ngram):
     model = tiny_gpt(pos_encoding, ngram=ngram, ngram_buckets=4225)  # 65^2: bigrams exact, trigrams hashed
     prompt = torch.randint(0, 64, (2, T0), generator=torch.Generator().manual_seed(1))
     n = 70  # runs well past block_size = 32, so the window slides
-    ours = run(model, prompt, n, temperature=0)
+    ours = run(model, prompt, n, temperature=0, keep="slide")  # the exact per-token slide
     ref = uncached_reference(model, prompt, n, lambda logits: logits.argmax(-1))[:, T0:]
     assert torch.equal(ours, ref)
     # the comparison means something only if greedy did not collapse into a one- or two-token loop
@@ -132,11 +148,61 @@ def test_cached_sampling_equals_uncached_sampling(pos_encoding):
     # Greedy on random weights soon repeats one token; sampling keeps the contexts varied.
     model = tiny_gpt(pos_encoding)
     prompt = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
-    ours = run(model, prompt, 60, temperature=1.0, seed=123)
+    ours = run(model, prompt, 60, temperature=1.0, seed=123, keep="slide")
     g = torch.Generator().manual_seed(123)
     ref = uncached_reference(model, prompt, 60, lambda logits: sample(logits, generator=g))[:, 7:]
     assert torch.equal(ours, ref)
     assert len(set(ours[0].tolist())) > 10
+
+
+# --- the window rule past block_size ---
+
+
+@pytest.mark.parametrize("pos_encoding", ENCODINGS)
+@pytest.mark.parametrize("keep", ["half", 0, 5, 31])  # 31 = block_size - 1, the slide's boundary
+@pytest.mark.parametrize("T0", [5, 40])
+def test_cached_window_rule_equals_its_uncached_recomputation(pos_encoding, keep, T0):
+    model = tiny_gpt(pos_encoding, ngram=3, ngram_buckets=4225)
+    prompt = torch.randint(0, 64, (2, T0), generator=torch.Generator().manual_seed(1))
+    n = 100  # several moves of the window at block_size 32
+    ours = run(model, prompt, n, temperature=1.0, seed=7, keep=keep)
+    g = torch.Generator().manual_seed(7)
+    ref = uncached_window_reference(model, prompt, n, lambda logits: sample(logits, generator=g),
+                                    window_keep(32, keep))[:, T0:]
+    assert torch.equal(ours, ref)
+    assert len(set(ours[0].tolist())) > 10
+
+
+@pytest.mark.parametrize("pos_encoding", ENCODINGS)
+@pytest.mark.parametrize("keep,stride", [("half", 16), (None, 16), (5, 27), ("slide", 1), (0, 32)])
+def test_forced_log_prob_through_the_window_rule_equals_eval_at_the_matching_stride(pos_encoding, keep, stride):
+    # eval aligns its last window with the text's end; on 1 + block_size + k * stride tokens that
+    # window is a full stride on, as every window of the generator is
+    model = tiny_gpt(pos_encoding, ngram=2)
+    length = 1 + 32 + max(4, 100 // stride) * stride
+    tokens = torch.randint(0, 64, (length,), generator=torch.Generator().manual_seed(3))
+    total, n = forced_log_prob(model, tokens, keep=keep)
+    res = evaluate_tokens(model, tokens.numpy(), context=32, stride=stride, batch_size=4)
+    assert n == res.tokens == length - 1
+    assert abs(-total / n - res.loss) < 1e-4
+
+
+def test_window_keep_defaults_to_half_and_checks_its_range():
+    assert window_keep(32) == window_keep(32, "half") == 16
+    assert window_keep(33) == 17  # block_size - eval's default stride (33 // 2)
+    assert window_keep(1) == 0 and window_keep(32, "slide") == 31
+    assert window_keep(32, 0) == 0 and window_keep(32, "31") == 31
+    for bad in (32, -1, "most", 2.5, True):
+        with pytest.raises(GPTSmallError, match="window keep"):
+            window_keep(32, bad)
+
+
+def test_default_generation_past_the_window_follows_the_half_rule():
+    model = tiny_gpt("rope")
+    prompt = torch.randint(0, 64, (1, 3), generator=torch.Generator().manual_seed(4))
+    ours = run(model, prompt, 80, temperature=0)
+    ref = uncached_window_reference(model, prompt, 80, lambda logits: logits.argmax(-1), 16)[:, 3:]
+    assert torch.equal(ours, ref)
 
 
 def test_top_k_1_and_temperature_0_are_greedy():
@@ -301,3 +367,32 @@ def test_a_row_that_stopped_stays_stopped_while_the_others_go_on():
         table[token, nxt] = 100.0
     out = run(TableModel(table), torch.tensor([[1], [2]]), 50, stop=lambda t: t == 0, temperature=0)
     assert out.tolist() == [[0, 1], [3, 0]]
+
+
+# --- --window-keep on the command line ---
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory):
+    from serve_util import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("window") / "run")  # block_size 64
+
+
+@pytest.mark.parametrize("keep", ["half", "slide", "0", "63"])
+def test_cli_generate_takes_window_keep(char_run, keep, capsys):
+    from gpt_small.cli import main
+
+    assert main(["generate", "--checkpoint", str(char_run), "--prompt", "the ", "--max-new-tokens", "150",
+                 "--seed", "1", "--window-keep", keep]) == 0
+    assert len(capsys.readouterr().out) >= len("the ") + 150  # past the 64-token window
+
+
+@pytest.mark.parametrize("verb,extra", [("generate", []), ("generate", ["--rhyme", "AABB"]), ("serve", [])])
+@pytest.mark.parametrize("keep", ["64", "-1", "most"])
+def test_cli_bad_window_keep_is_one_line(char_run, verb, extra, keep, capsys):
+    from gpt_small.cli import main
+
+    assert main([verb, "--checkpoint", str(char_run), "--window-keep", keep, *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "window keep" in captured.err

@@ -21,7 +21,7 @@ needs_kernel = pytest.mark.skipif(not kernels.available(), reason=kernels.descri
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [*range(1, kernels.MAX_ROWS + 1), 9, 16, 21])  # beyond 8: 8 at a time
+@pytest.mark.parametrize("rows", [*range(1, kernels.MAX_ROWS + 1), 9, 16, 21])  # beyond 4: 4 at a time
 @pytest.mark.parametrize("k, n", [(384, 1152), (1536, 384), (7, 5), (17, 33), (128, 65)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_skinny_linear_equals_f_linear(rows, k, n, bias):

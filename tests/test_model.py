@@ -306,7 +306,7 @@ def test_cached_decoding_equals_uncached(enc, qk_norm, ngram):
             parts += [model(idx[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(15, 20)]
             torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
     model.clear_kv_cache()
-    assert model.kv_cache_capacity == 0 and model._ngram_history is None
+    assert model.kv_cache_capacity == 0 and model.kv_cache is None
     with pytest.raises(RuntimeError, match="setup_kv_cache"):
         model(idx, input_pos=torch.arange(20))
 

@@ -36,7 +36,7 @@ def _weights(kind: str, n: int, k: int, g: torch.Generator):
 
 @needs_kernel
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
-@pytest.mark.parametrize("rows", [*range(1, kernels.MAX_ROWS + 1), 9, 16, 21])  # beyond 8: 8 at a time
+@pytest.mark.parametrize("rows", [*range(1, kernels.MAX_ROWS + 1), 9, 16, 21])  # beyond 4: 4 at a time
 @pytest.mark.parametrize("k, n", [(1, 1), (7, 5), (17, 33), (31, 3), (33, 65), (101, 7), (768, 300)])
 def test_kernel_equals_float64_reference_of_the_dequantized_product(kind, rows, k, n):
     g = torch.Generator().manual_seed(rows * 10_000 + k * 100 + n)
@@ -61,7 +61,7 @@ def test_kernel_splits_rows_over_threads(kind, threads):
         g = torch.Generator().manual_seed(threads)
         for n in (2, 5, 97):  # fewer weight rows than some thread counts, and an odd split
             w, scale, w64 = _weights(kind, n, 40, g)
-            for rows in (3, 11):  # one pass, and 8 rows at a time
+            for rows in (3, 11):  # one pass, and 4 rows at a time
                 x = torch.randn(rows, 40, generator=g)
                 torch.testing.assert_close(kernels.skinny_linear(x, w, None, scale).double(), x.double() @ w64.T,
                                            rtol=1e-5, atol=1e-5)

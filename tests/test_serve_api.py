@@ -291,6 +291,7 @@ def test_per_row_positions_equal_lone_decoding(pos_encoding):
     """model.py's hook for the engine: rows prefilled into their own cache rows, then one batched
     token at per-row positions, give exactly the logits of each row decoded alone."""
     from gpt_small.config import GPTConfig
+    from gpt_small.kv_cache import rows_of
     from gpt_small.model import GPT
 
     torch.manual_seed(0)
@@ -307,11 +308,11 @@ def test_per_row_positions_equal_lone_decoding(pos_encoding):
             lone.append(m(t.view(1, 1), input_pos=torch.tensor([p.shape[1]]))[:, -1])
         m.setup_kv_cache(4, 32)
         for i, p in enumerate(prompts):
-            with m.kv_cache_rows(i, i + 1):
+            with rows_of(m, i, i + 1):
                 m(p, input_pos=torch.arange(p.shape[1]))
         batched = m(nxt.view(3, 1), input_pos=torch.tensor([[p.shape[1]] for p in prompts]))[:, -1]
         assert torch.equal(batched, torch.cat(lone))
-        m.copy_kv_cache_row(2, 0, 6)  # row 2 (5 prompt tokens + 1) copied to row 0: both decode alike
+        m.kv_cache.copy_row(2, 0, 6)  # row 2 (5 prompt tokens + 1) copied to row 0: both decode alike
         both = m(torch.tensor([[7], [0], [7]]), input_pos=torch.tensor([[6], [1], [6]]))[:, -1]
         assert torch.equal(both[0], both[2])
     m.clear_kv_cache()

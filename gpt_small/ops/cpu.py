@@ -26,15 +26,19 @@ from . import decoder, kernels, reference
 # path emits) does better on large matrices but costs more per call, which loses on small
 # matrices that stay in cache; our kernel streams them at the bandwidth
 # (benchmarks/weight_streaming.py times all three).
-# So without autograd, in fp32: 1-8 rows of input (a decoding step) go to the kernel; more rows
-# (a prompt) of a large enough weight go to oneDNN; the rest, and training, to F.linear (MKL's
-# GEMM runs near peak there). Same weights, same layout, results equal to rounding.
+# So without autograd, in fp32: 1-8 rows of input go to the kernel; more rows (a prompt) of a large
+# enough weight go to oneDNN; the rest, and training, to F.linear (MKL's GEMM runs near peak
+# there). Same weights, same layout, results equal to rounding.
+# A decoding step (one token per row, x (B, 1, K)) goes to the kernel at any B and any weight
+# size: the kernel computes each row alike wherever it sits in the batch, which oneDNN's and
+# MKL's GEMMs do not promise (their blocking follows the number of rows), so a row's logits are
+# the same bits alone or in any batch (tests/test_decoder.py).
 # onednn_linear: the op, or None where this torch build lacks it.
 onednn_linear = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
                  if torch.backends.mkldnn.is_available() else None)
 _ONEDNN_MIN_WEIGHTS = 2**17  # 512 KiB of fp32: below, the call costs more than it saves
 _SKINNY_MIN_WEIGHTS = 2**12  # below, the matrix stays in cache and the call overhead dominates
-# bf16/int8 weights: up to this many rows the kernel, 8 rows at a time; beyond, one fp32 matmul
+# bf16/int8 weights: up to this many rows the kernel, 4 rows at a time; beyond, one fp32 matmul
 # on the dequantized weight costs less than the kernel's extra passes (benchmarks/low_precision_prompt.py)
 _LOW_PRECISION_KERNEL_MAX_ROWS = 48
 
@@ -50,10 +54,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor 
     K, N = weight.shape[1], weight.shape[0]
     rows = x.numel() // K
     # bf16 and int8 weights take the kernel at any size (torch has no cheaper skinny op for them),
-    # and for a short prompt too, 8 rows at a time, which beats dequantizing the weight
+    # and for a short prompt too, 4 rows at a time, which beats dequantizing the weight
     low_precision = weight.dtype != torch.float32
-    if (0 < rows <= (_LOW_PRECISION_KERNEL_MAX_ROWS if low_precision else kernels.MAX_ROWS)
-            and (low_precision or weight.numel() >= _SKINNY_MIN_WEIGHTS)
+    decoding = x.dim() == 3 and x.shape[1] == 1
+    if decoding and not kernels.available():
+        return reference.linear(x, weight, bias, scale)  # its batch-invariant form (reference.py)
+    if ((decoding or (0 < rows <= (_LOW_PRECISION_KERNEL_MAX_ROWS if low_precision else kernels.MAX_ROWS)
+                      and (low_precision or weight.numel() >= _SKINNY_MIN_WEIGHTS)))
             and weight.is_contiguous() and kernels.available()):
         y = kernels.skinny_linear(x.reshape(rows, K).contiguous(), weight, bias, scale)
         return y.view(*x.shape[:-1], N)
@@ -175,8 +182,10 @@ GELU_KERNEL_MIN = 4096  # below this many elements (decoding one token) the call
 
 def gelu(x: Tensor) -> Tensor:
     """Through our kernel where it is built (not while torch.compile traces: it fuses its own),
-    without autograd's wrapper where no gradient is wanted."""
-    if (x.numel() >= GELU_KERNEL_MIN and x.dtype == torch.float32 and x.is_contiguous()
+    without autograd's wrapper where no gradient is wanted. A decoding step (x (B, 1, H)) is sized
+    by one row, not the batch, so a row takes the same path (same bits) at any batch size."""
+    size = x.shape[-1] if x.dim() == 3 and x.shape[1] == 1 else x.numel()
+    if (size >= GELU_KERNEL_MIN and x.dtype == torch.float32 and x.is_contiguous()
             and not torch.compiler.is_compiling() and kernels.available()):
         if torch.is_grad_enabled() and x.requires_grad:
             return GeluTanh.apply(x)

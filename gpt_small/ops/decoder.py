@@ -10,8 +10,9 @@ whole stack of blocks in C, in one parallel region: the products through the sam
 `decode_blocks(model, x, start)` returns what `for block in model.transformer.h: x = block(...)`
 returns for one new token per row (x (B, 1, C), start an int or (B,) positions, the KV cache set
 up), to fp32 rounding, or None where it does not apply; model.py then runs its blocks one by one.
-It applies on the CPU at inference (no autograd, eval mode) for up to MAX_ROWS rows (a served
-batch, a verse form's candidates; more than 8 go 8 at a time through the products), fp32 activations
+It applies on the CPU at inference (no autograd, eval mode) for any number of rows (a served
+batch, a verse form's candidates; 4 at a time through the products, so a row's arithmetic does
+not depend on the rows beside it), fp32 activations
 and KV cache, fp32/bf16/int8 Linear weights, LayerNorms with or without bias, ReLU, GELU or
 ReLU², with or without RoPE and QK-norm: every configuration GPTConfig can build.
 
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from . import kernels
 
-MAX_ROWS = 64  # rows of one decoding step it takes (its scratch space grows with them)
+MAX_ROWS = 64  # rows the scratch space is first sized for (it grows for more)
 _W_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # csrc/decode.c's W_F32, W_BF16, W_I8
 _ACTIVATIONS = {"relu": 0, "gelu": 1, "relu2": 2}
 
@@ -114,7 +115,8 @@ class _Prepared:
         self.decoder = _Decoder(len(blocks), c.n_head, c.head_size, _ACTIVATIONS[c.activation], eps,
                                 caches[0].k.shape[2], None, None, structs)
         self.structs, self.keep = structs, keep
-        self.scratch = torch.empty(MAX_ROWS * (6 * c.n_embd + max(s.fc.n for s in structs)))
+        self.scratch_per_row = 6 * c.n_embd + max(s.fc.n for s in structs)
+        self.scratch = torch.empty(MAX_ROWS * self.scratch_per_row)
 
     def set_rope(self, end: int) -> None:
         """Point at RoPE tables that reach position end - 1 (they grow, so they may move)."""
@@ -131,7 +133,7 @@ _prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def decode_blocks(model: nn.Module, x: Tensor, start: int | Tensor) -> Tensor | None:
     """The blocks' output for x (B, 1, C) at positions start (int, or (B,) per row), or None."""
     B, T, C = x.shape
-    if T != 1 or B > MAX_ROWS or x.dtype != torch.float32 or model.training or not kernels.available():
+    if T != 1 or x.dtype != torch.float32 or model.training or not kernels.available():
         return None
     caches = [block.attn.kv_cache for block in model.transformer.h]
     if caches[0] is None or caches[0].k.shape[0] < B:
@@ -145,6 +147,8 @@ def decode_blocks(model: nn.Module, x: Tensor, start: int | Tensor) -> Tensor | 
         _prepared[model] = ([weakref.ref(cache) for cache in caches], prepared)
     if prepared is None:
         return None
+    if prepared.scratch.numel() < B * prepared.scratch_per_row:  # more rows than ever before
+        prepared.scratch = torch.empty(B * prepared.scratch_per_row)
     positions = [start] * B if isinstance(start, int) else start.tolist()
     if prepared.rope is not None:
         prepared.set_rope(max(positions) + 1)

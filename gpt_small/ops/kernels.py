@@ -1,6 +1,6 @@
 """Hand-written kernels for the CPU (csrc/decode.c, csrc/gelu.c) and their loader.
 
-- `skinny_linear`: y = x @ W.T + b for a few rows of x (1-8 in one pass over W, more 8 at a time:
+- `skinny_linear`: y = x @ W.T + b for a few rows of x (1-4 in one pass over W, more 4 at a time:
   a short prompt), W in fp32, bf16 or int8 (with a scale per output row; ops/quantize.py makes
   such weights). Decoding multiplies one row of activations
   per sample by every weight matrix, so a token costs a read of all the weights; at the 6x384
@@ -116,7 +116,7 @@ def describe() -> str:
 
 def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
     """x (B, K) @ weight (N, K).T + bias (N,) in fp32 on the CPU, B >= 1: one pass over the weights
-    for up to MAX_ROWS rows of x, MAX_ROWS rows at a time beyond.
+    for up to 4 rows of x, 4 rows at a time beyond (each row alike: batch-invariant).
 
     weight is fp32 or bf16, or int8 with `scale` (N,) fp32: then the product is x @ (weight *
     scale[:, None]).T, summed in fp32. All tensors contiguous; callers check `available()` first."""

@@ -22,7 +22,15 @@ def dequantize(weight: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tens
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
     if scale is not None or weight.dtype not in (x.dtype, torch.float32):  # (fp32 ones: autocast casts them)
         weight = dequantize(weight, scale, x.dtype)
-    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    bias = None if bias is None else bias.to(x.dtype)
+    if x.dim() == 3 and x.shape[1] == 1 and x.shape[0] > 1 and not torch.is_grad_enabled():
+        # A decoding step, one token per row: a batch of B separate (1, K) @ (K, N) products, each
+        # the same problem whatever B is, where one (B, K) GEMM may block and round the rows
+        # differently as B changes (batch-invariant decoding).
+        B, _, K = x.shape
+        y = torch.bmm(x, weight.t().expand(B, K, weight.shape[0]))
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:

@@ -33,7 +33,7 @@ from starlette.staticfiles import StaticFiles
 from ..ops.quantize import weights_of
 from . import responses as R
 from .guard import Guard, route_of
-from .engine import Engine, QueueFull, Sequence, ShuttingDown
+from .engine import DEFAULT_MAX_BATCH, Engine, QueueFull, Sequence, ShuttingDown
 from .forms import form_poem
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import openapi_schema
@@ -132,11 +132,14 @@ def start(request: Request, seqs: list[Sequence]) -> asyncio.Queue:
     return queue
 
 
-async def events(request: Request, seqs: list[Sequence], queue: asyncio.Queue) -> AsyncIterator[tuple]:
+async def events(request: Request, seqs: list[Sequence], queue: asyncio.Queue,
+                 watch: bool = False) -> AsyncIterator[tuple]:
     """Yield (index, kind, value) until every sequence is done; a client that leaves (or a stream
-    closed early) cancels what is left, which frees the rows at the next step."""
+    closed early) cancels what is left, which frees the rows at the next step. With `watch` (a
+    response sent only at the end, its body already read) the disconnect cancels at once."""
     left, metrics = len(seqs), request.app.state.metrics
     checked = time.monotonic()
+    watcher = asyncio.create_task(cancel_on_disconnect(request, seqs)) if watch else None
     try:
         while left:
             # a client that left is noticed within _POLL seconds, also while text is flowing (a
@@ -155,9 +158,19 @@ async def events(request: Request, seqs: list[Sequence], queue: asyncio.Queue) -
             request.state.tokens = sum(len(s.new_ids) for s in seqs)
             yield item
     finally:
+        if watcher is not None:
+            watcher.cancel()
         if left:
             request.state.cancelled = True
             request.app.state.engine.cancel(seqs)
+
+
+async def cancel_on_disconnect(request: Request, seqs: list[Sequence]) -> None:
+    """The body has been read, so the next ASGI message is the client's disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    request.state.cancelled = True
+    request.app.state.engine.cancel(seqs)
 
 
 class Scores:
@@ -194,7 +207,7 @@ def samples(req: CompletionRequest, tokenizer: Any) -> list[Sequence]:
 
 
 async def finished(request: Request, seqs: list[Sequence], queue: asyncio.Queue) -> None:
-    async for _ in events(request, seqs, queue):
+    async for _ in events(request, seqs, queue, watch=True):
         pass
     if any(s.finish_reason == "error" for s in seqs):
         raise RuntimeError("the decode loop failed (logged)")
@@ -361,7 +374,7 @@ async def server_error(request: Request, exc: Exception) -> Response:
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     s = app.state
-    s.engine = Engine(s.model, s.tokenizer, max_batch=s.max_batch, max_queue=s.max_queue)
+    s.engine = Engine(s.model, s.tokenizer, max_batch=s.max_batch, max_queue=s.max_queue, keep=s.window_keep)
     try:
         yield
     finally:  # uvicorn has stopped taking requests and drained the open ones
@@ -379,17 +392,19 @@ ROUTES = [
 ]
 
 
-def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 8, max_queue: int = 64,
-               max_new_tokens: int = 1000, max_prompt_tokens: int = 4096, api_key: str | None = None,
-               allowed_hosts: list[str] | None = None, http: HttpLimits = HTTP_LIMITS) -> Starlette:
+def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = DEFAULT_MAX_BATCH,
+               max_queue: int = 64, max_new_tokens: int = 1000, max_prompt_tokens: int = 4096,
+               api_key: str | None = None, allowed_hosts: list[str] | None = None, http: HttpLimits = HTTP_LIMITS,
+               window_keep: int | str | None = None) -> Starlette:
     """The app over a loaded model; the engine starts and drains with the app's lifespan.
     allowed_hosts: the Host header names accepted (None: any; `serve` passes the loopback names
-    when it runs on loopback without a key)."""
+    when it runs on loopback without a key); window_keep: the window rule past the context
+    (generate.window_keep)."""
     app = Starlette(routes=ROUTES, lifespan=lifespan,
                     exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
     s = app.state
     s.model, s.tokenizer, s.model_name, s.api_key = model, tokenizer, model_name, api_key
-    s.max_batch, s.max_queue, s.static = max_batch, max_queue, STATIC
+    s.max_batch, s.max_queue, s.static, s.window_keep = max_batch, max_queue, STATIC, window_keep
     s.limits = Limits(model_name=model_name, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
                       http=http)
     s.created = int(time.time())

@@ -4,7 +4,9 @@ batching over the model's KV cache).
 A `Sequence` is one sample: prompt ids, its sampling options, its own `torch.Generator`, and the
 rule that ends its text. `Engine.submit` queues sequences (bounded: `QueueFull` beyond
 `max_queue`); between two decode steps the worker prefills queued sequences alone into free rows
-of the cache, decodes one token for every live row in one batched forward (each row at its own
+of the cache (each prompt once: the `n` samples of a request copy its row; a padded batched
+prefill of different prompts would round each row by the batch's shape, as GEMMs do, and break
+the bitwise promise below), decodes one token for every live row in one batched forward (each row at its own
 position), samples each row with its own options and generator, and frees the rows that finished
 or whose client went away (`Sequence.cancel`, honoured at the next step boundary). The event loop
 never runs a model step: it hears of new text through `on_event`, called from the worker thread
@@ -12,11 +14,12 @@ never runs a model step: it hears of new text through `on_event`, called from th
 
 Contract: a seeded sequence yields the tokens of `generate_tokens(model, prompt, seed=...)` for
 one sample, whether it runs alone or beside others. The steps are generate.py's (`prefill`,
-`sample`, `apply_repetition_penalty`, the same sliding-window rule past block_size), the prefill
-runs alone, and the batched step computes every row as it would alone (model.py: per-row
-positions, attention row by row). The output matmuls are row-independent in the CPU decoding
-kernel (ops/csrc/decode.c), up to its 8 rows; past 8 rows torch's GEMM takes over and rows may differ
-from a lone run in the last bits, which can rarely change a sampled token.
+`sample`, `apply_repetition_penalty`, the same window rule past block_size with the same `keep`),
+the prefill
+runs alone, and the batched step computes every row bit for bit as it would alone (model.py:
+per-row positions, attention row by row; ops: every product of a decoding step treats each row
+alike at any batch size, tests/test_decoder.py). A failure ends only the sequences it touched
+(a row's sampling or prefill: that row; a batched step: its rows), with "error".
 
 Rows stay packed: live sequences hold cache rows 0..B-1, so the batched step runs on rows :B; a
 finished row is refilled by moving the last live row into it (its cached prefix only).
@@ -35,12 +38,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..generate import apply_repetition_penalty, prefill, sample
+from .. import limits
+from ..generate import apply_repetition_penalty, prefill, sample, window_keep
+from ..kv_cache import rows_of
 from .protocol import Sampling
 
 log = logging.getLogger("gpt_small.serve")
 
 _REPLACEMENT = "\ufffd"  # a character still incomplete (byte-level BPE split a UTF-8 character)
+
+
+DEFAULT_MAX_BATCH = limits.DEFAULT_SERVE_BATCH
 
 
 class QueueFull(Exception):
@@ -59,8 +67,7 @@ class Sequence:
     def __init__(self, prompt_ids: Seq[int], sampling: Sampling, *, max_new_tokens: int, tokenizer: Any,
                  stop: Seq[str] = (), keep_stop: bool = False, lines: int | None = None,
                  logprobs: int | None = None, on_event: Callable[[str, Any], None] = lambda kind, value: None,
-                 forced: Seq[int] | None = None, score: bool = False, keep_first: bool = False,
-                 group: object | None = None):
+                 forced: Seq[int] | None = None, score: bool = False, keep_first: bool = False):
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
         self.max_new_tokens = max_new_tokens
@@ -73,6 +80,9 @@ class Sequence:
         self.logprobs = logprobs
         self.token_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.text = ""  # the continuation so far, cut at the stop rule
+        self._decoded = ""  # the text of new_ids up to the last complete character: it never changes
+        self._pending: list[int] = []  # ids after that (a byte-level character still incomplete)
+        self._newlines = 0  # newlines in self._decoded
         self.emitted = 0  # characters of self.text already sent
         self.finish_reason: str | None = None
         self.cancelled = False
@@ -83,40 +93,47 @@ class Sequence:
         # Hooks for verse forms (serve/forms.py), which run their candidate lines as rows here:
         # `forced` tokens are taken instead of sampled (teacher forcing); with `score`, `scores`
         # gets each taken token's log-probability at temperature 1 (before bans and penalties);
-        # with `keep_first`, `first_logprobs` keeps the whole first distribution (V,). Sequences of
-        # one `group` with the same prompt, admitted in one step, share one prefill.
+        # with `keep_first`, `first_logprobs` keeps the whole first distribution (V,). Rows with
+        # the same prompt admitted in one step share one prefill (Engine._admit).
         self.forced = list(forced) if forced is not None else None
         self.scores: list[float] | None = [] if score else None
         self.keep_first = keep_first
         self.first_logprobs: Tensor | None = None
-        self.group = group
 
     def cancel(self) -> None:
         """Free this sequence's row at the next step boundary (the client went away)."""
         self.cancelled = True
 
     def feed(self, token: int) -> bool:
-        """Take one new token; send the text that is now certain; return whether the sample ended."""
+        """Take one new token; send the text that is now certain; return whether the sample ended.
+
+        Incremental: only the ids since the last complete character are decoded (together, so a
+        character split over byte-level tokens joins), and only the new text is searched for
+        newlines and stop strings (an earlier match would have ended the sample)."""
         self.new_ids.append(token)
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        # Decoding the whole continuation (not the token alone) lets split characters join.
-        text = self.tokenizer.decode(self.new_ids)
-        end, hold = len(text), 0
+        self._pending.append(token)
+        tail = self.tokenizer.decode(self._pending)
+        old = len(self._decoded)  # text before this is settled and was searched
+        text = self._decoded + tail
+        end, hold, lines_done = len(text), 0, False
         if self.lines is not None:
-            k = -1
-            for _ in range(self.lines):
-                k = text.find("\n", k + 1)
-                if k < 0:
-                    break
-            else:
-                end = k + 1
+            seen, k = self._newlines, old - 1
+            while seen < self.lines and (k := text.find("\n", k + 1)) >= 0:
+                seen += 1
+            if seen >= self.lines:
+                end, lines_done = k + 1, True
         for s in self.stop:
-            k = text.find(s)
+            k = text.find(s, max(0, old - len(s)))  # a match ending right at `old` did not end the sample
             if k >= 0:
                 end = min(end, k + len(s) if self.keep_stop else k)
+        if not tail.endswith(_REPLACEMENT):  # every character complete: settle the text
+            if self.lines is not None:
+                self._newlines += text.count("\n", old)
+            self._decoded, self._pending = text, []
         self.text = text[:end]
-        if end < len(text) or (self.lines is not None and end == len(text) and text.count("\n") >= self.lines):
+        if end < len(text) or lines_done:
             self.finish_reason = "stop"
         elif len(self.new_ids) >= self.max_new_tokens:
             self.finish_reason = "length"
@@ -150,17 +167,20 @@ class _Row:
         self.ids = torch.empty(self.total, dtype=torch.long)
         self.ids[:self.T0] = ids
         self.T = self.T0  # tokens so far
-        self.window = window
+        self.start = max(0, self.T0 - window)  # sequence index at cache position 0 (generate.Window)
+        self.failed = False  # ended with an error; its cache row is freed at the next step
         self.logits: Tensor | None = None  # (1, V)
 
 
 class Engine:
     """One decode loop over `max_batch` cache rows; see the module docstring."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 64,
+                 keep: int | str | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.window = model.config.block_size
+        self.keep = window_keep(self.window, keep)
         self.banned = [u] if (u := getattr(tokenizer, "unk_id", None)) is not None else []
         self.positions = torch.arange(self.window)
         self._pending: deque[Sequence] = deque()
@@ -186,6 +206,8 @@ class Engine:
             self._cond.notify()
 
     def cancel(self, seqs: Seq[Sequence]) -> None:
+        """End these sequences ("cancelled") and free their rows at the next step boundary, at
+        most one decoding step from now (a client went away); queued ones never start."""
         for s in seqs:
             s.cancel()
         with self._cond:
@@ -217,12 +239,12 @@ class Engine:
                     admit.append(self._pending.popleft())
             try:
                 with torch.inference_mode():
-                    first_new = len(self._rows)
+                    prefilled: dict[tuple[int, ...], _Row] = {}  # this round's prompts, by their ids
                     for seq in admit:
                         if seq.cancelled:
                             self._end(seq, "cancelled")
                         else:
-                            self._admit(seq, self._rows[first_new:])
+                            self._admit(seq, prefilled)
                     if self._rows:
                         self._step()
             except Exception:  # a bug, not a bad request: fail what is live, keep serving
@@ -231,37 +253,41 @@ class Engine:
                     if seq.finish_reason not in ("cancelled", "error"):
                         self._end(seq, "error")
                 self._rows.clear()
-                if self.model.transformer.h[0].attn.kv_cache is None:  # someone cleared it: start over
+                if self.model.kv_cache is None:  # someone cleared it: start over
                     self.model.setup_kv_cache(self.max_batch, self.window)
 
     def _end(self, seq: Sequence, reason: str) -> None:
         self.counts["cancelled" if reason == "cancelled" else "finished"] += 1
         seq.finish(reason)
 
-    def _admit(self, seq: Sequence, admitted: list[_Row] = ()) -> None:
-        ids = torch.tensor(seq.prompt_ids, dtype=torch.long)
-        row = _Row(seq, ids, self.window)
-        self._rows.append(row)
-        if self._share_prefill(row, admitted):
-            return
-        start = max(0, row.T0 - self.window)  # a prompt longer than the window is cropped, as generate does
-        self._prefill_row(len(self._rows) - 1, row.ids[start:row.T0])
+    def _fail(self, row: _Row, what: str) -> None:
+        """End one row's sequence with an error (its client gets an error event); the others go on."""
+        log.exception("%s failed; ending that request", what)
+        row.failed = True
+        if row.seq.finish_reason not in ("cancelled", "error"):
+            self._end(row.seq, "error")
 
-    def _share_prefill(self, row: _Row, admitted: list[_Row]) -> bool:
-        """Copy the cache and logits of a row of the same group and prompt admitted in this step
-        (not yet decoded, so its cache holds exactly the prompt) instead of prefilling again."""
-        seq = row.seq
-        if seq.group is None or row.T0 > self.window:
-            return False
-        for other in admitted:
-            if other.seq.group is seq.group and other.seq.prompt_ids == seq.prompt_ids and other in self._rows:
-                self.model.copy_kv_cache_row(self._rows.index(other), len(self._rows) - 1, row.T0)
-                row.logits = other.logits.clone()
-                return True
-        return False
+    def _admit(self, seq: Sequence, prefilled: dict[tuple[int, ...], _Row]) -> None:
+        """Give seq a row and prefill its prompt alone. A prompt another arrival of this round
+        already prefilled (the `n` samples of one request) is copied from that row instead: the
+        same bits, one forward pass for all of them."""
+        ids = torch.tensor(seq.prompt_ids, dtype=torch.long)
+        row = _Row(seq, ids, self.window)  # a prompt longer than the window is cropped, as generate does
+        self._rows.append(row)
+        i, key = len(self._rows) - 1, tuple(seq.prompt_ids)
+        try:
+            twin = prefilled.get(key)
+            if twin is not None and not twin.failed and twin in self._rows:
+                self.model.kv_cache.copy_row(self._rows.index(twin), i, row.T0 - row.start)
+                row.logits = twin.logits.clone()
+            else:
+                self._prefill_row(i, row.ids[row.start:row.T0])
+                prefilled[key] = row
+        except Exception:
+            self._fail(row, "a prefill")
 
     def _prefill_row(self, i: int, ids: Tensor) -> None:
-        with self.model.kv_cache_rows(i, i + 1):
+        with rows_of(self.model, i, i + 1):
             self._rows[i].logits = prefill(self.model, ids[None], self.positions[:ids.numel()])
 
     def _step(self) -> None:
@@ -269,34 +295,17 @@ class Engine:
         keep: list[_Row] = []
         for row in self._rows:
             seq = row.seq
+            if row.failed:
+                continue
             if seq.cancelled:
                 self._end(seq, "cancelled")
                 continue
-            logits, s = row.logits, seq.sampling
-            # the model's own distribution, before the ban, penalty, temperature and truncation
-            need = seq.logprobs is not None or seq.scores is not None or (seq.keep_first and seq.first_logprobs is None)
-            lp = torch.log_softmax(logits[0].float(), dim=-1) if need else None
-            if seq.keep_first and seq.first_logprobs is None:
-                seq.first_logprobs = lp
-            if seq.forced is not None:
-                cur = seq.forced[len(seq.new_ids)]
-            else:
-                if self.banned:
-                    logits[:, self.banned] = float("-inf")
-                if s.repetition_penalty != 1.0:
-                    logits = apply_repetition_penalty(logits, row.ids[None, :row.T], s.repetition_penalty)
-                cur = int(sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                 generator=seq.generator)[0])
-            if seq.scores is not None:
-                seq.scores.append(float(lp[cur]))
-            if seq.logprobs is not None:
-                top = torch.topk(lp, seq.logprobs) if seq.logprobs else None
-                seq.token_logprobs.append((float(lp[cur]), [] if top is None else
-                                           list(zip(top.indices.tolist(), top.values.tolist()))))
-            row.ids[row.T] = cur
-            row.T += 1
-            self.counts["tokens"] += 1
-            if seq.feed(cur) or row.T == row.total:
+            try:
+                ended = self._sample_row(row)
+            except Exception:
+                self._fail(row, "sampling a row")
+                continue
+            if ended:
                 self._end(seq, "length")
             else:
                 keep.append(row)
@@ -304,22 +313,66 @@ class Engine:
         for i, row in enumerate(keep):
             j = self._rows.index(row)
             if j != i:
-                self.model.copy_kv_cache_row(j, i, min(row.T - 1, self.window))
+                self.model.kv_cache.copy_row(j, i, row.T - 1 - row.start)
         self._rows = keep
         if not keep:
             return
-        # 3. one batched step at per-row positions over rows :B, up to the last row still inside
-        # the window; rows past it re-prefill alone (generate.py's rule). Such a row inside :B
-        # computes a throw-away token at the last position, overwritten by its re-prefill.
-        B = max((i + 1 for i, r in enumerate(keep) if r.T <= self.window), default=0)
+        # 3. one batched step at per-row positions over rows :B, up to the last row whose cache has
+        # room. A row with a full cache inside :B decodes a throw-away token at the last position,
+        # before its re-prefill (step 4) resets its n-gram history; later decodes overwrite that
+        # position before any attention reads it.
+        full = [row.T - 1 - row.start >= self.window for row in keep]
+        B = max((i + 1 for i, f in enumerate(full) if not f), default=0)
         if B:
             cur = torch.tensor([[int(r.ids[r.T - 1])] for r in keep[:B]])
-            pos = torch.tensor([[min(r.T, self.window) - 1] for r in keep[:B]])
-            logits = self.model(cur, input_pos=pos, last_only=True)[:, -1]  # (B, V)
+            pos = torch.tensor([[min(r.T - 1 - r.start, self.window - 1)] for r in keep[:B]])
+            try:
+                logits = self.model(cur, input_pos=pos, last_only=True)[:, -1]  # (B, V)
+            except Exception:  # every row of the step is affected; rows past :B are not
+                for row, f in zip(keep[:B], full):
+                    if not f:
+                        self._fail(row, "a batched decode step")
             self.counts["steps"] += 1
             self.counts["peak_batch"] = max(self.counts["peak_batch"], len(keep))
+        # 4. the window rule (generate.Window): a row whose cache is full keeps its last
+        # `self.keep` tokens and the new one, re-prefilled alone at positions 0..keep
         for i, row in enumerate(keep):
-            if row.T <= self.window:
-                row.logits = logits[i:i + 1]
+            if row.failed:
+                continue
+            if full[i]:
+                row.start = row.T - 1 - self.keep
+                try:
+                    self._prefill_row(i, row.ids[row.start:row.T])
+                except Exception:
+                    self._fail(row, "a re-prefill past the window")
             else:
-                self._prefill_row(i, row.ids[row.T - self.window:row.T])
+                row.logits = logits[i:i + 1]
+
+    def _sample_row(self, row: _Row) -> bool:
+        """Sample a row's next token from its own logits, options and generator; feed it to its
+        sequence; return whether the sequence ended."""
+        seq, logits, s = row.seq, row.logits, row.seq.sampling
+        # the model's own distribution, before the ban, penalty, temperature and truncation
+        need = seq.logprobs is not None or seq.scores is not None or (seq.keep_first and seq.first_logprobs is None)
+        lp = torch.log_softmax(logits[0].float(), dim=-1) if need else None
+        if seq.keep_first and seq.first_logprobs is None:
+            seq.first_logprobs = lp
+        if seq.forced is not None:
+            cur = seq.forced[len(seq.new_ids)]
+        else:
+            if self.banned:
+                logits[:, self.banned] = float("-inf")
+            if s.repetition_penalty != 1.0:
+                logits = apply_repetition_penalty(logits, row.ids[None, :row.T], s.repetition_penalty)
+            cur = int(sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                             generator=seq.generator)[0])
+        if seq.scores is not None:
+            seq.scores.append(float(lp[cur]))
+        if seq.logprobs is not None:
+            top = torch.topk(lp, seq.logprobs) if seq.logprobs else None
+            seq.token_logprobs.append((float(lp[cur]), [] if top is None else
+                                       list(zip(top.indices.tolist(), top.values.tolist()))))
+        row.ids[row.T] = cur
+        row.T += 1
+        self.counts["tokens"] += 1
+        return seq.feed(cur) or row.T == row.total

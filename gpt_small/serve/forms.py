@@ -155,9 +155,9 @@ class EngineCalls:
         return seqs
 
     def sample_lines(self, prefix: Tensor, rows: int, max_tokens: int) -> list[tuple[list[int], float, bool]]:
-        group, ids = object(), prefix.tolist()
+        ids = prefix.tolist()
         seqs = self._run([Sequence(ids, self._sampling(), max_new_tokens=max_tokens, tokenizer=self.tokenizer,
-                                   lines=1, score=True, group=group) for _ in range(rows)])
+                                   lines=1, score=True) for _ in range(rows)])
         return [(s.new_ids, sum(s.scores), s.finish_reason == "stop") for s in seqs]
 
     def next_token_logprobs(self, prefix: Tensor) -> Tensor:
@@ -166,9 +166,9 @@ class EngineCalls:
         return s.first_logprobs
 
     def score_continuations(self, prefix: Tensor, conts: list[list[int]]) -> list[float]:
-        group, ids = object(), prefix.tolist()
+        ids = prefix.tolist()
         seqs = self._run([Sequence(ids, Sampling(), max_new_tokens=len(c), tokenizer=self.tokenizer, forced=c,
-                                   score=True, group=group) for c in conts])
+                                   score=True) for c in conts])
         return [sum(s.scores) for s in seqs]
 
 

@@ -44,14 +44,18 @@ def model_name_of(checkpoint: str | Path) -> str:
     return p.parent.parent.name if p.parent.name == "checkpoints" else p.name
 
 
-def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
+def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int | None = None,
           max_queue: int = 64, max_new_tokens: int = 1000, api_key: str | None = None, threads: int = 0,
-          drain_seconds: float = 30.0, weights: str = "float32") -> None:
+          drain_seconds: float = 30.0, weights: str = "float32", window_keep: int | str | None = None) -> None:
     from ..checkpoint import load_checkpoint
     from ..device import set_threads
+    from ..generate import window_keep as check_keep
     from ..ops.quantize import check_weights, convert_weights
     from .app import create_app
 
+    from .engine import DEFAULT_MAX_BATCH
+
+    max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
     api_key = api_key or os.environ.get("GPT_SMALL_API_KEY") or None
     if not is_loopback(host) and api_key is None:
         raise GPTSmallError(f"refusing to serve on {host}, which other machines can reach, without an API key: "
@@ -70,10 +74,12 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     sys.setswitchinterval(0.0005)
     ckpt = load_checkpoint(checkpoint, device="cpu")
     convert_weights(ckpt.model, weights)
+    check_keep(ckpt.model.config.block_size, window_keep)  # one line, before the port is taken
     name = model_name_of(checkpoint)
     hosts = None if api_key is not None else sorted({*LOOPBACK_HOSTS, host.strip("[]").lower()})
     app = create_app(model=ckpt.model, tokenizer=ckpt.tokenizer, model_name=name, max_batch=max_batch,
-                     max_queue=max_queue, max_new_tokens=max_new_tokens, api_key=api_key, allowed_hosts=hosts)
+                     max_queue=max_queue, max_new_tokens=max_new_tokens, api_key=api_key, allowed_hosts=hosts,
+                     window_keep=window_keep)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -2,7 +2,7 @@
  *
  * skinny_linear: y = x @ W.T + bias for a few rows of x (one row per sample).
  *
- * W is a torch Linear weight, (N, K) row-major. With B <= 8 rows of x the product is bound by
+ * W is a torch Linear weight, (N, K) row-major. With a few rows of x the product is bound by
  * reading W from memory once: each weight row is loaded into vector registers one time and
  * multiplied against all B rows of x (which stay in L1/L2), and the N weight rows are split
  * into one contiguous block per thread, so each thread streams its part of W sequentially.
@@ -85,14 +85,16 @@ static inline __attribute__((always_inline)) void linear_rows(
         const int B, long K, long N, long n0, long n1, int add) {
     const long wsize = type == W_F32 ? 4 : type == W_BF16 ? 2 : 1;
     /* S partial sums per row of x, on blocks of 16 in turn: with one, a row of x waits on the
-     * previous add (4 cycles), which an int8 or bf16 weight stream outruns. 4 for up to 4 rows,
-     * 2 beyond, so that the sums and a weight vector stay within the 32 vector registers. */
-    const int S = B <= 4 ? 4 : 2;
+     * previous add (4 cycles), which an int8 or bf16 weight stream outruns. Always 4, whatever B,
+     * so a row's sums are added in one order however many rows run beside it (batch-invariant
+     * decoding: serve's promise that a seeded request's text does not depend on the others);
+     * B is at most 4, so the sums and a weight vector stay within the 32 vector registers. */
+    const int S = 4;
     const long step = 16 * S, K16 = K & ~15L, Kstep = K - K % step;
     const char *Wb = (const char *)W;
     for (long n = n0; n < n1; n++) {
         const long row = n * K;
-        v16 acc[8][4] = {{{0}}};
+        v16 acc[4][4] = {{{0}}};
         for (long k = 0; k < Kstep; k += step) {
             for (long o = 0; o < step * wsize; o += 64)
                 __builtin_prefetch(Wb + (row + k) * wsize + o + PREFETCH_AHEAD, 0, 1);
@@ -106,8 +108,7 @@ static inline __attribute__((always_inline)) void linear_rows(
             for (int b = 0; b < B; b++) acc[b][0] += wv * load16(x + b * K + k);
         }
         for (int b = 0; b < B; b++) {
-            v16 a = acc[b][0] + acc[b][1];
-            if (S == 4) a += acc[b][2] + acc[b][3];
+            v16 a = (acc[b][0] + acc[b][1]) + (acc[b][2] + acc[b][3]);
             float s = hsum(a);
             for (long k = K16; k < K; k++) s += load_w1(W, row + k, type) * x[b * K + k];
             if (scale) s *= scale[n];
@@ -133,24 +134,25 @@ static inline void thread_share(long n, long *n0, long *n1) {
 #define CASE(b, T) case b: linear_rows(xc, W, T, scale, bias, yc, b, K, N, m0, m1, add); break;
 
 /* Inside a parallel region: this thread's share of the N weight rows of y (+)= x @ W.T + bias,
- * one contiguous block per thread. Up to 8 rows of x, one pass over the block; more (a short
- * prompt, a large batch), 8 rows of x at a time over a few weight rows at a time, so each weight
- * row comes from memory once and from L1 for the other rows of x. type is a constant at each call
- * site (always inlined), so each weight type gets its own loops. */
+ * one contiguous block per thread. Up to 4 rows of x, one pass over the block; more (a short
+ * prompt, a large batch), 4 rows of x at a time over 8 weight rows at a time, so each weight
+ * row comes from memory once and from L1 for the other rows of x. Every row of x goes through
+ * the same 4-row loop, so its result is the same bits alone or beside others, at any place in
+ * the batch. type is a constant at each call site (always inlined), so each weight type gets its
+ * own loops. */
 static inline __attribute__((always_inline)) void linear_share(
         const float *x, const void *W, const int type, const float *scale, const float *bias, float *y,
         int B, long K, long N, int add) {
     long n0, n1;
     thread_share(N, &n0, &n1);
-    const long nb = B <= 8 ? n1 - n0 : 8;
+    const long nb = B <= 4 ? n1 - n0 : 8;
     for (long m0 = n0; m0 < n1; m0 += nb) {
         const long m1 = m0 + nb < n1 ? m0 + nb : n1;
-        for (int b0 = 0; b0 < B; b0 += 8) {
+        for (int b0 = 0; b0 < B; b0 += 4) {
             const float *xc = x + (long)b0 * K;
             float *yc = y + (long)b0 * N;
-            switch (B - b0 < 8 ? B - b0 : 8) {
-                CASE(1, type) CASE(2, type) CASE(3, type) CASE(4, type)
-                CASE(5, type) CASE(6, type) CASE(7, type) CASE(8, type) }
+            switch (B - b0 < 4 ? B - b0 : 4) {
+                CASE(1, type) CASE(2, type) CASE(3, type) CASE(4, type) }
         }
     }
 }
