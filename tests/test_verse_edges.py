@@ -90,7 +90,11 @@ def test_rhymes_contract():
 def test_spelling_fallback():
     cases = {"flane": (1, "~ane"), "gentle": (2, "~e"), "glorp": (1, "~orp"), "the": (1, "~e"),
              "bree": (1, "~ee"), "xyz": (1, "~yz"), "brrr": (1, "~brrr"), "ble": (1, "~e"),
-             "sprokable": (3, "~e"), "glorpe": (1, "~orpe"), "ae": (1, "~ae")}
+             "sprokable": (3, "~e"), "glorpe": (1, "~orpe"), "ae": (1, "~ae"),
+             "ume": (1, "~ume"),  # three letters: the shortest silent e
+             "flobee": (2, "~ee"),  # a vowel before the e: not silent
+             "blorpat": (2, "~at"),  # no final e
+             "sprokane": (2, "~ane")}  # three vowel groups less the silent e
     for word, (n, key) in cases.items():
         assert verse.spelled_syllables(word) == n, word
         assert verse.spelled_rhyme_key(word) == key, word
@@ -130,8 +134,10 @@ def test_repeat_scheme_takes_fresh_letters_up_to_z():
     assert verse.repeat_scheme("ABAB", 3) == ["ABAB", "CDCD", "EFEF"]
     assert verse.repeat_scheme("ABBA", 1) == ["ABBA"]
     assert verse.repeat_scheme("AB", 13)[-1] == "YZ"  # 26 letters: the last allowed
-    with pytest.raises(GPTSmallError, match="more than 26 letters"):
-        verse.repeat_scheme("AB", 14)
+    assert verse.repeat_scheme("ABC", 8)[-1] == "VWX"
+    for stanza, times in (("AB", 14), ("ABC", 9)):  # 28 and 27 letters
+        with pytest.raises(GPTSmallError, match="more than 26 letters"):
+            verse.repeat_scheme(stanza, times)
 
 
 # ---------------------------------------------------------------- a model with known probabilities
