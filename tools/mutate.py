@@ -189,11 +189,16 @@ def run_module(module: str, *, max_children: int, equivalents: list[Equivalent],
     work = WORK / Path(module).with_suffix("").as_posix().replace("/", ".")
     _copy_tree(work)
     (work / "setup.cfg").write_text(_config(module, tests))
+    meta = work / "mutants" / (module + ".meta")
+    if meta.is_file():  # a re-run: what was killed stays killed; every other mutant is tried again
+        state = json.loads(meta.read_text())
+        codes = state.get("exit_code_by_key", {})
+        state["exit_code_by_key"] = {k: (v if STATUS.get(v) == KILLED else None) for k, v in codes.items()}
+        meta.write_text(json.dumps(state))
     log_path = log_dir / f"{work.name}.log"
     with open(log_path, "w") as log:
         _mutmut(work, "run", "--max-children", str(max_children), log=log)
     result = Result(module)
-    meta = work / "mutants" / (module + ".meta")
     if not meta.is_file():
         raise SystemExit(f"mutmut left no results for {module}; see {log_path}")
     codes = json.loads(meta.read_text())["exit_code_by_key"]
