@@ -130,6 +130,23 @@ def test_schemes_refused(scheme, message):
         verse.parse_scheme(scheme)
 
 
+def test_scheme_refusals_are_one_whole_line():
+    names = "sonnet, petrarchan, couplets, quatrain, envelope, ballad, limerick"
+    cases = {
+        "": "rhyme scheme is empty; give letters such as ABAB or 'ABAB CDCD EFEF GG'",
+        "A1B2 A_": f"rhyme scheme 'A1B2 A_' has characters other than letters A-Z: '12_'; give letters such as "
+                   f"ABAB, or one of: {names}",
+        "AB^A": f"rhyme scheme 'AB^A' has characters other than letters A-Z: '^'; give letters such as ABAB, or "
+                f"one of: {names}",
+        "ABAB CECE": "rhyme scheme 'ABAB CECE': letter E comes before D; new rhymes take the next letter of the "
+                     "alphabet, as in ABAB CDCD EFEF GG",
+    }
+    for scheme, message in cases.items():
+        with pytest.raises(GPTSmallError) as e:
+            verse.parse_scheme(scheme)
+        assert str(e.value) == message
+
+
 def test_repeat_scheme_takes_fresh_letters_up_to_z():
     assert verse.repeat_scheme("ABAB", 3) == ["ABAB", "CDCD", "EFEF"]
     assert verse.repeat_scheme("ABBA", 1) == ["ABBA"]
