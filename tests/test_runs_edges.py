@@ -12,6 +12,7 @@ not the same folder written another way, nor a moved folder whose old path is go
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -199,3 +200,52 @@ def test_import_refuses_what_it_cannot_compute_in_one_line(extra, message, tmp_p
     with pytest.raises(GPTSmallError, match=message.replace("(", r"\(")) as e:
         gpt_config_of({**BASE, **extra}, tmp_path)
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- what --resume may change
+
+def _saved(**train) -> dict:
+    from gpt_small.config import TrainConfig
+
+    model = GPTConfig.from_preset("tiny", vocab_size=40, block_size=32)
+    return {"model": model.to_dict(), "train": dataclasses.asdict(TrainConfig(**train))}
+
+
+def test_resume_configs_change_only_resumable_fields():
+    from gpt_small.config import Assignment, ConfigError, TrainConfig
+    from gpt_small.resume import resume_configs
+
+    resumable = {f.name for cls in (GPTConfig, TrainConfig) for f in dataclasses.fields(cls) if f.metadata.get("resume")}
+    assert {"max_steps", "max_time", "eval_interval", "threads", "device", "final_eval"} <= resumable
+    model, train = resume_configs(_saved(max_steps=10), sets=["max_steps=20", "eval_interval=5"],
+                                  flags=[Assignment("--threads", "train", "threads", "1")])
+    assert (train.max_steps, train.eval_interval, train.threads) == (20, 5, 1)
+    assert model.n_layer == GPTConfig.from_preset("tiny").n_layer
+    # the same value as the run's is no change
+    _, train = resume_configs(_saved(lr=1e-3), sets=["lr=0.001"])
+    assert train.lr == 1e-3
+    with pytest.raises(ConfigError) as e:
+        resume_configs(_saved(lr=1e-3), flags=[Assignment("--lr", "train", "lr", "0.002")])
+    msg = str(e.value)
+    assert msg.startswith("--resume: --lr would change lr from 0.001 (the run's) to 0.002; a resumed run keeps")
+    assert ", ".join(sorted(resumable)) in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match=r"--set model.n_layer would change n_layer from \d+ \(the run's\) to 7"):
+        resume_configs(_saved(), sets=["model.n_layer=7"])
+    with pytest.raises(ConfigError, match="--preset baby would change"):
+        resume_configs(_saved(), preset="baby")
+    resume_configs(_saved(), preset="tiny")  # the run's own preset is no change
+    saved = _saved()
+    saved["train"]["from_a_newer_version"] = 1  # a field of another version is dropped
+    resume_configs(saved)
+    for broken in ({"train": {}}, {"model": {"n_layer": "x"}, "train": {}}, {"model": saved["model"], "train": {"lr": 1, "bad": 2, "batch_size": None}}):
+        with pytest.raises((ConfigError, GPTSmallError)):
+            resume_configs(broken)
+
+
+def test_resume_configs_take_a_config_file_but_not_its_preset(tmp_path):
+    from gpt_small.resume import resume_configs
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "baby"\n[train]\nmax_steps = 99\n')
+    _, train = resume_configs(_saved(), config_file=toml)
+    assert train.max_steps == 99
