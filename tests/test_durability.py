@@ -7,8 +7,9 @@ durable. In system calls, for every rename into a folder that gpt-small writes:
    Python's buffered files write at close unless flushed first, which would leave the fsync'd
    file empty);
 2. after the rename, the destination's folder is opened and fsync'd.
-The rule is checked on every rename the traced command makes under its output folder, so a new
-writer is covered without being listed here.
+The rule is checked on every rename the traced code makes under its output folder, so a new
+writer is covered without being listed here. The library's writers are traced inside this test
+process (strace attached to it for the block), the CLI's in a child process.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +62,33 @@ def trace(tmp_path: Path, argv: list[str], env: dict | None = None) -> list[Call
                           capture_output=True, text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
                                                                **(env or {})}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return parse(log)
+
+
+@contextmanager
+def traced_here(tmp_path: Path):
+    """strace attached to this process for the block; yields the list the calls are put in."""
+    log, marker = tmp_path / "strace-here.log", tmp_path / "strace-marker"
+    calls: list[Call] = []
+    proc = subprocess.Popen(["strace", "-f", "-qq", "-y", "-s", "0", "-e", f"trace={SYSCALLS}", "-o", str(log),
+                             "-p", str(os.getpid())], stderr=subprocess.PIPE, text=True)
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT)
+    try:
+        deadline = time.monotonic() + 30
+        while not (log.is_file() and str(marker) in log.read_text()):  # attached once it sees our write
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.skip(f"strace cannot attach to this process: {proc.stderr.read() if proc.poll() is not None else 'timeout'}")
+            os.write(fd, b"x")
+            time.sleep(0.02)
+        yield calls
+    finally:
+        os.close(fd)
+        proc.terminate()
+        proc.wait(timeout=30)
+    calls.extend(parse(log))
+
+
+def parse(log: Path) -> list[Call]:
     calls, pending = [], {}
     for raw in log.read_text().splitlines():
         pid = raw.split(None, 1)[0]
@@ -103,27 +133,38 @@ def _python(tmp_path: Path, code: str) -> list[Call]:
 
 
 def test_atomic_write_of_each_kind_of_data(tmp_path):
+    from gpt_small.fileio import atomic_write, strict_json
+
     out = tmp_path / "out"
-    calls = _python(tmp_path, f"""
-        from pathlib import Path
-        from gpt_small.fileio import atomic_write, strict_json
-        out = Path({str(out)!r})
-        atomic_write(out / "text.txt", "hello\\n")
-        atomic_write(out / "bytes.bin", b"\\x00" * 10)
+
+    def writer(f):
+        for k in range(100):
+            f.write(b"chunk %d\n" % k)
+        return 7
+
+    with traced_here(tmp_path) as calls:
+        atomic_write(out / "text.txt", "hello\n")
+        atomic_write(out / "bytes.bin", b"\x00" * 10)
         atomic_write(out / "big.bin", b"x" * (3 << 20))  # past any buffer
-        def writer(f):
-            for k in range(100):
-                f.write(b"chunk %d\\n" % k)
-            return 7
         assert atomic_write(out / "writer.txt", writer) == 7
-        atomic_write(out / "text.txt", strict_json({{"a": float("nan")}}))  # replaces an existing file
+        atomic_write(out / "text.txt", strict_json({"a": float("nan")}))  # replaces an existing file
         atomic_write(out / "deeper" / "new.txt", "made with its folder")
-    """)
-    dsts = {Path(d).name for _, d in check_durability(calls, out)}
-    assert dsts == {"text.txt", "bytes.bin", "big.bin", "writer.txt", "new.txt"}
+    dsts = [Path(d).name for _, d in check_durability(calls, out)]
+    assert sorted(dsts) == ["big.bin", "bytes.bin", "new.txt", "text.txt", "text.txt", "writer.txt"]
     assert (out / "text.txt").read_text() == '{"a": null}' and (out / "writer.txt").read_text().count("\n") == 100
     assert len((out / "big.bin").read_bytes()) == 3 << 20
     assert sorted(p.name for p in out.iterdir()) == ["big.bin", "bytes.bin", "deeper", "text.txt", "writer.txt"]
+
+
+def test_prepare_in_process(tmp_path, verse):
+    from gpt_small.data import prepare
+
+    text = tmp_path / "poems.txt"
+    text.write_text(verse(300))
+    with traced_here(tmp_path) as calls:
+        prepare(out=tmp_path / "data", text=text, tokenizer="char")
+    names = {Path(d).name for _, d in check_durability(calls, tmp_path / "data")}
+    assert {"tokenizer.json", "meta.json"} <= names and any(n.endswith(".bin") for n in names), names
 
 
 def test_a_writer_that_forgets_nothing_but_writes_after_its_fsync_is_caught(tmp_path):
@@ -154,9 +195,9 @@ def test_a_writer_that_forgets_nothing_but_writes_after_its_fsync_is_caught(tmp_
         check_durability(calls, out)
 
 
-def test_every_file_of_prepare_and_of_a_short_training_run(tmp_path, verse):
-    """`prepare` (tokenizer, token files, meta.json) and `train` (checkpoints, their links,
-    run_config.json, summary.json, the plot): every rename into their folders keeps the order."""
+def test_every_file_of_the_cli_prepare_and_a_short_training_run(tmp_path, verse):
+    """`gpt-small prepare` (tokenizer, token files, meta.json) and `train` (checkpoints, their
+    links, run_config.json, summary.json, the plot): every rename into their folders keeps the order."""
     text = tmp_path / "poems.txt"
     text.write_text(verse(400))
     data, run = tmp_path / "data", tmp_path / "run"
