@@ -198,7 +198,7 @@ MUTATIONS: list[Mutation] = [
       "tests/test_kernels.py", "-k", "decode_attention_equals_sdpa"),
     M("K2", "ops/csrc/decode.c", "sq += (double)(x[i] - mean) * (x[i] - mean);", "sq += (double)x[i] * x[i];",
       "the C decoding step's LayerNorm variance forgets to centre on the mean",
-      "tests/test_decoder.py", "-k", "fused_step_equals_the_blocks"),
+      "tests/test_kernel_edges.py"),
     M("K3", "ops/csrc/gelu.c", "#define K1 0.044715f", "#define K1 0.0f",
       "the C GELU loses its cubic term", "tests/test_kernels.py", "-k", "gelu_tanh_matches"),
 ]
