@@ -107,6 +107,8 @@ def test_rhyming_words():
     assert "away" in found and "play" in found and "day" not in found
     assert found == sorted(found) and all(w.isalpha() for w in found)
     assert verse.rhyming_words("glorp") == []  # not in the dictionary
+    # in the dictionary, but its rhyme key belongs to no plain word (the index holds plain words only)
+    assert verse.in_dictionary("acme's") and verse.rhyming_words("acme's") == []
     assert "a" in verse.rhyme_index()["EY"] or "a" in verse.rhyme_index()["AH"]
     assert all(len(w) > 1 or w in ("a", "i") for ws in verse.rhyme_index().values() for w in ws)
 

@@ -123,7 +123,10 @@ def changed_modules(base: str) -> list[str]:
     ref = merge_base.stdout.strip() or base
     diff = subprocess.run(["git", "diff", "--name-only", ref, "--", "gpt_small"], cwd=ROOT, capture_output=True,
                           text=True, check=True)
-    names = set(diff.stdout.split())
+    names = {n for n in diff.stdout.split() if n.endswith(".py")}
+    for n in sorted(names - set(MODULE_TESTS)):
+        if (ROOT / n).is_file():
+            print(f"{n} changed but has no row in MODULE_TESTS (tools/mutate.py): add its tests there to mutate it")
     return [m for m in MODULE_TESTS if m in names]
 
 
