@@ -36,6 +36,17 @@ def test_mode_is_0666_less_the_umask_or_as_given(tmp_path):
     assert tmp.stat().st_mode & 0o777 == 0o640 and tmp.read_bytes() == b"x"
 
 
+def test_default_mode_with_no_umask_is_0666_and_folders_are_made_with_their_parents(tmp_path):
+    old = os.umask(0)
+    try:
+        atomic_write(tmp_path / "a" / "b" / "c.txt", "x")
+        tmp, _ = write_temp(tmp_path / "d" / "e" / "f.bin", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a" / "b" / "c.txt").stat().st_mode & 0o777 == 0o666
+    assert tmp.stat().st_mode & 0o777 == 0o666 and tmp.parent == tmp_path / "d" / "e"
+
+
 def test_text_is_utf8_and_the_writers_result_is_returned(tmp_path):
     assert atomic_write(tmp_path / "t", "é\n") is None
     assert (tmp_path / "t").read_bytes() == "é\n".encode("utf-8")
@@ -94,6 +105,12 @@ def test_append_line(tmp_path):
     assert (tmp_path / "m.jsonl").read_text() == '{"a": 1}\n{"a": 2}\n'
     with pytest.raises(GPTSmallError, match=r"^cannot write .*m\.jsonl: no such file or directory$"):
         append_line(tmp_path / "gone" / "m.jsonl", "x")
+    # UTF-8 whatever the locale: here a process whose locale encoding is ASCII (LC_ALL=C, no UTF-8 mode)
+    append_line(tmp_path / "u.jsonl", "\u00e9 \u266a")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    code = "import sys\nfrom gpt_small.fileio import append_line\nappend_line(sys.argv[1], '\\u00e9 \\u266a')"
+    subprocess.run([sys.executable, "-X", "utf8=0", "-c", code, str(tmp_path / "u.jsonl")], env=env, check=True)
+    assert (tmp_path / "u.jsonl").read_bytes() == ("\u00e9 \u266a\n" * 2).encode("utf-8")
 
 
 def test_strict_json():
