@@ -167,6 +167,7 @@ def test_folder_lock_across_processes_and_within_one(tmp_path):
     assert probe.stdout.strip() == "ok"
     a.release()  # a second release is harmless
     assert a.acquire() is a and a.acquire() is a
+    assert list(fileio._held) == [folder.resolve()]  # released, then really taken again
     a.release()
     assert not fileio._held
 
