@@ -249,3 +249,47 @@ def test_resume_configs_take_a_config_file_but_not_its_preset(tmp_path):
     toml.write_text('preset = "baby"\n[train]\nmax_steps = 99\n')
     _, train = resume_configs(_saved(), config_file=toml)
     assert train.max_steps == 99
+
+
+def _run_with(folder: Path, tok, *, data_entry, best_train: dict, last_train: dict) -> Path:
+    cfg = GPTConfig.from_preset("tiny", vocab_size=tok.vocab_size, block_size=32).to_dict()
+    m = _model(tok.vocab_size, 1)
+    save_checkpoint(folder, step=1, model=m, tokenizer=tok, config={"model": cfg, "train": best_train, "data": data_entry},
+                    links=("last", "best"))
+    save_checkpoint(folder, step=2, model=m, tokenizer=tok, config={"model": cfg, "train": last_train, "data": data_entry},
+                    links=("last",))
+    return folder
+
+
+def test_resume_plan_reads_last_and_passes_every_change_on(data, tmp_path):
+    from gpt_small.config import Assignment, ConfigError
+    from gpt_small.data import PreparedData
+
+    tok = PreparedData(data).tokenizer
+    run = _run_with(tmp_path / "run", tok, data_entry={"directory": str(data)}, best_train={"max_steps": 10},
+                    last_train={"max_steps": 20})
+    assert resume_plan(run)[2].max_steps == 20  # the last checkpoint's config, not best's
+    assert resume_plan(run, sets=["max_steps=30"])[2].max_steps == 30
+    assert resume_plan(run, flags=[Assignment("--eval-interval", "train", "eval_interval", "7")])[2].eval_interval == 7
+    toml = tmp_path / "more.toml"
+    toml.write_text("[train]\nmax_steps = 40\n")
+    assert resume_plan(run, config_file=toml)[2].max_steps == 40
+    with pytest.raises(ConfigError) as e:
+        resume_plan(run, preset="baby")
+    assert str(e.value).endswith("may change (start a new run with another --out to change it)")
+    with pytest.raises(GPTSmallError) as e:
+        resume_plan(tmp_path / "empty")
+    assert str(e.value) == (f"--resume: {tmp_path / 'empty'} holds no checkpoint to resume (no "
+                            f"{tmp_path / 'empty' / 'last'}); train without --resume to start a run there")
+
+
+@pytest.mark.parametrize("entry", [None, {"directory": ""}, {}, "a/path"])
+def test_resume_of_a_run_that_records_no_data_folder_asks_for_one(entry, data, tmp_path):
+    from gpt_small.data import PreparedData
+
+    tok = PreparedData(data).tokenizer
+    run = _run_with(tmp_path / "run", tok, data_entry=entry, best_train={}, last_train={})
+    with pytest.raises(GPTSmallError) as e:
+        resume_plan(run)
+    assert str(e.value) == "--resume: the run's data folder None is gone; pass --data with the folder it was prepared into"
+    assert resume_plan(run, data=data)[0] == data  # an imported run (no data) takes the one given
