@@ -249,6 +249,12 @@ def test_resume_configs_take_a_config_file_but_not_its_preset(tmp_path):
     toml.write_text('preset = "baby"\n[train]\nmax_steps = 99\n')
     _, train = resume_configs(_saved(), config_file=toml)
     assert train.max_steps == 99
+    _, train = resume_configs(_saved(), config_file=toml, preset="tiny")  # the file's changes are kept
+    assert train.max_steps == 99
+    from gpt_small.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^the run's saved config is incomplete or damaged \(.*\); start a new run$"):
+        resume_configs({"train": {}})
 
 
 def _run_with(folder: Path, tok, *, data_entry, best_train: dict, last_train: dict) -> Path:
