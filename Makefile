@@ -9,7 +9,7 @@ DATA := data/eng-poem-char
 # configs/poem-gpu.toml), else runs/poem-cpu (configs/poem-cpu.toml)
 RUN ?=
 
-.PHONY: setup poem test bench serve browser clean lock fuzz
+.PHONY: setup poem test bench serve browser clean lock fuzz mutate mutate-changed
 
 # `make` installs from hash-locked exact versions (requirements.lock, made from pyproject.toml by
 # `make lock`: every extra, every transitive dependency), so a dependency's release next year
@@ -71,6 +71,14 @@ bench: setup
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/generate_throughput.py
 	$(PY) benchmarks/weight_streaming.py
+
+# Mutation testing (tools/mutate.py, docs/testing.md): minutes per module, so not part of `make test`.
+# `make mutate-changed` takes the modules that differ from main (BASE=other to compare with another).
+BASE ?= main
+mutate: setup
+	nice $(PY) tools/mutate.py --all
+mutate-changed: setup
+	nice $(PY) tools/mutate.py --changed --base $(BASE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,6 +1,6 @@
 """Promises no earlier test observed, each found by a mutation that passed the suite unnoticed.
 
-docs/mutation-testing.md lists the campaign (tools/mutation_campaign.py re-runs it); every test
+docs/testing.md lists the campaign (tools/mutation_campaign.py re-runs it); every test
 here fails under the mutation named in its docstring.
 """
 

@@ -3,7 +3,7 @@
     python tools/mutation_campaign.py                 # every mutation, a table on stdout
     python tools/mutation_campaign.py --only T1,G1    # some of them
     python tools/mutation_campaign.py --list          # the list, nothing run
-    python tools/mutation_campaign.py --markdown docs/mutation-testing.md --state runs/mutations.jsonl
+    python tools/mutation_campaign.py --markdown runs/mutation-campaign.md --state runs/mutations.jsonl
 
 Each mutation is one hand-made change of the package (a flipped sign, an off-by-one, a dropped
 call), written as (id, file, old text, new text, what it breaks, the tests that should notice).
@@ -190,6 +190,17 @@ MUTATIONS: list[Mutation] = [
     M("DV2", "device.py", "return torch.bfloat16 if bf16_faster else torch.float32",
       "return torch.float32 if bf16_faster else torch.bfloat16", "bfloat16-if-faster picks the slower dtype",
       TRAIN, "-k", "bfloat16_if_faster"),
+    # ---- the C kernels (ops/csrc): mutmut mutates Python only, so these stay hand-made. The
+    # kernel is rebuilt for the mutated source (its cache key is the source text).
+    M("K1", "ops/csrc/decode.c", "    for (long s = S16; s < S; s++) {\n        p[s] = expf(p[s] - m);",
+      "    for (long s = S16 + 1; s < S; s++) {\n        p[s] = expf(p[s] - m);",
+      "attention over a cache that is not a multiple of 16 positions skips one position's softmax term",
+      "tests/test_kernels.py", "-k", "decode_attention_equals_sdpa"),
+    M("K2", "ops/csrc/decode.c", "sq += (double)(x[i] - mean) * (x[i] - mean);", "sq += (double)x[i] * x[i];",
+      "the C decoding step's LayerNorm variance forgets to centre on the mean",
+      "tests/test_kernel_edges.py"),
+    M("K3", "ops/csrc/gelu.c", "#define K1 0.044715f", "#define K1 0.0f",
+      "the C GELU loses its cubic term", "tests/test_kernels.py", "-k", "gelu_tanh_matches"),
 ]
 
 
@@ -325,7 +336,7 @@ def main() -> None:
           f"missed: {', '.join(r['mutation'].id for r in counted if r['status'] == 'missed') or 'none'}")
     if args.markdown:
         Path(args.markdown).write_text(markdown(results, "python tools/mutation_campaign.py --markdown "
-                                                         "docs/mutation-testing.md"))
+                                                         "runs/mutation-campaign.md"))
 
 
 if __name__ == "__main__":
