@@ -19,7 +19,7 @@ import signal
 import sys
 from typing import Callable, NoReturn
 
-from . import __version__
+from . import __version__, limits
 from .config import LINE_TOKEN_BUDGET  # --lines N without --max-new-tokens: room for N lines
 from .errors import GPTSmallError
 
@@ -195,7 +195,7 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int,
                    help=f"at most this many tokens per sample (default: {LINE_TOKEN_BUDGET} per --lines line, else 500)")
     p.add_argument("--lines", type=int, help="stop after this many complete verse lines")
-    p.add_argument("--stop", help="stop after this text")
+    p.add_argument("--stop", help=f"stop after this text (at most {limits.MAX_STOP_CHARS} characters)")
     p.add_argument("--temperature", type=float, default=0.8,
                    help="0 to 100 (default: 0.8); below 0.0001, 0 included, = greedy (the most likely token)")
     p.add_argument("--top-k", type=int)

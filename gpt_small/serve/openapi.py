@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .forms import FORMS, MAX_SYLLABLES
+from .. import limits as bounds
+from .forms import FORMS
 from .protocol import Limits
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -19,11 +20,14 @@ _REFUSED = {"description": "known to OpenAI; refused by name when set"}
 
 def _sampling(limits: Limits, temperature: float) -> dict[str, Any]:
     return {
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": temperature},
+        "temperature": {"type": "number", "minimum": 0, "maximum": limits.max_temperature, "default": temperature,
+                        "description": f"below {bounds.TEMPERATURE_FLOOR:g}: greedy"},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "top_k": {"type": "integer", "minimum": -1, "description": "vLLM's; -1 or 0: off"},
-        "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 10, "default": 1},
-        "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+        "top_k": {"type": "integer", "minimum": -1, "maximum": bounds.MAX_TOP_K,
+                  "description": "vLLM's; -1 or 0: off"},
+        "repetition_penalty": {"type": "number", "minimum": bounds.MIN_REPETITION_PENALTY,
+                               "maximum": bounds.MAX_REPETITION_PENALTY, "default": 1},
+        "seed": {"type": "integer", "minimum": 0, "maximum": bounds.MAX_SEED},
         "stream": {"type": "boolean", "default": False},
     }
 
@@ -74,12 +78,13 @@ def request_schemas(limits: Limits) -> dict[str, dict[str, Any]]:
                                            "parallel_tool_calls", "audio", "prediction", "reasoning_effort",
                                            "web_search_options", "metadata", "service_tier")}}
     poem = {**_sampling(limits, 0.8), "model": {"type": "string", "enum": [limits.model_name]},
-            "prompt": {"type": "string"}, "lines": {"type": "integer", "minimum": 1, "maximum": 200, "default": 12},
-            "stanzas": {"type": "integer", "minimum": 1, "maximum": 50, "default": 1}, "max_tokens": max_tokens,
+            "prompt": {"type": "string"}, "lines": {"type": "integer", "minimum": 1, "maximum": limits.max_poem_lines,
+                                                "default": 12},
+            "stanzas": {"type": "integer", "minimum": 1, "maximum": bounds.MAX_STANZAS, "default": 1}, "max_tokens": max_tokens,
             # verse forms (serve/forms.py holds their names and bounds)
             "form": {"type": "string", "enum": list(FORMS)},
             "rhyme": {"type": "string", "description": "a rhyme scheme such as ABAB, or a named one"},
-            "syllables": {"type": "integer", "minimum": 1, "maximum": MAX_SYLLABLES}}
+            "syllables": {"type": "integer", "minimum": 1, "maximum": bounds.MAX_SYLLABLES}}
     required = {"/v1/completions": ["model"], "/v1/chat/completions": ["model", "messages"], "/v1/poem": []}
     return {path: {"type": "object", "properties": props, "required": required[path], "additionalProperties": False}
             for path, props in (("/v1/completions", completion), ("/v1/chat/completions", chat), ("/v1/poem", poem))}
