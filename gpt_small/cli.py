@@ -196,8 +196,9 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
                    help=f"at most this many tokens per sample (default: {LINE_TOKEN_BUDGET} per --lines line, else 500)")
     p.add_argument("--lines", type=int, help="stop after this many complete verse lines")
     p.add_argument("--stop", help=f"stop after this text (at most {limits.MAX_STOP_CHARS} characters)")
-    p.add_argument("--temperature", type=float, default=0.8,
-                   help="0 to 100 (default: 0.8); below 0.0001, 0 included, = greedy (the most likely token)")
+    p.add_argument("--temperature", type=float, default=limits.POEM_TEMPERATURE,
+                   help=f"0 to {limits.MAX_TEMPERATURE:g} (default: {limits.POEM_TEMPERATURE}); below "
+                        f"{limits.TEMPERATURE_FLOOR:g}, 0 included, = greedy (the most likely token)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--repetition-penalty", type=float, default=1.0)

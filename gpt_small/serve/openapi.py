@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import limits as bounds
 from .forms import FORMS
-from .protocol import Limits
+from .protocol import OPENAI_MAX_TOKENS, OPENAI_TEMPERATURE, POEM_LINES, Limits
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
@@ -52,10 +52,10 @@ def _openai_common(limits: Limits) -> dict[str, Any]:
 def request_schemas(limits: Limits) -> dict[str, dict[str, Any]]:
     """The request body schema of each POST route."""
     h, max_tokens = limits.http, {"type": "integer", "minimum": 1, "maximum": limits.max_new_tokens}
-    completion = {**_openai_common(limits), **_sampling(limits, 1.0),
+    completion = {**_openai_common(limits), **_sampling(limits, OPENAI_TEMPERATURE),
                   "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "maxItems": limits.max_n,
                                                             "items": {"type": "string"}}]},
-                  "max_tokens": {**max_tokens, "default": 16},
+                  "max_tokens": {**max_tokens, "default": OPENAI_MAX_TOKENS},
                   "echo": {"type": "boolean", "default": False},
                   "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": h.max_top_logprobs},
                   "best_of": {"type": "integer", "description": "equal to n only"},
@@ -66,7 +66,7 @@ def request_schemas(limits: Limits) -> dict[str, dict[str, Any]]:
         "role": {"enum": ["system", "developer", "user", "assistant"]},
         "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": part}]},
         "name": {"type": "string"}}}
-    chat = {**_openai_common(limits), **_sampling(limits, 1.0),
+    chat = {**_openai_common(limits), **_sampling(limits, OPENAI_TEMPERATURE),
             "messages": {"type": "array", "minItems": 1, "maxItems": h.max_messages, "items": message},
             "max_tokens": max_tokens, "max_completion_tokens": max_tokens,
             "logprobs": {"type": "boolean", "default": False},
@@ -77,10 +77,10 @@ def request_schemas(limits: Limits) -> dict[str, dict[str, Any]]:
             **{name: _REFUSED for name in ("tools", "tool_choice", "functions", "function_call",
                                            "parallel_tool_calls", "audio", "prediction", "reasoning_effort",
                                            "web_search_options", "metadata", "service_tier")}}
-    poem = {**_sampling(limits, 0.8), "model": {"type": "string", "enum": [limits.model_name]},
-            "prompt": {"type": "string"}, "lines": {"type": "integer", "minimum": 1, "maximum": limits.max_poem_lines,
-                                                "default": 12},
-            "stanzas": {"type": "integer", "minimum": 1, "maximum": bounds.MAX_STANZAS, "default": 1}, "max_tokens": max_tokens,
+    poem = {**_sampling(limits, bounds.POEM_TEMPERATURE), "model": {"type": "string", "enum": [limits.model_name]},
+            "prompt": {"type": "string"}, "max_tokens": max_tokens,
+            "lines": {"type": "integer", "minimum": 1, "maximum": limits.max_poem_lines, "default": POEM_LINES},
+            "stanzas": {"type": "integer", "minimum": 1, "maximum": bounds.MAX_STANZAS, "default": 1},
             # verse forms (serve/forms.py holds their names and bounds)
             "form": {"type": "string", "enum": list(FORMS)},
             "rhyme": {"type": "string", "description": "a rhyme scheme such as ABAB, or a named one"},

@@ -89,6 +89,12 @@ class Limits:
     http: HttpLimits = HTTP_LIMITS
 
 
+# Defaults a request may leave out: OpenAI's for its routes; /v1/poem's are generate's.
+OPENAI_TEMPERATURE = 1.0
+OPENAI_MAX_TOKENS = 16
+POEM_LINES = 12  # verse lines per stanza
+
+
 @dataclass(kw_only=True)
 class Sampling:
     """Per-sample options; each sample draws from its own generator seeded with `seed`."""
@@ -302,9 +308,9 @@ def decode_completion(d: dict[str, Any], tokenizer: Any, limits: Limits) -> Comp
     stream = _bool(d, "stream", False)
     return CompletionRequest(
         prompts=prompts, prompt_ids=[encode_prompt(tokenizer, p, limits) for p in prompts],
-        max_tokens=_int(d, "max_tokens", 16, 1, limits.max_new_tokens), n=n, stop=decode_stop(d, limits),
-        stream=stream, include_usage=include_usage(d, stream), echo=echo, sampling=_sampling(d, 1.0, limits),
-        logprobs=logprobs)
+        max_tokens=_int(d, "max_tokens", OPENAI_MAX_TOKENS, 1, limits.max_new_tokens), n=n, stop=decode_stop(d, limits),
+        stream=stream, include_usage=include_usage(d, stream), echo=echo,
+        sampling=_sampling(d, OPENAI_TEMPERATURE, limits), logprobs=logprobs)
 
 
 def decode_stop(d: dict[str, Any], limits: Limits) -> list[str]:
@@ -337,7 +343,7 @@ def decode_poem(d: dict[str, Any], tokenizer: Any, limits: Limits) -> PoemReques
     prompt = d.get("prompt", "")
     if not isinstance(prompt, str):
         raise _bad("prompt", "expected a string")
-    lines = _int(d, "lines", 12, 1, limits.max_poem_lines)
+    lines = _int(d, "lines", POEM_LINES, 1, limits.max_poem_lines)
     stanzas = _int(d, "stanzas", 1, 1, bounds.MAX_STANZAS)
     from .forms import decode_form  # verse forms: their fields and checks live with them
 
@@ -347,7 +353,7 @@ def decode_poem(d: dict[str, Any], tokenizer: Any, limits: Limits) -> PoemReques
     return PoemRequest(prompt=prompt, prompt_ids=encode_prompt(tokenizer, prompt, limits), lines=lines,
                        stanzas=stanzas, max_tokens=_int(d, "max_tokens", limits.max_new_tokens, 1,
                                                         limits.max_new_tokens),
-                       stream=_bool(d, "stream", False), sampling=_sampling(d, 0.8, limits),
+                       stream=_bool(d, "stream", False), sampling=_sampling(d, bounds.POEM_TEMPERATURE, limits),
                        form=form and form[0], form_name=form and form[1])
 
 
@@ -434,5 +440,5 @@ def decode_chat(d: dict[str, Any], tokenizer: Any, limits: Limits) -> Completion
     return CompletionRequest(
         prompts=[prompt], prompt_ids=[encode_prompt(tokenizer, prompt, limits, param="messages")],
         max_tokens=max_tokens or limits.max_new_tokens, n=_int(d, "n", 1, 1, limits.max_n), stop=decode_stop(d, limits),
-        stream=stream, include_usage=include_usage(d, stream), echo=False, sampling=_sampling(d, 1.0, limits),
-        logprobs=(top or 0) if logprobs else None)
+        stream=stream, include_usage=include_usage(d, stream), echo=False,
+        sampling=_sampling(d, OPENAI_TEMPERATURE, limits), logprobs=(top or 0) if logprobs else None)
