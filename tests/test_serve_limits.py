@@ -24,7 +24,7 @@ from starlette.testclient import TestClient  # noqa: E402
 from gpt_small import limits as bounds  # noqa: E402
 from gpt_small.serve import create_app  # noqa: E402
 from gpt_small.serve.guard import LOOPBACK_HOSTS  # noqa: E402
-from gpt_small.serve.protocol import HTTP_LIMITS, HttpLimits  # noqa: E402
+from gpt_small.serve.protocol import HTTP_LIMITS, HttpLimits, Limits  # noqa: E402
 from gpt_small.serve.server import make_server  # noqa: E402
 from serve_util import make_model  # noqa: E402
 from tests.test_fuzz import assert_one_line, run  # noqa: E402
@@ -188,6 +188,19 @@ def test_a_tiny_repetition_penalty_over_http_samples_or_is_refused_by_name(clien
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text[:300]
     r = post(client, "/v1/completions", completion(repetition_penalty=1e-300))
     assert r.status_code == 400 and r.json()["error"]["param"] == "repetition_penalty"
+
+
+def test_the_docs_show_the_shared_bounds_and_the_servers_own():
+    docs, own = " ".join(DOCS.read_text().split()), Limits(model_name=NAME)
+    power = lambda n: f"2^{n.bit_length() - 1}"  # noqa: E731
+    for phrase in (f"`seed` 0 to {power(bounds.MAX_SEED + 1)}-1", f"`top_k` up to {power(bounds.MAX_TOP_K)}",
+                   f"`repetition_penalty` {bounds.MIN_REPETITION_PENALTY:g} to {bounds.MAX_REPETITION_PENALTY:g}",
+                   f"`stop` string of up to {bounds.MAX_STOP_CHARS} characters",
+                   f"`stanzas` up to {bounds.MAX_STANZAS}", f"`syllables` 1 to {bounds.MAX_SYLLABLES}",
+                   f"below {bounds.TEMPERATURE_FLOOR:g} (0 included) is greedy",
+                   f"`temperature` at most {own.max_temperature:g}", f"`n` at most {own.max_n}",
+                   f"at most {own.max_poem_lines} `lines`"):
+        assert phrase in docs, f"docs/serve.md lacks {phrase!r}"
 
 
 def test_the_openapi_schema_shows_the_shared_bounds(client):
