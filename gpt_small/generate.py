@@ -259,8 +259,8 @@ def generate_text(model: nn.Module, tokenizer: TextTokenizer, prompt: str, *, ma
     _check_count("max_new_tokens", max_new_tokens)
     _check_count("num_samples", num_samples)
     _check_count("lines", lines)
-    if stop is not None and (not isinstance(stop, str) or stop == ""):
-        raise GPTSmallError(f"stop must be a non-empty string, got {stop!r}")
+    if stop is not None:
+        limits.check_text(stop, "stop", max_chars=limits.MAX_STOP_CHARS)
     ids = tokenizer.encode(prompt or "\n", unknown="error")  # names an unknown character
 
     new_ids: list[list[int]] = [[] for _ in range(num_samples)]
