@@ -196,8 +196,8 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
                    help=f"at most this many tokens per sample (default: {LINE_TOKEN_BUDGET} per --lines line, else 500)")
     p.add_argument("--lines", type=int, help="stop after this many complete verse lines")
     p.add_argument("--stop", help=f"stop after this text (at most {limits.MAX_STOP_CHARS} characters)")
-    p.add_argument("--temperature", type=float, default=limits.POEM_TEMPERATURE,
-                   help=f"0 to {limits.MAX_TEMPERATURE:g} (default: {limits.POEM_TEMPERATURE}); below "
+    p.add_argument("--temperature", type=float, default=limits.DEFAULT_TEMPERATURE,
+                   help=f"0 to {limits.MAX_TEMPERATURE:g} (default: {limits.DEFAULT_TEMPERATURE}); below "
                         f"{limits.TEMPERATURE_FLOOR:g}, 0 included, = greedy (the most likely token)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
@@ -458,7 +458,7 @@ def _args_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="folder for report.json/.md/.png (default: <run>/report)")
     p.add_argument("--data", help="prepared data (default: the run's, from run_config.json)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=limits.DEFAULT_TEMPERATURE)
     p.add_argument("--eval-tokens", type=int, help="score only the first N validation tokens (default: all)")
     p.add_argument("--device", default="auto")
 

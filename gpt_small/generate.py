@@ -241,7 +241,7 @@ def _finish(text: str, lines: int | None, stop: str | None) -> tuple[str, bool]:
 
 def generate_text(model: nn.Module, tokenizer: TextTokenizer, prompt: str, *, max_new_tokens: int = 500,
                   lines: int | None = None, stop: str | None = None, num_samples: int = 1,
-                  temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+                  temperature: float = limits.DEFAULT_TEMPERATURE, top_k: int | None = None, top_p: float | None = None,
                   repetition_penalty: float = 1.0, seed: int | None = None,
                   stream: Callable[[int, str], None] | None = None) -> list[str]:
     """Sample num_samples continuations of `prompt`; return each as prompt + continuation.

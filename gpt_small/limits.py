@@ -59,7 +59,7 @@ MAX_GRAD_ACCUM = 2**16
 # can hold unless two logits tie within ~1e-3, which argmax then breaks by index.
 TEMPERATURE_FLOOR = 1e-4
 MAX_TEMPERATURE = 100.0
-POEM_TEMPERATURE = 0.8  # the default of generate and of the server's /v1/poem
+DEFAULT_TEMPERATURE = 0.8  # generate, verse forms, report, poem and the server's /v1/poem
 # A repetition penalty outside [1/100, 100] makes a logit overflow or vanish in float32 ranges
 # that a char model reaches; neither end has a use (1.0 = off, 1.1-1.5 is the usual range).
 MIN_REPETITION_PENALTY = 0.01

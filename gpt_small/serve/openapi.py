@@ -77,7 +77,7 @@ def request_schemas(limits: Limits) -> dict[str, dict[str, Any]]:
             **{name: _REFUSED for name in ("tools", "tool_choice", "functions", "function_call",
                                            "parallel_tool_calls", "audio", "prediction", "reasoning_effort",
                                            "web_search_options", "metadata", "service_tier")}}
-    poem = {**_sampling(limits, bounds.POEM_TEMPERATURE), "model": {"type": "string", "enum": [limits.model_name]},
+    poem = {**_sampling(limits, bounds.DEFAULT_TEMPERATURE), "model": {"type": "string", "enum": [limits.model_name]},
             "prompt": {"type": "string"}, "max_tokens": max_tokens,
             "lines": {"type": "integer", "minimum": 1, "maximum": limits.max_poem_lines, "default": POEM_LINES},
             "stanzas": {"type": "integer", "minimum": 1, "maximum": bounds.MAX_STANZAS, "default": 1},

@@ -353,7 +353,7 @@ def decode_poem(d: dict[str, Any], tokenizer: Any, limits: Limits) -> PoemReques
     return PoemRequest(prompt=prompt, prompt_ids=encode_prompt(tokenizer, prompt, limits), lines=lines,
                        stanzas=stanzas, max_tokens=_int(d, "max_tokens", limits.max_new_tokens, 1,
                                                         limits.max_new_tokens),
-                       stream=_bool(d, "stream", False), sampling=_sampling(d, bounds.POEM_TEMPERATURE, limits),
+                       stream=_bool(d, "stream", False), sampling=_sampling(d, bounds.DEFAULT_TEMPERATURE, limits),
                        form=form and form[0], form_name=form and form[1])
 
 
