@@ -200,9 +200,10 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int,
                    help=f"at most this many tokens per sample (default: {LINE_TOKEN_BUDGET} per --lines line, else 500)")
     p.add_argument("--lines", type=int, help="stop after this many complete verse lines")
-    p.add_argument("--stop", help="stop after this text")
-    p.add_argument("--temperature", type=float, default=0.8,
-                   help="0 to 100 (default: 0.8); below 0.0001, 0 included, = greedy (the most likely token)")
+    p.add_argument("--stop", help=f"stop after this text (at most {limits.MAX_STOP_CHARS} characters)")
+    p.add_argument("--temperature", type=float, default=limits.DEFAULT_TEMPERATURE,
+                   help=f"0 to {limits.MAX_TEMPERATURE:g} (default: {limits.DEFAULT_TEMPERATURE}); below "
+                        f"{limits.TEMPERATURE_FLOOR:g}, 0 included, = greedy (the most likely token)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -459,7 +460,7 @@ def _args_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="folder for report.json/.md/.png (default: <run>/report)")
     p.add_argument("--data", help="prepared data (default: the run's, from run_config.json)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=limits.DEFAULT_TEMPERATURE)
     p.add_argument("--eval-tokens", type=int, help="score only the first N validation tokens (default: all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--window-keep", help=_WINDOW_KEEP_HELP)

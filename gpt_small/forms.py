@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import verse
+from . import limits, verse
 from .errors import GPTSmallError
 from .config import LINE_TOKEN_BUDGET
 from .kv_cache import rows_of
@@ -54,8 +54,6 @@ class Form:
     rhyme: str | None = None  # "ABAB", "AABB", "ABAB CDCD EFEF GG", "sonnet", ...
 
     def __post_init__(self) -> None:
-        from . import limits
-
         limits.optional_positive_int(self.lines, "lines", limits.MAX_LINES)
         limits.optional_positive_int(self.stanzas, "stanzas", limits.MAX_STANZAS)
         limits.optional_positive_int(self.syllables, "syllables", limits.MAX_SYLLABLES)
@@ -111,8 +109,6 @@ class SearchConfig:
     batch_rows: int = 128  # rows per forward pass when scoring endings
 
     def __post_init__(self) -> None:
-        from . import limits
-
         limits.positive_int(self.candidates, "search candidates", limits.MAX_CANDIDATES)
         limits.positive_int(self.budget, "search budget", limits.MAX_FORM_BUDGET)
         for name in ("endings", "stems", "batch_rows"):
@@ -336,8 +332,9 @@ def _newline_mask(tokenizer: TextTokenizer, vocab_size: int, device: torch.devic
 
 
 def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: str = "",
-            search: SearchConfig | None = None, temperature: float = 0.8, top_k: int | None = None,
-            top_p: float | None = None, seed: int | None = None, keep: int | str | None = None,
+            search: SearchConfig | None = None, temperature: float = limits.DEFAULT_TEMPERATURE,
+            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+            keep: int | str | None = None,
             calls: Callable[[Tensor, dict, list[int]], ModelCalls] | None = None,
             on_line: Callable[[dict[str, Any]], None] | None = None) -> Poem:
     """Write a poem in `form`, continuing `prompt`; see the module docstring. `keep`: the window

@@ -314,7 +314,7 @@ def _finish(text: str, lines: int | None, stop: str | None) -> tuple[str, bool]:
 
 def generate_text(model: nn.Module, tokenizer: TextTokenizer, prompt: str, *, max_new_tokens: int = 500,
                   lines: int | None = None, stop: str | None = None, num_samples: int = 1,
-                  temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+                  temperature: float = limits.DEFAULT_TEMPERATURE, top_k: int | None = None, top_p: float | None = None,
                   repetition_penalty: float = 1.0, seed: int | None = None,
                   stream: Callable[[int, str], None] | None = None, keep: int | str | None = None) -> list[str]:
     """Sample num_samples continuations of `prompt`; return each as prompt + continuation.
@@ -332,8 +332,8 @@ def generate_text(model: nn.Module, tokenizer: TextTokenizer, prompt: str, *, ma
     _check_count("max_new_tokens", max_new_tokens)
     _check_count("num_samples", num_samples)
     _check_count("lines", lines)
-    if stop is not None and (not isinstance(stop, str) or stop == ""):
-        raise GPTSmallError(f"stop must be a non-empty string, got {stop!r}")
+    if stop is not None:
+        limits.check_text(stop, "stop", max_chars=limits.MAX_STOP_CHARS)
     ids = tokenizer.encode(prompt_text(prompt), unknown="error")  # names an unknown character
 
     new_ids: list[list[int]] = [[] for _ in range(num_samples)]

@@ -22,8 +22,8 @@ from .errors import ConfigError
 C_LONG_MAX = 2**63 - 1
 
 # --- counts with a documented maximum (inclusive) ---
-MAX_NEW_TOKENS = 1_000_000      # tokens one sample may ask for (--max-new-tokens, API max_tokens)
-MAX_NUM_SAMPLES = 1_024         # samples per call (--num-samples, API n)
+MAX_NEW_TOKENS = 1_000_000      # tokens one sample may ask for (--max-new-tokens, serve's too)
+MAX_NUM_SAMPLES = 1_024         # samples per call (--num-samples); the server's n has its own cap
 MAX_LINES = 100_000             # --lines, report --lines
 MAX_REPORT_SAMPLES = 100_000    # report --samples
 MAX_SEED = C_LONG_MAX           # torch.manual_seed takes a C long
@@ -35,10 +35,9 @@ DEFAULT_SERVE_BATCH = 32
 MAX_SERVE_QUEUE = 1_000_000     # serve --max-queue
 MAX_TOP_K = 2**24               # never more than a vocabulary (MAX_VOCAB_SIZE)
 MAX_STOP_STRINGS = 4            # stop strings per request (OpenAI's limit)
-MAX_STOP_CHARS = 256            # characters per stop string
-MAX_PROMPT_CHARS = 1_000_000    # characters of one prompt
-MAX_REQUEST_BYTES = 4_000_000   # one HTTP body (a prompt of MAX_PROMPT_CHARS fits as JSON)
-MAX_INT_DIGITS = 20             # a JSON integer longer than this is refused before int() (C long: 19)
+# Each stop string is searched for at every token of every row (in the server, beside other
+# clients' rows), so its length is a cost paid per token; 100 characters is several verse lines.
+MAX_STOP_CHARS = 100
 MAX_SYLLABLES = 64              # --syllables per verse line
 MAX_STANZAS = 1_000             # --stanzas
 MAX_CANDIDATES = 4_096          # --candidates per round
@@ -63,6 +62,7 @@ MAX_GRAD_ACCUM = 2**16
 # can hold unless two logits tie within ~1e-3, which argmax then breaks by index.
 TEMPERATURE_FLOOR = 1e-4
 MAX_TEMPERATURE = 100.0
+DEFAULT_TEMPERATURE = 0.8  # generate, verse forms, report, poem and the server's /v1/poem
 # A repetition penalty outside [1/100, 100] makes a logit overflow or vanish in float32 ranges
 # that a char model reaches; neither end has a use (1.0 = off, 1.1-1.5 is the usual range).
 MIN_REPETITION_PENALTY = 0.01
@@ -129,7 +129,8 @@ def check_threads(value: Any, name: str = "threads") -> int:
 
 
 def check_sampling(temperature: Any, top_k: Any = None, top_p: Any = None, repetition_penalty: Any = 1.0) -> None:
-    """The sampling settings shared by generate, forms, report and the server."""
+    """The sampling settings shared by generate, forms and report; the server's decoder
+    (serve/protocol.py) reads the same bounds, except OpenAI's lower temperature cap."""
     check_float(temperature, "temperature", low=0.0, high=MAX_TEMPERATURE)
     optional_positive_int(top_k, "top_k", MAX_TOP_K)
     if top_p is not None:

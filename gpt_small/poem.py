@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import limits
 from .distributed import print0
 from .errors import GPTSmallError
 
@@ -103,7 +104,7 @@ def ensure_model(data_dir: Path, run_dir: Path, config_file: str | None, minutes
 
 
 def write_poems(run_dir: Path, *, lines: int = 12, prompts: tuple[str, ...] = PROMPTS, seed: int = 7,
-                temperature: float = 0.8) -> list[str]:
+                temperature: float = limits.DEFAULT_TEMPERATURE) -> list[str]:
     from .checkpoint import load_checkpoint
     from .device import pick_device
     from .config import LINE_TOKEN_BUDGET

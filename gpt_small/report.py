@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from . import verse
+from . import limits, verse
 from .errors import GPTSmallError
 
 N = 8  # words per n-gram
@@ -224,9 +224,9 @@ def corpus_poems(val_text: str, samples: int, lines: int) -> list[list[str]]:
 # ---------------------------------------------------------------- the report
 
 def make_report(checkpoint: str | Path, *, samples: int = 50, out: str | Path | None = None,
-                data: str | Path | None = None, lines: int = 14, seed: int = 0, temperature: float = 0.8,
-                eval_tokens: int | None = None, device: str = "auto",
-                window_keep: int | str | None = None) -> dict[str, Any]:
+                data: str | Path | None = None, lines: int = 14, seed: int = 0,
+                temperature: float = limits.DEFAULT_TEMPERATURE, eval_tokens: int | None = None,
+                device: str = "auto", window_keep: int | str | None = None) -> dict[str, Any]:
     from .checkpoint import load_checkpoint
     from .corpus import cache_dir
     from .data import PreparedData
@@ -235,8 +235,6 @@ def make_report(checkpoint: str | Path, *, samples: int = 50, out: str | Path | 
     from .config import LINE_TOKEN_BUDGET
     from .generate import generate_text, window_keep as check_keep
     from .tokenizer import same_tokenizer
-
-    from . import limits
 
     limits.positive_int(samples, "samples", limits.MAX_REPORT_SAMPLES)
     limits.positive_int(lines, "lines", limits.MAX_LINES)

@@ -53,6 +53,16 @@ def test_a_seed_beyond_a_c_long_is_refused_and_the_largest_one_works():
         limits.check_seed(10**4999)
 
 
+def test_the_python_api_bounds_a_stop_string_as_the_cli_and_the_server_do():
+    from gpt_small.generate import generate_text
+    from serve_util import make_model
+
+    model, tok = make_model()
+    assert len(generate_text(model, tok, "a", stop="x" * limits.MAX_STOP_CHARS, max_new_tokens=1)) == 1
+    with pytest.raises(ConfigError, match=f"stop must be a non-empty text of at most {limits.MAX_STOP_CHARS} "):
+        generate_text(model, tok, "a", stop="x" * (limits.MAX_STOP_CHARS + 1), max_new_tokens=1)
+
+
 def test_memory_check_names_need_and_have():
     limits.check_fits(10 * limits.GiB, "x", available=10 * limits.GiB)
     with pytest.raises(ConfigError, match=r"x needs ~10.0 GiB of memory; this machine has 1.0 GiB available"):

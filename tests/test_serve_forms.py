@@ -17,7 +17,8 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from gpt_small import verse  # noqa: E402
 from gpt_small.serve import create_app  # noqa: E402
-from gpt_small.serve.forms import FORMS, MAX_FORM_LINES, MAX_SYLLABLES  # noqa: E402
+from gpt_small.limits import MAX_SYLLABLES  # noqa: E402
+from gpt_small.serve.forms import FORMS, MAX_FORM_LINES  # noqa: E402
 from serve_util import live_server, make_checkpoint, make_model  # noqa: E402
 
 

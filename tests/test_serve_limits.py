@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import socket
 import threading
 import time
@@ -20,11 +21,13 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 from starlette.testclient import TestClient  # noqa: E402
 
+from gpt_small import limits as bounds  # noqa: E402
 from gpt_small.serve import create_app  # noqa: E402
 from gpt_small.serve.guard import LOOPBACK_HOSTS  # noqa: E402
-from gpt_small.serve.protocol import HTTP_LIMITS, HttpLimits  # noqa: E402
+from gpt_small.serve.protocol import HTTP_LIMITS, HttpLimits, Limits  # noqa: E402
 from gpt_small.serve.server import make_server  # noqa: E402
 from serve_util import make_model  # noqa: E402
+from tests.test_fuzz import assert_one_line, run  # noqa: E402
 
 NAME = "tiny-poet"
 H = HTTP_LIMITS
@@ -102,6 +105,114 @@ def test_request_limits_at_the_boundary(client, name):
     assert r.status_code in (400, 413), (name, r.status_code)
     err = r.json()["error"]
     assert err["message"] and "\n" not in err["message"]
+
+
+# --- the bounds the server shares with the command line (gpt_small/limits.py) ---
+
+def above(x: float) -> float:
+    return math.nextafter(x, math.inf)
+
+
+def below(x: float) -> float:
+    return math.nextafter(x, -math.inf)
+
+
+# (field, `generate` flag, last accepted, first refused, other /v1/poem fields, other flags): each
+# bound is read from limits.py by both sides, so one row tests both at its edge. The other fields
+# make a request at the edge cheap and valid (`--lines` is verse lines in all, the body's per stanza).
+SHARED = [
+    ("seed", "--seed", bounds.MAX_SEED, bounds.MAX_SEED + 1, {}, []),
+    ("seed", "--seed", 0, -1, {}, []),
+    ("top_k", "--top-k", bounds.MAX_TOP_K, bounds.MAX_TOP_K + 1, {}, []),
+    ("repetition_penalty", "--repetition-penalty", bounds.MIN_REPETITION_PENALTY,
+     below(bounds.MIN_REPETITION_PENALTY), {}, []),
+    ("repetition_penalty", "--repetition-penalty", bounds.MAX_REPETITION_PENALTY,
+     above(bounds.MAX_REPETITION_PENALTY), {}, []),
+    ("temperature", "--temperature", 0.0, below(0.0), {}, []),
+    ("stop", "--stop", "x" * bounds.MAX_STOP_CHARS, "x" * (bounds.MAX_STOP_CHARS + 1), {}, []),
+    ("stanzas", "--stanzas", bounds.MAX_STANZAS, bounds.MAX_STANZAS + 1, {"lines": 1},
+     ["--lines", str(bounds.MAX_STANZAS)]),
+    ("syllables", "--syllables", bounds.MAX_SYLLABLES, bounds.MAX_SYLLABLES + 1, {"lines": 1}, ["--lines", "1"]),
+]
+SHARED_IDS = [f"{field}={ok if not isinstance(ok, str) else len(ok)}" for field, _, ok, *_ in SHARED]
+
+
+def http_body(field: str, value, extra: dict) -> tuple[str, dict]:
+    if field == "stop":  # /v1/poem has no stop strings
+        return "/v1/completions", completion(**{field: value})
+    body = {"prompt": "a", **extra, field: value}
+    if field != "syllables":  # a form poem refuses max_tokens
+        body["max_tokens"] = 1
+    return "/v1/poem", body
+
+
+@pytest.mark.parametrize("field, flag, ok, bad, extra, args", SHARED, ids=SHARED_IDS)
+def test_shared_bounds_at_the_edge_over_http(client, field, flag, ok, bad, extra, args):
+    path, body = http_body(field, ok, extra)
+    r = post(client, path, body)
+    assert r.status_code == 200, (field, r.text[:300])
+    path, body = http_body(field, bad, extra)
+    r = post(client, path, body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text[:300])
+
+
+@pytest.mark.parametrize("field, flag, ok, bad, extra, args", SHARED, ids=SHARED_IDS)
+def test_shared_bounds_at_the_edge_on_the_command_line(field, flag, ok, bad, extra, args):
+    """Bounds are checked before the checkpoint is read: at the edge the one error is the missing
+    checkpoint; one past it, the flag."""
+    missing = "/nonexistent/gpt-small-edge"
+    for value, refused in ((ok, False), (bad, True)):
+        argv = ["generate", "--checkpoint", missing, *args, f"{flag}={value}"]  # a float's str round-trips
+        code, out, err = run(argv)
+        line = assert_one_line(code, err, argv)
+        names_flag = any(name in line for name in (flag, flag[2:].replace("-", "_"), flag[2:].replace("-", " ")))
+        assert names_flag == refused, (argv, line)
+        assert refused or missing in line, (argv, line)
+
+
+def test_a_temperature_below_the_floor_is_greedy_over_http(client):
+    """1e-300 is inside the range: the engine's `sample` takes the argmax, as generate does."""
+    for path in ("/v1/completions", "/v1/poem"):
+        body = completion(max_tokens=4) if path == "/v1/completions" else {"prompt": "a", "max_tokens": 4}
+        texts = []
+        for t in (0.0, 1e-300, below(bounds.TEMPERATURE_FLOOR)):
+            r = post(client, path, {**body, "temperature": t, "seed": 1})
+            assert r.status_code == 200, r.text[:300]
+            texts.append(r.json()["choices"][0]["text"] if path == "/v1/completions" else r.json()["text"])
+        assert texts[1] == texts[2] == texts[0], (path, texts)
+
+
+def test_a_tiny_repetition_penalty_over_http_samples_or_is_refused_by_name(client):
+    r = post(client, "/v1/completions", completion(max_tokens=4, seed=0, prompt="aaaa",
+                                                   repetition_penalty=bounds.MIN_REPETITION_PENALTY))
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text[:300]
+    r = post(client, "/v1/completions", completion(repetition_penalty=1e-300))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "repetition_penalty"
+
+
+def test_the_docs_show_the_shared_bounds_and_the_servers_own():
+    docs, own = " ".join(DOCS.read_text().split()), Limits(model_name=NAME)
+    power = lambda n: f"2^{n.bit_length() - 1}"  # noqa: E731
+    for phrase in (f"`seed` 0 to {power(bounds.MAX_SEED + 1)}-1", f"`top_k` up to {power(bounds.MAX_TOP_K)}",
+                   f"`repetition_penalty` {bounds.MIN_REPETITION_PENALTY:g} to {bounds.MAX_REPETITION_PENALTY:g}",
+                   f"`stop` string of up to {bounds.MAX_STOP_CHARS} characters",
+                   f"`stanzas` up to {bounds.MAX_STANZAS}", f"`syllables` 1 to {bounds.MAX_SYLLABLES}",
+                   f"below {bounds.TEMPERATURE_FLOOR:g} (0 included) is greedy",
+                   f"`temperature` at most {own.max_temperature:g}", f"`n` at most {own.max_n}",
+                   f"at most {own.max_poem_lines} `lines`"):
+        assert phrase in docs, f"docs/serve.md lacks {phrase!r}"
+
+
+def test_the_openapi_schema_shows_the_shared_bounds(client):
+    props = client.get("/openapi.json").json()["paths"]["/v1/poem"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]["properties"]
+    assert props["seed"]["maximum"] == bounds.MAX_SEED and props["seed"]["minimum"] == 0
+    assert props["top_k"]["maximum"] == bounds.MAX_TOP_K
+    assert props["repetition_penalty"]["minimum"] == bounds.MIN_REPETITION_PENALTY
+    assert props["repetition_penalty"]["maximum"] == bounds.MAX_REPETITION_PENALTY
+    assert props["stanzas"]["maximum"] == bounds.MAX_STANZAS
+    assert props["syllables"]["maximum"] == bounds.MAX_SYLLABLES
+    assert props["temperature"]["maximum"] == 2.0  # OpenAI's range: the server's own
 
 
 # --- the guard: Host names on the keyless loopback server, JSON bodies only ---

@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from torch import Tensor
 
+from .. import limits as bounds
 from .. import verse
 from ..errors import GPTSmallError
 from ..forms import Form, SearchConfig, compose
@@ -48,7 +49,6 @@ FORMS: dict[str, tuple[str | None, int | None]] = {
     "sonnet": ("ABAB CDCD EFEF GG", 10),
     "limerick": ("AABBA", None),
 }
-MAX_SYLLABLES = 30  # per line
 MAX_FORM_LINES = 64  # per poem: every line costs at least one round of candidates
 _POLL = 0.5  # seconds between checks for a client that left
 
@@ -68,8 +68,9 @@ def decode_form(d: dict[str, Any], lines: int | None, stanzas: int | None) -> tu
     if syllables is not None:
         if isinstance(syllables, float) and syllables.is_integer():
             syllables = int(syllables)
-        if not isinstance(syllables, int) or isinstance(syllables, bool) or not 1 <= syllables <= MAX_SYLLABLES:
-            raise _bad("syllables", f"expected an integer 1..{MAX_SYLLABLES} (syllables per line), got {syllables!r}")
+        top = bounds.MAX_SYLLABLES
+        if not isinstance(syllables, int) or isinstance(syllables, bool) or not 1 <= syllables <= top:
+            raise _bad("syllables", f"expected an integer 1..{top} (syllables per line), got {syllables!r}")
     if name is not None:
         rhyme, preset_syllables = FORMS[name.lower()]
         syllables = syllables if syllables is not None else preset_syllables

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .forms import FORMS, MAX_SYLLABLES
-from .protocol import Limits
+from .. import limits as bounds
+from .forms import FORMS
+from .protocol import OPENAI_MAX_TOKENS, OPENAI_TEMPERATURE, POEM_LINES, Limits
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
@@ -19,11 +20,14 @@ _REFUSED = {"description": "known to OpenAI; refused by name when set"}
 
 def _sampling(limits: Limits, temperature: float) -> dict[str, Any]:
     return {
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": temperature},
+        "temperature": {"type": "number", "minimum": 0, "maximum": limits.max_temperature, "default": temperature,
+                        "description": f"below {bounds.TEMPERATURE_FLOOR:g}: greedy"},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "top_k": {"type": "integer", "minimum": -1, "description": "vLLM's; -1 or 0: off"},
-        "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 10, "default": 1},
-        "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+        "top_k": {"type": "integer", "minimum": -1, "maximum": bounds.MAX_TOP_K,
+                  "description": "vLLM's; -1 or 0: off"},
+        "repetition_penalty": {"type": "number", "minimum": bounds.MIN_REPETITION_PENALTY,
+                               "maximum": bounds.MAX_REPETITION_PENALTY, "default": 1},
+        "seed": {"type": "integer", "minimum": 0, "maximum": bounds.MAX_SEED},
         "stream": {"type": "boolean", "default": False},
     }
 
@@ -48,10 +52,10 @@ def _openai_common(limits: Limits) -> dict[str, Any]:
 def request_schemas(limits: Limits) -> dict[str, dict[str, Any]]:
     """The request body schema of each POST route."""
     h, max_tokens = limits.http, {"type": "integer", "minimum": 1, "maximum": limits.max_new_tokens}
-    completion = {**_openai_common(limits), **_sampling(limits, 1.0),
+    completion = {**_openai_common(limits), **_sampling(limits, OPENAI_TEMPERATURE),
                   "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "maxItems": limits.max_n,
                                                             "items": {"type": "string"}}]},
-                  "max_tokens": {**max_tokens, "default": 16},
+                  "max_tokens": {**max_tokens, "default": OPENAI_MAX_TOKENS},
                   "echo": {"type": "boolean", "default": False},
                   "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": h.max_top_logprobs},
                   "best_of": {"type": "integer", "description": "equal to n only"},
@@ -62,7 +66,7 @@ def request_schemas(limits: Limits) -> dict[str, dict[str, Any]]:
         "role": {"enum": ["system", "developer", "user", "assistant"]},
         "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": part}]},
         "name": {"type": "string"}}}
-    chat = {**_openai_common(limits), **_sampling(limits, 1.0),
+    chat = {**_openai_common(limits), **_sampling(limits, OPENAI_TEMPERATURE),
             "messages": {"type": "array", "minItems": 1, "maxItems": h.max_messages, "items": message},
             "max_tokens": max_tokens, "max_completion_tokens": max_tokens,
             "logprobs": {"type": "boolean", "default": False},
@@ -73,13 +77,14 @@ def request_schemas(limits: Limits) -> dict[str, dict[str, Any]]:
             **{name: _REFUSED for name in ("tools", "tool_choice", "functions", "function_call",
                                            "parallel_tool_calls", "audio", "prediction", "reasoning_effort",
                                            "web_search_options", "metadata", "service_tier")}}
-    poem = {**_sampling(limits, 0.8), "model": {"type": "string", "enum": [limits.model_name]},
-            "prompt": {"type": "string"}, "lines": {"type": "integer", "minimum": 1, "maximum": 200, "default": 12},
-            "stanzas": {"type": "integer", "minimum": 1, "maximum": 50, "default": 1}, "max_tokens": max_tokens,
+    poem = {**_sampling(limits, bounds.DEFAULT_TEMPERATURE), "model": {"type": "string", "enum": [limits.model_name]},
+            "prompt": {"type": "string"}, "max_tokens": max_tokens,
+            "lines": {"type": "integer", "minimum": 1, "maximum": limits.max_poem_lines, "default": POEM_LINES},
+            "stanzas": {"type": "integer", "minimum": 1, "maximum": bounds.MAX_STANZAS, "default": 1},
             # verse forms (serve/forms.py holds their names and bounds)
             "form": {"type": "string", "enum": list(FORMS)},
             "rhyme": {"type": "string", "description": "a rhyme scheme such as ABAB, or a named one"},
-            "syllables": {"type": "integer", "minimum": 1, "maximum": MAX_SYLLABLES}}
+            "syllables": {"type": "integer", "minimum": 1, "maximum": bounds.MAX_SYLLABLES}}
     required = {"/v1/completions": ["model"], "/v1/chat/completions": ["model", "messages"], "/v1/poem": []}
     return {path: {"type": "object", "properties": props, "required": required[path], "additionalProperties": False}
             for path, props in (("/v1/completions", completion), ("/v1/chat/completions", chat), ("/v1/poem", poem))}

@@ -14,7 +14,10 @@ ignored; unknown fields are refused as OpenAI refuses them. Two extensions, as v
 top_k and repetition_penalty. chat.py decodes /v1/chat/completions with the same helpers.
 
 `HTTP_LIMITS` is the one table of what a request may hold (body size, number length, stop strings,
-connection timeouts); docs/serve.md shows it and the tests walk it.
+connection timeouts); docs/serve.md shows it and the tests walk it. A bound that means what it means
+on the command line (stop strings, seed, top_k, repetition penalty, syllables, stanzas) is read from
+gpt_small/limits.py; the server keeps its own value only where it follows OpenAI or protects the
+other clients, and says so beside it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import limits as bounds
 from ..errors import GPTSmallError
 
 
@@ -55,8 +59,8 @@ class HttpLimits:
 
     max_body_bytes: int = 1 << 20  # a request body; a prompt at the token limit is far smaller
     max_number_chars: int = 32  # digits of one JSON number: Python parses a 10,000-digit integer slowly
-    max_stop_strings: int = 4  # as OpenAI
-    max_stop_chars: int = 100  # each stop string is searched for at every token of every row
+    max_stop_strings: int = bounds.MAX_STOP_STRINGS  # as OpenAI, and as the CLI
+    max_stop_chars: int = bounds.MAX_STOP_CHARS  # searched for at every token of every row
     max_top_logprobs: int = 5  # as OpenAI's completions API
     max_messages: int = 256  # chat messages in one request
     header_seconds: float = 10.0  # a connection must send a request's headers within this
@@ -76,8 +80,19 @@ class Limits:
     model_name: str  # the one model id served
     max_new_tokens: int = 1000  # most tokens one sample may ask for
     max_prompt_tokens: int = 4096  # longer prompts are refused (the model sees the last block_size)
-    max_n: int = 8  # most samples one request may ask for (prompts x n)
+    # The server's own caps, lower than the CLI's because rows share one batch with other clients:
+    # OpenAI's temperature range (0-2; the CLI takes up to limits.MAX_TEMPERATURE), samples per
+    # request, and verse lines per stanza of /v1/poem (max_tokens bounds the poem anyway).
+    max_temperature: float = 2.0
+    max_n: int = 8  # prompts x n
+    max_poem_lines: int = 200
     http: HttpLimits = HTTP_LIMITS
+
+
+# Defaults a request may leave out: OpenAI's for its routes; /v1/poem's are generate's.
+OPENAI_TEMPERATURE = 1.0
+OPENAI_MAX_TOKENS = 16
+POEM_LINES = 12  # verse lines per stanza
 
 
 @dataclass(kw_only=True)
@@ -204,14 +219,25 @@ def _bool(d: dict, name: str, default: bool) -> bool:
     return v
 
 
-def _sampling(d: dict, temperature_default: float) -> Sampling:
+def _sampling(d: dict, temperature_default: float, limits: Limits) -> Sampling:
+    """The CLI's sampling bounds (limits.py), except OpenAI's temperature cap. Below
+    limits.TEMPERATURE_FLOOR the engine's `sample` is greedy, as `generate` is."""
     return Sampling(
-        temperature=_float(d, "temperature", temperature_default, 0.0, 2.0),
-        top_k=_int(d, "top_k", None, 1) if d.get("top_k") not in (None, -1, 0) else None,  # vLLM: -1 = off
+        temperature=_float(d, "temperature", temperature_default, 0.0, limits.max_temperature),
+        top_k=(_int(d, "top_k", None, 1, bounds.MAX_TOP_K)
+               if d.get("top_k") not in (None, -1, 0) else None),  # vLLM: -1 = off
         top_p=_float(d, "top_p", None, 0.0, 1.0, lo_open=True),
-        repetition_penalty=_float(d, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
-        seed=_int(d, "seed", None, -(2**63), 2**63 - 1),
+        repetition_penalty=_float(d, "repetition_penalty", 1.0, bounds.MIN_REPETITION_PENALTY,
+                                  bounds.MAX_REPETITION_PENALTY),
+        seed=_int(d, "seed", None, 0, bounds.MAX_SEED),
     )
+
+
+def _no_penalties(d: dict) -> None:
+    """OpenAI's presence/frequency penalties (-2..2): only 0, their off value, is supported."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _float(d, name, 0.0, -2.0, 2.0) != 0.0:
+            raise _bad(name, "only 0 is supported; see repetition_penalty")
 
 
 def encode_prompt(tokenizer: Any, text: str, limits: Limits, param: str = "prompt") -> list[int]:
@@ -267,9 +293,7 @@ def decode_completion(d: dict[str, Any], tokenizer: Any, limits: Limits) -> Comp
         raise _bad("suffix", "is not supported by this server")
     if d.get("logit_bias"):
         raise _bad("logit_bias", "is not supported by this server")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _float(d, name, 0.0, -2.0, 2.0) != 0.0:
-            raise _bad(name, "only 0 is supported; see repetition_penalty")
+    _no_penalties(d)
     n = _int(d, "n", 1, 1, limits.max_n)
     if _int(d, "best_of", n, 1, limits.max_n) != n:
         raise _bad("best_of", "only best_of = n is supported")
@@ -284,9 +308,9 @@ def decode_completion(d: dict[str, Any], tokenizer: Any, limits: Limits) -> Comp
     stream = _bool(d, "stream", False)
     return CompletionRequest(
         prompts=prompts, prompt_ids=[encode_prompt(tokenizer, p, limits) for p in prompts],
-        max_tokens=_int(d, "max_tokens", 16, 1, limits.max_new_tokens), n=n, stop=decode_stop(d, limits),
-        stream=stream, include_usage=include_usage(d, stream), echo=echo, sampling=_sampling(d, 1.0),
-        logprobs=logprobs)
+        max_tokens=_int(d, "max_tokens", OPENAI_MAX_TOKENS, 1, limits.max_new_tokens), n=n, stop=decode_stop(d, limits),
+        stream=stream, include_usage=include_usage(d, stream), echo=echo,
+        sampling=_sampling(d, OPENAI_TEMPERATURE, limits), logprobs=logprobs)
 
 
 def decode_stop(d: dict[str, Any], limits: Limits) -> list[str]:
@@ -319,8 +343,8 @@ def decode_poem(d: dict[str, Any], tokenizer: Any, limits: Limits) -> PoemReques
     prompt = d.get("prompt", "")
     if not isinstance(prompt, str):
         raise _bad("prompt", "expected a string")
-    lines = _int(d, "lines", 12, 1, 200)
-    stanzas = _int(d, "stanzas", 1, 1, 50)
+    lines = _int(d, "lines", POEM_LINES, 1, limits.max_poem_lines)
+    stanzas = _int(d, "stanzas", 1, 1, bounds.MAX_STANZAS)
     from .forms import decode_form  # verse forms: their fields and checks live with them
 
     form = decode_form(d, d.get("lines") and lines, d.get("stanzas") and stanzas)
@@ -329,7 +353,7 @@ def decode_poem(d: dict[str, Any], tokenizer: Any, limits: Limits) -> PoemReques
     return PoemRequest(prompt=prompt, prompt_ids=encode_prompt(tokenizer, prompt, limits), lines=lines,
                        stanzas=stanzas, max_tokens=_int(d, "max_tokens", limits.max_new_tokens, 1,
                                                         limits.max_new_tokens),
-                       stream=_bool(d, "stream", False), sampling=_sampling(d, 0.8),
+                       stream=_bool(d, "stream", False), sampling=_sampling(d, bounds.DEFAULT_TEMPERATURE, limits),
                        form=form and form[0], form_name=form and form[1])
 
 
@@ -397,9 +421,7 @@ def decode_chat(d: dict[str, Any], tokenizer: Any, limits: Limits) -> Completion
         raise _bad("store", "is not supported by this server: nothing is stored")
     if d.get("logit_bias"):
         raise _bad("logit_bias", "is not supported by this server")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _float(d, name, 0.0, -2.0, 2.0) != 0.0:
-            raise _bad(name, "only 0 is supported; see repetition_penalty")
+    _no_penalties(d)
     messages = d.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "expected a non-empty list of messages")
@@ -418,5 +440,5 @@ def decode_chat(d: dict[str, Any], tokenizer: Any, limits: Limits) -> Completion
     return CompletionRequest(
         prompts=[prompt], prompt_ids=[encode_prompt(tokenizer, prompt, limits, param="messages")],
         max_tokens=max_tokens or limits.max_new_tokens, n=_int(d, "n", 1, 1, limits.max_n), stop=decode_stop(d, limits),
-        stream=stream, include_usage=include_usage(d, stream), echo=False, sampling=_sampling(d, 1.0),
-        logprobs=(top or 0) if logprobs else None)
+        stream=stream, include_usage=include_usage(d, stream), echo=False,
+        sampling=_sampling(d, OPENAI_TEMPERATURE, limits), logprobs=(top or 0) if logprobs else None)
