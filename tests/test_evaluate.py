@@ -24,7 +24,8 @@ def _train(data_dir: Path, out: Path, **model) -> Path:
     cfg = GPTConfig.from_preset("tiny", vocab_size=vocab, **model)
     tcfg = TrainConfig(batch_size=4, max_steps=3, warmup_steps=1, eval_interval=3, eval_batches=1,
                        log_interval=1, final_eval=True, threads=1)
-    Trainer(cfg, tcfg, data_dir, out, show_progress=False).fit()
+    with Trainer(cfg, tcfg, data_dir, out, show_progress=False) as trainer:
+        trainer.fit()
     return out
 
 

@@ -155,12 +155,12 @@ def test_folder_lock_across_processes_and_within_one(tmp_path):
         assert (folder / ".lock").read_text() == f"{os.getpid()}\n"
         with b:  # re-entrant within one process
             pass
-        assert a._held and fileio._held  # b's release leaves a's hold
+        assert a._held and folder.resolve() in fileio._held  # b's release leaves a's hold
         probe = subprocess.run([sys.executable, "-c", "import sys\nfrom gpt_small.fileio import FolderLock\n"
                                 "try:\n    FolderLock(sys.argv[1]).acquire()\nexcept Exception as e:\n    print(e)\n",
                                 str(folder)], capture_output=True, text=True)
         assert "is in use by another gpt-small process" in probe.stdout
-    assert not fileio._held
+    assert not a._held and folder.resolve() not in fileio._held
     probe = subprocess.run([sys.executable, "-c", "import sys\nfrom gpt_small.fileio import FolderLock\n"
                             "FolderLock(sys.argv[1]).acquire(); print('ok')", str(folder)],
                            capture_output=True, text=True)

@@ -141,8 +141,9 @@ def test_pipeline_greedy_equals_gpt_small_generate(exported, name, capsys):
     for n in lengths:
         theirs = pipe(prompt, max_new_tokens=n, do_sample=False)[0]["generated_text"]
         capsys.readouterr()
+        # the remote code slides one token at a time: our `--window-keep slide`
         assert main(["generate", "--checkpoint", str(ckpt_dir), "--prompt", prompt, "--temperature", "0",
-                     "--max-new-tokens", str(n), "--no-stream", "--device", "cpu"]) == 0
+                     "--max-new-tokens", str(n), "--no-stream", "--device", "cpu", "--window-keep", "slide"]) == 0
         ours = capsys.readouterr().out
         assert ours == theirs + "\n"
         assert len(theirs) == len(prompt) + n  # one character per token, none skipped

@@ -201,8 +201,9 @@ def limitations(ckpt: Checkpoint, architecture: str) -> list[str]:
                    f"keep prompt + `max_new_tokens` within {block}. Without `max_new_tokens`, "
                    f"generation_config.json stops at {block} tokens (`max_length`).")
     else:
-        context = (f"- **Context: {block} tokens.** Past it this folder's code slides its window (each new token "
-                   f"sees the last {block}), as `gpt-small generate` does; it has no KV cache and no padding.")
+        context = (f"- **Context: {block} tokens.** Past it this folder's code slides its window one token at a "
+                   f"time (each new token sees the last {block}), as `gpt-small generate --window-keep slide` "
+                   "does; it has no KV cache and no padding.")
     stop = (f"- Generation stops at `{eos[0]}` (id {eos[1]}, the EOS in config.json, generation_config.json and "
             "the tokenizer files; `gpt-small generate` does not stop there)." if eos else
             "- No end-of-text token (the tokenizer has none): generation runs to `max_new_tokens`.")
