@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -206,6 +206,31 @@ def samples(req: CompletionRequest, tokenizer: Any) -> list[Sequence]:
     return seqs
 
 
+def sse_response(request: Request, seqs: list[Sequence], queue: asyncio.Queue, scores: list[Scores],
+                 text: Callable[[int, str, bool, list], dict], end: Callable[[int, str, bool, list], dict],
+                 usage: Callable[[dict], dict] | None, prompt_tokens: int, opening: list[dict] = ()) -> Response:
+    """Server-sent events for completions and chat alike: `opening`, then for each sample its text
+    chunks (`text(i, piece, first, logprobs)`) and its end (`end(i, reason, first, logprobs)`), an
+    error event in OpenAI's shape for a sample that failed, the usage chunk if asked, [DONE]."""
+    async def stream() -> AsyncIterator[bytes]:
+        for chunk in opening:
+            yield R.sse(chunk)
+        sent = [0] * len(seqs)  # characters of each sample's text sent so far
+        async for i, kind, value in events(request, seqs, queue):
+            if kind == "text":
+                first = not sent[i]
+                sent[i] += len(value)
+                yield R.sse(text(i, value, first, scores[i].take(sent[i])))
+            elif value in ("stop", "length"):
+                yield R.sse(end(i, value, not sent[i], scores[i].take(len(seqs[i].text), final=True)))
+            elif value == "error":
+                yield R.sse(STREAM_ERROR)
+        if usage is not None:
+            yield R.sse(usage(R.usage(prompt_tokens, sum(len(q.new_ids) for q in seqs))))
+        yield R.sse("[DONE]")
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
 async def finished(request: Request, seqs: list[Sequence], queue: asyncio.Queue) -> None:
     async for _ in events(request, seqs, queue, watch=True):
         pass
@@ -262,24 +287,14 @@ async def completions(request: Request) -> Response:
     lp = (lambda i, got: R.completion_logprobs(got, scores[i].chars - sum(len(t) for t, _, _ in got), scores[i].top)
           if req.logprobs is not None else None)
     if req.stream:
-        async def stream() -> AsyncIterator[bytes]:
-            sent = [0] * len(seqs)  # characters of each sample's text sent so far
-            async for i, kind, value in events(request, seqs, queue):
-                if kind == "text":
-                    first = echo[i] if not sent[i] else ""
-                    sent[i] += len(value)
-                    yield R.sse(R.completion_chunk(cid, now, name, i, first + value, None,
-                                                   lp(i, scores[i].take(sent[i]))))
-                elif value in ("stop", "length"):
-                    got = scores[i].take(len(seqs[i].text), final=True)
-                    yield R.sse(R.completion_chunk(cid, now, name, i, "" if sent[i] else echo[i], value,
-                                                   lp(i, got) if got else None))
-                elif value == "error":
-                    yield R.sse(STREAM_ERROR)
-            if req.include_usage:
-                yield R.sse(R.usage_chunk(cid, now, name, R.usage(prompt_tokens, sum(len(q.new_ids) for q in seqs))))
-            yield R.sse("[DONE]")
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=_SSE_HEADERS)
+        def text(i: int, piece: str, first: bool, got: list) -> dict:
+            return R.completion_chunk(cid, now, name, i, (echo[i] if first else "") + piece, None, lp(i, got))
+
+        def end(i: int, reason: str, first: bool, got: list) -> dict:
+            return R.completion_chunk(cid, now, name, i, echo[i] if first else "", reason, lp(i, got) if got else None)
+
+        usage = (lambda u: R.usage_chunk(cid, now, name, u)) if req.include_usage else None
+        return sse_response(request, seqs, queue, scores, text, end, usage, prompt_tokens)
     await finished(request, seqs, queue)
     choices = [(echo[i] + q.text, q.finish_reason, lp(i, scores[i].take(len(q.text), final=True)))
                for i, q in enumerate(seqs)]
@@ -298,24 +313,16 @@ async def chat_completions(request: Request) -> Response:
     scores = [Scores(q, s.tokenizer, bool(req.logprobs)) for q in seqs]
     lp = (lambda got: R.chat_logprobs(got)) if req.logprobs is not None else (lambda got: None)
     if req.stream:
-        async def stream() -> AsyncIterator[bytes]:
-            sent = [0] * len(seqs)
-            for i in range(len(seqs)):  # OpenAI opens each choice with the role
-                yield R.sse(R.chat_chunk(cid, now, name, i, {"role": "assistant", "content": ""}))
-            async for i, kind, value in events(request, seqs, queue):
-                if kind == "text":
-                    sent[i] += len(value)
-                    yield R.sse(R.chat_chunk(cid, now, name, i, {"content": value}, None, lp(scores[i].take(sent[i]))))
-                elif value in ("stop", "length"):
-                    got = scores[i].take(len(seqs[i].text), final=True)
-                    yield R.sse(R.chat_chunk(cid, now, name, i, {}, value, lp(got) if got else None))
-                elif value == "error":
-                    yield R.sse(STREAM_ERROR)
-            if req.include_usage:
-                yield R.sse(R.chat_usage_chunk(cid, now, name,
-                                               R.usage(prompt_tokens, sum(len(q.new_ids) for q in seqs))))
-            yield R.sse("[DONE]")
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=_SSE_HEADERS)
+        def text(i: int, piece: str, first: bool, got: list) -> dict:
+            return R.chat_chunk(cid, now, name, i, {"content": piece}, None, lp(got))
+
+        def end(i: int, reason: str, first: bool, got: list) -> dict:
+            return R.chat_chunk(cid, now, name, i, {}, reason, lp(got) if got else None)
+
+        usage = (lambda u: R.chat_usage_chunk(cid, now, name, u)) if req.include_usage else None
+        # OpenAI opens each choice with the role
+        opening = [R.chat_chunk(cid, now, name, i, {"role": "assistant", "content": ""}) for i in range(len(seqs))]
+        return sse_response(request, seqs, queue, scores, text, end, usage, prompt_tokens, opening)
     await finished(request, seqs, queue)
     choices = [(q.text, q.finish_reason, lp(scores[i].take(len(q.text), final=True))) for i, q in enumerate(seqs)]
     return JSONResponse(R.chat_completion(cid, now, name, choices,
