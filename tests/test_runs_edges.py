@@ -1,9 +1,12 @@
-"""Runs and interop at their edges: which checkpoint export and --init-from take, what an import
-accepts as GPT-2, what --resume --data accepts as the run's data, and tokenizers that differ only
-in their characters.
+"""Runs and interop at their edges: which checkpoint export, --init-from and --resume take, what
+an import accepts as GPT-2, what --resume --data accepts as the run's data, what --resume and
+--init-from may change, and tokenizers that differ only in their characters.
 
-Documented (docs/interop.md, finetune.py, resume.py): export and --init-from take a run folder's
-`best` checkpoint (or a checkpoint folder as given); --resume continues from `last`. An import
+Documented (docs/interop.md, docs/trainer.md, docs/reliability.md, run.py): export and --init-from
+take a run folder's `best` checkpoint (or a checkpoint folder as given); --resume continues from
+`last`. `run.plan_run` alone decides what a run may change of what it continues from: a resume
+only the fields marked `resume=True` in config.py, a fine-tuning run only `dropout` of the model;
+any other change is refused in one line naming the flag, the field and both values. An import
 refuses GPT-2 configs it cannot compute exactly (unscaled attention, attention scaled by the
 inverse layer index, cross-attention, another epsilon or vocabulary). --resume --data refuses
 another data folder (another tokenizer, or another path while the run's own folder exists), but
@@ -14,22 +17,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt_small.checkpoint import find_checkpoint, save_checkpoint
-from gpt_small.config import GPTConfig
-from gpt_small.data import prepare
+from gpt_small.checkpoint import checkpoint_model_config, find_checkpoint, save_checkpoint
+from gpt_small.cli import main
+from gpt_small.config import Assignment, ConfigError, GPTConfig, TrainConfig
+from gpt_small.data import PreparedData, prepare
 from gpt_small.errors import GPTSmallError
-from gpt_small.interop.finetune import init_from_config
 from gpt_small.interop.hf_export import export_checkpoint
 from gpt_small.interop.hf_import import gpt_config_of
 from gpt_small.model import GPT
-from gpt_small.resume import resume_plan
+from gpt_small.run import INIT_MAY_CHANGE, RESUME_MAY_CHANGE, plan_run
 from gpt_small.tokenizer import CharTokenizer, same_tokenizer
 
 from conftest import verse as verse_text
@@ -61,9 +63,16 @@ def _run(folder: Path, data_dir: Path, tok) -> tuple[Path, GPT, GPT]:
 
 @pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
-    from gpt_small.data import PreparedData
-
     return _run(tmp_path_factory.mktemp("run") / "run", data, PreparedData(data).tokenizer)
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """`gpt-small ARGV` exits 2 with one line on stderr; that line."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gpt-small {argv[0]}: error: ") and err.count("\n") == 1, err
+    return err.removeprefix(f"gpt-small {argv[0]}: error: ").rstrip("\n")
 
 
 # ---------------------------------------------------------------- best or last
@@ -88,18 +97,34 @@ def test_export_takes_the_runs_best_checkpoint(run, tmp_path):
     assert json.loads((tmp_path / "hf2" / "config.json").read_text())["gpt_small"]["step"] == 2
 
 
-def test_init_from_takes_the_runs_best_checkpoint(run, data):
-    from gpt_small.data import PreparedData
-
+def test_init_from_takes_the_runs_best_checkpoint(run, data, tmp_path):
     folder, _, _ = run
-    tok = PreparedData(data).tokenizer
-    ckpt, cfg = init_from_config(folder, data_tokenizer=tok, data_dir=data, model_overrides={})
-    assert ckpt.name == "step-000001"
-    ckpt, cfg = init_from_config(folder, data_tokenizer=tok, data_dir=data, model_overrides={"dropout": "0.2",
-                                                                                              "n_layer": str(cfg.n_layer)})
-    assert cfg.dropout == 0.2
-    with pytest.raises(GPTSmallError, match="n_layer=3 differs"):
-        init_from_config(folder, data_tokenizer=tok, data_dir=data, model_overrides={"n_layer": "3"})
+    plan = plan_run(tmp_path / "ft", data=data, init_from=folder)
+    assert plan.kind == "init" and plan.checkpoint.name == "step-000001"  # best, not last (step 2)
+    assert plan.init_from == plan.checkpoint and plan.resume_from is None
+    assert plan.model == checkpoint_model_config(plan.checkpoint)
+    step2 = folder / "checkpoints" / "step-000002"
+    assert plan_run(tmp_path / "ft", data=data, init_from=step2).init_from == step2  # a checkpoint folder as given
+
+
+def test_init_from_may_change_dropout_only(run, data, tmp_path, capsys):
+    folder, _, _ = run
+    assert INIT_MAY_CHANGE == ("dropout",)
+    saved = checkpoint_model_config(folder / "checkpoints" / "step-000001")
+    plan = plan_run(tmp_path / "ft", data=data, init_from=folder,
+                    flags=[Assignment("--dropout", "model", "dropout", "0.2"),
+                           Assignment("--n-layer", "model", "n_layer", str(saved.n_layer))])  # the same value: no change
+    assert plan.model == dataclasses.replace(saved, dropout=0.2)
+    ckpt = folder / "checkpoints" / "step-000001"
+    out = tmp_path / "refused"
+    err = one_line_error(capsys, ["train", "--init-from", str(folder), "--data", str(data), "--out", str(out),
+                                  "--n-layer", "3"])
+    assert err == (f"--init-from: --n-layer would change n_layer from {saved.n_layer} (the checkpoint's, {ckpt}) to 3; "
+                   "a fine-tuning run takes the model's shape from its checkpoint; only dropout may change "
+                   "(train without --init-from for another shape)")
+    assert not out.exists()  # refused before the run folder is made
+    with pytest.raises(ConfigError, match=r"^--init-from: --set model\.n_embd would change n_embd from 32 "):
+        plan_run(tmp_path / "ft", data=data, init_from=folder, sets=["model.n_embd=64"])
 
 
 # ---------------------------------------------------------------- tokenizers alike in kind and size
@@ -109,8 +134,6 @@ def test_tokenizers_of_the_same_kind_and_size_with_other_characters(run, data, t
     assert a.kind == b.kind and a.vocab_size == b.vocab_size and not same_tokenizer(a, b)
     assert same_tokenizer(a, CharTokenizer.train("fed cba\n"))  # same characters, another order of text
     # a data folder prepared from other characters, vocabulary the same size as the run's
-    from gpt_small.data import PreparedData
-
     text = (data.parent / "poems.txt").read_text()
     size = PreparedData(data).tokenizer.vocab_size
     chars = sorted(set(text) - {"\n"})
@@ -120,51 +143,60 @@ def test_tokenizers_of_the_same_kind_and_size_with_other_characters(run, data, t
     other = PreparedData(tmp_path / "other").tokenizer
     assert other.vocab_size == size and not same_tokenizer(other, PreparedData(data).tokenizer)
     folder, _, _ = run
-    with pytest.raises(GPTSmallError, match="another tokenizer"):
-        resume_plan(folder, data=tmp_path / "other")
-    with pytest.raises(GPTSmallError, match="--init-from: the data in"):
-        init_from_config(folder, data_tokenizer=other, data_dir=tmp_path / "other", model_overrides={})
+    last, best = folder / "checkpoints" / "step-000002", folder / "checkpoints" / "step-000001"
+    with pytest.raises(GPTSmallError) as e:
+        plan_run(folder, resume=True, data=tmp_path / "other")
+    assert str(e.value) == (f"--resume: --data {tmp_path / 'other'} was prepared with another tokenizer (char, vocab "
+                            f"{size}) than the checkpoint {last}; resume on the run's data or start a new run")
+    with pytest.raises(GPTSmallError) as e:
+        plan_run(tmp_path / "ft", data=tmp_path / "other", init_from=folder)
+    assert str(e.value) == (f"--init-from: the data in {tmp_path / 'other'} was prepared with the char tokenizer "
+                            f"({size:,} tokens), the checkpoint {best} uses the char tokenizer ({size:,} tokens); "
+                            "prepare the data with --tokenizer char and the same vocabulary")
 
 
 # ---------------------------------------------------------------- --resume --data
 
-def test_resume_data_written_as_another_path_to_the_same_folder(run, data, tmp_path):
+def test_resume_takes_the_runs_last_checkpoint(run, data):
     folder, _, _ = run
-    for same in (data, Path(str(data) + "/"), data.parent / "." / data.name / ".." / data.name):
-        data_dir, _, _ = resume_plan(folder, data=same)
-        assert data_dir.resolve() == data.resolve()
+    plan = plan_run(folder, resume=True)
+    assert plan.kind == "resume" and plan.checkpoint.name == "step-000002"  # last, not best (step 1)
+    assert plan.resume_from == plan.checkpoint and plan.init_from is None
+    assert plan.data.directory == data  # no --data: the run's own
+
+
+def test_resume_data_written_as_another_path_to_the_same_folder(run, data, tmp_path, monkeypatch):
+    folder, _, _ = run
     link = tmp_path / "link"
     link.symlink_to(data, target_is_directory=True)
-    assert resume_plan(folder, data=link)[0].resolve() == data.resolve()
-    cwd = os.getcwd()
-    try:
-        os.chdir(data.parent)
-        assert resume_plan(folder, data=Path(data.name))[0].resolve() == data.resolve()  # relative
-    finally:
-        os.chdir(cwd)
-    assert resume_plan(folder)[0] == data  # no --data: the run's own
+    for same in (data, str(data) + "/", data.parent / "." / data.name / ".." / data.name, link):
+        assert plan_run(folder, resume=True, data=same).data.directory.resolve() == data.resolve()
+    monkeypatch.chdir(data.parent)
+    assert plan_run(folder, resume=True, data=Path(data.name)).data.directory.resolve() == data.resolve()  # relative
 
 
 def test_resume_refuses_another_folder_but_follows_a_moved_one(data, tmp_path):
     import shutil
 
-    from gpt_small.data import PreparedData
-
     tok = PreparedData(data).tokenizer
     copy = tmp_path / "copy"
     shutil.copytree(data, copy)
     folder, _, _ = _run(tmp_path / "run", data, tok)
-    with pytest.raises(GPTSmallError, match=f"would change the data from {data}"):
-        resume_plan(folder, data=copy)  # the same tokenizer, but another folder while the run's exists
+    with pytest.raises(GPTSmallError) as e:
+        plan_run(folder, resume=True, data=copy)  # the same tokenizer, but another folder while the run's exists
+    assert str(e.value) == (f"--resume: --data would change the data from {data} (the run's) to {copy}; "
+                            f"leave --data out to continue on {data}, or start a new run")
     moved_from = tmp_path / "old-data"
     shutil.copytree(data, moved_from)
     folder2, _, _ = _run(tmp_path / "run2", moved_from, tok)
     shutil.rmtree(moved_from)  # the run's folder is gone: a moved copy is accepted
-    assert resume_plan(folder2, data=copy)[0] == copy
-    with pytest.raises(GPTSmallError, match="is gone; pass --data"):
-        resume_plan(folder2)
+    assert plan_run(folder2, resume=True, data=copy).data.directory == copy
+    with pytest.raises(GPTSmallError) as e:
+        plan_run(folder2, resume=True)
+    assert str(e.value) == (f"--resume: the run's data folder {moved_from} is gone; pass --data with the folder "
+                            "it was prepared into")
     with pytest.raises(GPTSmallError, match="holds no checkpoint to resume"):
-        resume_plan(tmp_path / "nothing")
+        plan_run(tmp_path / "nothing", resume=True)
 
 
 # ---------------------------------------------------------------- what an import takes as GPT-2
@@ -204,57 +236,85 @@ def test_import_refuses_what_it_cannot_compute_in_one_line(extra, message, tmp_p
 
 # ---------------------------------------------------------------- what --resume may change
 
-def _saved(**train) -> dict:
-    from gpt_small.config import TrainConfig
-
-    model = GPTConfig.from_preset("tiny", vocab_size=40, block_size=32)
-    return {"model": model.to_dict(), "train": dataclasses.asdict(TrainConfig(**train))}
+# docs/reliability.md: max_steps, max_time, the three intervals, final_eval, threads, device
+RESUMABLE_IN_DOCS = {"max_steps", "max_time", "eval_interval", "log_interval", "checkpoint_interval", "final_eval",
+                     "threads", "device"}
 
 
-def test_resume_configs_change_only_resumable_fields():
-    from gpt_small.config import Assignment, ConfigError, TrainConfig
-    from gpt_small.resume import resume_configs
+def _saved_run(folder: Path, data: Path, **train) -> Path:
+    """A run whose last checkpoint saved the tiny model and TrainConfig(**train) in full, as a run does."""
+    tok = PreparedData(data).tokenizer
+    model = GPTConfig.from_preset("tiny", vocab_size=tok.vocab_size, block_size=32)
+    config = {"model": model.to_dict(), "train": dataclasses.asdict(TrainConfig(**train)), "data": {"directory": str(data)}}
+    save_checkpoint(folder, step=1, model=_model(tok.vocab_size, 1), tokenizer=tok, config=config, links=("last", "best"))
+    return folder
 
+
+def _rewrite_saved_config(run: Path, **entries) -> Path:
+    """The run's last config.json with `entries` replaced (`...` removes one), as a damaged file would hold."""
+    path = run / "last" / "config.json"
+    meta = json.loads(path.read_text())
+    for key, value in entries.items():
+        if value is ...:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    path.write_text(json.dumps(meta))
+    return path.resolve()
+
+
+def test_resume_changes_only_resumable_fields(data, tmp_path, capsys):
     resumable = {f.name for cls in (GPTConfig, TrainConfig) for f in dataclasses.fields(cls) if f.metadata.get("resume")}
-    assert {"max_steps", "max_time", "eval_interval", "threads", "device", "final_eval"} <= resumable
-    model, train = resume_configs(_saved(max_steps=10), sets=["max_steps=20", "eval_interval=5"],
-                                  flags=[Assignment("--threads", "train", "threads", "1")])
-    assert (train.max_steps, train.eval_interval, train.threads) == (20, 5, 1)
-    assert model.n_layer == GPTConfig.from_preset("tiny").n_layer
+    assert resumable == RESUMABLE_IN_DOCS and RESUME_MAY_CHANGE == tuple(sorted(resumable))
+    run = _saved_run(tmp_path / "run", data, max_steps=10)
+    saved_model = checkpoint_model_config(run / "last")
+    plan = plan_run(run, resume=True, sets=["max_steps=20", "eval_interval=5"],
+                    flags=[Assignment("--threads", "train", "threads", "1")])
+    assert (plan.train.max_steps, plan.train.eval_interval, plan.train.threads) == (20, 5, 1)
+    assert plan.model == saved_model
     # the same value as the run's is no change
-    _, train = resume_configs(_saved(lr=1e-3), sets=["lr=0.001"])
-    assert train.lr == 1e-3
-    with pytest.raises(ConfigError) as e:
-        resume_configs(_saved(lr=1e-3), flags=[Assignment("--lr", "train", "lr", "0.002")])
-    msg = str(e.value)
-    assert msg.startswith("--resume: --lr would change lr from 0.001 (the run's) to 0.002; a resumed run keeps")
-    assert ", ".join(sorted(resumable)) in msg and "\n" not in msg
-    with pytest.raises(ConfigError, match=r"--set model.n_layer would change n_layer from \d+ \(the run's\) to 7"):
-        resume_configs(_saved(), sets=["model.n_layer=7"])
-    with pytest.raises(ConfigError, match="--preset baby would change"):
-        resume_configs(_saved(), preset="baby")
-    resume_configs(_saved(), preset="tiny")  # the run's own preset is no change
-    saved = _saved()
-    saved["train"]["from_a_newer_version"] = 1  # a field of another version is dropped
-    resume_configs(saved)
-    for broken in ({"train": {}}, {"model": {"n_layer": "x"}, "train": {}}, {"model": saved["model"], "train": {"lr": 1, "bad": 2, "batch_size": None}}):
-        with pytest.raises((ConfigError, GPTSmallError)):
-            resume_configs(broken)
+    lr_run = _saved_run(tmp_path / "lr", data, lr=1e-3)
+    assert plan_run(lr_run, resume=True, sets=["lr=0.001"]).train.lr == 1e-3
+    err = one_line_error(capsys, ["train", "--out", str(lr_run), "--resume", "--lr", "0.002"])
+    assert err == ("--resume: --lr would change lr from 0.001 (the run's) to 0.002; a resumed run keeps its model, "
+                   f"data and optimizer; only {', '.join(sorted(resumable))} may change (start a new run with another "
+                   "--out to change it)")
+    with pytest.raises(ConfigError, match=rf"^--resume: --set model\.n_layer would change n_layer from "
+                                          rf"{saved_model.n_layer} \(the run's\) to 7; "):
+        plan_run(run, resume=True, sets=["model.n_layer=7"])
+    with pytest.raises(ConfigError, match=r"^--resume: --preset baby would change "):
+        plan_run(run, resume=True, preset="baby")
+    assert plan_run(run, resume=True, preset="tiny").model == saved_model  # the run's own preset is no change
+    _rewrite_saved_config(run, train={**dataclasses.asdict(TrainConfig(max_steps=10)), "from_a_newer_version": 1})
+    assert plan_run(run, resume=True).train == TrainConfig(max_steps=10)  # a field of another version is dropped
 
 
-def test_resume_configs_take_a_config_file_but_not_its_preset(tmp_path):
-    from gpt_small.resume import resume_configs
+@pytest.mark.parametrize("entries, names", [
+    ({"model": ...}, "field 'model': missing"),
+    ({"model": {"n_layer": "x"}}, "n_layer must be"),
+    ({"train": {"lr": 1, "bad": 2, "batch_size": None}}, "batch_size must be"),
+    ({"train": []}, "field 'train'"),
+    ({"data": "a/path"}, "field 'data'"),
+])
+def test_a_damaged_saved_config_is_refused_in_one_line(entries, names, data, tmp_path, capsys):
+    path = _rewrite_saved_config(_saved_run(tmp_path / "run", data), **entries)
+    with pytest.raises(GPTSmallError, match=names) as e:
+        plan_run(tmp_path / "run", resume=True, data=data)
+    assert "\n" not in str(e.value)
+    assert names in one_line_error(capsys, ["train", "--out", str(tmp_path / "run"), "--resume"])
+    if "model" in entries and entries["model"] is ...:  # a file read names the file
+        assert str(e.value) == f"{path}: field 'model': missing"
 
+
+def test_resume_takes_a_config_file_but_not_its_preset(data, tmp_path):
+    run = _saved_run(tmp_path / "run", data)
+    saved_model = checkpoint_model_config(run / "last")
     toml = tmp_path / "run.toml"
     toml.write_text('preset = "baby"\n[train]\nmax_steps = 99\n')
-    _, train = resume_configs(_saved(), config_file=toml)
-    assert train.max_steps == 99
-    _, train = resume_configs(_saved(), config_file=toml, preset="tiny")  # the file's changes are kept
-    assert train.max_steps == 99
-    from gpt_small.config import ConfigError
-
-    with pytest.raises(ConfigError, match=r"^the run's saved config is incomplete or damaged \(.*\); start a new run$"):
-        resume_configs({"train": {}})
+    plan = plan_run(run, resume=True, config_file=toml)
+    assert plan.train.max_steps == 99 and plan.model == saved_model  # the file's baby preset is not applied
+    plan = plan_run(run, resume=True, config_file=toml, preset="tiny")  # the file's changes are kept
+    assert plan.train.max_steps == 99 and plan.model == saved_model
 
 
 def _run_with(folder: Path, tok, *, data_entry, best_train: dict, last_train: dict) -> Path:
@@ -268,34 +328,30 @@ def _run_with(folder: Path, tok, *, data_entry, best_train: dict, last_train: di
 
 
 def test_resume_plan_reads_last_and_passes_every_change_on(data, tmp_path):
-    from gpt_small.config import Assignment, ConfigError
-    from gpt_small.data import PreparedData
-
     tok = PreparedData(data).tokenizer
     run = _run_with(tmp_path / "run", tok, data_entry={"directory": str(data)}, best_train={"max_steps": 10},
                     last_train={"max_steps": 20})
-    assert resume_plan(run)[2].max_steps == 20  # the last checkpoint's config, not best's
-    assert resume_plan(run, sets=["max_steps=30"])[2].max_steps == 30
-    assert resume_plan(run, flags=[Assignment("--eval-interval", "train", "eval_interval", "7")])[2].eval_interval == 7
+    assert plan_run(run, resume=True).train.max_steps == 20  # the last checkpoint's config, not best's
+    assert plan_run(run, resume=True, sets=["max_steps=30"]).train.max_steps == 30
+    flags = [Assignment("--eval-interval", "train", "eval_interval", "7")]
+    assert plan_run(run, resume=True, flags=flags).train.eval_interval == 7
     toml = tmp_path / "more.toml"
     toml.write_text("[train]\nmax_steps = 40\n")
-    assert resume_plan(run, config_file=toml)[2].max_steps == 40
+    assert plan_run(run, resume=True, config_file=toml).train.max_steps == 40
     with pytest.raises(ConfigError) as e:
-        resume_plan(run, preset="baby")
+        plan_run(run, resume=True, preset="baby")
     assert str(e.value).endswith("may change (start a new run with another --out to change it)")
     with pytest.raises(GPTSmallError) as e:
-        resume_plan(tmp_path / "empty")
+        plan_run(tmp_path / "empty", resume=True)
     assert str(e.value) == (f"--resume: {tmp_path / 'empty'} holds no checkpoint to resume (no "
                             f"{tmp_path / 'empty' / 'last'}); train without --resume to start a run there")
 
 
-@pytest.mark.parametrize("entry", [None, {"directory": ""}, {}, "a/path"])
+@pytest.mark.parametrize("entry", [None, {"directory": ""}, {}])
 def test_resume_of_a_run_that_records_no_data_folder_asks_for_one(entry, data, tmp_path):
-    from gpt_small.data import PreparedData
-
     tok = PreparedData(data).tokenizer
     run = _run_with(tmp_path / "run", tok, data_entry=entry, best_train={}, last_train={})
     with pytest.raises(GPTSmallError) as e:
-        resume_plan(run)
+        plan_run(run, resume=True)
     assert str(e.value) == "--resume: the run's data folder None is gone; pass --data with the folder it was prepared into"
-    assert resume_plan(run, data=data)[0] == data  # an imported run (no data) takes the one given
+    assert plan_run(run, resume=True, data=data).data.directory == data  # an imported run (no data) takes the one given
