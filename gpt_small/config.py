@@ -280,6 +280,8 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in fields(cls)}
 
 
+_A_TYPE = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
 def parse_value(cls: type, key: str, raw: Any) -> Any:
     """Convert `raw` (a string from the command line, or a TOML value) to the type of `cls.key`."""
     types = _field_types(cls)
@@ -295,9 +297,9 @@ def parse_value(cls: type, key: str, raw: Any) -> Any:
         if typ is float and isinstance(raw, int) and not isinstance(raw, bool):
             return float(raw)
         if typ is bool and not isinstance(raw, bool) or typ is int and isinstance(raw, bool):
-            raise ConfigError(f"{key} must be a {typ.__name__}, got {raw!r}")
+            raise ConfigError(f"{key} must be {_A_TYPE.get(typ, typ.__name__)}, got {raw!r}")
         if not isinstance(raw, typ):
-            raise ConfigError(f"{key} must be a {typ.__name__}, got {raw!r}")
+            raise ConfigError(f"{key} must be {_A_TYPE.get(typ, typ.__name__)}, got {raw!r}")
         return raw
     if typ is float and key == "max_time":
         return parse_duration(raw)  # its own message (ConfigError is a ValueError: not inside the try)
@@ -310,7 +312,7 @@ def parse_value(cls: type, key: str, raw: Any) -> Any:
             raise ValueError
         return typ(raw)
     except ValueError:
-        raise ConfigError(f"{key} must be a {typ.__name__}, got {raw!r}") from None
+        raise ConfigError(f"{key} must be {_A_TYPE.get(typ, typ.__name__)}, got {raw!r}") from None
 
 
 def parse_duration(text: str) -> float:

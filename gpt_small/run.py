@@ -163,7 +163,10 @@ def _resume_data(ckpt: Path, meta: dict[str, Any], data: PreparedData | str | Pa
     saved = Path(directory) if directory else None
     what = "--data" if data is not None else "the run's data"
     if data is None:
-        if saved is None or not saved.is_dir():
+        if saved is None:
+            raise GPTSmallError("--resume: the run records no data folder; pass --data with the folder "
+                                "it was prepared into")
+        if not saved.is_dir():
             raise GPTSmallError(f"--resume: the run's data folder {saved} is gone; pass --data with the folder "
                                 "it was prepared into")
         data = saved

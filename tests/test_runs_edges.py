@@ -353,5 +353,5 @@ def test_resume_of_a_run_that_records_no_data_folder_asks_for_one(entry, data, t
     run = _run_with(tmp_path / "run", tok, data_entry=entry, best_train={}, last_train={})
     with pytest.raises(GPTSmallError) as e:
         plan_run(run, resume=True)
-    assert str(e.value) == "--resume: the run's data folder None is gone; pass --data with the folder it was prepared into"
+    assert str(e.value) == "--resume: the run records no data folder; pass --data with the folder it was prepared into"
     assert plan_run(run, resume=True, data=data).data.directory == data  # an imported run (no data) takes the one given
