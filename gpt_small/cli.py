@@ -216,10 +216,10 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
     verse = p.add_argument_group("verse form (any of these writes a poem line by line: docs/poetry.md)")
     verse.add_argument("--rhyme", help="rhyme scheme: ABAB, AABB, ABBA, 'ABAB CDCD EFEF GG', or sonnet, quatrain, ...")
     verse.add_argument("--syllables", type=int, help="target syllables per line")
-    verse.add_argument("--syllable-tolerance", type=int, default=1, help="allowed difference (default: 1)")
+    verse.add_argument("--syllable-tolerance", type=int, help="allowed difference (default: 1)")
     verse.add_argument("--stanzas", type=int, help="stanzas, apart by blank lines (default: the scheme's)")
-    verse.add_argument("--candidates", type=int, default=16, help="lines sampled per round (default: 16)")
-    verse.add_argument("--budget", type=int, default=512, help="candidate lines per verse line at most (default: 512)")
+    verse.add_argument("--candidates", type=int, help="lines sampled per round (default: 16)")
+    verse.add_argument("--budget", type=int, help="candidate lines per verse line at most (default: 512)")
     verse.add_argument("--form-meta", metavar="FILE", help="write the poem's metadata (JSON) here")
 
 
@@ -247,6 +247,11 @@ def _run_generate(args: argparse.Namespace) -> None:
     if args.rhyme is not None or args.syllables is not None or args.stanzas is not None:
         from .forms import run_form_cli
         return run_form_cli(args, prompt, device)
+    # these only shape a verse form: alone they would be silently ignored
+    for flag in ("syllable_tolerance", "candidates", "budget", "form_meta"):
+        if getattr(args, flag) is not None:
+            raise GPTSmallError(f"--{flag.replace('_', '-')} applies to verse forms only: add --rhyme, --syllables "
+                                "or --stanzas")
     ckpt = load_checkpoint(args.checkpoint, device=device)
     convert_weights(ckpt.model, args.weights)
     window_keep(ckpt.model.config.block_size, args.window_keep)  # a bad value fails before any output

@@ -516,10 +516,15 @@ def run_form_cli(args: Any, prompt: str, device: Any) -> None:
     from .checkpoint import load_checkpoint
     from .ops.quantize import convert_weights
 
-    form = Form(lines=args.lines, stanzas=args.stanzas, syllables=args.syllables,
-                tolerance=args.syllable_tolerance, rhyme=args.rhyme)
+    given = {k: v for k, v in (("tolerance", args.syllable_tolerance), ("candidates", args.candidates),
+                               ("budget", args.budget)) if v is not None}  # the dataclasses hold the defaults
+    form = Form(lines=args.lines, stanzas=args.stanzas, syllables=args.syllables, rhyme=args.rhyme,
+                **{k: v for k, v in given.items() if k == "tolerance"})
     form.plan()  # a bad scheme fails before the checkpoint loads
-    search = SearchConfig(candidates=args.candidates, budget=args.budget, max_line_tokens=args.max_new_tokens)
+    if args.max_new_tokens is not None and args.max_new_tokens < 2:
+        raise GPTSmallError(f"--max-new-tokens with a verse form is the most tokens per line, at least 2, "
+                            f"got {args.max_new_tokens}")
+    search = SearchConfig(max_line_tokens=args.max_new_tokens, **{k: v for k, v in given.items() if k != "tolerance"})
     if args.repetition_penalty != 1.0 or args.stop:
         raise GPTSmallError("--repetition-penalty and --stop do not apply to verse forms")
     if args.form_meta:  # a folder that is missing fails now, not after the poems are printed

@@ -25,7 +25,7 @@ C_LONG_MAX = 2**63 - 1
 MAX_NEW_TOKENS = 1_000_000      # tokens one sample may ask for (--max-new-tokens, serve's too)
 MAX_NUM_SAMPLES = 1_024         # samples per call (--num-samples); the server's n has its own cap
 MAX_LINES = 100_000             # --lines, report --lines
-MAX_REPORT_SAMPLES = 100_000    # report --samples
+MAX_REPORT_SAMPLES = MAX_NUM_SAMPLES  # report --samples: one generate call samples them all
 MAX_SEED = C_LONG_MAX           # torch.manual_seed takes a C long
 MAX_THREADS = 4_096             # --threads (0 = all cores)
 MAX_SERVE_BATCH = 4_096         # serve --max-batch

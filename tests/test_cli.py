@@ -149,3 +149,18 @@ def test_poem_on_text_without_the_prompt_characters_starts_from_a_new_line(works
     out = capsys.readouterr().out
     assert "has characters this model never saw; starting from a new line" in out
     assert "--- poem 3 ---" in out
+
+
+@pytest.mark.parametrize("flags", [["--syllable-tolerance", "-1"], ["--candidates", "0"], ["--budget", "3"],
+                                   ["--form-meta", "meta.json"]])
+def test_verse_form_flag_without_a_form_is_refused(workspace, flags, capsys):
+    # alone these once ran a plain sample and ignored the flag (and its bad value) without a word
+    assert main(["generate", "--checkpoint", str(workspace / "run"), "--max-new-tokens", "5", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flags[0] in err[0] and "verse forms only" in err[0]
+
+
+def test_verse_form_max_new_tokens_below_two_names_the_flag(workspace, capsys):
+    assert main(["generate", "--checkpoint", str(workspace / "run"), "--rhyme", "AA", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--max-new-tokens" in err[0] and "got 1" in err[0]

@@ -183,3 +183,14 @@ def test_summary_of_nothing_and_of_figures():
 def test_words_helper_is_distinct():
     ws = _words(30_000)
     assert len(set(ws)) == len(ws) and all(w.isalpha() for w in itertools.islice(ws, 100))
+
+
+@pytest.mark.parametrize("samples, ok", [(1_024, True), (1_025, False)])
+def test_report_samples_limit_is_the_one_generate_takes(tmp_path, capsys, samples, ok):
+    # the limit once said 100,000 while generate refused more than 1,024 ("num_samples"), after the
+    # checkpoint and both splits were read; now the flag's own check holds the real limit, before any work
+    from gpt_small.cli import main
+
+    assert main(["report", "--checkpoint", str(tmp_path / "none"), "--samples", str(samples)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert ("samples must be" in err and "<= 1,024" in err) != ok, err

@@ -311,3 +311,12 @@ def test_a_failed_decode_step_ends_streams_with_an_error_event(model_tok):
         finally:
             engine._step = real
         assert c.post("/v1/completions", json={"model": NAME, "prompt": "a", "max_tokens": 3}).status_code == 200
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client):
+    # OpenAI deprecated max_tokens for max_completion_tokens; a client sending both means the newer
+    for newer, older in ((3, 5), (5, 3)):
+        body = chat(client, [{"role": "user", "content": "The sea"}], max_completion_tokens=newer,
+                    max_tokens=older, temperature=0)
+        assert body["usage"]["completion_tokens"] == newer
+        assert body["choices"][0]["finish_reason"] == "length"

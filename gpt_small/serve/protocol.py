@@ -434,8 +434,9 @@ def decode_chat(d: dict[str, Any], tokenizer: Any, limits: Limits) -> Completion
         raise _bad("top_logprobs", "needs logprobs: true")
     if d.get("user") is not None and not isinstance(d.get("user"), str):
         raise _bad("user", "expected a string")
-    max_tokens = _int(d, "max_completion_tokens", None, 1, limits.max_new_tokens)
-    max_tokens = _int(d, "max_tokens", max_tokens, 1, limits.max_new_tokens)
+    # OpenAI's newer name wins over the deprecated one when a client sends both
+    older = _int(d, "max_tokens", None, 1, limits.max_new_tokens)
+    max_tokens = _int(d, "max_completion_tokens", older, 1, limits.max_new_tokens)
     stream = _bool(d, "stream", False)
     return CompletionRequest(
         prompts=[prompt], prompt_ids=[encode_prompt(tokenizer, prompt, limits, param="messages")],
