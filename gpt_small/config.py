@@ -282,6 +282,7 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 _A_TYPE = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
+
 def parse_value(cls: type, key: str, raw: Any) -> Any:
     """Convert `raw` (a string from the command line, or a TOML value) to the type of `cls.key`."""
     types = _field_types(cls)
@@ -327,6 +328,13 @@ def parse_duration(text: str) -> float:
 
 
 def from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """A config from a file's typed values (JSON, TOML): "32" where an integer belongs is a damaged
+    file, not a flag's text, so strings are taken only by str and Literal fields."""
+    types = _field_types(cls)
+    for k, v in d.items():
+        typ = types.get(k)
+        if isinstance(v, str) and typ is not None and typ is not str and getattr(typ, "__origin__", None) is not Literal:
+            raise ConfigError(f"{k} must be {_A_TYPE.get(typ, typ.__name__)}, got the string {v!r}")
     return cls(**{k: parse_value(cls, k, v) for k, v in d.items()})
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import limits
-from .checkpoint import find_checkpoint, read_checkpoint_config
+from .checkpoint import checkpoint_model_config, find_checkpoint, read_checkpoint_config
 from .config import (DEFAULT_PRESET, Assignment, ConfigError, GPTConfig, TrainConfig, apply_assignments,
                      parse_value, user_assignments)
 from .data import PreparedData
@@ -138,7 +138,7 @@ def _plan_resume(out: Path, data: PreparedData | str | Path | None, preset: str 
     meta = read_checkpoint_config(ckpt)
     prepared = _resume_data(ckpt, meta, data)
     try:
-        model = GPTConfig.from_dict(meta["model"])
+        model = checkpoint_model_config(ckpt, meta)
         known = {f.name for f in fields(TrainConfig)}  # a field of another version is dropped, not fatal
         train = TrainConfig(**{k: v for k, v in meta["train"].items() if k in known})
     except (KeyError, TypeError) as e:

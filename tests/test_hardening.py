@@ -136,6 +136,21 @@ def test_a_checkpoint_config_whose_model_is_not_an_object(world, tmp_path, model
     assert "field 'model'" in assert_one_line(code, err, [model])
 
 
+@pytest.mark.parametrize("key, value, phrase", [("n_embd", "32", "n_embd must be an integer, got the string '32'"),
+                                                ("dropout", "0.1", "dropout must be a number"),
+                                                ("bias", "true", "bias must be true or false")])
+def test_a_checkpoint_config_value_written_as_a_string_is_refused(world, tmp_path, key, value, phrase):
+    """A file's numbers are typed: "32" is a damaged file, not a flag's text to parse."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(Path(world["run"], "last").resolve(), ckpt)
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["model"][key] = value
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    code, _, err = run(["generate", "--checkpoint", str(ckpt), "--max-new-tokens", "5"])
+    line = assert_one_line(code, err, [key])
+    assert phrase in line and "config.json" in line
+
+
 @pytest.mark.parametrize("toml, phrase", [('preset = ["tiny"]', "preset must be one of"),
                                           ("model = 3", "[model] must be a table")])
 def test_a_toml_preset_or_section_of_the_wrong_type(tmp_path, toml, phrase):
