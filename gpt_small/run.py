@@ -34,7 +34,7 @@ from typing import Any, Literal
 from . import limits
 from .checkpoint import checkpoint_model_config, find_checkpoint, read_checkpoint_config
 from .config import (DEFAULT_PRESET, Assignment, ConfigError, GPTConfig, TrainConfig, apply_assignments,
-                     parse_value, user_assignments)
+                     from_dict, parse_value, user_assignments)
 from .data import PreparedData
 from .errors import GPTSmallError
 from .tokenizer import Tokenizer, load_tokenizer, same_tokenizer
@@ -140,7 +140,7 @@ def _plan_resume(out: Path, data: PreparedData | str | Path | None, preset: str 
     try:
         model = checkpoint_model_config(ckpt, meta)
         known = {f.name for f in fields(TrainConfig)}  # a field of another version is dropped, not fatal
-        train = TrainConfig(**{k: v for k, v in meta["train"].items() if k in known})
+        train = from_dict(TrainConfig, {k: v for k, v in meta["train"].items() if k in known})
     except (KeyError, TypeError) as e:
         raise ConfigError(f"the run's saved config is incomplete or damaged ({e}); start a new run") from None
     if preset:
