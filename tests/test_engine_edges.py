@@ -1,0 +1,191 @@
+"""The serve engine at its edges: the bounded queue while every row is busy (the last sequence
+taken, the first refused, all or none), a failed batched decode step, and Sequence.feed where the
+line count, the token budget and a split UTF-8 character meet on one token."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from gpt_small.generate import generate_tokens
+from gpt_small.serve.engine import Engine, QueueFull, Sequence
+from gpt_small.serve.protocol import Sampling
+from serve_util import make_model
+
+
+def _seq(tok, prompt: str, seed: int, n: int, **kw) -> Sequence:
+    return Sequence(tok.encode(prompt), Sampling(temperature=1.0, seed=seed), max_new_tokens=n, tokenizer=tok, **kw)
+
+
+def _busy(engine: Engine, tok, rows: int) -> list[Sequence]:
+    """Fill `rows` rows with sequences that would run for 100,000 tokens; return once each has
+    written a token (so they hold rows, not queue places)."""
+    started = [threading.Event() for _ in range(rows)]
+    seqs = [_seq(tok, "the ", i, 100_000, on_event=lambda kind, v, e=e: e.set()) for i, e in enumerate(started)]
+    engine.submit(seqs)
+    for e in started:
+        assert e.wait(60), "a long sequence did not start"
+    return seqs
+
+
+def _stop(engine: Engine, seqs: list[Sequence]) -> None:
+    engine.cancel(seqs)
+    engine.close(30)
+
+
+@pytest.mark.parametrize("max_queue", [0, 1, 3])
+def test_with_every_row_busy_the_queue_takes_exactly_max_queue(max_queue):
+    model, tok = make_model()
+    engine = Engine(model, tok, max_batch=2, max_queue=max_queue)
+    waiting: list[Sequence] = []
+    try:
+        busy = _busy(engine, tok, 2)
+        for i in range(max_queue):  # one at a time up to the bound: each taken
+            waiting.append(_seq(tok, "a", 10 + i, 5))
+            engine.submit(waiting[-1:])
+        assert engine.stats()["queued"] == max_queue
+        with pytest.raises(QueueFull, match=f"the queue holds {max_queue}"):
+            engine.submit([_seq(tok, "a", 99, 5)])
+        assert engine.stats()["queued"] == max_queue and engine.stats()["active"] == 2
+    finally:
+        _stop(engine, busy + waiting)
+    assert all(s.finish_reason == "cancelled" for s in busy + waiting)
+
+
+def test_a_request_of_several_samples_is_queued_all_or_none():
+    model, tok = make_model()
+    engine = Engine(model, tok, max_batch=1, max_queue=3)
+    waiting: list[Sequence] = []
+    try:
+        busy = _busy(engine, tok, 1)
+        waiting = [_seq(tok, "a", 1, 5), _seq(tok, "b", 2, 5)]
+        engine.submit(waiting)
+        with pytest.raises(QueueFull):  # two more than the one place left: neither is queued
+            engine.submit([_seq(tok, "c", 3, 5), _seq(tok, "d", 4, 5)])
+        assert engine.stats()["queued"] == 2
+        last = _seq(tok, "e", 5, 5)
+        engine.submit([last])  # the one place left is still there
+        waiting.append(last)
+        assert engine.stats()["queued"] == 3
+    finally:
+        _stop(engine, busy + waiting)
+
+
+@pytest.mark.parametrize("max_batch, max_queue", [(3, 0), (3, 2), (1, 1)])
+def test_free_rows_take_arrivals_beyond_the_queue_bound(max_batch, max_queue):
+    """An idle engine takes max_batch + max_queue sequences in one request, and refuses one more."""
+    model, tok = make_model()
+    engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue)
+    try:
+        with pytest.raises(QueueFull):
+            engine.submit([_seq(tok, "a", i, 3) for i in range(max_batch + max_queue + 1)])
+        assert engine.stats()["queued"] == 0 and engine.stats()["active"] == 0
+        done = threading.Semaphore(0)
+        seqs = [_seq(tok, "a", i, 3, on_event=lambda kind, v: kind == "done" and done.release())
+                for i in range(max_batch + max_queue)]
+        engine.submit(seqs)
+        for _ in seqs:
+            assert done.acquire(timeout=60)
+        assert all(s.finish_reason == "length" and len(s.new_ids) == 3 for s in seqs)
+    finally:
+        engine.close(30)
+
+
+def test_a_failed_batched_decode_step_ends_its_rows_with_error_and_the_engine_goes_on():
+    model, tok = make_model()
+    calls = {"decode": 0}
+    forward = model.forward
+
+    def failing_forward(idx, *args, **kw):  # the third batched decoding step raises, once
+        if idx.shape[1] == 1 and kw.get("input_pos") is not None:
+            calls["decode"] += 1
+            if calls["decode"] == 3:
+                raise RuntimeError("injected failure in a decoding step")
+        return forward(idx, *args, **kw)
+
+    model.forward = failing_forward
+    engine = Engine(model, tok, max_batch=4)
+    try:
+        done = threading.Semaphore(0)
+        events: dict[int, list] = {0: [], 1: []}
+        seqs = [_seq(tok, p, i, 40, on_event=lambda kind, v, i=i: (events[i].append((kind, v)),
+                                                                   kind == "done" and done.release()))
+                for i, p in enumerate(["the ", "and "])]
+        engine.submit(seqs)
+        for _ in seqs:
+            assert done.acquire(timeout=60)
+        for i, s in enumerate(seqs):
+            assert s.finish_reason == "error" and events[i][-1] == ("done", "error")
+            assert 1 <= len(s.new_ids) < 40
+        # the engine keeps serving, and a new sequence is what it would be alone
+        again = _seq(tok, "the ", 7, 30, on_event=lambda kind, v: kind == "done" and done.release())
+        engine.submit([again])
+        assert done.acquire(timeout=60)
+    finally:
+        engine.close(30)
+        model.forward = forward
+    alone = [int(t) for t in generate_tokens(model, tok.encode("the "), max_new_tokens=30, temperature=1.0,
+                                             seed=7, banned_ids=[tok.unk_id])]
+    assert again.finish_reason == "length" and again.new_ids == alone
+
+
+class ByteTokenizer:
+    """Byte-level ids: one token may be part of a UTF-8 character (as in byte-level BPE)."""
+
+    vocab_size = 256
+
+    def decode(self, ids) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def _feed_all(seq: Sequence, data: bytes) -> tuple[list[str], int]:
+    """Feed the bytes of data one token at a time until the sequence ends; (texts sent, tokens fed)."""
+    sent: list[str] = []
+    seq.on_event = lambda kind, v: kind == "text" and sent.append(v)
+    for n, b in enumerate(data, 1):
+        if seq.feed(b):
+            seq.finish(seq.finish_reason)
+            return sent, n
+    return sent, len(data)
+
+
+def _byte_seq(**kw) -> Sequence:
+    return Sequence([1], Sampling(temperature=1.0, seed=0), tokenizer=ByteTokenizer(), **kw)
+
+
+@pytest.mark.parametrize("max_new, reason, text", [
+    (6, "stop", "ab\ncd\n"),   # the last line's newline is the last token allowed: the lines end it
+    (7, "stop", "ab\ncd\n"),
+    (5, "length", "ab\ncd"),   # one token short of the second newline
+])
+def test_the_line_count_and_the_token_budget_on_the_same_token(max_new, reason, text):
+    seq = _byte_seq(max_new_tokens=max_new, lines=2)
+    sent, fed = _feed_all(seq, b"ab\ncd\nef\n")
+    assert seq.finish_reason == reason and seq.text == text and "".join(sent) == text
+    assert fed == min(max_new, 6)
+
+
+def test_a_character_split_over_tokens_is_sent_whole():
+    word = "née\n".encode()  # é is two bytes
+    seq = _byte_seq(max_new_tokens=100, lines=1)
+    sent, fed = _feed_all(seq, word)
+    assert sent and all("\ufffd" not in s for s in sent)
+    assert "".join(sent) == "née\n" and seq.finish_reason == "stop" and fed == len(word)
+
+
+def test_the_token_budget_inside_a_character_ends_the_text_there():
+    """Cut by max_tokens between a character's two bytes: finish "length", and what was sent is
+    exactly the text (the incomplete character as U+FFFD, as decoding those bytes gives)."""
+    seq = _byte_seq(max_new_tokens=2)
+    sent, fed = _feed_all(seq, "né".encode())
+    assert fed == 2 and seq.finish_reason == "length"
+    assert seq.text == "n\ufffd" and "".join(sent) == seq.text
+
+
+def test_a_stop_string_split_at_a_character_boundary():
+    """The stop string starts inside a multi-byte character's bytes' decoding: nothing of it is sent."""
+    seq = _byte_seq(max_new_tokens=100, stop=["é!"])
+    sent, fed = _feed_all(seq, "aé!zz".encode())
+    assert seq.finish_reason == "stop" and seq.text == "a" and "".join(sent) == "a"
+    assert fed == len("aé!".encode())
