@@ -8,7 +8,10 @@ time of each and their ratio:
 - with --report-samples N (0 skips it; slow: minutes per run), `report --samples N`.
 
     python benchmarks/window_wall.py [--checkpoint runs/poem-cpu] [--data data/eng-poem-char]
-        [--reps 3] [--report-samples 0] [--report-reps 1]
+        [--reps 3] [--report-samples 0] [--report-reps 1] [--threads N]
+
+--threads sets OMP_NUM_THREADS for the commands: on a machine shared with other jobs, one thread
+per command keeps OpenMP's threads from waiting on each other's cores.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import tempfile
 import time
 from datetime import date
 
+ENV = dict(os.environ)
+
 
 def wall(cmd: list[str]) -> float:
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=ENV)
     return time.perf_counter() - t
 
 
@@ -48,9 +53,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--report-samples", type=int, default=0)
     p.add_argument("--report-reps", type=int, default=1)
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the commands (default: as set)")
     args = p.parse_args()
+    if args.threads:
+        ENV["OMP_NUM_THREADS"] = str(args.threads)
     cli = [sys.executable, "-m", "gpt_small"]
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {date.today()}")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {date.today()}, "
+          f"OMP_NUM_THREADS={ENV.get('OMP_NUM_THREADS', 'unset')}")
 
     compare("sonnet (generate --rhyme sonnet --syllables 10)", lambda rule: [
         *cli, "generate", "--checkpoint", args.checkpoint, "--rhyme", "sonnet", "--syllables", "10",
