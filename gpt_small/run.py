@@ -4,7 +4,7 @@ into one frozen `RunPlan` (configs, data, run folder, the checkpoint it starts f
 Every way of starting a run comes here: `gpt-small train` (flags, `--set`, a TOML file, a preset),
 `make poem` (its TOML file and time budget), the Python API (`Trainer(model_config, train_config,
 ...)` passes its configs as they are) and `compare` (a Trainer per encoding). Each source becomes
-a list of `Assignment`s (config.py), read once: the TOML file once, the checkpoint's config.json
+a list of `Assignment`s (config_sources.py), read once: the TOML file once, the checkpoint's config.json
 once. This module is the one place that says what a run may change of what it continues from:
 
 - a resumed run keeps its model, data and optimizer state, so it keeps every field whose change
@@ -18,7 +18,7 @@ Any other change is refused in one line of one wording: which flag (or which con
 field, the old value and the new one. The checks that need the run folder's lock (a fresh run in
 a folder that already holds one) are made by `RunFolder.claim` once the lock is held.
 
-The flag and TOML layer stays argparse plus config.py's `Assignment`s rather than jsonargparse or
+The flag and TOML layer stays argparse plus config_sources.py's `Assignment`s rather than jsonargparse or
 tyro: flags are derived from the dataclass fields already (help, unit, default, `may change at
 --resume`), errors must be one line with exit code 2 (both libraries print a usage block), and
 `--resume` needs to know which source set which field to name it in a refusal, which neither
@@ -33,8 +33,8 @@ from typing import Any, Literal
 
 from . import limits
 from .checkpoint import checkpoint_model_config, find_checkpoint, read_checkpoint_config
-from .config import (DEFAULT_PRESET, Assignment, ConfigError, GPTConfig, TrainConfig, apply_assignments,
-                     from_dict, parse_value, user_assignments)
+from .config import DEFAULT_PRESET, ConfigError, GPTConfig, TrainConfig, from_dict, parse_value
+from .config_sources import Assignment, apply_assignments, user_assignments
 from .data import PreparedData
 from .errors import GPTSmallError
 from .tokenizer import Tokenizer, load_tokenizer, same_tokenizer

@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 from gpt_small.checkpoint import checkpoint_model_config, find_checkpoint, save_checkpoint
 from gpt_small.cli import main
-from gpt_small.config import Assignment, ConfigError, GPTConfig, TrainConfig
+from gpt_small.config import ConfigError, GPTConfig, TrainConfig
+from gpt_small.config_sources import Assignment
 from gpt_small.data import PreparedData, prepare
 from gpt_small.errors import GPTSmallError
 from gpt_small.interop.hf_export import export_checkpoint
