@@ -292,7 +292,9 @@ def test_resume_changes_only_resumable_fields(data, tmp_path, capsys):
 
 @pytest.mark.parametrize("entries, names", [
     ({"model": ...}, "field 'model': missing"),
-    ({"model": {"n_layer": "x"}}, "n_layer must be"),
+    ({"model": {**GPTConfig.from_preset("tiny").to_dict(), "n_layer": "x"}}, "n_layer must be"),
+    ({"model": {k: v for k, v in GPTConfig.from_preset("tiny").to_dict().items() if k != "n_layer"}},
+     "field 'model.n_layer': missing"),
     ({"train": {"lr": 1, "bad": 2, "batch_size": None}}, "batch_size must be"),
     ({"train": []}, "field 'train'"),
     ({"data": "a/path"}, "field 'data'"),
