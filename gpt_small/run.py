@@ -27,6 +27,7 @@ library reports. A new dependency would replace ~60 lines and not remove this mo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -122,6 +123,17 @@ def _changed(a: Assignment, model: GPTConfig, train: TrainConfig) -> tuple[bool,
     old = getattr(cfg, a.name, None)
     new = parse_value(type(cfg), a.name, a.value)
     return new != old, old, new
+
+
+def recorded_path(path: str | Path) -> Path:
+    """The form a run records a folder in (run_config.json, the checkpoint's config): `..`, `.` and
+    doubled slashes folded away where that names the same folder (`data/../data/x` -> `data/x`), so
+    the record reads as the user would type it and compares equal with what `--resume` compares
+    (the resolved path); relative stays relative, absolute stays absolute. Where folding would
+    name another folder (a `..` after a symbolic link), the resolved path."""
+    path = Path(path)
+    tidy = Path(os.path.normpath(path))
+    return tidy if tidy.resolve() == path.resolve() else path.resolve()
 
 
 # ---------------------------------------------------------------- --resume
