@@ -13,13 +13,13 @@ import json
 import shlex
 import signal
 
+from .config import GPTConfig, TrainConfig
+from .config_sources import Assignment, config_flags, flag_help, resolve_configs
 from .errors import GPTSmallError
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """--preset, --config, --set, and one flag per GPTConfig/TrainConfig field (config_sources.config_flags)."""
-    from .config_sources import config_flags, flag_help
-
     p.add_argument("--preset", help="model preset (default: the config file's, else poem-cpu)")
     p.add_argument("--config", help="TOML file with preset, [model] and [train] tables")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -35,17 +35,15 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=f"{section}__{f.name}", metavar=metavar, help=flag_help(f), **extra)
 
 
-def flag_assignments(args: argparse.Namespace):
-    from .config_sources import Assignment, config_flags
-
+def flag_assignments(args: argparse.Namespace) -> list[Assignment]:
+    """The config flags given on the command line, as assignments (flags left out are None)."""
     return [Assignment(flag, section, f.name, getattr(args, f"{section}__{f.name}"))
             for flag, (section, f) in config_flags().items()
             if getattr(args, f"{section}__{f.name}", None) is not None]
 
 
-def configs_from_args(args: argparse.Namespace, **model_extra):
-    from .config_sources import resolve_configs
-
+def configs_from_args(args: argparse.Namespace, **model_extra: object) -> tuple[str, GPTConfig, TrainConfig]:
+    """(preset name, model config, train config) from the config flags, as `info` and `compare` build them."""
     return resolve_configs(preset=args.preset, config_file=args.config, model_overrides=model_extra,
                            sets=args.set, flags=flag_assignments(args))
 

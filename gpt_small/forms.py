@@ -2,8 +2,8 @@
 
 The model writes one line at a time. For each line:
 1. sample `candidates` whole lines in one batch from the poem so far (the prefix is run through
-   the model once and its KV cache copied to every row), recording each line's log-probability
-   under the model (temperature 1, whatever the sampling temperature);
+   the model once and its KV cache copied to every row: form_calls.py), recording each line's
+   log-probability under the model (temperature 1, whatever the sampling temperature);
 2. keep the most probable line that meets the constraints (verse.py: syllables within the
    tolerance by the CMU dictionary, rhyme with its group's first word by the dictionary, not the
    same word twice in a group; a group's first word needs `min_rhymes` dictionary rhymes and
