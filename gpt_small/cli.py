@@ -1,12 +1,11 @@
 """`gpt-small <verb>`: a thin shell over the Python API.
 
-Each verb is a pair: `_args_<verb>(parser)` declares its flags, `_run_<verb>(args)` calls the API.
-The table `VERBS` maps names to the pair. A `GPTSmallError` from anywhere, an OS error (full
-disk, read-only folder) and a bad flag alike become one line on stderr and exit code 2; Ctrl-C
-becomes exit 130 and SIGTERM 143 (training saves a checkpoint before either). The train/model flags
-are derived from the config dataclasses (`config.config_flags`), so `--help` shows each field's
-meaning, unit and default from one place; `train` hands them to `run.plan_run`, which alone decides
-a fresh run, a resume or a fine-tune and what each may change.
+Each verb is a pair: `args_<verb>(parser)` declares its flags, `run_<verb>(args)` calls the API
+(underscored where the pair lives here). The table `VERBS` maps names to the pair. The verbs that
+build a model from the config flags (info, train, poem, compare) live in cli_train.py, `generate`
+in cli_generate.py, the others here. A `GPTSmallError` from anywhere, an OS error (full disk,
+read-only folder) and a bad flag alike become one line on stderr and exit code 2; Ctrl-C becomes
+exit 130 and SIGTERM 143 (training saves a checkpoint before either).
 """
 
 from __future__ import annotations
@@ -14,51 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
-import signal
 import sys
 from typing import Callable, NoReturn
 
 from . import __version__, limits
-from .config import LINE_TOKEN_BUDGET  # --lines N without --max-new-tokens: room for N lines
+from .cli_generate import WEIGHTS_HELP, WINDOW_KEEP_HELP, args_generate, run_generate
+from .cli_train import (args_compare, args_info, args_poem, args_train, run_compare, run_info, run_poem,
+                        run_train)
 from .errors import GPTSmallError
-
-
-# ---------------------------------------------------------------- info
-
-def _args_info(p: argparse.ArgumentParser) -> None:
-    # The same config flags as train, resolved the same way, so `info` shows the model train would build.
-    p.add_argument("--data", help="prepared data folder: take the vocabulary from it, as train does")
-    p.add_argument("--vocab-size", type=int, help="vocabulary size (default: --data's, else the preset's)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    _add_config_flags(p)
-
-
-def _run_info(args: argparse.Namespace) -> None:
-    extra = {}
-    if args.data:
-        from .data import PreparedData
-
-        extra["vocab_size"] = PreparedData(args.data).vocab_size
-    if args.vocab_size is not None:
-        extra["vocab_size"] = args.vocab_size
-    name, cfg, _ = _configs_from_args(args, **extra)  # GPTConfig checks vocab_size with the rest
-    info = {
-        "preset": name,
-        "config": cfg.to_dict(),
-        "params": cfg.num_params(),
-        "non_embedding_params": cfg.num_params(non_embedding=True),
-        "train_flops_per_token": cfg.flops_per_token(),
-    }
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return
-    print(f"preset {name}")
-    for k, v in cfg.to_dict().items():
-        print(f"  {k:<15} {v}")
-    print(f"parameters              {info['params']:,}")
-    print(f"non-embedding params    {info['non_embedding_params']:,}")
-    print(f"training FLOPs / token  {info['train_flops_per_token']:,}  (6N + 6*n_layer*block_size*n_embd)")
 
 
 # ---------------------------------------------------------------- prepare
@@ -94,215 +56,7 @@ def _run_prepare(args: argparse.Namespace) -> None:
               f"{m['vocab_size']} tokens (all the merges the training text allows)", file=sys.stderr)
 
 
-# ---------------------------------------------------------------- train
-
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """--preset, --config, --set, and one flag per GPTConfig/TrainConfig field (config.config_flags)."""
-    from .config import config_flags, flag_help
-
-    p.add_argument("--preset", help="model preset (default: the config file's, else poem-cpu)")
-    p.add_argument("--config", help="TOML file with preset, [model] and [train] tables")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any GPTConfig or TrainConfig field, e.g. --set lr=3e-4 --set model.qk_norm=true")
-    model = p.add_argument_group("model flags (GPTConfig)", "defaults are GPTConfig's; a preset sets some of them")
-    train = p.add_argument_group("training flags (TrainConfig)")
-    for flag, (section, f) in config_flags().items():
-        group = model if section == "model" else train
-        # values stay strings here: config.parse_value parses them by the field's type, with the
-        # same rule and message as --set and TOML. A bool flag alone means true (--compile).
-        metavar = {"int": "N", "float": "X", "bool": "BOOL"}.get(str(f.type), "NAME")
-        extra = dict(nargs="?", const="true") if metavar == "BOOL" else {}
-        group.add_argument(flag, dest=f"{section}__{f.name}", metavar=metavar, help=flag_help(f), **extra)
-
-
-def _flag_assignments(args: argparse.Namespace):
-    from .config import Assignment, config_flags
-
-    return [Assignment(flag, section, f.name, getattr(args, f"{section}__{f.name}"))
-            for flag, (section, f) in config_flags().items()
-            if getattr(args, f"{section}__{f.name}", None) is not None]
-
-
-def _configs_from_args(args: argparse.Namespace, **model_extra):
-    from .config import resolve_configs
-
-    return resolve_configs(preset=args.preset, config_file=args.config, model_overrides=model_extra,
-                           sets=args.set, flags=_flag_assignments(args))
-
-
-def _args_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="folder made by `gpt-small prepare` (with --resume: default the run's)")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, curves.png)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
-                   "with its saved model and training config (flags may change only what can change mid-run)")
-    p.add_argument("--init-from", metavar="RUN", help="start from this run's best (or this checkpoint's) weights: "
-                   "a new run with a fresh step, optimizer and schedule; the model's shape is the checkpoint's")
-    p.add_argument("--logger", help="also log to tensorboard (event files in --out) or wandb (offline)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_config_flags(p)
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    from .device import configure_process
-    from .distributed import print0, teardown_distributed
-    from .loop import format_summary
-    from .run import plan_run
-    from .train import Trainer
-
-    # fresh, --resume or --init-from: decided, and any change a resume or fine-tune may not make
-    # refused, by plan_run alone
-    plan = plan_run(args.out, data=args.data, resume=args.resume, init_from=args.init_from, preset=args.preset,
-                    config_file=args.config, sets=args.set, flags=_flag_assignments(args))
-    trackers = []
-    if args.logger:  # a tracker writes nothing before its first record, when the run's lock is held
-        from .interop.trackers import make_tracker
-
-        trackers.append(make_tracker(args.logger, args.out, train_chars_per_token=plan.data.chars_per_token("train"),
-                                     config={"model": plan.model.to_dict(), "train": plan.train.to_dict(),
-                                             "data": str(plan.data.directory), "init_from": args.init_from}))
-    configure_process(device=plan.train.device, threads=plan.train.threads)
-    trainer = Trainer.from_plan(plan, show_progress=not args.no_progress, trackers=trackers)
-    ok = False
-    try:
-        with trainer:  # DDP's reducer goes before its process group, while Python is fully alive
-            summary = trainer.fit()
-        print0(format_summary(summary))
-        interrupted = summary["stopped_by"] in ("SIGINT", "SIGTERM")
-        if interrupted:
-            print0(f"interrupted by {summary['stopped_by']}; continue with: gpt-small train --data "
-                   f"{shlex.quote(str(plan.data.directory))} --out {shlex.quote(str(args.out))} --resume")
-        ok = True
-    finally:
-        teardown_distributed(ok)
-    if interrupted:
-        return 128 + int(signal.Signals[summary["stopped_by"]])  # 130 for SIGINT, 143 for SIGTERM
-    return 0
-
-
-# ---------------------------------------------------------------- generate and poem
-
-
-
-_WEIGHTS_HELP = ("float32 (default), bfloat16 or int8: the Linear weights' precision for inference, "
-                 "converted at load (faster CPU decoding; docs/decoding.md)")
-
-
-_WINDOW_KEEP_HELP = ("past the model's context, tokens of the full window kept and re-prefilled: half (default; "
-                     "the context eval's default stride scores), slide (the exact per-token slide of older "
-                     "versions) or a number (docs/decoding.md)")
-
-
-def _args_generate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="run folder (its best checkpoint) or checkpoint folder")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="", help="text to continue (default: start a new line)")
-    src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    p.add_argument("--max-new-tokens", type=int,
-                   help=f"at most this many tokens per sample (default: {LINE_TOKEN_BUDGET} per --lines line, else 500)")
-    p.add_argument("--lines", type=int, help="stop after this many complete verse lines")
-    p.add_argument("--stop", help=f"stop after this text (at most {limits.MAX_STOP_CHARS} characters)")
-    p.add_argument("--temperature", type=float, default=limits.DEFAULT_TEMPERATURE,
-                   help=f"0 to {limits.MAX_TEMPERATURE:g} (default: {limits.DEFAULT_TEMPERATURE}); below "
-                        f"{limits.TEMPERATURE_FLOOR:g}, 0 included, = greedy (the most likely token)")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto", help="auto, cpu, mps or cuda[:N]")
-    p.add_argument("--weights", default="float32", help=_WEIGHTS_HELP)
-    p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
-    p.add_argument("--window-keep", help=_WINDOW_KEEP_HELP)
-    verse = p.add_argument_group("verse form (any of these writes a poem line by line: docs/poetry.md)")
-    verse.add_argument("--rhyme", help="rhyme scheme: ABAB, AABB, ABBA, 'ABAB CDCD EFEF GG', or sonnet, quatrain, ...")
-    verse.add_argument("--syllables", type=int, help="target syllables per line")
-    verse.add_argument("--syllable-tolerance", type=int, help="allowed difference (default: 1)")
-    verse.add_argument("--stanzas", type=int, help="stanzas, apart by blank lines (default: the scheme's)")
-    verse.add_argument("--candidates", type=int, help="lines sampled per round (default: 16)")
-    verse.add_argument("--budget", type=int, help="candidate lines per verse line at most (default: 512)")
-    verse.add_argument("--form-meta", metavar="FILE", help="write the poem's metadata (JSON) here")
-
-
-def _run_generate(args: argparse.Namespace) -> None:
-    from .checkpoint import load_checkpoint
-    from .corpus import read_text_source
-    from .device import pick_device
-    from .generate import check_sampling_args, generate_text, window_keep
-    from .ops.quantize import check_weights, convert_weights
-
-    # Everything is checked before the first byte reaches stdout: a sample that starts and then
-    # fails leaves the user a prompt and a traceback-free error, but a mixed stream.
-    from . import limits
-
-    check_sampling_args(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    limits.optional_positive_int(args.max_new_tokens, "--max-new-tokens", limits.MAX_NEW_TOKENS)
-    limits.optional_positive_int(args.lines, "--lines", limits.MAX_LINES)
-    limits.positive_int(args.num_samples, "--num-samples", limits.MAX_NUM_SAMPLES)
-    limits.check_seed(args.seed, "--seed")
-    if args.stop is not None:
-        limits.check_text(args.stop, "--stop", max_chars=limits.MAX_STOP_CHARS)
-    check_weights(args.weights)
-    device = pick_device(args.device)
-    prompt = read_text_source(args.prompt_file) if args.prompt_file else args.prompt
-    if args.rhyme is not None or args.syllables is not None or args.stanzas is not None:
-        from .forms import run_form_cli
-        return run_form_cli(args, prompt, device)
-    # these only shape a verse form: alone they would be silently ignored
-    for flag in ("syllable_tolerance", "candidates", "budget", "form_meta"):
-        if getattr(args, flag) is not None:
-            raise GPTSmallError(f"--{flag.replace('_', '-')} applies to verse forms only: add --rhyme, --syllables "
-                                "or --stanzas")
-    ckpt = load_checkpoint(args.checkpoint, device=device)
-    convert_weights(ckpt.model, args.weights)
-    window_keep(ckpt.model.config.block_size, args.window_keep)  # a bad value fails before any output
-    ckpt.tokenizer.encode(prompt, unknown="error")  # a bad prompt fails before anything is printed
-    stream = None
-    if args.num_samples == 1 and not args.no_stream:
-        sys.stdout.write(prompt)
-        sys.stdout.flush()
-        stream = lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush())  # noqa: E731
-    max_new = args.max_new_tokens
-    if max_new is None:
-        max_new = LINE_TOKEN_BUDGET * args.lines if args.lines and args.lines > 0 else 500
-    samples = generate_text(ckpt.model, ckpt.tokenizer, prompt, max_new_tokens=max_new,
-                            lines=args.lines, stop=args.stop, num_samples=args.num_samples,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            repetition_penalty=args.repetition_penalty, seed=args.seed, stream=stream,
-                            keep=args.window_keep)
-    if stream is not None:
-        print()
-    else:
-        for i, text in enumerate(samples):
-            if args.num_samples > 1:
-                print(f"--- sample {i + 1} ---")
-            print(text)
-    for i, text in enumerate(samples):
-        rest = text[len(prompt):]
-        short = ((args.lines and rest.count("\n") < args.lines and f"its {args.lines} lines")
-                 or (args.stop and args.stop not in rest and f"the stop text {args.stop!r}"))
-        if short:
-            which = f"sample {i + 1}" if args.num_samples > 1 else "the sample"
-            print(f"note: {which} reached --max-new-tokens {max_new} before {short}; "
-                  "pass a larger --max-new-tokens", file=sys.stderr)
-
-
-def _args_poem(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="data/eng-poem-char", help="prepared data (made from eng-poem if missing)")
-    p.add_argument("--out", help="run folder, reused or resumed if present (default: runs/poem-cpu, runs/poem-gpu on a GPU)")
-    p.add_argument("--config", help="training config (default: configs/poem-cpu.toml, configs/poem-gpu.toml on a GPU)")
-    p.add_argument("--minutes", type=float, help="training budget (default: 10 on a CPU, 3 on a GPU)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-
-
-def _run_poem(args: argparse.Namespace) -> None:
-    from .poem import make_poem
-
-    if args.minutes is not None and not 0 < args.minutes < float("inf"):
-        raise GPTSmallError(f"--minutes must be a positive number, got {args.minutes}")
-    make_poem(data_dir=args.data, run_dir=args.out, config_file=args.config, minutes=args.minutes, sets=args.set)
-
-
-# ---------------------------------------------------------------- eval and compare
+# ---------------------------------------------------------------- eval
 
 def _args_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder (its best checkpoint) or checkpoint folder")
@@ -317,7 +71,7 @@ def _args_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     p.add_argument("--dtype", default="float32", help="float32 (default, exact) or bfloat16/float16 autocast")
-    p.add_argument("--weights", default="float32", help=_WEIGHTS_HELP)
+    p.add_argument("--weights", default="float32", help=WEIGHTS_HELP)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0 = all cores)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -340,47 +94,6 @@ def _run_eval(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_eval(result))
 
 
-_ALL_POS = "learned,sinusoidal,rope"
-
-
-def _args_compare(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="folder made by `gpt-small prepare`")
-    p.add_argument("--out", help="study folder (default: runs/compare-<timestamp>)")
-    p.add_argument("--seeds", type=int, default=1, help="runs per encoding, seeds seed, seed+1, ... (default: 1)")
-    p.add_argument("--extrapolation-tokens", type=int, help="validation tokens scored at 1x/2x/4x the context "
-                   "(default: 16384)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_config_flags(p)
-    # --pos is the config flag reused: here it takes a comma-separated list
-    p.set_defaults(model__pos_encoding=_ALL_POS)
-    p.epilog = (f"--pos takes a comma-separated list here (default: {_ALL_POS}). --max-time is a budget per "
-                "model; --max-steps compares equal work.")
-
-
-def _run_compare(args: argparse.Namespace) -> None:
-    import time
-
-    from .data import PreparedData
-    from .device import configure_process
-    from .study import EXTRAPOLATION_TOKENS, compare_encodings, format_results, parse_encodings
-
-    encodings = parse_encodings(args.model__pos_encoding)
-    args.model__pos_encoding = None  # the study sets it per run
-    from . import limits
-
-    limits.positive_int(args.seeds, "--seeds", limits.MAX_NUM_SAMPLES)
-    limits.optional_positive_int(args.extrapolation_tokens, "--extrapolation-tokens")
-    data = PreparedData(args.data)
-    _, model_cfg, train_cfg = _configs_from_args(args, vocab_size=data.tokenizer.vocab_size)
-    configure_process(device=train_cfg.device, threads=train_cfg.threads)
-    out = args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    results = compare_encodings(encodings, model_config=model_cfg, train_config=train_cfg, data=data, out_dir=out,
-                                seeds=args.seeds, show_progress=not args.no_progress,
-                                extrapolation_tokens=EXTRAPOLATION_TOKENS if args.extrapolation_tokens is None
-                                else args.extrapolation_tokens)
-    print(format_results(results))
-
-
 # ---------------------------------------------------------------- serve
 
 def _args_serve(p: argparse.ArgumentParser) -> None:
@@ -393,8 +106,8 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=1000, help="most tokens one sample may ask for (default: 1000)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 (default: env GPT_SMALL_API_KEY)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0 = all cores)")
-    p.add_argument("--weights", default="float32", help=_WEIGHTS_HELP)
-    p.add_argument("--window-keep", help=_WINDOW_KEEP_HELP)
+    p.add_argument("--weights", default="float32", help=WEIGHTS_HELP)
+    p.add_argument("--window-keep", help=WINDOW_KEEP_HELP)
 
 
 def _run_serve(args: argparse.Namespace) -> None:
@@ -468,7 +181,7 @@ def _args_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=limits.DEFAULT_TEMPERATURE)
     p.add_argument("--eval-tokens", type=int, help="score only the first N validation tokens (default: all)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--window-keep", help=_WINDOW_KEEP_HELP)
+    p.add_argument("--window-keep", help=WINDOW_KEEP_HELP)
 
 
 def _run_report(args: argparse.Namespace) -> None:
@@ -482,16 +195,16 @@ def _run_report(args: argparse.Namespace) -> None:
 
 
 VERBS: dict[str, tuple[str, Callable, Callable]] = {
-    "info": ("show the model train would build: its configuration, parameters and FLOPs per token", _args_info, _run_info),
-    "train": ("train a model on prepared data (resumable, kill-safe checkpoints)", _args_train, _run_train),
-    "generate": ("write text with a trained model (KV cache, streaming)", _args_generate, _run_generate),
-    "poem": ("the main job: prepare eng-poem, train (the CPU or GPU recipe), print three poems", _args_poem, _run_poem),
+    "info": ("show the model train would build: its configuration, parameters and FLOPs per token", args_info, run_info),
+    "train": ("train a model on prepared data (resumable, kill-safe checkpoints)", args_train, run_train),
+    "generate": ("write text with a trained model (KV cache, streaming)", args_generate, run_generate),
+    "poem": ("the main job: prepare eng-poem, train (the CPU or GPU recipe), print three poems", args_poem, run_poem),
     "prepare": ("tokenize a built-in corpus or your text into train/val token files", _args_prepare, _run_prepare),
     "eval": ("loss, perplexity and bits/char of a checkpoint on a text or prepared split", _args_eval, _run_eval),
     "report": ("judge a model's poems against the corpus: copying, form, language, loss", _args_report,
                _run_report),
-    "compare": ("train learned, sinusoidal and rope models side by side and compare them", _args_compare,
-                _run_compare),
+    "compare": ("train learned, sinusoidal and rope models side by side and compare them", args_compare,
+                run_compare),
     "serve": ("serve a checkpoint: OpenAI-compatible HTTP API and a page for writing poems", _args_serve,
               _run_serve),
     "export": ("write a checkpoint as a Hugging Face transformers folder", _args_export, _run_export),

@@ -1,12 +1,13 @@
-"""Configuration as data: the model and training dataclasses, the preset table, TOML in and out.
+"""Configuration as data: the model and training dataclasses, the preset table, values by type.
 
 No torch here, so `gpt-small info` and config checks stay instant. Every default lives in exactly
 one place: the dataclass field, declared with `setting(default, doc, unit=, flag=, resume=)`. The
-field's metadata is what the CLI turns into a flag (`config_flags`: name, help with meaning, unit
-and default) and what `--resume` consults: a `resume=True` field may change mid-run (budgets,
-intervals, threads, device), any other change of a saved run is refused. CLI flags, `--set
-key=value` and TOML files are all applied through the same assignments (`Assignment`), parsed by
-the field's type, with any unknown key named.
+field's metadata is what the CLI turns into a flag (config_sources.py: name, help with meaning,
+unit and default) and what `--resume` consults: a `resume=True` field may change mid-run
+(budgets, intervals, threads, device), any other change of a saved run is refused. A value reaches
+a field through `parse_value` (a flag's text or a file's typed value, parsed by the field's type)
+or `from_dict` (a saved config); where the values come from (TOML, flags, --set) and in which
+order they apply is config_sources.py.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import dataclasses
 import functools
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 from . import limits
@@ -168,6 +167,7 @@ class GPTConfig:
 # short, yet it bounds a model that never writes a newline.
 LINE_TOKEN_BUDGET = 200
 
+DEFAULT_PRESET = "poem-cpu"  # the model a run builds where no preset is named
 # Only what differs from the GPTConfig defaults. Parameter counts are in the README (`gpt-small info`).
 PRESETS: dict[str, dict[str, Any]] = {
     # A debug size for the tests: a training step takes milliseconds.
@@ -272,10 +272,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# --- building configs from dicts, TOML and key=value strings ---
+# --- values into configs, by the field's type: typed (JSON, TOML) or a flag's text ---
 
 @functools.cache  # get_type_hints compiles every annotation; the CLI asks ~250 times to build its flags
-def _field_types(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
     hints = get_type_hints(cls)
     return {f.name: hints[f.name] for f in fields(cls)}
 
@@ -285,7 +285,7 @@ _A_TYPE = {int: "an integer", float: "a number", bool: "true or false", str: "a 
 
 def parse_value(cls: type, key: str, raw: Any) -> Any:
     """Convert `raw` (a string from the command line, or a TOML value) to the type of `cls.key`."""
-    types = _field_types(cls)
+    types = field_types(cls)
     if key not in types:
         raise ConfigError(f"unknown {cls.__name__} key {key!r}; known keys: {', '.join(types)}")
     typ = types[key]
@@ -330,7 +330,7 @@ def parse_duration(text: str) -> float:
 def from_dict(cls: type, d: dict[str, Any]) -> Any:
     """A config from a file's typed values (JSON, TOML): "32" where an integer belongs is a damaged
     file, not a flag's text, so strings are taken only by str and Literal fields."""
-    types = _field_types(cls)
+    types = field_types(cls)
     for k, v in d.items():
         typ = types.get(k)
         if isinstance(v, str) and typ is not None and typ is not str and getattr(typ, "__origin__", None) is not Literal:
@@ -342,135 +342,3 @@ def apply_overrides(obj: Any, overrides: dict[str, Any]) -> Any:
     """A copy of dataclass `obj` with `overrides` parsed and applied (checks run again)."""
     parsed = {k: parse_value(type(obj), k, v) for k, v in overrides.items()}
     return dataclasses.replace(obj, **parsed)
-
-
-def parse_set_args(items: list[str]) -> dict[str, str]:
-    """['lr=3e-4', 'model.n_layer=8'] -> {'lr': '3e-4', 'model.n_layer': '8'}."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config file as data: {'preset': ..., 'model': {...}, 'train': {...}}."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); TOML files are UTF-8") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-    unknown = set(data) - {"preset", "model", "train"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; use preset, [model], [train]")
-    if "preset" in data and (not isinstance(data["preset"], str) or data["preset"] not in PRESETS):
-        raise ConfigError(f"{path}: preset must be one of {', '.join(PRESETS)}, got {data['preset']!r}")
-    for section in ("model", "train"):
-        if section in data and not isinstance(data[section], dict):
-            raise ConfigError(f"{path}: [{section}] must be a table of key = value, got {data[section]!r}")
-    return data
-
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """One field set by the user: where it came from (for messages), which config, which field, the raw value."""
-
-    source: str  # "--n-layer", "--set lr", "--config run.toml [model] n_layer"
-    section: Literal["model", "train"]
-    name: str
-    value: Any
-
-
-def config_flags() -> dict[str, tuple[str, dataclasses.Field]]:
-    """flag -> (section, field) for every config field that has a flag, model fields first."""
-    out: dict[str, tuple[str, dataclasses.Field]] = {}
-    for section, cls in (("model", GPTConfig), ("train", TrainConfig)):
-        for f in fields(cls):
-            flag = f.metadata.get("flag", "")
-            if flag is not None:
-                out[flag or "--" + f.name.replace("_", "-")] = (section, f)
-    return out
-
-
-def flag_help(f: dataclasses.Field) -> str:
-    """'peak learning rate (default: 0.001)' / '... (steps; default: 5000; may change at --resume)'."""
-    typ = _field_types(GPTConfig if f.name in _field_types(GPTConfig) else TrainConfig)[f.name]
-    choices = f" [{', '.join(map(str, get_args(typ)))}]" if getattr(typ, "__origin__", None) is Literal else ""
-    unit = f"{f.metadata['unit']}; " if f.metadata.get("unit") else ""
-    extra = "; may change at --resume" if f.metadata.get("resume") else ""
-    return f"{f.metadata['doc']}{choices} ({unit}default: {f.default}{extra})".replace("%", "%%")
-
-
-def file_assignments(config_file: str | Path | None) -> tuple[str | None, list[Assignment]]:
-    """A TOML file's preset name and its [model]/[train] entries as assignments."""
-    if not config_file:
-        return None, []
-    file = load_toml(config_file)
-    out = []
-    for section in ("model", "train"):
-        table = file.get(section, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"{config_file}: [{section}] must be a table")
-        out += [Assignment(f"--config {config_file} [{section}] {k}", section, k, v) for k, v in table.items()]
-    return file.get("preset"), out
-
-
-def set_assignments(sets: list[str] | None) -> list[Assignment]:
-    """`--set` items as assignments: keys qualified (`model.n_layer`, `train.lr`) or bare (`lr`); a
-    bare key goes to whichever config has that field."""
-    model_fields = {f.name for f in fields(GPTConfig)}
-    train_fields = {f.name for f in fields(TrainConfig)}
-    out = []
-    for key, value in parse_set_args(sets or []).items():
-        section, _, bare = key.rpartition(".")
-        if section == "model" or (not section and bare in model_fields):
-            out.append(Assignment(f"--set {key}", "model", bare, value))
-        elif section == "train" or (not section and bare in train_fields):
-            out.append(Assignment(f"--set {key}", "train", bare, value))
-        else:
-            raise ConfigError(f"unknown --set key {key!r}; keys are GPTConfig fields ({', '.join(sorted(model_fields))}) "
-                              f"or TrainConfig fields ({', '.join(sorted(train_fields))})")
-    return out
-
-
-def apply_assignments(model: GPTConfig, train: TrainConfig,
-                      assignments: list[Assignment]) -> tuple[GPTConfig, TrainConfig]:
-    model_kv = {a.name: a.value for a in assignments if a.section == "model"}
-    train_kv = {a.name: a.value for a in assignments if a.section == "train"}
-    return apply_overrides(model, model_kv), apply_overrides(train, train_kv)
-
-
-DEFAULT_PRESET = "poem-cpu"
-
-
-def user_assignments(*, config_file: str | Path | None = None, model_overrides: dict[str, Any] | None = None,
-                     train_overrides: dict[str, Any] | None = None, flags: list[Assignment] | None = None,
-                     sets: list[str] | None = None) -> tuple[str | None, list[Assignment]]:
-    """(the config file's preset, every setting given) in priority order, lowest first: config file
-    < overrides < flags < --set; applied in this order, a later assignment of a field wins."""
-    file_preset, from_file = file_assignments(config_file)
-    overrides = [Assignment(f"{section}.{k}={v!r}", section, k, v)
-                 for section, kv in (("model", model_overrides), ("train", train_overrides)) for k, v in (kv or {}).items()]
-    return file_preset, from_file + overrides + list(flags or []) + set_assignments(sets)
-
-
-def resolve_configs(*, preset: str | None = None, config_file: str | Path | None = None,
-                    model_overrides: dict[str, Any] | None = None, train_overrides: dict[str, Any] | None = None,
-                    sets: list[str] | None = None,
-                    flags: list[Assignment] | None = None) -> tuple[str, GPTConfig, TrainConfig]:
-    """preset < config file < overrides and flags < --set. Returns (preset name, model config, train config)."""
-    file_preset, given = user_assignments(config_file=config_file, model_overrides=model_overrides,
-                                          train_overrides=train_overrides, flags=flags, sets=sets)
-    name = preset or file_preset or DEFAULT_PRESET
-    model, train = apply_assignments(GPTConfig.from_preset(name), TrainConfig(), given)
-    return name, model, train

@@ -2,8 +2,8 @@
 
 The model writes one line at a time. For each line:
 1. sample `candidates` whole lines in one batch from the poem so far (the prefix is run through
-   the model once and its KV cache copied to every row), recording each line's log-probability
-   under the model (temperature 1, whatever the sampling temperature);
+   the model once and its KV cache copied to every row: form_calls.py), recording each line's
+   log-probability under the model (temperature 1, whatever the sampling temperature);
 2. keep the most probable line that meets the constraints (verse.py: syllables within the
    tolerance by the CMU dictionary, rhyme with its group's first word by the dictionary, not the
    same word twice in a group; a group's first word needs `min_rhymes` dictionary rhymes and
@@ -33,14 +33,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import limits, verse
-from .errors import GPTSmallError
 from .config import LINE_TOKEN_BUDGET
-from .kv_cache import rows_of
-from .generate import TextTokenizer, check_sampling_args, decode_one, prefill, prompt_text, sample, window_keep
+from .errors import GPTSmallError
+from .form_calls import ModelCalls
+from .generate import TextTokenizer, check_sampling_args, prompt_text, window_keep
 
 
 @dataclass(kw_only=True)
@@ -122,104 +121,6 @@ class Poem:
     text: str  # prompt + poem, stanzas apart by blank lines
     lines: list[str]  # the verse lines (the first includes the prompt's unfinished line)
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- batched model calls
-
-@torch.inference_mode()
-def _prefill_rows(model: nn.Module, prefix: Tensor, rows: int, cache_len: int) -> Tensor:
-    """Set up a KV cache of `rows` rows holding `prefix` (T,) in each; logits (rows, V) of its last token.
-
-    The prefix runs once, in row 0, and the cache (kv_cache.ModelCache) copies it to the other rows;
-    a model without such a cache runs the prefix in every row (same result, more work).
-    """
-    T = prefix.shape[0]
-    model.setup_kv_cache(rows, cache_len)
-    pos = torch.arange(T, device=prefix.device)
-    cache = getattr(model, "kv_cache", None)
-    if rows > 1 and cache is not None:
-        with rows_of(model, 0, 1):
-            logits = prefill(model, prefix[None], pos)
-        cache.broadcast_row(0, T)
-        return logits.expand(rows, -1).clone()
-    return prefill(model, prefix[None].expand(rows, -1).contiguous(), pos)
-
-
-@torch.inference_mode()
-def sample_lines(model: nn.Module, prefix: Tensor, rows: int, max_tokens: int, newline: Tensor,
-                 generator: torch.Generator | None, sampling: dict, banned: list[int]) -> list[tuple[list[int], float, bool]]:
-    """Sample `rows` continuations of prefix (T,) up to and including a token in `newline` (bool (V,)).
-    Returns (ids, log-probability under the model at temperature 1, ended with a newline) per row."""
-    T = prefix.shape[0]
-    logits = _prefill_rows(model, prefix, rows, T + max_tokens)
-    out = torch.zeros(rows, max_tokens, dtype=torch.long, device=prefix.device)
-    logp = torch.zeros(rows, dtype=torch.float64, device=prefix.device)
-    done = torch.zeros(rows, dtype=torch.bool, device=prefix.device)
-    length = torch.full((rows,), max_tokens, dtype=torch.long, device=prefix.device)
-    positions = torch.arange(T + max_tokens, device=prefix.device)
-    for t in range(max_tokens):
-        lp = F.log_softmax(logits.float(), dim=-1)
-        if banned:
-            logits[:, banned] = float("-inf")
-        cur = sample(logits, generator=generator, **sampling)  # (rows,)
-        out[:, t] = cur
-        logp += torch.where(done, 0.0, lp.gather(1, cur[:, None]).squeeze(1).double())
-        ended = ~done & newline[cur]
-        length[ended] = t + 1
-        done |= ended
-        if bool(done.all()) or t + 1 == max_tokens:
-            break
-        logits = decode_one(model, cur, positions[T + t:T + t + 1])
-    return [(out[i, :length[i]].tolist(), float(logp[i]), bool(done[i])) for i in range(rows)]
-
-
-@torch.inference_mode()
-def next_token_logprobs(model: nn.Module, prefix: Tensor) -> Tensor:
-    """log p(next token | prefix (T,)) -> (V,)."""
-    model.setup_kv_cache(1, prefix.shape[0])
-    return F.log_softmax(prefill(model, prefix[None], torch.arange(prefix.shape[0])).float(), dim=-1)[0]
-
-
-@torch.inference_mode()
-def score_continuations(model: nn.Module, prefix: Tensor, conts: list[list[int]], batch_rows: int) -> list[float]:
-    """log p(cont | prefix) for each token list in conts, teacher-forced from prefix's shared cache."""
-    T = prefix.shape[0]
-    scores: list[float] = []
-    for i in range(0, len(conts), batch_rows):
-        group = conts[i:i + batch_rows]
-        B, L = len(group), max(map(len, group))
-        first = F.log_softmax(_prefill_rows(model, prefix, B, T + L).float(), dim=-1)  # (B, V)
-        ids = torch.zeros(B, L, dtype=torch.long, device=prefix.device)
-        for r, c in enumerate(group):
-            ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
-        lp = [first.gather(1, ids[:, :1])]  # (B, 1)
-        if L > 1:
-            logits = model(ids[:, :-1], input_pos=torch.arange(T, T + L - 1, device=prefix.device))  # (B, L-1, V)
-            lp.append(F.log_softmax(logits.float(), dim=-1).gather(2, ids[:, 1:, None]).squeeze(2))
-        lp = torch.cat(lp, dim=1).double()  # (B, L)
-        mask = torch.arange(L)[None, :] < torch.tensor([len(c) for c in group])[:, None]
-        scores.extend((lp * mask).sum(dim=1).tolist())
-    return scores
-
-
-class ModelCalls:
-    """The three model calls of a form's search. `compose` runs them on the model directly; the
-    server runs them as rows of its batch (serve/forms.py) behind the same three methods."""
-
-    def __init__(self, model: nn.Module, newline: Tensor, generator: torch.Generator | None, sampling: dict,
-                 banned: list[int], batch_rows: int):
-        self.model, self.newline, self.generator = model, newline, generator
-        self.sampling, self.banned, self.batch_rows = sampling, banned, batch_rows
-
-    def sample_lines(self, prefix: Tensor, rows: int, max_tokens: int) -> list[tuple[list[int], float, bool]]:
-        return sample_lines(self.model, prefix, rows, max_tokens, self.newline, self.generator, self.sampling,
-                            self.banned)
-
-    def next_token_logprobs(self, prefix: Tensor) -> Tensor:
-        return next_token_logprobs(self.model, prefix)
-
-    def score_continuations(self, prefix: Tensor, conts: list[list[int]]) -> list[float]:
-        return score_continuations(self.model, prefix, conts, self.batch_rows)
 
 
 # ---------------------------------------------------------------- constraints
@@ -505,49 +406,3 @@ def summary(meta: dict[str, Any]) -> str:
              f"budget spent on line(s) {', '.join(map(str, meta['over_budget_lines']))}: "
              + "; ".join(f"line {m['line']}: {', '.join(m['violations'])}" for m in meta["lines"] if m["over_budget"]))
     return f"form: {', '.join(parts)}; {state}; {meta['candidates']:,} candidate lines in {meta['seconds']:.1f} s"
-
-
-def run_form_cli(args: Any, prompt: str, device: Any) -> None:
-    """`gpt-small generate` with verse-form flags: the poems on stdout, a summary line each on stderr.
-    The sampling options, counts, weights and device were checked by the caller (cli._run_generate)."""
-    import json
-    import sys
-
-    from .checkpoint import load_checkpoint
-    from .ops.quantize import convert_weights
-
-    given = {k: v for k, v in (("tolerance", args.syllable_tolerance), ("candidates", args.candidates),
-                               ("budget", args.budget)) if v is not None}  # the dataclasses hold the defaults
-    form = Form(lines=args.lines, stanzas=args.stanzas, syllables=args.syllables, rhyme=args.rhyme,
-                **{k: v for k, v in given.items() if k == "tolerance"})
-    form.plan()  # a bad scheme fails before the checkpoint loads
-    if args.max_new_tokens is not None and args.max_new_tokens < 2:
-        raise GPTSmallError(f"--max-new-tokens with a verse form is the most tokens per line, at least 2, "
-                            f"got {args.max_new_tokens}")
-    search = SearchConfig(max_line_tokens=args.max_new_tokens, **{k: v for k, v in given.items() if k != "tolerance"})
-    if args.repetition_penalty != 1.0 or args.stop:
-        raise GPTSmallError("--repetition-penalty and --stop do not apply to verse forms")
-    if args.form_meta:  # a folder that is missing fails now, not after the poems are printed
-        from .fileio import check_writable
-
-        check_writable(args.form_meta, "--form-meta")
-    ckpt = load_checkpoint(args.checkpoint, device=device)
-    convert_weights(ckpt.model, args.weights)
-    window_keep(ckpt.model.config.block_size, getattr(args, "window_keep", None))  # one line, before output
-    metas = []
-    for i in range(args.num_samples):
-        poem = compose(ckpt.model, ckpt.tokenizer, form, prompt=prompt, search=search, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=None if args.seed is None else args.seed + i,
-                       keep=getattr(args, "window_keep", None))
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1} ---")
-        sys.stdout.write(poem.text)
-        sys.stdout.flush()
-        print(summary(poem.meta), file=sys.stderr)
-        metas.append(poem.meta)
-    if args.form_meta:
-        from pathlib import Path
-
-        from .fileio import atomic_write
-
-        atomic_write(Path(args.form_meta), json.dumps(metas[0] if len(metas) == 1 else metas, indent=2) + "\n")

@@ -34,6 +34,7 @@ import numpy as np
 
 from . import limits, verse
 from .errors import GPTSmallError
+from .fileio import atomic_write
 
 N = 8  # words per n-gram
 _P = np.uint64(0x100000001B3)  # FNV's 64-bit prime as the polynomial base (odd, so no bits are lost)
@@ -91,14 +92,11 @@ class NGramIndex:
         index = cls.build(text)
         for folder in folders:
             try:
-                folder.mkdir(parents=True, exist_ok=True)
-                tmp = folder / f".{name}.tmp"
-                with open(tmp, "wb") as f:
-                    np.savez(f, word_hash=index.word_hash, word_line=index.word_line,
-                             sorted_hash=index.sorted_hash, sorted_pos=index.sorted_pos)
-                tmp.replace(folder / name)
+                atomic_write(folder / name, lambda f: np.savez(
+                    f, word_hash=index.word_hash, word_line=index.word_line, sorted_hash=index.sorted_hash,
+                    sorted_pos=index.sorted_pos))
                 break
-            except OSError:
+            except GPTSmallError:
                 continue  # read-only data folder: try the next
         return index
 
@@ -247,11 +245,10 @@ def make_report(checkpoint: str | Path, *, samples: int = 50, out: str | Path | 
     check_keep(ckpt.model_config.block_size, window_keep)
     run_dir = Path(checkpoint)
     if data is None:
-        cfg_path = next((p / "run_config.json" for p in (run_dir, ckpt.path.parent.parent)
-                         if (p / "run_config.json").is_file()), None)
-        from .schemas import RunConfig, read_json
+        from .run_folder import read_run_config
 
-        data = read_json(cfg_path, RunConfig).get("data") if cfg_path else None
+        recorded = next(filter(None, map(read_run_config, (run_dir, ckpt.path.parent.parent))), None)
+        data = recorded.get("data") if recorded else None
         if data is None:
             raise GPTSmallError(f"no --data given and {run_dir} records no data folder; pass --data")
     prepared = PreparedData(data)

@@ -4,7 +4,7 @@ into one frozen `RunPlan` (configs, data, run folder, the checkpoint it starts f
 Every way of starting a run comes here: `gpt-small train` (flags, `--set`, a TOML file, a preset),
 `make poem` (its TOML file and time budget), the Python API (`Trainer(model_config, train_config,
 ...)` passes its configs as they are) and `compare` (a Trainer per encoding). Each source becomes
-a list of `Assignment`s (config.py), read once: the TOML file once, the checkpoint's config.json
+a list of `Assignment`s (config_sources.py), read once: the TOML file once, the checkpoint's config.json
 once. This module is the one place that says what a run may change of what it continues from:
 
 - a resumed run keeps its model, data and optimizer state, so it keeps every field whose change
@@ -18,7 +18,7 @@ Any other change is refused in one line of one wording: which flag (or which con
 field, the old value and the new one. The checks that need the run folder's lock (a fresh run in
 a folder that already holds one) are made by `RunFolder.claim` once the lock is held.
 
-The flag and TOML layer stays argparse plus config.py's `Assignment`s rather than jsonargparse or
+The flag and TOML layer stays argparse plus config_sources.py's `Assignment`s rather than jsonargparse or
 tyro: flags are derived from the dataclass fields already (help, unit, default, `may change at
 --resume`), errors must be one line with exit code 2 (both libraries print a usage block), and
 `--resume` needs to know which source set which field to name it in a refusal, which neither
@@ -27,14 +27,15 @@ library reports. A new dependency would replace ~60 lines and not remove this mo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from . import limits
 from .checkpoint import checkpoint_model_config, find_checkpoint, read_checkpoint_config
-from .config import (DEFAULT_PRESET, Assignment, ConfigError, GPTConfig, TrainConfig, apply_assignments,
-                     from_dict, parse_value, user_assignments)
+from .config import DEFAULT_PRESET, ConfigError, GPTConfig, TrainConfig, from_dict, parse_value
+from .config_sources import Assignment, apply_assignments, user_assignments
 from .data import PreparedData
 from .errors import GPTSmallError
 from .tokenizer import Tokenizer, load_tokenizer, same_tokenizer
@@ -122,6 +123,17 @@ def _changed(a: Assignment, model: GPTConfig, train: TrainConfig) -> tuple[bool,
     old = getattr(cfg, a.name, None)
     new = parse_value(type(cfg), a.name, a.value)
     return new != old, old, new
+
+
+def recorded_path(path: str | Path) -> Path:
+    """The form a run records a folder in (run_config.json, the checkpoint's config): `..`, `.` and
+    doubled slashes folded away where that names the same folder (`data/../data/x` -> `data/x`), so
+    the record reads as the user would type it and compares equal with what `--resume` compares
+    (the resolved path); relative stays relative, absolute stays absolute. Where folding would
+    name another folder (a `..` after a symbolic link), the resolved path."""
+    path = Path(path)
+    tidy = Path(os.path.normpath(path))
+    return tidy if tidy.resolve() == path.resolve() else path.resolve()
 
 
 # ---------------------------------------------------------------- --resume

@@ -10,7 +10,8 @@ lock. The lock is taken before the already-a-run check so two starts cannot both
 What it writes: run_config.json (the resolved configs, where the run trains), metrics.jsonl (one
 JSON line per record, also sent to the trackers), the checkpoints (checkpoint.py, with the
 config.json this module composes: configs, data, best loss, progress) and at the end
-summary.json and the plot. `run_progress` reads where a run stands from config.json alone.
+summary.json and the plot. What it reads back: `run_progress`, where a run stands (from config.json
+alone), `read_run_config` and `read_metrics`, the one reader of each of those files.
 """
 
 from __future__ import annotations
@@ -26,7 +27,20 @@ from typing import Any
 from .checkpoint import find_checkpoint, load_trainer_state, read_checkpoint_config, save_checkpoint
 from .errors import GPTSmallError
 from .fileio import FolderLock, append_line, atomic_write, strict_json
-from .run import RunPlan
+from .run import RunPlan, recorded_path
+from .schemas import RunConfig, read_json
+
+
+RUN_CONFIG = "run_config.json"
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run_config.json of `run_dir` (checked against schemas.RunConfig; a damaged one is one
+    line naming the file), or None where the folder has none (a checkpoint folder, an import)."""
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        return None
+    return read_json(path, RunConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +62,20 @@ def run_progress(run_dir: str | Path) -> RunProgress:
         progress = {"finished": state.get("finished", False), "elapsed": state["elapsed"]}
     return RunProgress(step=int(meta["step"]), finished=bool(progress["finished"]),
                        elapsed=float(progress["elapsed"]))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records (the plots read them); a line cut short by a kill or a full disk,
+    which the next resume trims, is passed over."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -116,11 +144,11 @@ class RunFolder:
         if not self.writer:
             return
         plan = self.plan
-        run_config = {"model": plan.model.to_dict(), "train": plan.train.to_dict(), "data": str(plan.data.directory),
-                      **where}
+        run_config = {"model": plan.model.to_dict(), "train": plan.train.to_dict(),
+                      "data": str(recorded_path(plan.data.directory)), **where}
         if plan.init_from is not None:
             run_config["init_from"] = str(plan.init_from)
-        atomic_write(self.path / "run_config.json", strict_json(run_config, indent=2) + "\n")
+        atomic_write(self.path / RUN_CONFIG, strict_json(run_config, indent=2) + "\n")
         trim_metrics(self.path / "metrics.jsonl", step)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -136,7 +164,7 @@ class RunFolder:
             return None
         plan, data = self.plan, self.plan.data
         config = {"model": plan.model.to_dict(), "train": plan.train.to_dict(),
-                  "data": {"directory": str(data.directory), "tokenizer": data.tokenizer.kind,
+                  "data": {"directory": str(recorded_path(data.directory)), "tokenizer": data.tokenizer.kind,
                            "chars_per_token": data.chars_per_token("val")},
                   "val_loss": None if math.isinf(best_val) else best_val,
                   "progress": {"finished": finished, "elapsed": elapsed}}

@@ -83,12 +83,25 @@ class BpeTokenizerFile(_Schema):
     model: BpeModel
 
 
+class ModelShape(_Schema):
+    """A checkpoint's model config: the shape must be there, since a missing field would take
+    GPTConfig's default and build another model than the weights (on --resume the mismatch showed
+    only as an optimizer state that does not fit). The values, and every other field (a newer one
+    may be absent from an older file), are checked by GPTConfig.from_dict."""
+
+    vocab_size: Any
+    block_size: Any
+    n_layer: Any
+    n_head: Any
+    n_embd: Any
+
+
 class CheckpointConfig(_Schema):
     """`config.json` of a checkpoint folder (checkpoint.py writes it)."""
 
     format_version: int
     step: Count = 0
-    model: dict[str, Any]
+    model: ModelShape
     train: dict[str, Any] = {}
     data: dict[str, Any] | None = None
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small deterministic verse text, and the built-in corpus cache made once.
+"""Shared fixtures: a small deterministic verse text, the built-in corpus cache made once, and the
+in-process server of the serve tests (`model_tok`, `reference`, `client`; serve_util.py).
 
 The built-in corpus lives in the shared cache (`$GPT_SMALL_CACHE` or ~/.cache/gpt-small), not in
 tmp_path: making it reads a 56 MB pickle, so every test session after the first finds it ready.
@@ -6,6 +7,7 @@ tmp_path: making it reads a 56 MB pickle, so every test session after the first 
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 
@@ -101,3 +103,37 @@ def verse_data(tmp_path_factory, verse) -> Path:
     (root / "poems.txt").write_text(verse(1500))
     prepare(out=root / "data", text=root / "poems.txt", tokenizer="char")
     return root / "data"
+
+
+# ---------------------------------------------------------------- the serve tests' in-process app
+
+@pytest.fixture(scope="module")
+def model_tok():
+    """serve_util.make_model(): the served model and its tokenizer, one per test module."""
+    from serve_util import make_model
+
+    return make_model()
+
+
+@pytest.fixture(scope="module")
+def reference(model_tok):
+    """A copy of the served model for generate_text (the engine owns the served model's KV cache)."""
+    return copy.deepcopy(model_tok[0])
+
+
+@pytest.fixture(scope="module")
+def client(model_tok):
+    """Starlette's TestClient over the real app, engine and model: batches of 8, 300 new tokens and
+    200 prompt tokens at most. A test module that needs other limits defines its own `client`."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    from starlette.testclient import TestClient
+
+    from gpt_small.serve import create_app
+    from serve_util import NAME
+
+    model, tok = model_tok
+    app = create_app(model=model, tokenizer=tok, model_name=NAME, max_batch=8, max_new_tokens=300,
+                     max_prompt_tokens=200)
+    with TestClient(app) as c:
+        yield c

@@ -3,6 +3,7 @@ subprocess on a free port (the server binds port 0 and prints the address it got
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -21,6 +22,7 @@ from gpt_small.model import GPT
 from gpt_small.tokenizer import CharTokenizer
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ,.;!'\n"
+NAME = "tiny-poet"  # the model name the in-process apps serve (conftest.py's `client`)
 
 
 def make_model(seed: int = 0) -> tuple[GPT, CharTokenizer]:
@@ -31,6 +33,14 @@ def make_model(seed: int = 0) -> tuple[GPT, CharTokenizer]:
     cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=64, pos_encoding="rope",
                     qk_norm=True, bias=False, tie_embeddings=False, ngram=3, ngram_buckets=1024, activation="relu2")
     return GPT(cfg).eval(), tok
+
+
+def sse_events(text: str) -> list:
+    """The JSON events of a streamed response (server-sent events ending with `data: [DONE]`)."""
+    assert text.endswith("data: [DONE]\n\n")
+    events = [e for e in text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    return [json.loads(e[6:]) for e in events[:-1]]
 
 
 def make_checkpoint(run_dir: Path) -> Path:

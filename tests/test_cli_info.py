@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from gpt_small.cli import VERBS, main
-from gpt_small.config import PRESETS, GPTConfig, resolve_configs
+from gpt_small.config import PRESETS, GPTConfig
+from gpt_small.config_sources import resolve_configs
 from gpt_small.data import prepare
 
 

@@ -8,17 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt_small.config import (
-    PRESETS,
-    GPTConfig,
-    TrainConfig,
-    apply_overrides,
-    load_toml,
-    parse_duration,
-    parse_set_args,
-    parse_value,
-    resolve_configs,
-)
+from gpt_small.config import PRESETS, GPTConfig, TrainConfig, apply_overrides, parse_duration, parse_value
+from gpt_small.config_sources import load_toml, parse_set_args, resolve_configs
 from gpt_small.errors import ConfigError, GPTSmallError
 
 

@@ -15,7 +15,8 @@ from gpt_small import verse
 from gpt_small.checkpoint import save_checkpoint
 from gpt_small.config import GPTConfig
 from gpt_small.errors import GPTSmallError
-from gpt_small.forms import Form, SearchConfig, _prefill_rows, compose, score_continuations, summary
+from gpt_small.form_calls import _prefill_rows, score_continuations
+from gpt_small.forms import Form, SearchConfig, compose, summary
 from gpt_small.generate import decode_one
 from gpt_small.model import GPT
 from gpt_small.tokenizer import CharTokenizer, train_bpe

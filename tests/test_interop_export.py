@@ -24,7 +24,8 @@ import torch
 import transformers
 
 from gpt_small.checkpoint import load_checkpoint, save_checkpoint
-from gpt_small.cli import _configs_from_args, build_parser, main
+from gpt_small.cli import build_parser, main
+from gpt_small.cli_train import configs_from_args
 from gpt_small.config import GPTConfig, TrainConfig
 from gpt_small.interop.hf_export import choose_architecture
 from gpt_small.model import GPT
@@ -255,7 +256,7 @@ def test_model_card_of_a_real_run(verse_data, tmp_path):
     argv = shlex.split(command)
     assert argv[:2] == ["gpt-small", "train"]
     args = build_parser().parse_args(argv[1:])
-    _, m, t = _configs_from_args(args, vocab_size=vocab)
+    _, m, t = configs_from_args(args, vocab_size=vocab)
     assert m == model_cfg and t == train_cfg
 
 

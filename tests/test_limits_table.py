@@ -33,7 +33,8 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from gpt_small import limits as bounds  # noqa: E402
 from gpt_small.cli import build_parser  # noqa: E402
-from gpt_small.config import GPTConfig, TrainConfig, config_flags  # noqa: E402
+from gpt_small.config import GPTConfig, TrainConfig  # noqa: E402
+from gpt_small.config_sources import config_flags  # noqa: E402
 from gpt_small.serve import create_app  # noqa: E402
 from gpt_small.serve import protocol  # noqa: E402
 from gpt_small.serve.protocol import (ApiError, HttpLimits, Limits, decode_chat, decode_completion,  # noqa: E402

@@ -1,6 +1,7 @@
 """tools/mutate.py's module -> tests table names modules and tests that exist, so `make mutate`
 and `make mutate-changed` cannot silently point at a deleted module or a renamed test, and every
-entry of tools/equivalent_mutants.toml names a module of the table."""
+entry of tools/equivalent_mutants.toml names a module of the table. The hand campaign
+(tools/mutation_campaign.py) still applies: each mutation's text is in its file exactly once."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 import mutate  # noqa: E402
+import mutation_campaign  # noqa: E402
 
 
 def test_every_module_and_test_of_the_table_exists():
@@ -35,3 +37,13 @@ def test_every_equivalent_mutant_names_a_module_of_the_table():
 def test_changed_lists_only_modules_of_the_table(capsys):
     changed = mutate.changed_modules("HEAD")  # against itself: only uncommitted changes
     assert set(changed) <= set(mutate.MODULE_TESTS)
+
+
+def test_every_campaign_mutation_applies_to_the_code_as_it_is():
+    """Code that moves takes its mutations along (`mutation_campaign.py --check` says the same)."""
+    bad = {m.id: f"{m.file}: {why}" for m in mutation_campaign.MUTATIONS if (why := mutation_campaign.not_applicable(m))}
+    assert not bad, bad
+    for m in mutation_campaign.MUTATIONS:
+        for t in m.tests:
+            if t.startswith("tests/"):
+                assert (ROOT / t).is_file(), f"{m.id}: {t} does not exist"

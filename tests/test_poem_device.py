@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpt_small import poem
-from gpt_small.config import resolve_configs
+from gpt_small.config_sources import resolve_configs
 from gpt_small.device import pick_dtype
 from gpt_small.errors import GPTSmallError
 

@@ -76,7 +76,7 @@ def test_the_python_api_resume_refuses_what_the_cli_refuses_in_the_same_words(tr
 
 
 def _flag(source, section, name, value):
-    from gpt_small.config import Assignment
+    from gpt_small.config_sources import Assignment
 
     return Assignment(source, section, name, value)
 

@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 from gpt_small.checkpoint import checkpoint_model_config, find_checkpoint, save_checkpoint
 from gpt_small.cli import main
-from gpt_small.config import Assignment, ConfigError, GPTConfig, TrainConfig
+from gpt_small.config import ConfigError, GPTConfig, TrainConfig
+from gpt_small.config_sources import Assignment
 from gpt_small.data import PreparedData, prepare
 from gpt_small.errors import GPTSmallError
 from gpt_small.interop.hf_export import export_checkpoint
@@ -291,7 +292,9 @@ def test_resume_changes_only_resumable_fields(data, tmp_path, capsys):
 
 @pytest.mark.parametrize("entries, names", [
     ({"model": ...}, "field 'model': missing"),
-    ({"model": {"n_layer": "x"}}, "n_layer must be"),
+    ({"model": {**GPTConfig.from_preset("tiny").to_dict(), "n_layer": "x"}}, "n_layer must be"),
+    ({"model": {k: v for k, v in GPTConfig.from_preset("tiny").to_dict().items() if k != "n_layer"}},
+     "field 'model.n_layer': missing"),
     ({"train": {"lr": 1, "bad": 2, "batch_size": None}}, "batch_size must be"),
     ({"train": []}, "field 'train'"),
     ({"data": "a/path"}, "field 'data'"),

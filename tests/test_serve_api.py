@@ -5,7 +5,6 @@ sample is the same text alone (generate_text) and in a batch of eight."""
 from __future__ import annotations
 
 import copy
-import json
 import re
 import threading
 
@@ -21,43 +20,15 @@ from gpt_small.generate import generate_text  # noqa: E402
 from gpt_small.serve import Engine, Sequence, create_app  # noqa: E402
 from gpt_small.serve.app import StanzaBreaks  # noqa: E402
 from gpt_small.serve.protocol import Sampling  # noqa: E402
-from serve_util import make_model  # noqa: E402
+from serve_util import NAME, make_model, sse_events  # noqa: E402
 
-NAME = "tiny-poet"
 # Rows of a batch equal lone rows exactly where the decoding matmuls are row-independent: the C
 # kernel (engine.py's docstring). torch's fallback GEMM rounds differently at other batch sizes.
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"exact only with the C kernel; {kernels.describe()}")
 
 
-@pytest.fixture(scope="module")
-def model_tok():
-    return make_model()
-
-
-@pytest.fixture(scope="module")
-def reference(model_tok):
-    """A copy of the served model for generate_text (the engine owns the served model's KV cache)."""
-    return copy.deepcopy(model_tok[0])
-
-
-@pytest.fixture(scope="module")
-def client(model_tok):
-    model, tok = model_tok
-    app = create_app(model=model, tokenizer=tok, model_name=NAME, max_batch=8, max_new_tokens=300,
-                     max_prompt_tokens=200)
-    with TestClient(app) as c:
-        yield c
-
-
 def alone(reference, tok, prompt, n_tokens, **kw) -> str:
     return generate_text(reference, tok, prompt, max_new_tokens=n_tokens, **kw)[0][len(prompt):]
-
-
-def sse_events(text: str) -> list:
-    assert text.endswith("data: [DONE]\n\n")
-    events = [e for e in text.split("\n\n") if e]
-    assert all(e.startswith("data: ") for e in events)
-    return [json.loads(e[6:]) for e in events[:-1]]
 
 
 # --- endpoints ---

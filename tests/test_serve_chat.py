@@ -5,7 +5,6 @@ prometheus_client's parser, the Bearer scheme, 503 while draining, and /openapi.
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -18,34 +17,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from gpt_small.serve import create_app  # noqa: E402
 from gpt_small.serve.protocol import _CHAT_FIELDS, _COMPLETION_FIELDS, _POEM_FIELDS, chat_prompt  # noqa: E402
-from serve_util import make_model  # noqa: E402
-
-NAME = "tiny-poet"
-
-
-@pytest.fixture(scope="module")
-def model_tok():
-    return make_model()
-
-
-@pytest.fixture(scope="module")
-def reference(model_tok):
-    return copy.deepcopy(model_tok[0])
-
-
-@pytest.fixture(scope="module")
-def client(model_tok):
-    model, tok = model_tok
-    app = create_app(model=model, tokenizer=tok, model_name=NAME, max_batch=8, max_new_tokens=300,
-                     max_prompt_tokens=200)
-    with TestClient(app) as c:
-        yield c
-
-
-def sse_events(text: str) -> list:
-    assert text.endswith("data: [DONE]\n\n")
-    events = [e for e in text.split("\n\n") if e]
-    return [json.loads(e[6:]) for e in events[:-1]]
+from serve_util import NAME, sse_events  # noqa: E402
 
 
 def complete(client, prompt, **kw):

@@ -26,18 +26,12 @@ from gpt_small.serve import create_app  # noqa: E402
 from gpt_small.serve.guard import LOOPBACK_HOSTS  # noqa: E402
 from gpt_small.serve.protocol import HTTP_LIMITS, HttpLimits, Limits  # noqa: E402
 from gpt_small.serve.server import make_server  # noqa: E402
-from serve_util import make_model  # noqa: E402
 from tests.test_fuzz import assert_one_line, run  # noqa: E402
 
 NAME = "tiny-poet"
 H = HTTP_LIMITS
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "serve.md"
 CONNECTION_LIMITS = {"header_seconds", "body_seconds", "keep_alive_seconds", "max_header_bytes", "max_connections"}
-
-
-@pytest.fixture(scope="module")
-def model_tok():
-    return make_model()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ from torch import nn
 
 from gpt_small import verse
 from gpt_small.errors import GPTSmallError
-from gpt_small.forms import Form, SearchConfig, _Judge, _stem, compose, sample_lines
+from gpt_small.form_calls import sample_lines
+from gpt_small.forms import Form, SearchConfig, _Judge, _stem, compose
 
 # ---------------------------------------------------------------- words
 

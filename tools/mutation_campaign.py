@@ -3,6 +3,7 @@
     python tools/mutation_campaign.py                 # every mutation, a table on stdout
     python tools/mutation_campaign.py --only T1,G1    # some of them
     python tools/mutation_campaign.py --list          # the list, nothing run
+    python tools/mutation_campaign.py --check         # does every mutation still apply? nothing run
     python tools/mutation_campaign.py --markdown runs/mutation-campaign.md --state runs/mutations.jsonl
 
 Each mutation is one hand-made change of the package (a flipped sign, an off-by-one, a dropped
@@ -106,7 +107,8 @@ MUTATIONS: list[Mutation] = [
     M("O6", "optim.py", 'group["lr_ratio"] = muon_lr / lr', 'group["lr_ratio"] = 1.0',
       "Muon's matrices train at AdamW's lr", TRAIN, "-k", "muon_run"),
     # ---- generate.py: sampling
-    M("G1", "generate.py", "logits = logits.float() / temperature", "logits = logits.float() * temperature",
+    M("G1", "generate.py", "logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature",
+      "logits = (logits - logits.amax(dim=-1, keepdim=True)) * temperature",
       "temperature multiplies the logits", "tests/test_generate.py", PROMISES, "-k", "temperature or sampling"),
     M("G2", "generate.py", "kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]",
       "kth = torch.topk(logits, top_k, dim=-1).values[:, :1]", "top_k keeps only the most likely token",
@@ -118,7 +120,7 @@ MUTATIONS: list[Mutation] = [
       "the repetition penalty rewards repeats", "tests/test_generate.py", "-k", "repetition"),
     M("G5", "generate.py", 'logits[:, banned_ids] = float("-inf")', "pass",
       "a char model may sample <unk>", PROMISES, "-k", "banned"),
-    M("G6", "generate.py", "start = max(0, T0 - window)", "start = max(0, T0 - window + 1)",
+    M("G6", "generate.py", "self.start = max(0, T - self.size)", "self.start = max(0, T - self.size + 1)",
       "a long prompt is cropped one token short of the window", "tests/test_generate.py", "-k", "window"),
     M("G7", "generate.py", "done |= stop(cur)", "done = stop(cur)",
       "a row that stopped is counted as going on", "tests/test_generate.py", "-k", "stop"),
@@ -202,6 +204,14 @@ MUTATIONS: list[Mutation] = [
     M("K3", "ops/csrc/gelu.c", "#define K1 0.044715f", "#define K1 0.0f",
       "the C GELU loses its cubic term", "tests/test_kernels.py", "-k", "gelu_tanh_matches"),
 ]
+
+
+def not_applicable(m: Mutation) -> str | None:
+    """Why `m` cannot be applied to the checkout ("stale": its file or old text is gone; "ambiguous
+    (n)": the text occurs n times), or None."""
+    path = ROOT / "gpt_small" / m.file
+    n = path.read_text().count(m.old) if path.is_file() else 0
+    return None if n == 1 else "stale" if n == 0 else f"ambiguous ({n})"
 
 
 def _copy_tree(dest: Path) -> None:
@@ -316,6 +326,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", help="comma-separated mutation ids")
     ap.add_argument("--list", action="store_true", help="print the mutations and stop")
+    ap.add_argument("--check", action="store_true", help="check that each mutation's old text occurs exactly once "
+                    "in its file (nothing run); exit status 1 if one does not")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per pytest run (past it: caught)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
     ap.add_argument("--markdown", help="also write the table to this file")
@@ -325,6 +337,13 @@ def main() -> None:
     if args.only:
         ids = args.only.split(",")
         chosen = [m for m in MUTATIONS if m.id in ids]
+    if args.check:
+        bad = {m.id: why for m in chosen if (why := not_applicable(m))}
+        for m in chosen:
+            if m.id in bad:
+                print(f"{m.id:<4} {m.file:<14} {bad[m.id]}")
+        print(f"{len(chosen) - len(bad)} of {len(chosen)} mutations apply")
+        raise SystemExit(1 if bad else 0)
     if args.list:
         for m in chosen:
             print(f"{m.id:<4} {m.file:<14} {m.breaks}")

@@ -16,7 +16,6 @@ Nothing here imports transformers.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,10 +148,9 @@ def check_tokenizer_files(directory: Path) -> list[str]:
             raise GPTSmallError(f"{tok_json} is unreadable: {e}") from None
         vocab = {k: v for k, v in vocab.items() if v < GPT2_VOCAB}  # added tokens (a pad) beyond the table
     elif vocab_json.is_file():
-        try:
-            vocab = json.loads(vocab_json.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise GPTSmallError(f"{vocab_json} is unreadable: {e}") from None
+        from ..schemas import read_json
+
+        vocab = read_json(vocab_json)  # unreadable or not JSON: one line naming the file
     else:
         return [f"{directory} has no tokenizer.json or vocab.json; assuming GPT-2's tokenizer"]
     if vocab != ours:

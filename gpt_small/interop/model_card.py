@@ -14,7 +14,6 @@ one is written by its name, under `data/` or `runs/` as gpt-small's own commands
 
 from __future__ import annotations
 
-import json
 import math
 import shlex
 from pathlib import Path
@@ -22,6 +21,9 @@ from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..config import PRESETS, GPTConfig, TrainConfig
+from ..errors import GPTSmallError
+from ..run_folder import read_run_config
+from ..schemas import read_json
 from .hf_tokenizer import eos_token
 
 SNIPPET_PROMPT = "The sea"
@@ -34,11 +36,19 @@ HF_CLASS = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM",
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """A record the card can go without: None where it is missing or damaged."""
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        d = read_json(path)
+    except GPTSmallError:
         return None
     return d if isinstance(d, dict) else None
+
+
+def _run_config(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return read_run_config(run_dir)
+    except GPTSmallError:  # damaged: the card says the run is not recorded
+        return None
 
 
 def run_folder(ckpt: Checkpoint) -> Path | None:
@@ -223,7 +233,7 @@ def model_card(ckpt: Checkpoint, *, architecture: str, reason: str, dtype: str, 
     cfg = ckpt.model.config
     run_dir = run_folder(ckpt)
     summary = _read_json(run_dir / "summary.json") if run_dir else None
-    run_config = _read_json(run_dir / "run_config.json") if run_dir else None
+    run_config = _run_config(run_dir) if run_dir else None
     data_dir = data_folder(ckpt)
     data_meta = _read_json(data_dir / "meta.json") if data_dir else None
     trust = ", trust_remote_code=True" if architecture == "gpt_small" else ""

@@ -109,7 +109,7 @@ class Cancelled(Exception):
 
 
 class EngineCalls:
-    """forms.ModelCalls' three methods, run as rows of the serve engine (see the module docstring)."""
+    """form_calls.ModelCalls' three methods, run as rows of the serve engine (see the module docstring)."""
 
     def __init__(self, engine: Engine, tokenizer: Any, sampling: dict, seed: int | None, stop: threading.Event):
         self.engine, self.tokenizer, self.sampling, self.stop = engine, tokenizer, sampling, stop
