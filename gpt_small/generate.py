@@ -38,7 +38,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from . import limits
+from . import limits, ops
 from .errors import GPTSmallError
 
 WINDOW_KEEP = "half"  # the one default of every decoder's window rule (module docstring)
@@ -141,9 +141,14 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None
 
 
 @torch.inference_mode()
-def prefill(model: nn.Module, idx: Tensor, input_pos: Tensor) -> Tensor:
-    """Run idx (B, T) at positions input_pos (T,) through the KV cache -> logits (B, V) of the last."""
-    return model(idx, input_pos=input_pos, last_only=True)[:, -1]
+def prefill(model: nn.Module, idx: Tensor, input_pos: Tensor, lengths: Tensor | None = None) -> Tensor:
+    """Run idx (B, T) at positions input_pos (T,) through the KV cache -> logits (B, V) of the last
+    token; or each row at its own positions input_pos (B, T), padded, with lengths (B,) its real
+    tokens -> the logits of each row's last real one. In the ops layer's row-invariant mode
+    (ops/mode.py): a row's logits and cache are the same bits alone or beside any other rows, so
+    the serve engine's batched prefills give generate's tokens."""
+    with ops.row_invariant():
+        return model(idx, input_pos=input_pos, lengths=lengths, last_only=True)[:, -1]
 
 
 @torch.inference_mode()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import decoder, kernels, reference
+from .mode import is_row_invariant
 
 # --- linear ---
 #
@@ -48,7 +49,32 @@ def prepare() -> None:
     kernels.available()
 
 
+# Row-invariant mode (ops/mode.py, ops/__init__.py): a sequence of up to this many tokens (x's
+# dimension 1) goes to the kernel, longer ones one sequence at a time through the library path
+# below, as alone. Beyond it the kernel costs clearly more than the library GEMM on a lone prompt
+# (benchmarks/prefill_kernel.py), and the window rule re-prefills block_size / 2 + 1 tokens.
+PREFILL_KERNEL_MAX_T = 64
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+    if is_row_invariant() and not torch.is_grad_enabled() and x.dtype == torch.float32:
+        return _row_invariant_linear(x, weight, bias, scale)
+    return _linear(x, weight, bias, scale)
+
+
+def _row_invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor | None) -> Tensor:
+    if not (kernels.available() and weight.is_contiguous()):
+        return reference.linear(x, weight, bias, scale)  # row by row in this mode
+    T = x.shape[1] if x.dim() == 3 else 1
+    if T <= PREFILL_KERNEL_MAX_T:
+        K, N = weight.shape[1], weight.shape[0]
+        y = kernels.skinny_linear(x.reshape(-1, K).contiguous(), weight, bias, scale)
+        return y.view(*x.shape[:-1], N)
+    # a long sequence: the library's GEMM, each sequence alone (its rows block by its own length)
+    return torch.cat([_linear(x[b:b + 1], weight, bias, scale) for b in range(x.shape[0])])
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
     if torch.is_grad_enabled() or x.dtype != torch.float32:
         return reference.linear(x, weight, bias, scale)
     K, N = weight.shape[1], weight.shape[0]
@@ -120,11 +146,12 @@ def explicit_causal_attention(q: Tensor, k: Tensor, v: Tensor, p: float = 0.0) -
     return torch.bmm(att, v.reshape(B * nh, T, hs)).view(B, nh, T, hs)
 
 
-def decode_blocks(model: torch.nn.Module, x: Tensor, start: int | Tensor) -> Tensor | None:
-    """A decoding step through every block in one C call (ops/decoder.py), at inference."""
-    if torch.is_grad_enabled():
+def decode_blocks(model: torch.nn.Module, x: Tensor, where) -> Tensor | None:
+    """A decoding step through every block in one C call (ops/decoder.py), at inference; not in
+    row-invariant mode, where a one-token prompt runs the blocks as a longer one does."""
+    if torch.is_grad_enabled() or is_row_invariant():
         return None
-    return decoder.decode_blocks(model, x, start)
+    return decoder.decode_blocks(model, x, where)
 
 
 # --- dropout ---
@@ -183,8 +210,11 @@ GELU_KERNEL_MIN = 4096  # below this many elements (decoding one token) the call
 def gelu(x: Tensor) -> Tensor:
     """Through our kernel where it is built (not while torch.compile traces: it fuses its own),
     without autograd's wrapper where no gradient is wanted. A decoding step (x (B, 1, H)) is sized
-    by one row, not the batch, so a row takes the same path (same bits) at any batch size."""
+    by one row, not the batch, so a row takes the same path (same bits) at any batch size; in
+    row-invariant mode the kernel runs at any size."""
     size = x.shape[-1] if x.dim() == 3 and x.shape[1] == 1 else x.numel()
+    if is_row_invariant() and not torch.is_grad_enabled():
+        size = GELU_KERNEL_MIN
     if (size >= GELU_KERNEL_MIN and x.dtype == torch.float32 and x.is_contiguous()
             and not torch.compiler.is_compiling() and kernels.available()):
         if torch.is_grad_enabled() and x.requires_grad:
