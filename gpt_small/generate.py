@@ -147,8 +147,9 @@ def prefill(model: nn.Module, idx: Tensor, input_pos: Tensor, lengths: Tensor | 
     tokens -> the logits of each row's last real one. In the ops layer's row-invariant mode
     (ops/mode.py): a row's logits and cache are the same bits alone or beside any other rows, so
     the serve engine's batched prefills give generate's tokens."""
+    padded = {} if lengths is None else {"lengths": lengths}  # a model without padding support still prefills
     with ops.row_invariant():
-        return model(idx, input_pos=input_pos, lengths=lengths, last_only=True)[:, -1]
+        return model(idx, input_pos=input_pos, last_only=True, **padded)[:, -1]
 
 
 @torch.inference_mode()
