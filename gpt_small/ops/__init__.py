@@ -95,5 +95,11 @@ def relu2(x: Tensor) -> Tensor:
     return _for(x).relu2(x)
 
 
+def batched_prefill_max_t(device: torch.device | str) -> int | None:
+    """The longest sequence that a batched prefill may hold on this device and keep each row's
+    bits (row-invariant mode's length rule); longer ones are prefilled alone. None: no limit."""
+    return backend(device).batched_prefill_max_t()
+
+
 def decode_blocks(model: torch.nn.Module, x: Tensor, where) -> Tensor | None:
     return _for(x).decode_blocks(model, x, where)

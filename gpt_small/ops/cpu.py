@@ -62,6 +62,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor 
     return _linear(x, weight, bias, scale)
 
 
+def batched_prefill_max_t() -> int | None:
+    """Past the length rule each sequence takes the library alone, which rounds a padded sequence
+    by its padded length: so a batched prefill holds sequences of up to the rule's length."""
+    return PREFILL_KERNEL_MAX_T if kernels.available() else None
+
+
 def _row_invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor | None) -> Tensor:
     if not (kernels.available() and weight.is_contiguous()):
         return reference.linear(x, weight, bias, scale)  # row by row in this mode
