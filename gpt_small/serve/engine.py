@@ -3,26 +3,29 @@ batching over the model's KV cache).
 
 A `Sequence` is one sample: prompt ids, its sampling options, its own `torch.Generator`, and the
 rule that ends its text. `Engine.submit` queues sequences (bounded: `QueueFull` beyond
-`max_queue`); between two decode steps the worker prefills queued sequences alone into free rows
-of the cache (each prompt once: the `n` samples of a request copy its row; a padded batched
-prefill of different prompts would round each row by the batch's shape, as GEMMs do, and break
-the bitwise promise below), decodes one token for every live row in one batched forward (each row at its own
-position), samples each row with its own options and generator, and frees the rows that finished
-or whose client went away (`Sequence.cancel`, honoured at the next step boundary). The event loop
-never runs a model step: it hears of new text through `on_event`, called from the worker thread
-(the app wraps it in `loop.call_soon_threadsafe`).
+`max_queue`). Each round of the worker, between two decode steps: sample every live row with its
+own options and generator; decode one token for every row that has room in one batched forward
+(each row at its own position); then prefill, together, every row that needs it: the arrivals
+taken into free rows (each prompt once: the `n` samples of a request copy its row) and the rows
+whose cache is full (the window rule), in batched forwards of up to `prefill_batch` sequences
+padded to the longest (`Engine._prefill`). Rows that finished or whose client went away
+(`Sequence.cancel`, honoured at the next round) are freed. The event loop never runs a model step:
+it hears of new text through `on_event`, called from the worker thread (the app wraps it in
+`loop.call_soon_threadsafe`).
 
 Contract: a seeded sequence yields the tokens of `generate_tokens(model, prompt, seed=...)` for
-one sample, whether it runs alone or beside others. The steps are generate.py's (`prefill`,
-`sample`, `apply_repetition_penalty`, the same window rule past block_size with the same `keep`),
-the prefill
-runs alone, and the batched step computes every row bit for bit as it would alone (model.py:
-per-row positions, attention row by row; ops: every product of a decoding step treats each row
-alike at any batch size, tests/test_decoder.py). A failure ends only the sequences it touched
-(a row's sampling or prefill: that row; a batched step: its rows), with "error".
+one sample, whether it runs alone or beside others, whenever it arrives. The steps are
+generate.py's (`prefill`, `sample`, `apply_repetition_penalty`, the same window rule past
+block_size with the same `keep`), and every forward computes each row bit for bit as it would
+alone: a batched prefill runs in the ops layer's row-invariant mode with each row's attention
+over its own tokens (generate.prefill, kv_cache.Placement, ops/mode.py; tests/test_prefill.py), and
+a decoding step treats each row alike at any batch size (tests/test_decoder.py). A failure ends
+only the sequences it touched (a row's sampling: that row; a batched prefill or decode step: its
+rows), with "error".
 
-Rows stay packed: live sequences hold cache rows 0..B-1, so the batched step runs on rows :B; a
-finished row is refilled by moving the last live row into it (its cached prefix only).
+Rows stay packed: the rows that decode hold cache rows 0..B-1, so the batched step runs on rows :B;
+after them come the rows to prefill, contiguous, so a batched prefill writes a block of rows. A
+finished row is refilled by moving later live rows up (their cached prefix only).
 """
 
 from __future__ import annotations
@@ -266,6 +269,23 @@ class Engine:
 
     def _round(self, admit: list[Sequence]) -> None:
         """Between two decode steps: sample, pack, decode, then prefill what needs it, together."""
+        B = self._step()
+        # then the arrivals, and every row that needs a prefill (past the window, or new) prefilled
+        # together, in batched forwards (_prefill)
+        fresh, twins = self._admit(admit)
+        self._prefill(B, len(self._rows) - len(twins))
+        for row in twins:  # the same prompt as an earlier arrival of this round: its row, copied
+            first = row.twin
+            if first.failed:
+                self._fail(row, "a prefill")
+                continue
+            self.model.kv_cache.copy_row(self._rows.index(first), self._rows.index(row), row.T0 - row.start)
+            row.logits = first.logits.clone()
+        self.counts["peak_batch"] = max(self.counts["peak_batch"], len(self._rows))
+
+    def _step(self) -> int:
+        """Sample every row, pack the rows, decode those with room; return how many decoded (B):
+        rows B.. are those whose cache is full, to re-prefill."""
         # 1. sample every row from its own logits, with its own options and generator
         keep: list[_Row] = []
         for row in self._rows:
@@ -286,7 +306,7 @@ class Engine:
                 keep.append(row)
         # 2. pack the rows that decode into cache rows 0..B-1; after them the rows whose cache is
         # full (the window rule, generate.Window): they keep their last `self.keep` tokens and the
-        # new one, re-prefilled at positions 0..keep below, so their cached prefix needs no move
+        # new one, re-prefilled at positions 0..keep by _round, so their cached prefix needs no move
         decoding = [row for row in keep if row.T - 1 - row.start < self.window]
         full = [row for row in keep if row.T - 1 - row.start >= self.window]
         for i, row in enumerate(decoding):
@@ -309,18 +329,7 @@ class Engine:
                 for row in decoding:
                     self._fail(row, "a batched decode step")
             self.counts["steps"] += 1
-        # 4. the arrivals, then every row that needs a prefill (past the window, or new) prefilled
-        # together, in batched forwards (_prefill)
-        fresh, twins = self._admit(admit)
-        self._prefill(B, B + len(full) + len(fresh))
-        for row in twins:  # the same prompt as an earlier arrival of this round: its row, copied
-            first = row.twin
-            if first.failed:
-                self._fail(row, "a prefill")
-                continue
-            self.model.kv_cache.copy_row(self._rows.index(first), self._rows.index(row), row.T0 - row.start)
-            row.logits = first.logits.clone()
-        self.counts["peak_batch"] = max(self.counts["peak_batch"], len(self._rows))
+        return B
 
     def _admit(self, seqs: list[Sequence]) -> tuple[list[_Row], list[_Row]]:
         """Give each arrival a row after the live ones: those to prefill (shortest prompt first,
