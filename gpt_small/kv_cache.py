@@ -8,10 +8,12 @@ one cached forward pass go (the row operations of serving live here, not in the 
 - (B, T): row b's tokens at input_pos[b] (consecutive), each row at its own point of its
   sequence: continuous batching (gpt_small/serve) decodes one token per row this way, and a batched
   prefill runs several prompts padded to the longest, with `lengths` (B,) giving each row's real
-  tokens (the padding is computed and ignored: never written to the cache, never attended to).
+  tokens. The padding only fills the (B, T) layout of idx: after the embeddings the model packs
+  the real tokens of all rows into one row (`pack`), so no product spends time on padding, and
+  nothing of the padding is cached or attended to.
 The model then treats each row of a (B, T) placement alone (attention over exactly its own
-tokens, the same call with the same shapes as for the sequence alone), so a row's result does not
-depend on the rows beside it (model.py, ops' row-invariant mode).
+tokens, the same call with the same shapes as for the sequence alone, `segment`), so a row's
+result does not depend on the rows beside it (model.py, ops' row-invariant mode).
 
 `KVCache.update(start, k, v, row=None)` writes T new positions of every row, or of one row.
 `ModelCache.rows(lo, hi)` is a view of some rows (`with rows_of(model, i, i+1)` prefills into row
@@ -51,18 +53,40 @@ class Placement:
             self.shared, self.starts, self.lengths = False, host[:B], host[B:]
             if not all(1 <= n <= T for n in self.lengths):
                 raise ValueError(f"each row's length must be 1..{T}, got {self.lengths}")
+            self._lengths = lengths = lengths.to(input_pos.device)
             # padding sits at its row's last real position: a position the row has, its output unused
-            last = input_pos[:, :1] + lengths.to(input_pos.device)[:, None] - 1
+            last = input_pos[:, :1] + lengths[:, None] - 1
             self.pos = input_pos if min(self.lengths) == T else torch.minimum(input_pos, last)  # (B, T)
-            self._lengths = lengths.to(input_pos.device)
         self.end = max(s + n for s, n in zip(self.starts, self.lengths))  # 1 + the last position used
         self.full = min(self.lengths) == T  # no padding
+        self.packed = not self.full  # the model runs padded rows packed into one (pack)
+        if self.packed:
+            self._real = torch.arange(T, device=input_pos.device)[None] < self._lengths[:, None]  # (B, T)
+            self._offsets = [sum(self.lengths[:b]) for b in range(B)]  # row b's first token, packed
+        self._shape = (B, T)
+
+    def pack(self, x: Tensor) -> Tensor:
+        """x (B, T, C) -> the real tokens of every row in one row, (1, sum of lengths, C)."""
+        return x[self._real][None] if self.packed else x
+
+    def unpack(self, y: Tensor) -> Tensor:
+        """The inverse of pack for a per-token output (1, N, V) -> (B, T, V), 0 at the padding."""
+        if not self.packed:
+            return y
+        out = y.new_zeros(*self._shape, *y.shape[2:])
+        out[self._real] = y[0]
+        return out
+
+    def segment(self, b: int) -> tuple[int, int]:
+        """Where row b's tokens are in the (packed) activations: (row of x, first token)."""
+        return (0, self._offsets[b]) if self.packed else (b, 0)
 
     def last(self, x: Tensor) -> Tensor:
-        """Each row's last real token of x (B, T, ...) -> (B, 1, ...)."""
-        if self.full:
+        """Each row's last real token of the (packed) activations x -> (B, 1, C)."""
+        if not self.packed:
             return x[:, -1:]
-        return x[torch.arange(x.shape[0], device=x.device), self._lengths - 1][:, None]
+        ends = torch.tensor([o + n - 1 for o, n in zip(self._offsets, self.lengths)], device=x.device)
+        return x[0, ends][:, None]
 
     def row_pos(self, b: int) -> Tensor:
         """Row b's real positions (n,)."""

@@ -67,11 +67,13 @@ class CausalSelfAttention(nn.Module):
         else:
             # Each row alone, over exactly its own tokens, through the very calls a lone sequence
             # makes: one padded, masked batch would sum in another order and change the samples.
-            y = q.new_zeros(B, self.n_head, T, self.head_size)  # padding stays 0, and is ignored
+            # x holds the rows as where.pack left them: row b's n tokens at (i, t..t+n-1)
+            y = torch.empty_like(q)
             for b, (s, n) in enumerate(zip(where.starts, where.lengths)):
-                qb, kb = self._norm_rope(q[b:b + 1, :, :n], k[b:b + 1, :, :n], rope, where.row_pos(b), s + n)
-                kb, vb = self.kv_cache.update(s, kb, v[b:b + 1, :, :n], row=b)  # (1, nh, s + n, hs)
-                y[b:b + 1, :, :n] = ops.causal_attention(qb, kb, vb, p)
+                i, t = where.segment(b)
+                qb, kb = self._norm_rope(q[i:i + 1, :, t:t + n], k[i:i + 1, :, t:t + n], rope, where.row_pos(b), s + n)
+                kb, vb = self.kv_cache.update(s, kb, v[i:i + 1, :, t:t + n], row=b)  # (1, nh, s + n, hs)
+                y[i:i + 1, :, t:t + n] = ops.causal_attention(qb, kb, vb, p)
         y = y.transpose(1, 2).reshape(B, T, C)  # a view when T = 1
         return ops.dropout(self.c_proj(y), p, self.training)
 
@@ -242,6 +244,8 @@ class GPT(nn.Module):
             pos = torch.arange(T, device=idx.device) if where is None else where.pos  # (T,) or (B, T)
             x = x + self.transformer.wpe(pos).to(x.dtype)
         x = ops.dropout(x, self.config.dropout, self.training)
+        if where is not None:
+            x = where.pack(x)  # padded rows: their real tokens in one row, (1, N, C)
         # Decoding one token per row, the CPU backend runs every block in one C call
         # (ops/decoder.py); it computes what the loop below does, and returns None where it can't.
         fused = ops.decode_blocks(self, x, where) if where is not None and T == 1 else None
@@ -254,6 +258,8 @@ class GPT(nn.Module):
             x = x[:, -1:] if where is None else where.last(x)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)
+        if where is not None and not last_only:
+            logits = where.unpack(logits)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)

@@ -73,30 +73,40 @@ def test_a_prompt_prefills_to_the_same_bits_alone_and_in_any_batch(name, weights
 
 
 @pytest.mark.skipif(not kernels.available(), reason=kernels.describe())
-def test_prefill_linears_take_the_kernel_up_to_the_length_rule_and_the_library_beyond(monkeypatch):
-    """The rule looks at one sequence's length (x's dimension 1), never at how many run together;
-    past it each sequence goes through the library alone, exactly as a lone prompt does."""
+def test_prefill_takes_the_kernel_up_to_the_length_rule_and_the_library_beyond(monkeypatch):
+    """The rule looks at one sequence's length (idx's T), never at how many run together: up to it
+    every product of the prefill goes through the kernel; past it, outside the mode, as eval's."""
     calls = []
     real = kernels.skinny_linear
     monkeypatch.setattr(kernels, "skinny_linear", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
-    w = torch.randn(96, 64)
+    model = _model("sinusoidal-relu", "float32").eval()  # a fixed encoding: past block_size too
     limit = cpu.PREFILL_KERNEL_MAX_T
+    assert ops.row_invariant_max_t("cpu") == limit
     with torch.inference_mode():
-        for B in (1, 3):
-            x = torch.randn(B, limit, 64)
-            with ops.row_invariant():
-                y = ops.linear(x, w)
-            assert calls[-1] == B * limit
-            x = torch.randn(B, limit + 1, 64)
+        model.setup_kv_cache(3, limit + 1)
+        for B, T in ((1, limit), (3, limit)):
             calls.clear()
-            with ops.row_invariant():
-                y = ops.linear(x, w)
-            assert not calls
-            for b in range(B):  # each sequence as a lone one
-                assert torch.equal(y[b], cpu._linear(x[b:b + 1], w)[0])
+            prefill(model, torch.randint(0, 97, (B, T)), torch.arange(T))
+            assert calls.count(B * T) == 4 * model.config.n_layer  # c_attn, c_proj, c_fc, c_proj
         calls.clear()
-        ops.linear(torch.randn(1, limit, 64), w)  # outside the mode (eval, training): unchanged routing
-        assert not calls
+        prefill(model, torch.randint(0, 97, (1, limit + 1)), torch.arange(limit + 1))
+        assert calls == [1]  # only the head's one row: the rest through the library
+        calls.clear()
+        model(torch.randint(0, 97, (1, limit)))  # outside generation (eval, training): unchanged routing
+        assert calls == []
+        model.clear_kv_cache()
+
+
+def test_padded_rows_run_packed():
+    """Padding fills idx's (B, T) layout only: the products see the real tokens of all rows, packed."""
+    model = _model("poem-cpu-like", "float32").eval()
+    seen = []
+    handle = model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    with torch.inference_mode():
+        model.setup_kv_cache(3, 64)
+        prefill(model, torch.randint(0, 97, (3, 9)), torch.arange(9).expand(3, 9), torch.tensor([9, 2, 5]))
+    handle.remove()
+    assert seen == [(1, 16, 64)]
 
 
 def test_the_mode_is_per_thread():

@@ -23,13 +23,13 @@ Row-invariant mode (`with ops.row_invariant():`, per thread, ops/mode.py): a pre
 computes each token row the same way whatever other rows run beside it, so a prompt prefilled
 alone and inside a batched prefill of other prompts give the same bits:
 - `linear`: a library GEMM (MKL, oneDNN) blocks, and so rounds, a row by the number of rows beside
-  it. In the mode the CPU backend sends a sequence of up to `cpu.PREFILL_KERNEL_MAX_T` tokens (x's
-  dimension 1: one sequence, or sequences padded to the longest) to the C kernel, which computes
-  every row alike at any number of rows; a longer sequence goes through the library GEMM one
-  sequence at a time, exactly as alone (the rule looks at a sequence's length, never at the
-  batch, so a lone prefill and a batched one take the same path). The C kernel is slower than the
-  library GEMM on long prompts (benchmarks/prefill_kernel.py). The torch backend multiplies row by
-  row (one small product per token, as it decodes).
+  it. In the mode the CPU backend sends every product to the C kernel, which computes every row
+  alike at any number of rows; the torch backend multiplies row by row (one small product per
+  token, as it decodes). The kernel is slower than the library GEMM on long prompts
+  (benchmarks/prefill_kernel.py), so generation enters the mode only for sequences of up to
+  `row_invariant_max_t(device)` tokens (generate.prefill): a rule on one sequence's length, never
+  on the batch, so a prompt takes the same path alone and in the serve engine's batched prefill,
+  and a longer prompt is prefilled alone, outside the mode, the same call in both.
 - `gelu`: the C kernel (its lanes all compute alike) at any size; the torch backend row by row
   (torch's vectorised loops take another code path for the last elements of a call, so where a
   row sits would matter).
@@ -95,10 +95,11 @@ def relu2(x: Tensor) -> Tensor:
     return _for(x).relu2(x)
 
 
-def batched_prefill_max_t(device: torch.device | str) -> int | None:
-    """The longest sequence that a batched prefill may hold on this device and keep each row's
-    bits (row-invariant mode's length rule); longer ones are prefilled alone. None: no limit."""
-    return backend(device).batched_prefill_max_t()
+def row_invariant_max_t(device: torch.device | str) -> int | None:
+    """The longest sequence that generation prefills in row-invariant mode on this device (so the
+    longest a batched prefill may hold); a longer one is prefilled alone, outside the mode, where
+    the library's GEMM is faster. None: any length."""
+    return backend(device).row_invariant_max_t()
 
 
 def decode_blocks(model: torch.nn.Module, x: Tensor, where) -> Tensor | None:

@@ -49,35 +49,27 @@ def prepare() -> None:
     kernels.available()
 
 
-# Row-invariant mode (ops/mode.py, ops/__init__.py): a sequence of up to this many tokens (x's
-# dimension 1) goes to the kernel, longer ones one sequence at a time through the library path
-# below, as alone. Beyond it the kernel costs clearly more than the library GEMM on a lone prompt
-# (benchmarks/prefill_kernel.py), and the window rule re-prefills block_size / 2 + 1 tokens.
+# Row-invariant mode (ops/mode.py, ops/__init__.py): every product through the kernel, which
+# computes each row alike at any number of rows. The kernel costs more than the library GEMM on a
+# long prompt (benchmarks/prefill_kernel.py), so generation enters the mode for sequences of up to
+# this many tokens only; a longer one is prefilled alone through the library, the same call in
+# `generate` and in the serve engine (generate.prefill).
 PREFILL_KERNEL_MAX_T = 64
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
     if is_row_invariant() and not torch.is_grad_enabled() and x.dtype == torch.float32:
-        return _row_invariant_linear(x, weight, bias, scale)
-    return _linear(x, weight, bias, scale)
-
-
-def batched_prefill_max_t() -> int | None:
-    """Past the length rule each sequence takes the library alone, which rounds a padded sequence
-    by its padded length: so a batched prefill holds sequences of up to the rule's length."""
-    return PREFILL_KERNEL_MAX_T if kernels.available() else None
-
-
-def _row_invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor | None) -> Tensor:
-    if not (kernels.available() and weight.is_contiguous()):
-        return reference.linear(x, weight, bias, scale)  # row by row in this mode
-    T = x.shape[1] if x.dim() == 3 else 1
-    if T <= PREFILL_KERNEL_MAX_T:
+        if not (kernels.available() and weight.is_contiguous()):
+            return reference.linear(x, weight, bias, scale)  # row by row in this mode
         K, N = weight.shape[1], weight.shape[0]
         y = kernels.skinny_linear(x.reshape(-1, K).contiguous(), weight, bias, scale)
         return y.view(*x.shape[:-1], N)
-    # a long sequence: the library's GEMM, each sequence alone (its rows block by its own length)
-    return torch.cat([_linear(x[b:b + 1], weight, bias, scale) for b in range(x.shape[0])])
+    return _linear(x, weight, bias, scale)
+
+
+def row_invariant_max_t() -> int | None:
+    """The longest sequence generation prefills in row-invariant mode here (None: any)."""
+    return PREFILL_KERNEL_MAX_T if kernels.available() else None
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor:

@@ -358,10 +358,10 @@ class Engine:
     def _prefill(self, lo: int, hi: int) -> None:
         """Prefill rows lo..hi-1, each its tokens ids[start:T] at positions 0.., in batched forwards
         of up to `prefill_batch` rows padded to the longest. generate.prefill's row-invariant mode
-        gives each row the bits of its prefill alone; a sequence longer than the ops layer's
-        batchable length (ops.batched_prefill_max_t) is prefilled alone, as generate does. A failed
-        forward ends exactly its rows' sequences with an error."""
-        limit = ops.batched_prefill_max_t(self.positions.device)
+        gives each row the bits of its prefill alone; a sequence longer than the mode's length rule
+        (ops.row_invariant_max_t) is prefilled alone, as generate does. A failed forward ends
+        exactly its rows' sequences with an error."""
+        limit = ops.row_invariant_max_t(self.positions.device)
         i = lo
         while i < hi:
             j = i + 1
