@@ -98,7 +98,10 @@ def relu2(x: Tensor) -> Tensor:
 def row_invariant_max_t(device: torch.device | str) -> int | None:
     """The longest sequence that generation prefills in row-invariant mode on this device (so the
     longest a batched prefill may hold); a longer one is prefilled alone, outside the mode, where
-    the library's GEMM is faster. None: any length."""
+    the library's GEMM is faster. None: any length. 0 off the CPU: an accelerator's row-by-row
+    products would cost a launch per token, and the server runs on the CPU."""
+    if torch.device(device).type != "cpu":
+        return 0
     return backend(device).row_invariant_max_t()
 
 
