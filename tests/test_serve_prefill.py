@@ -150,3 +150,20 @@ def test_a_failed_batched_prefill_ends_exactly_its_sequences_and_a_running_strea
         assert [s.new_ids for s in again] == [_alone(tok, "a", 0, 10), _alone(tok, "O me", 1, 10)]
     finally:
         engine.close(10)
+
+
+def test_prefill_batch_is_checked_at_its_bounds():
+    """--prefill-batch: 1 to MAX_SERVE_BATCH, refused by name in one line (exit 2) past either end,
+    before the checkpoint is read; the engine refuses 0; the default is 8."""
+    from gpt_small import limits
+    from test_fuzz import MISSING, run
+
+    assert DEFAULT_PREFILL_BATCH == limits.DEFAULT_PREFILL_BATCH == 8
+    for value, refused in (("0", True), ("1", False), (str(limits.MAX_SERVE_BATCH), False),
+                           (str(limits.MAX_SERVE_BATCH + 1), True)):
+        code, out, err = run(["serve", "--checkpoint", MISSING, "--prefill-batch", value])
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert ("--prefill-batch" in err) == refused, (value, err)  # else: the missing checkpoint
+    model, tok = make_model()
+    with pytest.raises(ValueError, match="prefill_batch"):
+        Engine(model, tok, prefill_batch=0)

@@ -182,6 +182,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 64,
                  keep: int | str | None = None, prefill_batch: int = DEFAULT_PREFILL_BATCH):
+        if prefill_batch < 1:
+            raise ValueError(f"prefill_batch must be >= 1, got {prefill_batch}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_batch = prefill_batch  # sequences in one batched prefill forward (1: one at a time)
