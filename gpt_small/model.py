@@ -6,12 +6,10 @@ The model knows nothing about files, devices, DDP or compile: those wrap it from
 
 Shapes: B batch, T time (tokens), C = n_embd, nh = n_head, hs = head size.
 
-KV cache (gpt-fast style, kv_cache.py): `setup_kv_cache(batch_size, max_seq_len)` preallocates
-a key and value buffer per layer (`model.kv_cache`; its row operations live in kv_cache.py);
-`forward(idx, input_pos=pos)` then writes the new keys/values at `pos` and attends to everything
-cached up to there. `input_pos` (T,) places every row's tokens at the same positions; (B, T) gives
-each row its own (continuous batching, a batched prefill of prompts padded to the longest, with
-`lengths`), and each row then runs its attention alone (kv_cache.Placement).
+KV cache (gpt-fast style; kv_cache.py holds it, its row operations and `Placement`):
+`setup_kv_cache(batch_size, max_seq_len)` preallocates it; `forward(idx, input_pos=pos)` writes the
+new keys/values at `pos`, (T,) for every row or (B, T) each row its own, and attends to everything
+cached up to there.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .config import GPTConfig
-from .kv_cache import ModelCache, Placement, build_cache
+from .kv_cache import KVCache, ModelCache, Placement, build_cache
 from .positional import LearnedPositions, RotaryEmbedding, SinusoidalPositions
 
 
@@ -65,9 +63,9 @@ class CausalSelfAttention(nn.Module):
                 k, v = self.kv_cache.update(where.starts[0], k, v)  # (B, nh, start + T, hs)
             y = ops.causal_attention(q, k, v, p)  # (B, nh, T, hs)
         else:
-            # Each row alone, over exactly its own tokens, through the very calls a lone sequence
-            # makes: one padded, masked batch would sum in another order and change the samples.
-            # x holds the rows as where.pack left them: row b's n tokens at (i, t..t+n-1)
+            # Each row alone, over exactly its own tokens (row b's n tokens sit at x[i, t:t+n], as
+            # where.pack left them), through the very calls a lone sequence makes: one padded,
+            # masked batch would sum in another order and change the samples.
             y = torch.empty_like(q)
             for b, (s, n) in enumerate(zip(where.starts, where.lengths)):
                 i, t = where.segment(b)
@@ -229,10 +227,9 @@ class GPT(nn.Module):
             if self._kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call setup_kv_cache() first")
             where = Placement(input_pos, lengths, B, T)
-        # only a learned table has an end; fixed encodings extend (length-extrapolation evaluation)
-        if self.config.pos_encoding == "learned" and (T if where is None else where.end) > self.config.block_size:
-            raise ValueError(f"tokens up to position {T - 1 if where is None else where.end - 1}: past the "
-                             f"learned table of block_size {self.config.block_size}")
+        end = T if where is None else where.end  # 1 + the last position; only a learned table has an end
+        if self.config.pos_encoding == "learned" and end > self.config.block_size:
+            raise ValueError(f"position {end - 1} is past the learned table of block_size {self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         if "ngram" in self.transformer:
             x = x + self._ngram_embeddings(idx, where)
@@ -268,13 +265,12 @@ class GPT(nn.Module):
     def _ngram_embeddings(self, idx: Tensor, where: Placement | None) -> Tensor:
         """The n-gram embeddings of idx; with the KV cache, the tokens before a chunk come from
         the cache's history (padding at position 0), and the history moves on."""
-        ngram = self.transformer.ngram
+        ngram, cache = self.transformer.ngram, self._kv_cache
         if where is None:
-            before = torch.full((idx.shape[0], ngram.context), ngram.pad, dtype=idx.dtype, device=idx.device)
-            return ngram(idx, before)
-        before = self._kv_cache.tokens_before(where, ngram.pad)
+            return ngram(idx, torch.full((idx.shape[0], ngram.context), ngram.pad, dtype=idx.dtype, device=idx.device))
+        before = cache.tokens_before(where, ngram.pad)
         out = ngram(idx, before)
-        self._kv_cache.remember(before, idx, where)  # after the lookup: `before` may be a view of it
+        cache.remember(before, idx, where)  # after the lookup: `before` may be a view of the history
         return out
 
     # --- KV cache for generation (its row operations: kv_cache.ModelCache) ---
