@@ -4,6 +4,7 @@ The steps (gpt-fast, litgpt):
   apply_repetition_penalty  CTRL's penalty on the tokens already in each row
   top_p_mask, sample        temperature, top-k, nucleus; greedy at temperature 0
   prefill                   a chunk of tokens through the KV cache -> logits of its last position
+                            (row-invariant: the same bits alone or in the server's batched prefills)
   decode_one                one token per row at one position -> logits
   Window                    the window rule below: where the cache starts, the next logits
   generate_tokens           the loop: yields one new token per row per step; knows nothing of text
