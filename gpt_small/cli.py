@@ -102,6 +102,9 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
     p.add_argument("--max-batch", type=int, default=limits.DEFAULT_SERVE_BATCH,
                    help=f"sequences decoded together (default: {limits.DEFAULT_SERVE_BATCH}, measured: docs/serve.md)")
+    p.add_argument("--prefill-batch", type=int, default=limits.DEFAULT_PREFILL_BATCH,
+                   help=f"arrivals prefilled together in one forward pass (default: {limits.DEFAULT_PREFILL_BATCH}; "
+                        "1 = one at a time)")
     p.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond that; then 429 (default: 64)")
     p.add_argument("--max-new-tokens", type=int, default=1000, help="most tokens one sample may ask for (default: 1000)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 (default: env GPT_SMALL_API_KEY)")
@@ -115,6 +118,7 @@ def _run_serve(args: argparse.Namespace) -> None:
 
     limits.check_threads(args.threads, "--threads")
     limits.positive_int(args.max_batch, "--max-batch", limits.MAX_SERVE_BATCH)
+    limits.positive_int(args.prefill_batch, "--prefill-batch", limits.MAX_SERVE_BATCH)
     limits.nonneg_int(args.max_queue, "--max-queue", limits.MAX_SERVE_QUEUE)
     limits.positive_int(args.max_new_tokens, "--max-new-tokens", limits.MAX_NEW_TOKENS)
     limits.nonneg_int(args.port, "--port", 65535)
@@ -125,7 +129,7 @@ def _run_serve(args: argparse.Namespace) -> None:
                             "pip install 'gpt-small[serve]'") from None
     serve(args.checkpoint, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           max_new_tokens=args.max_new_tokens, api_key=args.api_key, threads=args.threads, weights=args.weights,
-          window_keep=args.window_keep)
+          window_keep=args.window_keep, prefill_batch=args.prefill_batch)
 
 
 # ---------------------------------------------------------------- export and import (gpt_small/interop)

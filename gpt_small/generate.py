@@ -4,6 +4,7 @@ The steps (gpt-fast, litgpt):
   apply_repetition_penalty  CTRL's penalty on the tokens already in each row
   top_p_mask, sample        temperature, top-k, nucleus; greedy at temperature 0
   prefill                   a chunk of tokens through the KV cache -> logits of its last position
+                            (row-invariant: the same bits alone or in the server's batched prefills)
   decode_one                one token per row at one position -> logits
   Window                    the window rule below: where the cache starts, the next logits
   generate_tokens           the loop: yields one new token per row per step; knows nothing of text
@@ -32,13 +33,14 @@ that stopped early keep being computed, as the batch has one shape, and their to
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from . import limits
+from . import limits, ops
 from .errors import GPTSmallError
 
 WINDOW_KEEP = "half"  # the one default of every decoder's window rule (module docstring)
@@ -141,9 +143,20 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None
 
 
 @torch.inference_mode()
-def prefill(model: nn.Module, idx: Tensor, input_pos: Tensor) -> Tensor:
-    """Run idx (B, T) at positions input_pos (T,) through the KV cache -> logits (B, V) of the last."""
-    return model(idx, input_pos=input_pos, last_only=True)[:, -1]
+def prefill(model: nn.Module, idx: Tensor, input_pos: Tensor, lengths: Tensor | None = None) -> Tensor:
+    """Run idx (B, T) at positions input_pos (T,) through the KV cache -> logits (B, V) of the last
+    token; or each row at its own positions input_pos (B, T), padded, with lengths (B,) its real
+    tokens -> the logits of each row's last real one.
+
+    Up to ops.row_invariant_max_t tokens (idx's T, the longest row) it runs in the ops layer's
+    row-invariant mode (ops/mode.py): a row's logits and cache are the same bits alone or beside any
+    other rows, so the serve engine's batched prefills give generate's tokens. A longer sequence
+    runs outside it (the library's faster GEMM): prefilled alone, it is the same call here and in
+    the engine, but padded beside others its rows would round by the batch."""
+    padded = {} if lengths is None else {"lengths": lengths}  # a model without padding support still prefills
+    limit = ops.row_invariant_max_t(idx.device)
+    with ops.row_invariant() if limit is None or idx.shape[1] <= limit else contextlib.nullcontext():
+        return model(idx, input_pos=input_pos, last_only=True, **padded)[:, -1]
 
 
 @torch.inference_mode()

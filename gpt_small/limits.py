@@ -32,6 +32,9 @@ MAX_SERVE_BATCH = 4_096         # serve --max-batch
 # Rows the server decodes together by default: on the 2-core machine more rows gave more aggregate
 # tokens/s with many clients (benchmarks/long_generation.py --max-batch-sweep, docs/serve.md).
 DEFAULT_SERVE_BATCH = 32
+# Sequences the server prefills in one forward pass (serve --prefill-batch): arrivals between two
+# decode steps are prefilled together, this many at a time, which bounds a prefill's memory.
+DEFAULT_PREFILL_BATCH = 8
 MAX_SERVE_QUEUE = 1_000_000     # serve --max-queue
 MAX_TOP_K = 2**24               # never more than a vocabulary (MAX_VOCAB_SIZE)
 MAX_STOP_STRINGS = 4            # stop strings per request (OpenAI's limit)

@@ -6,10 +6,10 @@ The model knows nothing about files, devices, DDP or compile: those wrap it from
 
 Shapes: B batch, T time (tokens), C = n_embd, nh = n_head, hs = head size.
 
-KV cache (gpt-fast style, kv_cache.py): `setup_kv_cache(batch_size, max_seq_len)` preallocates
-a key and value buffer per layer (`model.kv_cache`, whose row operations live in kv_cache.py); `forward(idx, input_pos=pos)` then writes the new keys/values at
-`pos` and attends to everything cached up to the last position; `input_pos` (B, 1) decodes one
-token per row, each at its own position (continuous batching, gpt_small/serve).
+KV cache (gpt-fast style; kv_cache.py holds it, its row operations and `Placement`):
+`setup_kv_cache(batch_size, max_seq_len)` preallocates it; `forward(idx, input_pos=pos)` writes the
+new keys/values at `pos`, (T,) for every row or (B, T) each row its own, and attends to everything
+cached up to there.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .config import GPTConfig
-from .kv_cache import KVCache, ModelCache
+from .kv_cache import KVCache, ModelCache, Placement, build_cache
 from .positional import LearnedPositions, RotaryEmbedding, SinusoidalPositions
 
 
@@ -50,32 +50,38 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = self.k_norm = None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, pos: Tensor, rope: RotaryEmbedding | None, start: int | Tensor | None) -> Tensor:
-        """start: the first position of x in the KV cache, or None to run without the cache, or
-        (B,) per-row positions of one token per row (continuous batching)."""
+    def forward(self, x: Tensor, rope: RotaryEmbedding | None, where: Placement | None) -> Tensor:
+        """where: the placement of x's tokens in the KV cache, or None to run without the cache."""
         B, T, C = x.shape
         # (B, T, 3C) -> q, k, v, each (B, nh, T, hs): views, no copies
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_size).permute(2, 0, 3, 1, 4).unbind(0)
+        p = self.dropout_p if self.training else 0.0
+        if where is None or where.shared:  # every row at the same positions: one batched call
+            pos = torch.arange(T, device=x.device) if where is None else where.pos
+            q, k = self._norm_rope(q, k, rope, pos, T if where is None else where.end)
+            if where is not None:
+                k, v = self.kv_cache.update(where.starts[0], k, v)  # (B, nh, start + T, hs)
+            y = ops.causal_attention(q, k, v, p)  # (B, nh, T, hs)
+        else:
+            # Each row alone, over exactly its own tokens (row b's n tokens sit at x[i, t:t+n], as
+            # where.pack left them), through the very calls a lone sequence makes: one padded,
+            # masked batch would sum in another order and change the samples.
+            y = torch.empty_like(q)
+            for b, (s, n) in enumerate(zip(where.starts, where.lengths)):
+                i, t = where.segment(b)
+                qb, kb = self._norm_rope(q[i:i + 1, :, t:t + n], k[i:i + 1, :, t:t + n], rope, where.row_pos(b), s + n)
+                kb, vb = self.kv_cache.update(s, kb, v[i:i + 1, :, t:t + n], row=b)  # (1, nh, s + n, hs)
+                y[i:i + 1, :, t:t + n] = ops.causal_attention(qb, kb, vb, p)
+        y = y.transpose(1, 2).reshape(B, T, C)  # a view when T = 1
+        return ops.dropout(self.c_proj(y), p, self.training)
+
+    def _norm_rope(self, q: Tensor, k: Tensor, rope: RotaryEmbedding | None, pos: Tensor,
+                   end: int) -> tuple[Tensor, Tensor]:
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            if isinstance(start, Tensor):  # pos (B, 1): (B, 1, 1) rows broadcast over heads
-                q, k = rope(q, k, pos[:, :, None], int(start.max()) + 1)
-            else:
-                q, k = rope(q, k, pos, (start or 0) + T)
-        p = self.dropout_p if self.training else 0.0
-        if isinstance(start, Tensor):  # one token per row, row b at position start[b]
-            k, v = self.kv_cache.update_rows(start, k, v)  # (B, nh, S, hs)
-            # Row by row, each over its own prefix, through the very path a lone sequence takes:
-            # a padded batch with a mask would sum in another order and change the samples.
-            y = torch.cat([ops.causal_attention(q[b:b + 1], k[b:b + 1, :, :e], v[b:b + 1, :, :e], p)
-                           for b, e in enumerate((start + 1).tolist())])  # (B, nh, 1, hs)
-        else:
-            if start is not None:
-                k, v = self.kv_cache.update(start, k, v)  # (B, nh, start + T, hs)
-            y = ops.causal_attention(q, k, v, p)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # a view when T = 1
-        return ops.dropout(self.c_proj(y), p, self.training)
+            q, k = rope(q, k, pos, end)
+        return q, k
 
 
 class MLP(nn.Module):
@@ -106,8 +112,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, pos: Tensor, rope: RotaryEmbedding | None, start: int | Tensor | None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), pos, rope, start)
+    def forward(self, x: Tensor, rope: RotaryEmbedding | None, where: Placement | None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), rope, where)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -200,81 +206,71 @@ class GPT(nn.Module):
 
     @overload
     def forward(self, idx: Tensor, targets: None = None, *, input_pos: Tensor | None = None,
-                last_only: bool = False) -> Tensor: ...
+                lengths: Tensor | None = None, last_only: bool = False) -> Tensor: ...
     @overload
     def forward(self, idx: Tensor, targets: Tensor, *, input_pos: Tensor | None = None,
-                last_only: bool = False) -> tuple[Tensor, Tensor]: ...
+                lengths: Tensor | None = None, last_only: bool = False) -> tuple[Tensor, Tensor]: ...
 
-    def forward(self, idx, targets=None, *, input_pos=None, last_only=False):
+    def forward(self, idx, targets=None, *, input_pos=None, lengths=None, last_only=False):
         """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T) also the mean cross-entropy.
 
-        input_pos (T,) are the absolute, consecutive positions of idx when decoding with the KV
-        cache; without it the positions are 0..T-1 and no cache is used. input_pos (B, 1) with idx
-        (B, 1) gives each row its own position, each >= 1 (continuous batching: rows decode at
-        different points of their sequences, all after a prefill). last_only computes the
-        logits of the last position alone, (B, 1, vocab): generation needs no others, and the
-        head is the largest matmul of a model with a big vocabulary.
+        input_pos: where the tokens go in the KV cache (kv_cache.Placement): (T,) the same
+        consecutive positions for every row, or (B, T) each row's own; None runs without the cache
+        at positions 0..T-1. lengths (B,), with a (B, T) input_pos: the real tokens of each row of a
+        padded batch (the rest is padding, never cached). last_only computes the logits of each
+        row's last (real) token alone, (B, 1, vocab): generation needs no others, and the head is
+        the largest matmul of a model with a big vocabulary.
         """
         B, T = idx.shape
-        start = None
+        where = None
         if input_pos is not None:
-            if self.transformer.h[0].attn.kv_cache is None:
+            if self._kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call setup_kv_cache() first")
-            pos = input_pos
-            if pos.dim() == 2:  # per-row positions, one token each
-                if T != 1 or pos.shape != (B, 1):
-                    raise ValueError(f"per-row input_pos must be (B, 1) with idx (B, 1), got {tuple(pos.shape)}")
-                start = pos[:, 0]
-            else:
-                start = int(pos[0])  # the one device-to-host read of a decode step
-        else:
-            # only a learned table has an end; fixed encodings extend (length-extrapolation evaluation)
-            if T > self.config.block_size and self.config.pos_encoding == "learned":
-                raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-            pos = torch.arange(T, device=idx.device)
+            where = Placement(input_pos, lengths, B, T)
+        end = T if where is None else where.end  # 1 + the last position; only a learned table has an end
+        if self.config.pos_encoding == "learned" and end > self.config.block_size:
+            raise ValueError(f"position {end - 1} is past the learned table of block_size {self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
-        if "ngram" in self.transformer:  # per-row rows are all past position 0: history, as start >= 1
-            x = x + self._ngram_embeddings(idx, 1 if isinstance(start, Tensor) else start)
+        if "ngram" in self.transformer:
+            x = x + self._ngram_embeddings(idx, where)
         if self.config.pos_encoding == "sinusoidal":
             # Vaswani et al. 3.4: embeddings times sqrt(d_model). Without it the fixed table (values
             # of +-1) drowns token embeddings initialised at std 0.02 (docs/results.md's study).
             x = x * self._emb_scale
         if "wpe" in self.transformer:
-            last = T - 1 if start is None else int(start.max()) if isinstance(start, Tensor) else start + T - 1
-            if isinstance(self.transformer.wpe, LearnedPositions) and last >= self.config.block_size:
-                raise ValueError(f"position {last} is past the learned table of {self.config.block_size}")
+            pos = torch.arange(T, device=idx.device) if where is None else where.pos  # (T,) or (B, T)
             x = x + self.transformer.wpe(pos).to(x.dtype)
         x = ops.dropout(x, self.config.dropout, self.training)
+        if where is not None:
+            x = where.pack(x)  # padded rows: their real tokens in one row, (1, N, C)
         # Decoding one token per row, the CPU backend runs every block in one C call
         # (ops/decoder.py); it computes what the loop below does, and returns None where it can't.
-        fused = ops.decode_blocks(self, x, start) if start is not None and T == 1 else None
+        fused = ops.decode_blocks(self, x, where) if where is not None and T == 1 else None
         if fused is not None:
             x = fused
         else:
             for block in self.transformer.h:
-                x = block(x, pos, self.rope, start)
+                x = block(x, self.rope, where)
         if last_only:
-            x = x[:, -1:]
+            x = x[:, -1:] if where is None else where.last(x)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)
+        if where is not None and not last_only:
+            logits = where.unpack(logits)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def _ngram_embeddings(self, idx: Tensor, start: int | None) -> Tensor:
+    def _ngram_embeddings(self, idx: Tensor, where: Placement | None) -> Tensor:
         """The n-gram embeddings of idx; with the KV cache, the tokens before a chunk come from
         the cache's history (padding at position 0), and the history moves on."""
-        ngram = self.transformer.ngram
-        B = idx.shape[0]
-        history = self._kv_cache.history if start is not None else None
-        if start:
-            before = history[:B]
-        else:
-            before = torch.full((B, ngram.context), ngram.pad, dtype=idx.dtype, device=idx.device)
+        ngram, cache = self.transformer.ngram, self._kv_cache
+        if where is None:
+            return ngram(idx, torch.full((idx.shape[0], ngram.context), ngram.pad, dtype=idx.dtype, device=idx.device))
+        before = cache.tokens_before(where, ngram.pad)
         out = ngram(idx, before)
-        if start is not None:  # after the lookup: `before` may be a view of the history
-            history[:B] = torch.cat((before, idx), dim=1)[:, -ngram.context:]
+        cache.remember(before, idx, where)  # after the lookup: `before` may be a view of the history
         return out
 
     # --- KV cache for generation (its row operations: kv_cache.ModelCache) ---
@@ -283,13 +279,10 @@ class GPT(nn.Module):
         """Preallocate a key/value cache per layer for `batch_size` sequences of `max_seq_len` tokens."""
         if self.config.pos_encoding == "learned" and max_seq_len > self.config.block_size:
             max_seq_len = self.config.block_size  # learned positions never go further
-        p = self.transformer.wte.weight
-        layers = [KVCache(batch_size, self.config.n_head, max_seq_len, self.config.head_size, dtype or p.dtype,
-                          p.device) for _ in self.transformer.h]
-        history = None
-        if "ngram" in self.transformer:  # the last tokens fed, for the next chunk's n-grams
-            history = torch.zeros(batch_size, self.transformer.ngram.context, dtype=torch.long, device=p.device)
-        self.kv_cache = ModelCache(layers, history)
+        c, p = self.config, self.transformer.wte.weight
+        context = self.transformer.ngram.context if "ngram" in self.transformer else 0  # tokens n-grams look back
+        self.kv_cache = build_cache(batch_size, max_seq_len, c.n_layer, c.n_head, c.head_size, context,
+                                    dtype or p.dtype, p.device)
 
     @property
     def kv_cache(self) -> ModelCache | None:

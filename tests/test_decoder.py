@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpt_small.config import GPTConfig
-from gpt_small.kv_cache import rows_of
+from gpt_small.kv_cache import Placement, rows_of
 from gpt_small.model import GPT
 from gpt_small.ops import decoder, kernels
 from gpt_small.ops.quantize import convert_weights
@@ -33,6 +33,11 @@ def _model(name: str, weights: str, n_embd: int = 64, n_head: int = 4) -> GPT:
     for p in model.parameters():  # biases and norms away from their init, so that each one counts
         p.data.add_(torch.randn_like(p) * 0.05)
     return convert_weights(model, weights)
+
+
+def _at(pos: int, B: int) -> Placement:
+    """B rows of one token each, all at position pos."""
+    return Placement(torch.tensor([pos]), None, B, 1)
 
 
 def _decode(model: GPT, idx: torch.Tensor, starts: list[int], steps: int, *, fused: bool) -> torch.Tensor:
@@ -107,14 +112,14 @@ def test_where_it_does_not_apply_the_blocks_run():
     too_many = decoder.MAX_ROWS + 1  # more rows than its first scratch space: it grows
     with torch.inference_mode():
         model.setup_kv_cache(too_many, 8)
-        assert decoder.decode_blocks(model, x.expand(too_many, 1, 64).contiguous(), 0) is not None
-        assert decoder.decode_blocks(model, torch.randn(1, 2, 64), 0) is None  # a chunk, not one token
+        assert decoder.decode_blocks(model, x.expand(too_many, 1, 64).contiguous(), _at(0, too_many)) is not None
+        assert decoder.decode_blocks(model, torch.randn(1, 2, 64), _at(0, 1)) is None  # a chunk, not one token
         model.setup_kv_cache(1, 8, dtype=torch.bfloat16)
-        assert decoder.decode_blocks(model, x, 0) is None  # a bf16 cache
+        assert decoder.decode_blocks(model, x, _at(0, 1)) is None  # a bf16 cache
         model.setup_kv_cache(1, 8)
-        assert decoder.decode_blocks(model, x, 0) is not None
+        assert decoder.decode_blocks(model, x, _at(0, 1)) is not None
         model.train()
-        assert decoder.decode_blocks(model, x, 0) is None  # training mode
+        assert decoder.decode_blocks(model, x, _at(0, 1)) is None  # training mode
     # and through the model, that many rows decode as the blocks do
     model.eval()
     idx = torch.randint(0, 97, (too_many, 4))
@@ -128,7 +133,7 @@ def test_a_position_past_the_cache_is_refused():
     with torch.inference_mode():
         model.setup_kv_cache(1, 8)
         with pytest.raises(ValueError, match="decode_blocks refused"):
-            decoder.decode_blocks(model, torch.randn(1, 1, 64), 8)
+            decoder.decode_blocks(model, torch.randn(1, 1, 64), _at(8, 1))
 
 
 @needs_kernel

@@ -119,6 +119,7 @@ FLAGS = [
     ("eval", "--threads", int, 0, limits.MAX_THREADS, False),
     ("serve", "--threads", int, 0, limits.MAX_THREADS, False),
     ("serve", "--max-batch", int, 1, limits.MAX_SERVE_BATCH, False),
+    ("serve", "--prefill-batch", int, 1, limits.MAX_SERVE_BATCH, False),
     ("serve", "--max-queue", int, 0, limits.MAX_SERVE_QUEUE, False),
     ("serve", "--max-new-tokens", int, 1, limits.MAX_NEW_TOKENS, False),
     ("serve", "--port", int, 0, 65535, False),

@@ -15,9 +15,27 @@ Contracts (all shapes as in model.py: B batch, T new tokens, S keys, nh heads, h
 - `causal_attention(q, k, v, dropout_p=0.0)`: q (B, nh, T, hs), k and v (B, nh, S, hs) with
   S >= T; the queries are the last T of the S positions, each sees the keys up to its own.
 - `dropout(x, p, training)`, `gelu(x)` (GPT-2's tanh form), `relu2(x)` (relu(x)^2).
-- `decode_blocks(model, x, start)`: for one new token per row (x (B, 1, C), the KV cache set up),
-  what the model's blocks return, computed in one call; or None where the backend has no such
-  path (then the model runs its blocks one by one).
+- `decode_blocks(model, x, where)`: for one new token per row (x (B, 1, C), the KV cache set up,
+  `where` the kv_cache.Placement of the forward), what the model's blocks return, computed in one
+  call; or None where the backend has no such path (then the model runs its blocks one by one).
+
+Row-invariant mode (`with ops.row_invariant():`, per thread, ops/mode.py): a prefill for generation
+computes each token row the same way whatever other rows run beside it, so a prompt prefilled
+alone and inside a batched prefill of other prompts give the same bits:
+- `linear`: a library GEMM (MKL, oneDNN) blocks, and so rounds, a row by the number of rows beside
+  it. In the mode the CPU backend sends every product to the C kernel, which computes every row
+  alike at any number of rows; the torch backend multiplies row by row (one small product per
+  token, as it decodes). The kernel is slower than the library GEMM on long prompts
+  (benchmarks/prefill_kernel.py), so generation enters the mode only for sequences of up to
+  `row_invariant_max_t(device)` tokens (generate.prefill): a rule on one sequence's length, never
+  on the batch, so a prompt takes the same path alone and in the serve engine's batched prefill,
+  and a longer prompt is prefilled alone, outside the mode, the same call in both.
+- `gelu`: the C kernel (its lanes all compute alike) at any size; the torch backend row by row
+  (torch's vectorised loops take another code path for the last elements of a call, so where a
+  row sits would matter).
+- `decode_blocks` does not apply (a one-token prompt runs the blocks like longer ones).
+LayerNorm, ReLU, ReLU², RoPE, embeddings and residual adds compute each element or row alike
+already; attention runs per sequence (model.py).
 """
 
 from __future__ import annotations
@@ -29,6 +47,7 @@ import torch
 from torch import Tensor
 
 from . import cpu, kernels, reference
+from .mode import is_row_invariant, row_invariant  # noqa: F401  (re-exported)
 
 _chosen: dict[str, types.ModuleType] = {}
 
@@ -76,5 +95,15 @@ def relu2(x: Tensor) -> Tensor:
     return _for(x).relu2(x)
 
 
-def decode_blocks(model: torch.nn.Module, x: Tensor, start: int | Tensor) -> Tensor | None:
-    return _for(x).decode_blocks(model, x, start)
+def row_invariant_max_t(device: torch.device | str) -> int | None:
+    """The longest sequence that generation prefills in row-invariant mode on this device (so the
+    longest a batched prefill may hold); a longer one is prefilled alone, outside the mode, where
+    the library's GEMM is faster. None: any length. 0 off the CPU: an accelerator's row-by-row
+    products would cost a launch per token, and the server runs on the CPU."""
+    if torch.device(device).type != "cpu":
+        return 0
+    return backend(device).row_invariant_max_t()
+
+
+def decode_blocks(model: torch.nn.Module, x: Tensor, where) -> Tensor | None:
+    return _for(x).decode_blocks(model, x, where)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import decoder, kernels, reference
+from .mode import is_row_invariant
 
 # --- linear ---
 #
@@ -48,7 +49,30 @@ def prepare() -> None:
     kernels.available()
 
 
+# Row-invariant mode (ops/mode.py, ops/__init__.py): every product through the kernel, which
+# computes each row alike at any number of rows. The kernel costs more than the library GEMM on a
+# long prompt (benchmarks/prefill_kernel.py), so generation enters the mode for sequences of up to
+# this many tokens only; a longer one is prefilled alone through the library, the same call in
+# `generate` and in the serve engine (generate.prefill).
+PREFILL_KERNEL_MAX_T = 64
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+    if is_row_invariant() and not torch.is_grad_enabled() and x.dtype == torch.float32:
+        if not (kernels.available() and weight.is_contiguous()):
+            return reference.linear(x, weight, bias, scale)  # row by row in this mode
+        K, N = weight.shape[1], weight.shape[0]
+        y = kernels.skinny_linear(x.reshape(-1, K).contiguous(), weight, bias, scale)
+        return y.view(*x.shape[:-1], N)
+    return _linear(x, weight, bias, scale)
+
+
+def row_invariant_max_t() -> int | None:
+    """The longest sequence generation prefills in row-invariant mode here (None: any)."""
+    return PREFILL_KERNEL_MAX_T if kernels.available() else None
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
     if torch.is_grad_enabled() or x.dtype != torch.float32:
         return reference.linear(x, weight, bias, scale)
     K, N = weight.shape[1], weight.shape[0]
@@ -120,11 +144,12 @@ def explicit_causal_attention(q: Tensor, k: Tensor, v: Tensor, p: float = 0.0) -
     return torch.bmm(att, v.reshape(B * nh, T, hs)).view(B, nh, T, hs)
 
 
-def decode_blocks(model: torch.nn.Module, x: Tensor, start: int | Tensor) -> Tensor | None:
-    """A decoding step through every block in one C call (ops/decoder.py), at inference."""
-    if torch.is_grad_enabled():
+def decode_blocks(model: torch.nn.Module, x: Tensor, where) -> Tensor | None:
+    """A decoding step through every block in one C call (ops/decoder.py), at inference; not in
+    row-invariant mode, where a one-token prompt runs the blocks as a longer one does."""
+    if torch.is_grad_enabled() or is_row_invariant():
         return None
-    return decoder.decode_blocks(model, x, start)
+    return decoder.decode_blocks(model, x, where)
 
 
 # --- dropout ---
@@ -183,8 +208,11 @@ GELU_KERNEL_MIN = 4096  # below this many elements (decoding one token) the call
 def gelu(x: Tensor) -> Tensor:
     """Through our kernel where it is built (not while torch.compile traces: it fuses its own),
     without autograd's wrapper where no gradient is wanted. A decoding step (x (B, 1, H)) is sized
-    by one row, not the batch, so a row takes the same path (same bits) at any batch size."""
+    by one row, not the batch, so a row takes the same path (same bits) at any batch size; in
+    row-invariant mode the kernel runs at any size."""
     size = x.shape[-1] if x.dim() == 3 and x.shape[1] == 1 else x.numel()
+    if is_row_invariant() and not torch.is_grad_enabled():
+        size = GELU_KERNEL_MIN
     if (size >= GELU_KERNEL_MIN and x.dtype == torch.float32 and x.is_contiguous()
             and not torch.compiler.is_compiling() and kernels.available()):
         if torch.is_grad_enabled() and x.requires_grad:

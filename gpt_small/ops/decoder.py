@@ -7,9 +7,9 @@ that cost outgrows the weight reads themselves (docs/decoding.md), so the CPU ba
 whole stack of blocks in C, in one parallel region: the products through the same kernel as
 `skinny_linear`, attention through the same code as `decode_attention`.
 
-`decode_blocks(model, x, start)` returns what `for block in model.transformer.h: x = block(...)`
-returns for one new token per row (x (B, 1, C), start an int or (B,) positions, the KV cache set
-up), to fp32 rounding, or None where it does not apply; model.py then runs its blocks one by one.
+`decode_blocks(model, x, where)` returns what `for block in model.transformer.h: x = block(...)`
+returns for one new token per row (x (B, 1, C) placed by `where`, the forward's
+kv_cache.Placement: row b at position where.starts[b]; the KV cache set up), to fp32 rounding, or None where it does not apply; model.py then runs its blocks one by one.
 It applies on the CPU at inference (no autograd, eval mode) for any number of rows (a served
 batch, a verse form's candidates; 4 at a time through the products, so a row's arithmetic does
 not depend on the rows beside it), fp32 activations
@@ -30,6 +30,7 @@ from ctypes import POINTER, c_float, c_int, c_long, c_void_p
 import torch
 from torch import Tensor, nn
 
+from ..kv_cache import Placement
 from . import kernels
 
 MAX_ROWS = 64  # rows the scratch space is first sized for (it grows for more)
@@ -130,10 +131,11 @@ class _Prepared:
 _prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def decode_blocks(model: nn.Module, x: Tensor, start: int | Tensor) -> Tensor | None:
-    """The blocks' output for x (B, 1, C) at positions start (int, or (B,) per row), or None."""
+def decode_blocks(model: nn.Module, x: Tensor, where: Placement) -> Tensor | None:
+    """The blocks' output for x (B, 1, C), row b at position where.starts[b], or None."""
     B, T, C = x.shape
-    if T != 1 or x.dtype != torch.float32 or model.training or not kernels.available():
+    positions = where.starts
+    if T != 1 or len(positions) != B or x.dtype != torch.float32 or model.training or not kernels.available():
         return None
     caches = [block.attn.kv_cache for block in model.transformer.h]
     if caches[0] is None or caches[0].k.shape[0] < B:
@@ -149,7 +151,6 @@ def decode_blocks(model: nn.Module, x: Tensor, start: int | Tensor) -> Tensor | 
         return None
     if prepared.scratch.numel() < B * prepared.scratch_per_row:  # more rows than ever before
         prepared.scratch = torch.empty(B * prepared.scratch_per_row)
-    positions = [start] * B if isinstance(start, int) else start.tolist()
     if prepared.rope is not None:
         prepared.set_rope(max(positions) + 1)
     out = x.reshape(B, C).clone()

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .mode import is_row_invariant
+
 
 def dequantize(weight: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
     """A weight stored in bf16, or in int8 with one scale per output row, as `dtype`."""
@@ -23,12 +25,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor 
     if scale is not None or weight.dtype not in (x.dtype, torch.float32):  # (fp32 ones: autocast casts them)
         weight = dequantize(weight, scale, x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
-    if x.dim() == 3 and x.shape[1] == 1 and x.shape[0] > 1 and not torch.is_grad_enabled():
-        # A decoding step, one token per row: a batch of B separate (1, K) @ (K, N) products, each
-        # the same problem whatever B is, where one (B, K) GEMM may block and round the rows
-        # differently as B changes (batch-invariant decoding).
-        B, _, K = x.shape
-        y = torch.bmm(x, weight.t().expand(B, K, weight.shape[0]))
+    decoding = x.dim() == 3 and x.shape[1] == 1 and x.shape[0] > 1
+    if (decoding or is_row_invariant()) and not torch.is_grad_enabled():
+        # A decoding step (one token per row), or any input in row-invariant mode (ops/mode.py): R
+        # separate (1, K) @ (K, N) products, each the same problem whatever R is, where one (R, K)
+        # GEMM may block and round the rows differently as R changes.
+        K, N = x.shape[-1], weight.shape[0]
+        rows = x.reshape(-1, 1, K)
+        y = torch.bmm(rows, weight.t().expand(rows.shape[0], K, N)).view(*x.shape[:-1], N)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
 
@@ -49,6 +53,11 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
 
 
 def gelu(x: Tensor) -> Tensor:
+    if is_row_invariant() and not torch.is_grad_enabled() and x.dim() > 1:
+        # row by row: torch's vectorised loop computes the last elements of a call another way,
+        # so where a row sits in one big call would change its bits (ops/__init__.py)
+        rows = x.reshape(-1, x.shape[-1])
+        return torch.stack([F.gelu(r, approximate="tanh") for r in rows.unbind(0)]).view(x.shape)
     return F.gelu(x, approximate="tanh")
 
 
@@ -56,5 +65,9 @@ def relu2(x: Tensor) -> Tensor:
     return torch.relu(x).square()
 
 
-def decode_blocks(model: torch.nn.Module, x: Tensor, start: int | Tensor) -> None:
+def row_invariant_max_t() -> None:
+    return None  # every length: row-invariant mode multiplies row by row
+
+
+def decode_blocks(model: torch.nn.Module, x: Tensor, where) -> None:
     return None  # no fused path: the model runs its blocks one by one

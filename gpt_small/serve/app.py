@@ -33,7 +33,7 @@ from starlette.staticfiles import StaticFiles
 from ..ops.quantize import weights_of
 from . import responses as R
 from .guard import Guard, route_of
-from .engine import DEFAULT_MAX_BATCH, Engine, QueueFull, Sequence, ShuttingDown
+from .engine import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_BATCH, Engine, QueueFull, Sequence, ShuttingDown
 from .forms import form_poem
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import openapi_schema
@@ -381,7 +381,8 @@ async def server_error(request: Request, exc: Exception) -> Response:
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     s = app.state
-    s.engine = Engine(s.model, s.tokenizer, max_batch=s.max_batch, max_queue=s.max_queue, keep=s.window_keep)
+    s.engine = Engine(s.model, s.tokenizer, max_batch=s.max_batch, max_queue=s.max_queue, keep=s.window_keep,
+                      prefill_batch=s.prefill_batch)
     try:
         yield
     finally:  # uvicorn has stopped taking requests and drained the open ones
@@ -402,16 +403,17 @@ ROUTES = [
 def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = DEFAULT_MAX_BATCH,
                max_queue: int = 64, max_new_tokens: int = 1000, max_prompt_tokens: int = 4096,
                api_key: str | None = None, allowed_hosts: list[str] | None = None, http: HttpLimits = HTTP_LIMITS,
-               window_keep: int | str | None = None) -> Starlette:
+               window_keep: int | str | None = None, prefill_batch: int = DEFAULT_PREFILL_BATCH) -> Starlette:
     """The app over a loaded model; the engine starts and drains with the app's lifespan.
     allowed_hosts: the Host header names accepted (None: any; `serve` passes the loopback names
     when it runs on loopback without a key); window_keep: the window rule past the context
-    (generate.window_keep)."""
+    (generate.window_keep); prefill_batch: arrivals prefilled together in one forward pass."""
     app = Starlette(routes=ROUTES, lifespan=lifespan,
                     exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
     s = app.state
     s.model, s.tokenizer, s.model_name, s.api_key = model, tokenizer, model_name, api_key
     s.max_batch, s.max_queue, s.static, s.window_keep = max_batch, max_queue, STATIC, window_keep
+    s.prefill_batch = prefill_batch
     s.limits = Limits(model_name=model_name, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
                       http=http)
     s.created = int(time.time())

@@ -3,26 +3,29 @@ batching over the model's KV cache).
 
 A `Sequence` is one sample: prompt ids, its sampling options, its own `torch.Generator`, and the
 rule that ends its text. `Engine.submit` queues sequences (bounded: `QueueFull` beyond
-`max_queue`); between two decode steps the worker prefills queued sequences alone into free rows
-of the cache (each prompt once: the `n` samples of a request copy its row; a padded batched
-prefill of different prompts would round each row by the batch's shape, as GEMMs do, and break
-the bitwise promise below), decodes one token for every live row in one batched forward (each row at its own
-position), samples each row with its own options and generator, and frees the rows that finished
-or whose client went away (`Sequence.cancel`, honoured at the next step boundary). The event loop
-never runs a model step: it hears of new text through `on_event`, called from the worker thread
-(the app wraps it in `loop.call_soon_threadsafe`).
+`max_queue`). Each round of the worker, between two decode steps: sample every live row with its
+own options and generator; decode one token for every row that has room in one batched forward
+(each row at its own position); then prefill, together, every row that needs it: the arrivals
+taken into free rows (each prompt once: the `n` samples of a request copy its row) and the rows
+whose cache is full (the window rule), in batched forwards of up to `prefill_batch` sequences
+padded to the longest (`Engine._prefill`). Rows that finished or whose client went away
+(`Sequence.cancel`, honoured at the next round) are freed. The event loop never runs a model step:
+it hears of new text through `on_event`, called from the worker thread (the app wraps it in
+`loop.call_soon_threadsafe`).
 
 Contract: a seeded sequence yields the tokens of `generate_tokens(model, prompt, seed=...)` for
-one sample, whether it runs alone or beside others. The steps are generate.py's (`prefill`,
-`sample`, `apply_repetition_penalty`, the same window rule past block_size with the same `keep`),
-the prefill
-runs alone, and the batched step computes every row bit for bit as it would alone (model.py:
-per-row positions, attention row by row; ops: every product of a decoding step treats each row
-alike at any batch size, tests/test_decoder.py). A failure ends only the sequences it touched
-(a row's sampling or prefill: that row; a batched step: its rows), with "error".
+one sample, whether it runs alone or beside others, whenever it arrives. The steps are
+generate.py's (`prefill`, `sample`, `apply_repetition_penalty`, the same window rule past
+block_size with the same `keep`), and every forward computes each row bit for bit as it would
+alone: a batched prefill runs in the ops layer's row-invariant mode with each row's attention
+over its own tokens (generate.prefill, kv_cache.Placement, ops/mode.py; tests/test_prefill.py), and
+a decoding step treats each row alike at any batch size (tests/test_decoder.py). A failure ends
+only the sequences it touched (a row's sampling: that row; a batched prefill or decode step: its
+rows), with "error".
 
-Rows stay packed: live sequences hold cache rows 0..B-1, so the batched step runs on rows :B; a
-finished row is refilled by moving the last live row into it (its cached prefix only).
+Rows stay packed: the rows that decode hold cache rows 0..B-1, so the batched step runs on rows :B;
+after them come the rows to prefill, contiguous, so a batched prefill writes a block of rows. A
+finished row is refilled by moving later live rows up (their cached prefix only).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import limits
+from .. import limits, ops
 from ..generate import apply_repetition_penalty, prefill, sample, window_keep
 from ..kv_cache import rows_of
 from .protocol import Sampling
@@ -49,6 +52,7 @@ _REPLACEMENT = "\ufffd"  # a character still incomplete (byte-level BPE split a 
 
 
 DEFAULT_MAX_BATCH = limits.DEFAULT_SERVE_BATCH
+DEFAULT_PREFILL_BATCH = limits.DEFAULT_PREFILL_BATCH
 
 
 class QueueFull(Exception):
@@ -169,6 +173,7 @@ class _Row:
         self.T = self.T0  # tokens so far
         self.start = max(0, self.T0 - window)  # sequence index at cache position 0 (generate.Window)
         self.failed = False  # ended with an error; its cache row is freed at the next step
+        self.twin: _Row | None = None  # an arrival of the same round with the same prompt, whose row it copies
         self.logits: Tensor | None = None  # (1, V)
 
 
@@ -176,18 +181,22 @@ class Engine:
     """One decode loop over `max_batch` cache rows; see the module docstring."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 64,
-                 keep: int | str | None = None):
+                 keep: int | str | None = None, prefill_batch: int = DEFAULT_PREFILL_BATCH):
+        if prefill_batch < 1:
+            raise ValueError(f"prefill_batch must be >= 1, got {prefill_batch}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.prefill_batch = prefill_batch  # sequences in one batched prefill forward (1: one at a time)
         self.window = model.config.block_size
         self.keep = window_keep(self.window, keep)
         self.banned = [u] if (u := getattr(tokenizer, "unk_id", None)) is not None else []
-        self.positions = torch.arange(self.window)
+        self.positions = torch.arange(self.window, device=next(model.parameters()).device)
         self._pending: deque[Sequence] = deque()
         self._rows: list[_Row] = []  # row i of the cache belongs to self._rows[i]
         self._cond = threading.Condition()
         self._stopping = False
-        self.counts = dict(finished=0, cancelled=0, tokens=0, steps=0, peak_batch=0)
+        # prefills: forward passes that prefilled; prefill_rows: the sequences they held
+        self.counts = dict(finished=0, cancelled=0, tokens=0, steps=0, peak_batch=0, prefills=0, prefill_rows=0)
         model.setup_kv_cache(max_batch, self.window)
         self._thread = threading.Thread(target=self._loop, name="gpt-small-decode", daemon=True)
         self._thread.start()
@@ -239,14 +248,7 @@ class Engine:
                     admit.append(self._pending.popleft())
             try:
                 with torch.inference_mode():
-                    prefilled: dict[tuple[int, ...], _Row] = {}  # this round's prompts, by their ids
-                    for seq in admit:
-                        if seq.cancelled:
-                            self._end(seq, "cancelled")
-                        else:
-                            self._admit(seq, prefilled)
-                    if self._rows:
-                        self._step()
+                    self._round(admit)
             except Exception:  # a bug, not a bad request: fail what is live, keep serving
                 log.exception("decode step failed; ending the live requests")
                 for seq in {id(s): s for s in [*admit, *(row.seq for row in self._rows)]}.values():
@@ -267,30 +269,25 @@ class Engine:
         if row.seq.finish_reason not in ("cancelled", "error"):
             self._end(row.seq, "error")
 
-    def _admit(self, seq: Sequence, prefilled: dict[tuple[int, ...], _Row]) -> None:
-        """Give seq a row and prefill its prompt alone. A prompt another arrival of this round
-        already prefilled (the `n` samples of one request) is copied from that row instead: the
-        same bits, one forward pass for all of them."""
-        ids = torch.tensor(seq.prompt_ids, dtype=torch.long)
-        row = _Row(seq, ids, self.window)  # a prompt longer than the window is cropped, as generate does
-        self._rows.append(row)
-        i, key = len(self._rows) - 1, tuple(seq.prompt_ids)
-        try:
-            twin = prefilled.get(key)
-            if twin is not None and not twin.failed and twin in self._rows:
-                self.model.kv_cache.copy_row(self._rows.index(twin), i, row.T0 - row.start)
-                row.logits = twin.logits.clone()
-            else:
-                self._prefill_row(i, row.ids[row.start:row.T0])
-                prefilled[key] = row
-        except Exception:
-            self._fail(row, "a prefill")
+    def _round(self, admit: list[Sequence]) -> None:
+        """Between two decode steps: sample, pack, decode, then prefill what needs it, together."""
+        B = self._step()
+        # then the arrivals, and every row that needs a prefill (past the window, or new) prefilled
+        # together, in batched forwards (_prefill)
+        fresh, twins = self._admit(admit)
+        self._prefill(B, len(self._rows) - len(twins))
+        for row in twins:  # the same prompt as an earlier arrival of this round: its row, copied
+            first = row.twin
+            if first.failed:
+                self._fail(row, "a prefill")
+                continue
+            self.model.kv_cache.copy_row(self._rows.index(first), self._rows.index(row), row.T0 - row.start)
+            row.logits = first.logits.clone()
+        self.counts["peak_batch"] = max(self.counts["peak_batch"], len(self._rows))
 
-    def _prefill_row(self, i: int, ids: Tensor) -> None:
-        with rows_of(self.model, i, i + 1):
-            self._rows[i].logits = prefill(self.model, ids[None], self.positions[:ids.numel()])
-
-    def _step(self) -> None:
+    def _step(self) -> int:
+        """Sample every row, pack the rows, decode those with room; return how many decoded (B):
+        rows B.. are those whose cache is full, to re-prefill."""
         # 1. sample every row from its own logits, with its own options and generator
         keep: list[_Row] = []
         for row in self._rows:
@@ -309,44 +306,88 @@ class Engine:
                 self._end(seq, "length")
             else:
                 keep.append(row)
-        # 2. pack the live rows into cache rows 0..B-1
-        for i, row in enumerate(keep):
+        # 2. pack the rows that decode into cache rows 0..B-1; after them the rows whose cache is
+        # full (the window rule, generate.Window): they keep their last `self.keep` tokens and the
+        # new one, re-prefilled at positions 0..keep by _round, so their cached prefix needs no move
+        decoding = [row for row in keep if row.T - 1 - row.start < self.window]
+        full = [row for row in keep if row.T - 1 - row.start >= self.window]
+        for i, row in enumerate(decoding):
             j = self._rows.index(row)
-            if j != i:
+            if j != i:  # j > i: rows only move up, so no row is overwritten before it moves
                 self.model.kv_cache.copy_row(j, i, row.T - 1 - row.start)
-        self._rows = keep
-        if not keep:
-            return
-        # 3. one batched step at per-row positions over rows :B, up to the last row whose cache has
-        # room. A row with a full cache inside :B decodes a throw-away token at the last position,
-        # before its re-prefill (step 4) resets its n-gram history; later decodes overwrite that
-        # position before any attention reads it.
-        full = [row.T - 1 - row.start >= self.window for row in keep]
-        B = max((i + 1 for i, f in enumerate(full) if not f), default=0)
+        for row in full:
+            row.start = row.T - 1 - self.keep
+        self._rows = decoding + full
+        # 3. one batched step at per-row positions over rows :B
+        B = len(decoding)
         if B:
-            cur = torch.tensor([[int(r.ids[r.T - 1])] for r in keep[:B]])
-            pos = torch.tensor([[min(r.T - 1 - r.start, self.window - 1)] for r in keep[:B]])
+            cur = torch.tensor([[int(r.ids[r.T - 1])] for r in decoding])
+            pos = torch.tensor([[r.T - 1 - r.start] for r in decoding])
             try:
                 logits = self.model(cur, input_pos=pos, last_only=True)[:, -1]  # (B, V)
-            except Exception:  # every row of the step is affected; rows past :B are not
-                for row, f in zip(keep[:B], full):
-                    if not f:
-                        self._fail(row, "a batched decode step")
+                for i, row in enumerate(decoding):
+                    row.logits = logits[i:i + 1]
+            except Exception:  # every row of the step is affected; the others are not
+                for row in decoding:
+                    self._fail(row, "a batched decode step")
             self.counts["steps"] += 1
-            self.counts["peak_batch"] = max(self.counts["peak_batch"], len(keep))
-        # 4. the window rule (generate.Window): a row whose cache is full keeps its last
-        # `self.keep` tokens and the new one, re-prefilled alone at positions 0..keep
-        for i, row in enumerate(keep):
-            if row.failed:
+        return B
+
+    def _admit(self, seqs: list[Sequence]) -> tuple[list[_Row], list[_Row]]:
+        """Give each arrival a row after the live ones: those to prefill (shortest prompt first,
+        so a batched prefill pads little), then those whose prompt an earlier arrival of this
+        round has (the `n` samples of one request), which copy its row: one prefill for all."""
+        fresh: list[_Row] = []
+        twins: list[_Row] = []
+        first: dict[tuple[int, ...], _Row] = {}
+        for seq in seqs:
+            if seq.cancelled:
+                self._end(seq, "cancelled")
                 continue
-            if full[i]:
-                row.start = row.T - 1 - self.keep
-                try:
-                    self._prefill_row(i, row.ids[row.start:row.T])
-                except Exception:
-                    self._fail(row, "a re-prefill past the window")
+            # a prompt longer than the window is cropped, as generate does
+            row = _Row(seq, torch.tensor(seq.prompt_ids, dtype=torch.long), self.window)
+            key = tuple(seq.prompt_ids)
+            if key in first:
+                row.twin = first[key]
+                twins.append(row)
             else:
-                row.logits = logits[i:i + 1]
+                first[key] = row
+                fresh.append(row)
+        fresh.sort(key=lambda r: r.T - r.start)
+        self._rows += fresh + twins
+        return fresh, twins
+
+    def _prefill(self, lo: int, hi: int) -> None:
+        """Prefill rows lo..hi-1, each its tokens ids[start:T] at positions 0.., in batched forwards
+        of up to `prefill_batch` rows padded to the longest. generate.prefill's row-invariant mode
+        gives each row the bits of its prefill alone; a sequence longer than the mode's length rule
+        (ops.row_invariant_max_t) is prefilled alone, as generate does. A failed forward ends
+        exactly its rows' sequences with an error."""
+        limit = ops.row_invariant_max_t(self.positions.device)
+        i = lo
+        while i < hi:
+            j = i + 1
+            if limit is None or self._rows[i].T - self._rows[i].start <= limit:
+                while (j < hi and j - i < self.prefill_batch
+                       and (limit is None or self._rows[j].T - self._rows[j].start <= limit)):
+                    j += 1
+            rows = self._rows[i:j]
+            try:
+                lengths = [r.T - r.start for r in rows]
+                T = max(lengths)
+                idx = torch.zeros(len(rows), T, dtype=torch.long)  # padding: token 0, never cached
+                for b, r in enumerate(rows):
+                    idx[b, :lengths[b]] = r.ids[r.start:r.T]
+                with rows_of(self.model, i, j):
+                    logits = prefill(self.model, idx, self.positions[:T].expand(len(rows), T), torch.tensor(lengths))
+                for b, r in enumerate(rows):
+                    r.logits = logits[b:b + 1]
+            except Exception:
+                for r in rows:
+                    self._fail(r, "a batched prefill")
+            self.counts["prefills"] += 1
+            self.counts["prefill_rows"] += len(rows)
+            i = j
 
     def _sample_row(self, row: _Row) -> bool:
         """Sample a row's next token from its own logits, options and generator; feed it to its

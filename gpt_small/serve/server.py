@@ -46,21 +46,23 @@ def model_name_of(checkpoint: str | Path) -> str:
 
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int | None = None,
           max_queue: int = 64, max_new_tokens: int = 1000, api_key: str | None = None, threads: int = 0,
-          drain_seconds: float = 30.0, weights: str = "float32", window_keep: int | str | None = None) -> None:
+          drain_seconds: float = 30.0, weights: str = "float32", window_keep: int | str | None = None,
+          prefill_batch: int | None = None) -> None:
     from ..checkpoint import load_checkpoint
     from ..device import set_threads
     from ..generate import window_keep as check_keep
     from ..ops.quantize import check_weights, convert_weights
     from .app import create_app
 
-    from .engine import DEFAULT_MAX_BATCH
+    from .engine import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_BATCH
 
     max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
+    prefill_batch = DEFAULT_PREFILL_BATCH if prefill_batch is None else prefill_batch
     api_key = api_key or os.environ.get("GPT_SMALL_API_KEY") or None
     if not is_loopback(host) and api_key is None:
         raise GPTSmallError(f"refusing to serve on {host}, which other machines can reach, without an API key: "
                             "pass --api-key or set GPT_SMALL_API_KEY (or bind 127.0.0.1)")
-    for name, value, lo in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
+    for name, value, lo in (("--max-batch", max_batch, 1), ("--prefill-batch", prefill_batch, 1), ("--max-queue", max_queue, 0),
                             ("--max-new-tokens", max_new_tokens, 1), ("--port", port, 0)):
         if value < lo:
             raise GPTSmallError(f"{name} must be >= {lo}, got {value}")
@@ -79,7 +81,7 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     hosts = None if api_key is not None else sorted({*LOOPBACK_HOSTS, host.strip("[]").lower()})
     app = create_app(model=ckpt.model, tokenizer=ckpt.tokenizer, model_name=name, max_batch=max_batch,
                      max_queue=max_queue, max_new_tokens=max_new_tokens, api_key=api_key, allowed_hosts=hosts,
-                     window_keep=window_keep)
+                     window_keep=window_keep, prefill_batch=prefill_batch)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
