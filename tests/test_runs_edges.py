@@ -355,3 +355,31 @@ def test_resume_of_a_run_that_records_no_data_folder_asks_for_one(entry, data, t
         plan_run(run, resume=True)
     assert str(e.value) == "--resume: the run records no data folder; pass --data with the folder it was prepared into"
     assert plan_run(run, resume=True, data=data).data.directory == data  # an imported run (no data) takes the one given
+
+
+def test_init_from_a_gpt2_checkpoint_on_char_data_names_the_tokenizer_to_prepare_with(data, tmp_path):
+    from gpt_small.tokenizer import gpt2_tokenizer
+
+    tok = gpt2_tokenizer()
+    cfg = GPTConfig.from_preset("tiny", vocab_size=tok.vocab_size, block_size=32)
+    save_checkpoint(tmp_path / "gpt2run", step=1, model=GPT(cfg), tokenizer=tok, config={"model": cfg.to_dict()},
+                    links=("last", "best"))
+    ckpt = find_checkpoint(tmp_path / "gpt2run")
+    size = PreparedData(data).tokenizer.vocab_size
+    with pytest.raises(GPTSmallError) as e:
+        plan_run(tmp_path / "ft", data=data, init_from=tmp_path / "gpt2run")
+    # GPT-2's vocabulary is fixed: naming the kind is enough (a char or bpe one also needs the same vocabulary)
+    assert str(e.value) == (f"--init-from: the data in {data} was prepared with the char tokenizer ({size:,} tokens), "
+                            f"the checkpoint {ckpt} uses the gpt2 tokenizer (50,257 tokens); prepare the data with "
+                            "--tokenizer gpt2")
+
+
+def test_init_from_a_run_without_best_takes_its_last(data, tmp_path):
+    # a run stopped before its first evaluation has only `last`: --init-from falls back to it
+    tok = PreparedData(data).tokenizer
+    cfg = GPTConfig.from_preset("tiny", vocab_size=tok.vocab_size, block_size=32)
+    save_checkpoint(tmp_path / "early", step=3, model=_model(tok.vocab_size, 3), tokenizer=tok,
+                    config={"model": cfg.to_dict(), "data": {"directory": str(data)}}, links=("last",))
+    assert not (tmp_path / "early" / "best").exists()
+    plan = plan_run(tmp_path / "ft", data=data, init_from=tmp_path / "early")
+    assert plan.init_from == (tmp_path / "early" / "last").resolve() and plan.init_from.name == "step-000003"
