@@ -217,21 +217,43 @@ def test_import_accepts_configs_it_computes_exactly(extra, tmp_path):
     assert cfg.tie_embeddings == extra.get("tie_word_embeddings", True)
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"scale_attn_weights": False}, "scale_attn_weights=false"),
+@pytest.mark.parametrize("extra, what", [
+    ({"scale_attn_weights": False}, "scale_attn_weights=false (unscaled attention)"),
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=true"),
     ({"add_cross_attention": True}, "add_cross_attention=true"),
-    ({"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon 1e-06"),
-    ({"vocab_size": 50258}, "vocab_size 50258 is not GPT-2's 50257"),
+    ({"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon 1e-06 (ours is 1e-5)"),
+    ({"vocab_size": 50258}, "vocab_size 50258 is not GPT-2's 50257 (the gpt2 tokenizer would not fit)"),
     ({"n_inner": 48}, "n_inner 48 is not a multiple of n_embd 32"),
-    ({"activation_function": "swish"}, "activation_function 'swish'"),
-    ({"model_type": "llama"}, "imports GPT2LMHeadModel folders only"),
-    ({"architectures": ["GPT2Model"]}, "holds a GPT2Model model"),
+    ({"activation_function": "swish"}, "activation_function 'swish' is none of gelu_new, gelu_pytorch_tanh, relu, relu2"),
 ])
-def test_import_refuses_what_it_cannot_compute_in_one_line(extra, message, tmp_path):
-    with pytest.raises(GPTSmallError, match=message.replace("(", r"\(")) as e:
+def test_import_refuses_what_it_cannot_compute_in_one_line(extra, what, tmp_path):
+    with pytest.raises(GPTSmallError) as e:
         gpt_config_of({**BASE, **extra}, tmp_path)
-    assert "\n" not in str(e.value)
+    assert str(e.value) == f"{tmp_path}: {what}; gpt-small cannot compute this GPT-2 exactly"
+
+
+@pytest.mark.parametrize("extra, what", [
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "LlamaForCausalLM"),
+    ({"architectures": ["GPT2Model", "GPT2ForSequenceClassification"]}, "GPT2Model, GPT2ForSequenceClassification"),
+    ({"model_type": "llama", "architectures": []}, "llama"),  # no architectures: the model type names it
+    ({"model_type": None, "architectures": None}, "unknown"),
+])
+def test_import_refuses_another_architecture_naming_it(extra, what, tmp_path):
+    with pytest.raises(GPTSmallError) as e:
+        gpt_config_of({**BASE, **extra}, tmp_path)
+    assert str(e.value) == f"{tmp_path} holds a {what} model; gpt-small imports GPT2LMHeadModel folders only"
+
+
+def test_import_reads_what_config_json_leaves_out_as_transformers_defaults(tmp_path):
+    import transformers
+
+    d = transformers.GPT2Config()  # what GPT2LMHeadModel assumes for a field config.json leaves out
+    want = GPTConfig(vocab_size=d.vocab_size, block_size=d.n_positions, n_layer=d.n_layer, n_head=d.n_head,
+                     n_embd=d.n_embd, dropout=0.0, bias=True, activation="gelu", mlp_ratio=4, pos_encoding="learned",
+                     tie_embeddings=d.tie_word_embeddings)
+    assert gpt_config_of({"model_type": "gpt2"}, tmp_path) == want
+    assert gpt_config_of({**d.to_dict(), "architectures": ["GPT2LMHeadModel"]}, tmp_path) == want  # written out
+    assert gpt_config_of({**BASE, "architectures": ["GPT2LMHeadModel", "GPT2Model"]}, tmp_path).n_layer == 2
 
 
 # ---------------------------------------------------------------- what --resume may change
