@@ -123,7 +123,7 @@ def test_a_run_needs_a_step_or_time_limit_and_the_datas_vocabulary(verse_data, t
         plan_run(tmp_path / "r", data=verse_data, preset="tiny", sets=["max_steps=0"])
     assert str(e.value) == "max_steps 0 (no step limit) needs a max_time (--max-time) to end the run"
     plan = plan_run(tmp_path / "r", data=verse_data, preset="tiny", sets=["max_steps=0", "max_time=60"])
-    assert (plan.train.max_steps, plan.train.max_time) == (0, 60.0)
+    assert (plan.train.max_steps, plan.train.max_time, plan.out, plan.kind) == (0, 60.0, tmp_path / "r", "fresh")
     assert plan_run(tmp_path / "r", data=verse_data, preset="tiny", sets=["max_steps=3"]).train.max_time == 0.0
     vocab = PreparedData(verse_data).tokenizer.vocab_size
     with pytest.raises(GPTSmallError) as e:

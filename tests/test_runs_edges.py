@@ -163,6 +163,7 @@ def test_resume_takes_the_runs_last_checkpoint(run, data):
     assert plan.kind == "resume" and plan.checkpoint.name == "step-000002"  # last, not best (step 1)
     assert plan.resume_from == plan.checkpoint and plan.init_from is None
     assert plan.data.directory == data  # no --data: the run's own
+    assert plan.out == folder
 
 
 def test_resume_data_written_as_another_path_to_the_same_folder(run, data, tmp_path, monkeypatch):
@@ -405,3 +406,17 @@ def test_init_from_a_run_without_best_takes_its_last(data, tmp_path):
     assert not (tmp_path / "early" / "best").exists()
     plan = plan_run(tmp_path / "ft", data=data, init_from=tmp_path / "early")
     assert plan.init_from == (tmp_path / "early" / "last").resolve() and plan.init_from.name == "step-000003"
+    assert plan.out == tmp_path / "ft" and plan.data.directory == data
+
+
+def test_resume_and_init_from_refuse_an_unknown_key_in_one_line(data, tmp_path):
+    run = _saved_run(tmp_path / "run", data)
+    toml = tmp_path / "typo.toml"
+    toml.write_text("[model]\nn_layers = 3\n")  # a typo of n_layer
+    for kw in (dict(resume=True), dict(init_from=run, data=data)):
+        out = run if "resume" in kw else tmp_path / "ft"
+        with pytest.raises(ConfigError) as e:
+            plan_run(out, sets=["model.nonsense=1"], **kw)
+        assert str(e.value).startswith("unknown GPTConfig key 'nonsense'; known keys: vocab_size, ")
+        with pytest.raises(ConfigError, match="^unknown GPTConfig key 'n_layers'"):
+            plan_run(out, config_file=toml, **kw)
