@@ -420,3 +420,19 @@ def test_resume_and_init_from_refuse_an_unknown_key_in_one_line(data, tmp_path):
         assert str(e.value).startswith("unknown GPTConfig key 'nonsense'; known keys: vocab_size, ")
         with pytest.raises(ConfigError, match="^unknown GPTConfig key 'n_layers'"):
             plan_run(out, config_file=toml, **kw)
+
+
+def test_resume_refuses_the_runs_own_data_folder_prepared_again_with_other_characters(data, tmp_path):
+    import shutil
+
+    own = tmp_path / "data"
+    shutil.copytree(data, own)
+    run = _saved_run(tmp_path / "run", own)
+    (tmp_path / "other.txt").write_text("zyx wvu\n" * 400, encoding="utf-8")
+    prepare(out=own, text=tmp_path / "other.txt", tokenizer="char", force=True)  # the same folder, prepared again
+    tok = PreparedData(own).tokenizer
+    with pytest.raises(GPTSmallError) as e:
+        plan_run(run, resume=True)
+    assert str(e.value) == (f"--resume: the run's data {own} was prepared with another tokenizer (char, vocab "
+                            f"{tok.vocab_size}) than the checkpoint {(run / 'last').resolve()}; resume on the run's "
+                            "data or start a new run")
