@@ -156,3 +156,10 @@ def test_init_from_refuses_a_preset(trained, verse_data, tmp_path):
     with pytest.raises(GPTSmallError) as e:
         plan_run(tmp_path / "ft", data=verse_data, init_from=trained, preset="tiny")
     assert str(e.value) == "--preset does not apply with --init-from: the model comes from the checkpoint"
+
+
+def test_the_python_api_may_give_one_whole_config_and_the_other_is_the_default(verse_data, tmp_path):
+    vocab = PreparedData(verse_data).tokenizer.vocab_size
+    model = GPTConfig.from_preset("tiny", vocab_size=vocab, n_layer=3)
+    plan = plan_run(tmp_path / "r", data=verse_data, model=model)
+    assert plan.model == model and plan.train == TrainConfig()  # not the default preset's model
