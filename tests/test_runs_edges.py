@@ -436,3 +436,11 @@ def test_resume_refuses_the_runs_own_data_folder_prepared_again_with_other_chara
     assert str(e.value) == (f"--resume: the run's data {own} was prepared with another tokenizer (char, vocab "
                             f"{tok.vocab_size}) than the checkpoint {(run / 'last').resolve()}; resume on the run's "
                             "data or start a new run")
+
+
+def test_a_saved_config_without_its_train_section_is_refused_naming_it(data, tmp_path, capsys):
+    run = _saved_run(tmp_path / "run", data)
+    _rewrite_saved_config(run, train=...)
+    with pytest.raises(ConfigError) as e:
+        plan_run(run, resume=True)
+    assert str(e.value) == "the run's saved config is incomplete or damaged ('train'); start a new run"
