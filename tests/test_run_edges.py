@@ -163,3 +163,12 @@ def test_the_python_api_may_give_one_whole_config_and_the_other_is_the_default(v
     model = GPTConfig.from_preset("tiny", vocab_size=vocab, n_layer=3)
     plan = plan_run(tmp_path / "r", data=verse_data, model=model)
     assert plan.model == model and plan.train == TrainConfig()  # not the default preset's model
+
+
+def test_the_first_refusals_of_a_plan_in_their_exact_words(tmp_path):
+    with pytest.raises(GPTSmallError) as e:
+        plan_run(tmp_path / "r", resume=True, init_from=tmp_path / "other")
+    assert str(e.value) == "--init-from starts a new run; leave it out with --resume (the run holds its weights)"
+    with pytest.raises(GPTSmallError) as e:
+        plan_run(tmp_path / "r")
+    assert str(e.value) == "--data is required (the folder made by `gpt-small prepare`)"
