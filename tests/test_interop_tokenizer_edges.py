@@ -37,9 +37,11 @@ def _kinds():
     }
 
 
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
+@pytest.fixture
+def loaded(tmp_path):
+    # per test, not per module: a mutation tool that runs only the tests reaching a function must
+    # see every test that writes the files reach the writer
+    root = tmp_path
     return {name: (tok, _load(tok, root / name)) for name, tok in _kinds().items()}
 
 
