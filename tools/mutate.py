@@ -226,6 +226,9 @@ def run_module(module: str, *, max_children: int, equivalents: list[Equivalent],
         codes = state.get("exit_code_by_key", {})
         state["exit_code_by_key"] = {k: (v if STATUS.get(v) == KILLED else None) for k, v in codes.items()}
         meta.write_text(json.dumps(state))
+        # mutmut re-maps functions to the tests that reach them only when test names change; a test
+        # that now reaches a function under the same name (a fixture made per test) must count
+        (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     log_path = log_dir / f"{work.name}.log"
     with open(log_path, "w") as log:
         _mutmut(work, "run", "--max-children", str(max_children), log=log)
