@@ -72,13 +72,14 @@ def test_char_unknown_is_named_fffd_unless_fffd_is_a_character(loaded):
     assert ours2.unk_id not in ids and hf2("<unk>")["input_ids"] == ids and hf2.decode(ids) == "<unk>"
 
 
-def test_only_gpt2_declares_an_end_of_text_token(loaded):
+def test_only_gpt2_declares_an_end_of_text_token(loaded, tmp_path):
     _, hf = loaded["gpt2"]
     assert (hf.eos_token, hf.eos_token_id, hf.bos_token, hf.bos_token_id) == ("<|endoftext|>", 50256,
                                                                               "<|endoftext|>", 50256)
     assert hf("<|endoftext|>")["input_ids"] == gpt2_tokenizer().encode("<|endoftext|>") != [50256]
     assert hf.decode([50256]) == "<|endoftext|>"
-    spec = json.loads(hf.backend_tokenizer.to_str())
+    # in tokenizer.json itself (llama.cpp's converter reads it), not only as transformers adds it on load
+    spec = json.loads((tmp_path / "gpt2" / "tokenizer.json").read_text(encoding="utf-8"))
     declared = [t for t in spec["added_tokens"] if t["content"] == "<|endoftext|>"]
     assert len(declared) == 1 and declared[0]["id"] == 50256 and declared[0]["special"]
     for name in ("char", "char-with-fffd", "bpe"):
