@@ -143,3 +143,86 @@ def test_the_run_folder_reads_back_its_own_files(tmp_path):
     with pytest.raises(GPTSmallError, match=r"run_config\.json: field 'data'") as e:
         read_run_config(tmp_path)
     assert "\n" not in str(e.value)
+
+# ---------------------------------------------------------------- a run that cannot start
+# (docs/reliability.md: a size that cannot fit is refused before the work; config.py: max_steps 0
+# needs a max_time; a split must hold one window of block_size + 1 tokens)
+
+def _short_data(folder: Path) -> Path:
+    """A char data folder whose training split is shorter than its validation split."""
+    from gpt_small.data import prepare
+
+    folder.mkdir()
+    (folder / "t.txt").write_text("the sea at night is wide and dark\n" + "so still the wide sea lies tonight\n" * 3)
+    prepare(out=folder / "data", text=folder / "t.txt", tokenizer="char", val_fraction=0.75)
+    return folder / "data"
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_a_split_of_exactly_one_window_is_enough_and_one_token_less_is_refused(split, verse_data, tmp_path):
+    data = verse_data if split == "validation" else _short_data(tmp_path / "short")
+    d = PreparedData(data)
+    n = min(len(d.train), len(d.val))
+    assert len(d.val if split == "validation" else d.train) == n and len(d.train) != len(d.val)
+    plan = plan_run(tmp_path / "r", data=data, preset="tiny", sets=[f"block_size={n - 1}", "batch_size=1"])
+    assert plan.model.block_size == n - 1  # n tokens: exactly one window of block_size + 1
+    with pytest.raises(GPTSmallError) as e:
+        plan_run(tmp_path / "r", data=data, preset="tiny", sets=[f"block_size={n}", "batch_size=1"])
+    assert str(e.value) == (f"the {split} split has {n} tokens, fewer than one window of block_size + 1 = {n + 1}; "
+                            "use a smaller block_size or more text")
+
+
+def test_a_run_needs_a_step_or_time_limit_and_the_datas_vocabulary(verse_data, tmp_path):
+    with pytest.raises(GPTSmallError) as e:
+        plan_run(tmp_path / "r", data=verse_data, preset="tiny", sets=["max_steps=0"])
+    assert str(e.value) == "max_steps 0 (no step limit) needs a max_time (--max-time) to end the run"
+    plan = plan_run(tmp_path / "r", data=verse_data, preset="tiny", sets=["max_steps=0", "max_time=60"])
+    assert (plan.train.max_steps, plan.train.max_time, plan.out, plan.kind) == (0, 60.0, tmp_path / "r", "fresh")
+    assert plan_run(tmp_path / "r", data=verse_data, preset="tiny", sets=["max_steps=3"]).train.max_time == 0.0
+    vocab = PreparedData(verse_data).tokenizer.vocab_size
+    with pytest.raises(GPTSmallError) as e:
+        plan_run(tmp_path / "r", data=verse_data, preset="tiny", sets=[f"vocab_size={vocab + 1}"])
+    assert str(e.value) == f"the model's vocab_size {vocab + 1} differs from the data's tokenizer ({vocab})"
+
+
+def test_the_memory_check_counts_four_copies_of_the_weights_and_one_batch(verse_data, tmp_path, monkeypatch):
+    from gpt_small import limits
+    from gpt_small.config import ConfigError
+
+    sets = ["batch_size=3", "block_size=48", "n_layer=3", "n_embd=64", "mlp_ratio=3"]
+    plan = plan_run(tmp_path / "r", data=verse_data, preset="tiny", sets=sets)
+    m = plan.model
+    # weights, gradients and AdamW's two moments, plus one micro-batch's activations
+    need = limits.model_bytes(m.num_params(), training=True) + limits.activation_bytes(
+        batch_size=3, block_size=48, n_layer=3, n_embd=64, mlp_ratio=3, vocab_size=m.vocab_size)
+    assert need > 4 * 4 * m.num_params()
+    monkeypatch.setattr(limits, "available_memory", lambda: need)  # exactly enough: accepted
+    assert plan_run(tmp_path / "r", data=verse_data, preset="tiny", sets=sets).model == m
+    monkeypatch.setattr(limits, "available_memory", lambda: need - 1)
+    with pytest.raises(ConfigError) as e:
+        plan_run(tmp_path / "r", data=verse_data, preset="tiny", sets=sets)
+    assert str(e.value).startswith(f"training a model of {m.num_params():,} parameters at batch_size 3 x block_size 48 "
+                                   "needs ~0.0 GiB of memory; this machine has 0.0 GiB available")
+    assert not (tmp_path / "r").exists()
+
+
+def test_init_from_refuses_a_preset(trained, verse_data, tmp_path):
+    with pytest.raises(GPTSmallError) as e:
+        plan_run(tmp_path / "ft", data=verse_data, init_from=trained, preset="tiny")
+    assert str(e.value) == "--preset does not apply with --init-from: the model comes from the checkpoint"
+
+
+def test_the_python_api_may_give_one_whole_config_and_the_other_is_the_default(verse_data, tmp_path):
+    vocab = PreparedData(verse_data).tokenizer.vocab_size
+    model = GPTConfig.from_preset("tiny", vocab_size=vocab, n_layer=3)
+    plan = plan_run(tmp_path / "r", data=verse_data, model=model)
+    assert plan.model == model and plan.train == TrainConfig()  # not the default preset's model
+
+
+def test_the_first_refusals_of_a_plan_in_their_exact_words(tmp_path):
+    with pytest.raises(GPTSmallError) as e:
+        plan_run(tmp_path / "r", resume=True, init_from=tmp_path / "other")
+    assert str(e.value) == "--init-from starts a new run; leave it out with --resume (the run holds its weights)"
+    with pytest.raises(GPTSmallError) as e:
+        plan_run(tmp_path / "r")
+    assert str(e.value) == "--data is required (the folder made by `gpt-small prepare`)"

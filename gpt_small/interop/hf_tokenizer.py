@@ -6,7 +6,9 @@ tokenizer gives exactly the ids of ours, and decodes them to the same text.
   char  a WordLevel model over the vocabulary, behind a pre-tokenizer that cuts every code point
         apart (regex `[\\s\\S]`), and a Fuse decoder that joins them again. The unknown id is named
         U+FFFD, the character ours decodes it to (or `<unk>` where U+FFFD is itself in the
-        vocabulary). Characters are never special tokens, so `<unk>` in a text stays 5 characters.
+        vocabulary: a vocabulary maps one name to one id; the decoder then writes that `<unk>` back
+        as U+FFFD, as ours decodes it). Characters are never special tokens, so `<unk>` in a text
+        stays 5 characters.
   bpe   our tokenizer.json is already the `tokenizers` JSON: written as it is.
   gpt2  the byte-level BPE built from GPT-2's tables. `<|endoftext|>` (50256) is declared the EOS
         token (and BOS, as GPT-2's own files do), so that transformers and llama.cpp stop there;
@@ -49,12 +51,16 @@ def tokenizer_json(tok: Tokenizer) -> dict[str, Any]:
         unk = char_unk_name(tok)
         vocab = {c: i for i, c in enumerate(tok.chars)}
         vocab[unk] = tok.unk_id
+        decoder: dict[str, Any] = {"type": "Fuse"}
+        if unk != UNK_NAME:  # each token is replaced alone, so the 5 characters "<unk>" of a text stay
+            decoder = {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": unk}, "content": UNK_NAME}, decoder]}
         return {
             "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
             "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated",
                               "invert": False},
             "post_processor": None,
-            "decoder": {"type": "Fuse"},
+            "decoder": decoder,
             "model": {"type": "WordLevel", "vocab": vocab, "unk_token": unk},
         }
     if isinstance(tok, ByteLevelTokenizer):
