@@ -73,8 +73,14 @@ MODULE_TESTS: dict[str, list[str]] = {
     "gpt_small/interop/hf_tokenizer.py": ["tests/test_interop_import.py", "tests/test_interop_finetune.py"],
     "gpt_small/interop/model_card.py": ["tests/test_interop_export.py", "tests/test_interop_runtimes.py"],
     "gpt_small/interop/trackers.py": ["tests/test_interop_finetune.py"],
-    "gpt_small/serve/protocol.py": ["tests/test_limits_table.py", "tests/test_serve_api.py", "tests/test_serve_limits.py",
-                                    "tests/test_serve_chat.py"],
+    "gpt_small/serve/protocol.py": ["tests/test_serve_refusals.py", "tests/test_limits_table.py", "tests/test_serve_api.py",
+                                    "tests/test_serve_limits.py", "tests/test_serve_chat.py"],
+    "gpt_small/serve/guard.py": ["tests/test_serve_guard.py", "tests/test_serve_limits.py::test_host_check_and_json_only"],
+    "gpt_small/serve/connections.py": ["tests/test_serve_connections.py", "tests/test_serve_limits.py"],
+    "gpt_small/serve/responses.py": ["tests/test_serve_api.py", "tests/test_serve_chat.py"],
+    "gpt_small/serve/app.py": ["tests/test_serve_auth.py", "tests/test_serve_api.py", "tests/test_serve_chat.py",
+                               "tests/test_serve_engine.py"],
+    "gpt_small/serve/forms.py": ["tests/test_serve_forms.py"],
     "gpt_small/serve/engine.py": ["tests/test_serve_engine.py"],
 }
 
