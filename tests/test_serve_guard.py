@@ -93,6 +93,9 @@ def head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
     ({"method": "POST", "path": "/v1/poem", "raw_path": b"/v1/poem", "query_string": b"a=1&b=22",
       "http_version": "1.1", "headers": [(b"host", b"x"), (b"content-type", b"application/json")]},
      head("POST", "/v1/poem?a=1&b=22", [("host", "x"), ("content-type", "application/json")])),
+    # the target as sent (raw_path), not as decoded (path)
+    ({"method": "GET", "path": "/v1/models/a/b", "raw_path": b"/v1/models/a%2Fb", "http_version": "1.0",
+      "headers": [(b"host", b"x")]}, head("GET", "/v1/models/a%2Fb", [("host", "x")])),
     # ASGI makes raw_path and http_version optional: the path and HTTP/1.1 stand in
     ({"method": "GET", "path": "/v1/models/é", "query_string": b"", "headers": []},
      head("GET", "/v1/models/%C3%A9", [])),
