@@ -147,6 +147,8 @@ REFUSED = [
      400, 'logit_bias', 'logit_bias: is not supported by this server'),
     ("/v1/chat/completions", {**CH, "frequency_penalty": 1},
      400, 'frequency_penalty', 'frequency_penalty: only 0 is supported; see repetition_penalty'),
+    ("/v1/chat/completions", {**CH, "messages": [{"role": "system", "content": "x"}] * 256 + CH["messages"]},
+     400, 'messages', 'messages: 257 messages, more than the limit of 256'),
     ("/v1/chat/completions", {**CH, "messages": []},
      400, 'messages', 'messages: expected a non-empty list of messages'),
     ("/v1/chat/completions", {**CH, "messages": "hi"},
