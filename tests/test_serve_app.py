@@ -162,3 +162,15 @@ def test_busy_and_draining_answers_in_openais_shape(model_tok):
             "type": "server_error", "param": None, "code": "service_unavailable"}
         app.state.draining = False
         assert c.post("/v1/poem", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+
+
+def test_the_drain_time_is_the_documented_one():
+    import inspect
+    from pathlib import Path
+
+    from gpt_small.serve.server import make_server, serve
+
+    docs = " ".join((Path(__file__).resolve().parents[1] / "docs" / "serve.md").read_text().split())
+    default = inspect.signature(serve).parameters["drain_seconds"].default
+    assert default == inspect.signature(make_server).parameters["drain_seconds"].default
+    assert f"lets open requests (streams included) finish for up to {default:g} s" in docs
