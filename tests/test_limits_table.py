@@ -68,6 +68,10 @@ class Field:
     hi: Any
     above: Any  # the first refused value over hi
     doc: str | None = None  # how docs/serve.md states it, formatted with l=Limits(), p=protocol, b=limits.py
+    also: dict[str, Any] | None = None  # fields the request needs beside this one (top_logprobs: logprobs)
+
+    def body(self, value: Any) -> dict[str, Any]:
+        return {**(self.also or {}), self.name: value}
 
 
 def L(name: str, plus: int = 0) -> Callable[[Limits], Any]:
@@ -88,6 +92,7 @@ def down(v: Any) -> Any:
 
 
 TINY = math.nextafter(0.0, 1.0)  # the smallest positive float: the edge of an interval open at 0
+TOP = lambda limits: limits.http.max_top_logprobs  # noqa: E731
 
 
 def _sampling_fields(route: str, temperature: float, doc: str | None) -> list[Field]:
@@ -122,6 +127,20 @@ FIELDS = [
     *_sampling_fields("/v1/poem", bounds.DEFAULT_TEMPERATURE,
                       "`temperature` defaults to {p.OPENAI_TEMPERATURE:g} on `/v1/completions`, as OpenAI's, "
                       "and {b.DEFAULT_TEMPERATURE:g} on `/v1/poem`"),
+    Field("/v1/completions", "logprobs", "logprobs", None, 0, -1, TOP, up(TOP),
+          "`logprobs: N` (0 to {l.http.max_top_logprobs})"),
+    # chat: OpenAI's defaults, its newer max_completion_tokens beside the older max_tokens
+    Field("/v1/chat/completions", "max_completion_tokens", "max_tokens", L("max_new_tokens"), 1, 0, L("max_new_tokens"),
+          L("max_new_tokens", 1), "`max_completion_tokens` (or the older `max_tokens`; default and maximum "
+                                  "`--max-new-tokens`)"),
+    Field("/v1/chat/completions", "max_tokens", "max_tokens", L("max_new_tokens"), 1, 0, L("max_new_tokens"),
+          L("max_new_tokens", 1)),
+    Field("/v1/chat/completions", "n", "n", 1, 1, 0, L("max_n"), L("max_n", 1)),
+    *_sampling_fields("/v1/chat/completions", protocol.OPENAI_TEMPERATURE, None),
+    Field("/v1/chat/completions", "presence_penalty", None, 0.0, 0.0, down(-2.0), 0.0, up(2.0)),
+    Field("/v1/chat/completions", "frequency_penalty", None, 0.0, 0.0, down(-2.0), 0.0, up(2.0)),
+    Field("/v1/chat/completions", "top_logprobs", "logprobs", 0, 0, -1, TOP, up(TOP),
+          "`logprobs: true` with `top_logprobs` (0 to {l.http.max_top_logprobs}", also={"logprobs": True}),
 ]
 
 
@@ -161,19 +180,19 @@ SMALL = Limits(model_name=NAME, max_new_tokens=7, max_prompt_tokens=9, max_n=3)
 def test_request_field_default_and_edges(f):
     for limits in (SMALL, Limits(model_name=NAME)):
         if f.attr is not None:
-            assert _get(_decode(f.route, {}, limits), f.attr) == _value(f.default, limits)
-            assert _get(_decode(f.route, {f.name: None}, limits), f.attr) == _value(f.default, limits)
+            assert _get(_decode(f.route, f.also or {}, limits), f.attr) == _value(f.default, limits)
+            assert _get(_decode(f.route, f.body(None), limits), f.attr) == _value(f.default, limits)
         lo, hi = _value(f.lo, limits), _value(f.hi, limits)
         for v in (lo, hi):
-            req = _decode(f.route, {f.name: v}, limits)
+            req = _decode(f.route, f.body(v), limits)
             if f.attr is not None:
                 assert _get(req, f.attr) == v
         for v in (f.below, f.above):
             if v is not None:
-                _refused(f.route, {f.name: _value(v, limits)}, limits, f.name)
+                _refused(f.route, f.body(_value(v, limits)), limits, f.name)
         if isinstance(lo, int) and not isinstance(lo, bool):
-            _refused(f.route, {f.name: "1"}, limits, f.name)  # a string is not a number
-            _refused(f.route, {f.name: True}, limits, f.name)  # nor is a bool
+            _refused(f.route, f.body("1"), limits, f.name)  # a string is not a number
+            _refused(f.route, f.body(True), limits, f.name)  # nor is a bool
     if f.doc:
         assert _doc(f.doc) in DOCS, f"docs/serve.md no longer says {_doc(f.doc)!r}"
 
@@ -395,7 +414,7 @@ def test_http_refuses_at_the_edges_with_the_field_named():
         for f in FIELDS:
             for v in (f.below, f.above):
                 if v is not None:
-                    r = post(f.route, {f.name: _value(v, limits)})
+                    r = post(f.route, f.body(_value(v, limits)))
                     assert r.status_code == 400 and r.json()["error"]["param"] == f.name, (f, r.text)
         # the last accepted values of the server's limits, generated for real
         r = post("/v1/completions", {"prompt": "a" * limits.max_prompt_tokens, "max_tokens": limits.max_new_tokens,

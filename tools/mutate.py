@@ -97,8 +97,14 @@ MODULE_TESTS: dict[str, list[str]] = {
                                         *(f"tests/test_interop_runtimes.py::{t}" for t in _RUNTIME_TESTS
                                           if "card" in t or "past_the_context" in t)],
     "gpt_small/interop/trackers.py": ["tests/test_interop_finetune.py"],
-    "gpt_small/serve/protocol.py": ["tests/test_limits_table.py", "tests/test_serve_api.py", "tests/test_serve_limits.py",
-                                    "tests/test_serve_chat.py"],
+    "gpt_small/serve/protocol.py": ["tests/test_serve_refusals.py", "tests/test_limits_table.py", "tests/test_serve_api.py",
+                                    "tests/test_serve_limits.py", "tests/test_serve_chat.py"],
+    "gpt_small/serve/guard.py": ["tests/test_serve_guard.py", "tests/test_serve_limits.py::test_host_check_and_json_only"],
+    "gpt_small/serve/connections.py": ["tests/test_serve_connections.py", "tests/test_serve_limits.py"],
+    "gpt_small/serve/responses.py": ["tests/test_serve_responses.py", "tests/test_serve_api.py", "tests/test_serve_chat.py"],
+    "gpt_small/serve/app.py": ["tests/test_serve_app.py", "tests/test_serve_auth.py", "tests/test_serve_api.py",
+                               "tests/test_serve_chat.py", "tests/test_serve_engine.py"],
+    "gpt_small/serve/forms.py": ["tests/test_serve_forms.py"],
     "gpt_small/serve/engine.py": ["tests/test_serve_engine.py"],
 }
 

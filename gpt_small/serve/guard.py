@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import quote
 
 from .protocol import HTTP_LIMITS, ApiError, HttpLimits
 
@@ -44,6 +45,16 @@ def host_name(header: str) -> str:
     return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
 
+def request_head_bytes(scope: dict) -> int:
+    """The request line and header lines as they came on the wire (`GET /p?q HTTP/1.1`, `name: value`,
+    each with its CRLF), the size `max_header_bytes` bounds."""
+    target = len(scope.get("raw_path") or quote(scope["path"]))  # ASGI: raw_path may be missing
+    if scope.get("query_string"):
+        target += 1 + len(scope["query_string"])
+    line = len(scope["method"]) + 1 + target + len(" HTTP/") + len(scope.get("http_version", "1.1")) + 2
+    return line + sum(len(k) + 2 + len(v) + 2 for k, v in scope["headers"])
+
+
 class Guard:
     """ASGI middleware; see the module docstring."""
 
@@ -59,9 +70,9 @@ class Guard:
         await self.app(scope, receive, send)
 
     def check(self, scope: dict) -> ApiError | None:
-        size = sum(len(k) + len(v) + 4 for k, v in scope["headers"])  # h11 bounds only headers still arriving
+        size = request_head_bytes(scope)  # h11 bounds only headers still arriving
         if size > self.http.max_header_bytes:
-            return ApiError(431, f"the request's headers are larger than {self.http.max_header_bytes} bytes",
+            return ApiError(431, f"the request's line and headers are larger than {self.http.max_header_bytes} bytes",
                             code="headers_too_large")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.allowed is not None and host_name(headers.get("host", "")) not in self.allowed:

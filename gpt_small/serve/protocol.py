@@ -147,12 +147,12 @@ def parse_json(body: bytes, http: HttpLimits = HTTP_LIMITS) -> dict[str, Any]:
                 raise _BadNumber(f"a number of {len(text)} characters (at most {http.max_number_chars})")
             v = kind(text)
             if isinstance(v, float) and not math.isfinite(v):
-                raise _BadNumber(f"{text} does not fit a 64-bit float")
+                raise _BadNumber(f"{text}, which does not fit a 64-bit float")
             return v
         return parse
 
     def constant(text: str) -> Any:
-        raise _BadNumber(f"{text} is not a JSON number")
+        raise _BadNumber(f"{text}, which is not a JSON number")
 
     try:
         d = json.loads(body, parse_int=number(int), parse_float=number(float), parse_constant=constant)
@@ -210,12 +210,12 @@ def _float(d: dict, name: str, default: float | None, lo: float, hi: float, lo_o
     return float(v)
 
 
-def _bool(d: dict, name: str, default: bool) -> bool:
+def _bool(d: dict, name: str, default: bool, param: str | None = None) -> bool:
     v = d.get(name)
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise _bad(name, f"expected true or false, got {json.dumps(v)[:40]}")
+        raise _bad(param or name, f"expected true or false, got {json.dumps(v)[:40]}")
     return v
 
 
@@ -330,7 +330,8 @@ def include_usage(d: dict[str, Any], stream: bool) -> bool:
     opts = d.get("stream_options")
     if opts is not None and not (isinstance(opts, dict) and set(opts) <= {"include_usage"}):
         raise _bad("stream_options", "expected an object with include_usage")
-    return stream and _bool(opts or {}, "include_usage", False)
+    usage = _bool(opts or {}, "include_usage", False, param="stream_options.include_usage")
+    return stream and usage
 
 
 _POEM_FIELDS = {"model", "prompt", "lines", "stanzas", "temperature", "top_k", "top_p", "repetition_penalty",
@@ -396,9 +397,11 @@ def _message(i: int, m: Any) -> dict[str, str]:
     content = m.get("content")
     if isinstance(content, list):  # content parts: text only
         for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                kind = part.get("type") if isinstance(part, dict) else None
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
                 raise _bad(f"{param}.content", f"only text parts are supported, got {json.dumps(kind)[:40]}")
+            if not isinstance(part.get("text"), str):
+                raise _bad(f"{param}.content", "a text part's text must be a string")
         content = "".join(part["text"] for part in content)
     if not isinstance(content, str):
         raise _bad(f"{param}.content", "expected a string or a list of text parts")
