@@ -8,6 +8,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -81,3 +82,17 @@ def live_server(checkpoint: Path, *args: str, timeout: float = 60.0, banner: lis
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def closed_within(s: socket.socket, seconds: float) -> bytes | None:
+    """What the server sent before closing s, or None if s is still open after `seconds`."""
+    s.settimeout(seconds)
+    got = b""
+    try:
+        while chunk := s.recv(4096):
+            got += chunk
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return got

@@ -128,7 +128,7 @@ def test_tokenizer_files_that_are_not_gpt2s_or_unreadable_are_refused(hf, tmp_pa
     assert _error(import_gpt2, folder, tmp_path / "run") == (
         f"the tokenizer in {folder} is not GPT-2's; gpt-small imports GPT-2 models with GPT-2's tokenizer only")
     (folder / "vocab.json").write_text("{not json", encoding="utf-8")
-    assert _error(import_gpt2, folder, tmp_path / "run").startswith(f"{folder / 'vocab.json'} is unreadable: ")
+    assert _error(import_gpt2, folder, tmp_path / "run").startswith(f"cannot read {folder / 'vocab.json'}: not valid JSON")
     (folder / "tokenizer.json").write_text("{not json", encoding="utf-8")  # tokenizer.json is read first
     assert _error(import_gpt2, folder, tmp_path / "run").startswith(f"{folder / 'tokenizer.json'} is unreadable: ")
     assert not (tmp_path / "run").exists()

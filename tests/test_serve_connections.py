@@ -21,7 +21,7 @@ pytest.importorskip("uvicorn")
 from gpt_small.serve import create_app  # noqa: E402
 from gpt_small.serve.protocol import HttpLimits  # noqa: E402
 from gpt_small.serve.server import make_server  # noqa: E402
-from serve_util import make_model  # noqa: E402
+from serve_util import closed_within, make_model  # noqa: E402
 
 NAME = "tiny-poet"
 BODY = json.dumps({"model": NAME, "prompt": "a", "max_tokens": 1}).encode()
@@ -62,20 +62,6 @@ def serving(model_tok, http: HttpLimits):
             s.close()
         server.should_exit = True
         thread.join(30)
-
-
-def closed_within(s: socket.socket, seconds: float) -> bytes | None:
-    """What the server sent before closing s, or None if s is still open after `seconds`."""
-    s.settimeout(seconds)
-    got = b""
-    try:
-        while chunk := s.recv(4096):
-            got += chunk
-    except TimeoutError:
-        return None
-    except ConnectionResetError:
-        pass
-    return got
 
 
 def answered(s: socket.socket) -> bytes:

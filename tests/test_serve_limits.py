@@ -26,6 +26,7 @@ from gpt_small.serve import create_app  # noqa: E402
 from gpt_small.serve.guard import LOOPBACK_HOSTS  # noqa: E402
 from gpt_small.serve.protocol import HTTP_LIMITS, HttpLimits, Limits  # noqa: E402
 from gpt_small.serve.server import make_server  # noqa: E402
+from serve_util import closed_within  # noqa: E402
 from tests.test_fuzz import assert_one_line, run  # noqa: E402
 
 NAME = "tiny-poet"
@@ -254,20 +255,6 @@ def live(model_tok):
     yield sock.getsockname()
     server.should_exit = True
     thread.join(30)
-
-
-def closed_within(s: socket.socket, seconds: float) -> bytes | None:
-    """What the server sent before closing s, or None if s is still open after `seconds`."""
-    s.settimeout(seconds)
-    got = b""
-    try:
-        while chunk := s.recv(4096):
-            got += chunk
-    except TimeoutError:
-        return None
-    except ConnectionResetError:
-        pass
-    return got
 
 
 def test_idle_sockets_cannot_lock_out_a_client(live):
