@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -96,3 +97,25 @@ def closed_within(s: socket.socket, seconds: float) -> bytes | None:
     except ConnectionResetError:
         pass
     return got
+
+
+@contextmanager
+def uvicorn_thread(app, limits, drain_seconds: float):
+    """uvicorn serving `app` with these HttpLimits on a free loopback port, in a thread of this
+    process (the server's own connection handling, no subprocess); yields (host, port)."""
+    from gpt_small.serve.server import make_server
+
+    server = make_server(app, drain_seconds=drain_seconds, limits=limits)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield sock.getsockname()
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import socket
-import threading
 import time
 from contextlib import contextmanager
 
@@ -20,8 +19,7 @@ pytest.importorskip("uvicorn")
 
 from gpt_small.serve import create_app  # noqa: E402
 from gpt_small.serve.protocol import HttpLimits  # noqa: E402
-from gpt_small.serve.server import make_server  # noqa: E402
-from serve_util import closed_within, make_model  # noqa: E402
+from serve_util import closed_within, make_model, uvicorn_thread  # noqa: E402
 
 NAME = "tiny-poet"
 BODY = json.dumps({"model": NAME, "prompt": "a", "max_tokens": 1}).encode()
@@ -38,30 +36,19 @@ def model_tok():
 def serving(model_tok, http: HttpLimits):
     model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
     app = create_app(model=model, tokenizer=tok, model_name=NAME, max_new_tokens=2, http=http)
-    server = make_server(app, drain_seconds=2, limits=http)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
     opened: list[socket.socket] = []
+    with uvicorn_thread(app, http, drain_seconds=2) as address:
+        def connect() -> socket.socket:
+            s = socket.create_connection(address)
+            opened.append(s)
+            time.sleep(0.05)  # accepted and timestamped in this order
+            return s
 
-    def connect() -> socket.socket:
-        s = socket.create_connection(sock.getsockname())
-        opened.append(s)
-        time.sleep(0.05)  # accepted and timestamped in this order
-        return s
-
-    try:
-        yield connect
-    finally:
-        for s in opened:
-            s.close()
-        server.should_exit = True
-        thread.join(30)
+        try:
+            yield connect
+        finally:
+            for s in opened:
+                s.close()
 
 
 def answered(s: socket.socket) -> bytes:

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -25,8 +24,7 @@ from gpt_small import limits as bounds  # noqa: E402
 from gpt_small.serve import create_app  # noqa: E402
 from gpt_small.serve.guard import LOOPBACK_HOSTS  # noqa: E402
 from gpt_small.serve.protocol import HTTP_LIMITS, HttpLimits, Limits  # noqa: E402
-from gpt_small.serve.server import make_server  # noqa: E402
-from serve_util import closed_within  # noqa: E402
+from serve_util import closed_within, uvicorn_thread  # noqa: E402
 from tests.test_fuzz import assert_one_line, run  # noqa: E402
 
 NAME = "tiny-poet"
@@ -243,18 +241,8 @@ def live(model_tok):
     """uvicorn on a free loopback port, with SMALL's connection limits; yields (host, port)."""
     model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
     app = create_app(model=model, tokenizer=tok, model_name=NAME, max_new_tokens=4, http=SMALL)
-    server = make_server(app, drain_seconds=5, limits=SMALL)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield sock.getsockname()
-    server.should_exit = True
-    thread.join(30)
+    with uvicorn_thread(app, SMALL, drain_seconds=5) as address:
+        yield address
 
 
 def test_idle_sockets_cannot_lock_out_a_client(live):
