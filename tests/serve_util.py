@@ -119,3 +119,20 @@ def uvicorn_thread(app, limits, drain_seconds: float):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@contextmanager
+def failing_decode_steps(app):
+    """Within the block, every decoding step of the app's engine raises (a failure injected into
+    the decode loop, as a bug would raise there); the real step is back afterwards."""
+    engine = app.state.engine
+    real = engine._step
+
+    def boom():
+        raise RuntimeError("injected")
+
+    engine._step = boom
+    try:
+        yield
+    finally:
+        engine._step = real

@@ -7,7 +7,6 @@ on."""
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import re
 import time
@@ -20,7 +19,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from gpt_small.serve import app as app_module  # noqa: E402
 from gpt_small.serve import create_app  # noqa: E402
-from serve_util import make_model  # noqa: E402
+from serve_util import failing_decode_steps, make_model, sse_events  # noqa: E402
 
 NAME = "tiny-poet"
 
@@ -103,23 +102,11 @@ def test_unknown_routes_and_methods_in_openais_shape(client):
         "code": "model_not_found"}
 
 
-def sse_events(text: str) -> list:
-    assert text.endswith("data: [DONE]\n\n"), text[-200:]
-    return [json.loads(e[6:]) for e in [e for e in text.split("\n\n") if e][:-1]]
-
-
 def test_a_failed_decode_step_reaches_a_poem_client_and_the_server_goes_on(model_tok, caplog):
     model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
     app = create_app(model=model, tokenizer=tok, model_name=NAME)
     with TestClient(app, raise_server_exceptions=False) as c:
-        engine = app.state.engine
-        real = engine._step
-
-        def boom():
-            raise RuntimeError("injected")
-
-        engine._step = boom
-        try:
+        with failing_decode_steps(app):
             r = c.post("/v1/poem", json={"prompt": "a", "max_tokens": 5, "stream": True})
             assert r.status_code == 200
             events = sse_events(r.text)
@@ -135,8 +122,6 @@ def test_a_failed_decode_step_reaches_a_poem_client_and_the_server_goes_on(model
             assert len(logged) == 1 and re.fullmatch(r"POST /v1/poem 500 tokens=0 ms=\d+", logged[0]), logged
             assert r.json() == {"error": {"message": "internal error (logged by the server)", "type": "server_error",
                                           "param": None, "code": None}}
-        finally:
-            engine._step = real
         r = c.post("/v1/poem", json={"prompt": "a", "max_tokens": 3, "stream": True})
         events = sse_events(r.text)
         assert events[-1]["done"] is True and events[-1]["finish_reason"] == "length"

@@ -17,7 +17,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from gpt_small.serve import create_app  # noqa: E402
 from gpt_small.serve.protocol import _CHAT_FIELDS, _COMPLETION_FIELDS, _POEM_FIELDS, chat_prompt  # noqa: E402
-from serve_util import NAME, sse_events  # noqa: E402
+from serve_util import NAME, failing_decode_steps, sse_events  # noqa: E402
 
 
 def complete(client, prompt, **kw):
@@ -265,14 +265,7 @@ def test_a_failed_decode_step_ends_streams_with_an_error_event(model_tok):
     model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
     app = create_app(model=model, tokenizer=tok, model_name=NAME)
     with TestClient(app, raise_server_exceptions=False) as c:
-        engine = app.state.engine
-        real = engine._step
-
-        def boom():
-            raise RuntimeError("injected")
-
-        engine._step = boom
-        try:
+        with failing_decode_steps(app):
             for path, body in (("/v1/completions", {"prompt": "a"}),
                                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]})):
                 r = c.post(path, json={"model": NAME, "max_tokens": 5, "stream": True, **body})
@@ -280,8 +273,6 @@ def test_a_failed_decode_step_ends_streams_with_an_error_event(model_tok):
                 assert events[-1]["error"]["type"] == "server_error", events
                 r = c.post(path, json={"model": NAME, "max_tokens": 5, **body})
                 assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
-        finally:
-            engine._step = real
         assert c.post("/v1/completions", json={"model": NAME, "prompt": "a", "max_tokens": 3}).status_code == 200
 
 
