@@ -274,7 +274,7 @@ class Engine:
         B = self._step()
         # then the arrivals, and every row that needs a prefill (past the window, or new) prefilled
         # together, in batched forwards (_prefill)
-        fresh, twins = self._admit(admit)
+        twins = self._admit(admit)
         self._prefill(B, len(self._rows) - len(twins))
         for row in twins:  # the same prompt as an earlier arrival of this round: its row, copied
             first = row.twin
@@ -333,10 +333,11 @@ class Engine:
             self.counts["steps"] += 1
         return B
 
-    def _admit(self, seqs: list[Sequence]) -> tuple[list[_Row], list[_Row]]:
+    def _admit(self, seqs: list[Sequence]) -> list[_Row]:
         """Give each arrival a row after the live ones: those to prefill (shortest prompt first,
         so a batched prefill pads little), then those whose prompt an earlier arrival of this
-        round has (the `n` samples of one request), which copy its row: one prefill for all."""
+        round has (the `n` samples of one request), which copy its row: one prefill for all.
+        Returns those twins (the last rows)."""
         fresh: list[_Row] = []
         twins: list[_Row] = []
         first: dict[tuple[int, ...], _Row] = {}
@@ -355,7 +356,7 @@ class Engine:
                 fresh.append(row)
         fresh.sort(key=lambda r: r.T - r.start)
         self._rows += fresh + twins
-        return fresh, twins
+        return twins
 
     def _prefill(self, lo: int, hi: int) -> None:
         """Prefill rows lo..hi-1, each its tokens ids[start:T] at positions 0.., in batched forwards
