@@ -58,8 +58,7 @@ class Placement:
             last = input_pos[:, :1] + lengths[:, None] - 1
             self.pos = input_pos if min(self.lengths) == T else torch.minimum(input_pos, last)  # (B, T)
         self.end = max(s + n for s, n in zip(self.starts, self.lengths))  # 1 + the last position used
-        self.full = min(self.lengths) == T  # no padding
-        self.packed = not self.full  # the model runs padded rows packed into one (pack)
+        self.packed = min(self.lengths) < T  # padding: the model runs the rows packed into one (pack)
         if self.packed:
             self._real = torch.arange(T, device=input_pos.device)[None] < self._lengths[:, None]  # (B, T)
             self._offsets = [sum(self.lengths[:b]) for b in range(B)]  # row b's first token, packed
@@ -171,7 +170,7 @@ class ModelCache:
         """Keep each row's last `context` tokens after this forward (its real ones, not padding)."""
         B, k = idx.shape[0], self.history.shape[1]
         tokens = torch.cat((before, idx), dim=1)  # (B, context + T)
-        if where.full:
+        if not where.packed:  # no padding: every row's last tokens
             self.history[:B] = tokens[:, -k:]
         else:
             index = where._lengths[:, None] + torch.arange(k, device=idx.device)  # row b: tokens n_b..n_b+k-1
