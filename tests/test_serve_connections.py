@@ -59,7 +59,9 @@ def answered(s: socket.socket) -> bytes:
     s.settimeout(10)
     got = b""
     while b"\r\n\r\n" not in got:
-        got += s.recv(4096)
+        chunk = s.recv(4096)
+        assert chunk, f"the server closed the connection before answering: {got[:100]!r}"
+        got += chunk
     return got.split(b"\r\n", 1)[0]
 
 
