@@ -7,6 +7,7 @@ on."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import re
 import time
@@ -159,3 +160,164 @@ def test_the_drain_time_is_the_documented_one():
     default = inspect.signature(serve).parameters["drain_seconds"].default
     assert default == inspect.signature(make_server).parameters["drain_seconds"].default
     assert f"lets open requests (streams included) finish for up to {default:g} s" in docs
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_the_model_objects_name_the_weights_served_and_the_servers_start(model_tok, weights):
+    """`/v1/models` lists the one model object `/v1/models/{id}` returns: its `created` is when the
+    app was made (Unix seconds, as OpenAI's), its `weights` those being served, as `/healthz` says."""
+    from gpt_small.ops.quantize import convert_weights
+
+    model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
+    convert_weights(model, weights)
+    before = int(time.time())
+    app = create_app(model=model, tokenizer=tok, model_name=NAME)
+    after = int(time.time())
+    with TestClient(app) as c:
+        listed = c.get("/v1/models").json()
+        card = c.get(f"/v1/models/{NAME}").json()
+        health = c.get("/healthz").json()
+    assert listed == {"object": "list", "data": [card]}
+    assert card["id"] == NAME and card["weights"] == weights == health["weights"]
+    assert type(card["created"]) is int and before <= card["created"] <= after
+
+
+def test_any_other_http_error_keeps_its_status_and_reason_in_openais_shape():
+    """Starlette raises more than 404 and 405 (a static file it may not read is a 401): the handler
+    answers each in OpenAI's shape with the status, its standard reason and the exception's headers."""
+    import asyncio
+    from http import HTTPStatus
+
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+
+    request = Request({"type": "http", "method": "GET", "path": "/static/x", "headers": [], "query_string": b""})
+    for status, headers in ((401, None), (400, {"X-Why": "a"}), (416, {"Content-Range": "bytes */10"})):
+        r = asyncio.run(app_module.http_error(request, HTTPException(status, headers=headers)))
+        assert r.status_code == status
+        assert json.loads(r.body) == {"error": {"message": HTTPStatus(status).phrase, "type": "invalid_request_error", "param": None,
+                                                "code": None}}
+        assert {k: v for k, v in r.headers.items() if k not in ("content-length", "content-type")} == \
+            {k.lower(): v for k, v in (headers or {}).items()}
+
+
+SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
+               "x-accel-buffering": "no"}
+
+
+def streamed(client, path: str, body: dict) -> list[dict]:
+    """The events of a streamed request, after checking the headers every stream carries (no cache,
+    no proxy buffering)."""
+    r = client.post(path, json={**body, "stream": True})
+    assert r.status_code == 200, r.text
+    assert {k: r.headers.get(k) for k in SSE_HEADERS} == SSE_HEADERS
+    return sse_events(r.text)
+
+
+def one_header(chunks: list[dict], prefix: str, obj: str) -> None:
+    """Every chunk of a stream has the stream's one id (`prefix-`...), created time, model and object."""
+    assert len({(c["id"], c["created"]) for c in chunks}) == 1, chunks
+    assert chunks[0]["id"].startswith(prefix) and type(chunks[0]["created"]) is int
+    assert abs(chunks[0]["created"] - time.time()) < 60
+    assert {(c["model"], c["object"]) for c in chunks} == {(NAME, obj)}
+
+
+def joined(parts: list[dict | None], keys: tuple[str, ...]) -> dict:
+    """Per-chunk logprobs joined key by key (a key that is null in every chunk stays null)."""
+    parts = [p for p in parts if p is not None]
+    return {k: None if all(p[k] is None for p in parts) else [x for p in parts for x in p[k]] for k in keys}
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "The sea", "max_tokens": 8, "n": 2, "seed": 3, "echo": True},
+    {"prompt": "The sea", "max_tokens": 8, "n": 2, "seed": 3, "logprobs": 2, "stop": ["e", "\n"]},
+    {"prompt": ["Rain", "a"], "max_tokens": 6, "seed": 9, "logprobs": 0, "stream_options": {"include_usage": True}},
+])
+def test_a_streamed_completion_is_the_completion_in_pieces(client, body):
+    """Each choice's chunks join into the non-streamed choice: its text (the echo once, first), its
+    finish_reason on its last chunk, its logprobs token by token with the same offsets; one id,
+    created and model for every chunk; usage last when asked for."""
+    body = {"model": NAME, **body}
+    whole = client.post("/v1/completions", json=body).json()
+    chunks = streamed(client, "/v1/completions", body)
+    one_header(chunks, "cmpl-", "text_completion")
+    if "stream_options" in body:
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+        chunks = chunks[:-1]
+    assert all(len(c["choices"]) == 1 for c in chunks)
+    assert {c["choices"][0]["index"] for c in chunks} == {w["index"] for w in whole["choices"]}
+    for want in whole["choices"]:
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == want["index"]]
+        assert "".join(c["text"] for c in mine) == want["text"]
+        assert [c["finish_reason"] for c in mine] == [None] * (len(mine) - 1) + [want["finish_reason"]]
+        keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+        got = None if "logprobs" not in body else joined([c["logprobs"] for c in mine], keys)
+        assert got == want["logprobs"]
+        # a chunk's logprobs are those of its own text (one character per token here)
+        assert all("".join(c["logprobs"]["tokens"]) == c["text"] for c in mine if c["logprobs"] is not None)
+        assert "logprobs" not in body or all(c["logprobs"] is not None for c in mine if c["text"])
+
+
+def test_a_choice_that_stops_before_any_text_streams_its_echo_and_its_end(client):
+    body = {"model": NAME, "prompt": "The sea", "max_tokens": 8, "seed": 4, "temperature": 0}
+    first = client.post("/v1/completions", json=body).json()["choices"][0]["text"][0]
+    body = {**body, "n": 2, "echo": True, "stop": [first]}  # the first character it writes ends it
+    whole = client.post("/v1/completions", json=body).json()
+    assert [(c["text"], c["finish_reason"]) for c in whole["choices"]] == [("The sea", "stop")] * 2
+    chunks = streamed(client, "/v1/completions", body)
+    assert sorted((c["choices"][0]["index"], c["choices"][0]["text"], c["choices"][0]["finish_reason"])
+                  for c in chunks) == [(0, "The sea", "stop"), (1, "The sea", "stop")]
+
+
+@pytest.mark.parametrize("body", [
+    {"max_tokens": 8, "n": 2, "seed": 3, "logprobs": True, "top_logprobs": 2, "stop": ["e", "\n"]},
+    {"max_tokens": 6, "seed": 9, "stream_options": {"include_usage": True}},
+])
+def test_a_streamed_chat_completion_is_the_chat_completion_in_pieces(client, body):
+    """Each choice opens with the assistant's role and empty content, its deltas join into the
+    message, its finish_reason comes on its last chunk (an empty delta), its logprobs token by token;
+    one id, created and model for every chunk; usage last when asked for."""
+    body = {"model": NAME, "messages": [{"role": "user", "content": "The sea"}], **body}
+    whole = client.post("/v1/chat/completions", json=body).json()
+    chunks = streamed(client, "/v1/chat/completions", body)
+    one_header(chunks, "chatcmpl-", "chat.completion.chunk")
+    if "stream_options" in body:
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+        chunks = chunks[:-1]
+    assert {c["choices"][0]["index"] for c in chunks} == {w["index"] for w in whole["choices"]}
+    for want in whole["choices"]:
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == want["index"]]
+        assert mine[0] == {"index": want["index"], "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                           "finish_reason": None}
+        middle, last = mine[1:-1], mine[-1]
+        assert "".join(c["delta"]["content"] for c in middle) == want["message"]["content"]
+        assert all(c["finish_reason"] is None and set(c["delta"]) == {"content"} for c in middle)
+        assert last["delta"] == {} and last["finish_reason"] == want["finish_reason"]
+        if want["logprobs"] is None:
+            assert all(c["logprobs"] is None for c in mine)
+        else:
+            parts = [c["logprobs"] for c in mine if c["logprobs"] is not None]
+            assert all(p["refusal"] is None for p in parts)
+            assert [t for p in parts for t in p["content"]] == want["logprobs"]["content"]
+            assert all("".join(t["token"] for t in c["logprobs"]["content"]) == c["delta"]["content"]
+                       for c in middle if c["logprobs"] is not None)
+
+
+@pytest.mark.parametrize("form", [{}, {"syllables": 4}])
+def test_a_poem_names_itself_its_model_and_its_timing_streamed_or_not(client, form):
+    """A free-verse poem and one in a form: a fresh `poem-` id, the model served, the time to its
+    first token within its whole time; streamed with the same ending object."""
+    body = {"prompt": "The sea\n", "lines": 1, "seed": 1, "max_tokens": 8, **form}
+    if form:
+        body.pop("max_tokens")
+    a = client.post("/v1/poem", json=body).json()
+    assert re.fullmatch(r"poem-[0-9a-f]{24}", a["id"])
+    assert a["object"] == "poem" and a["model"] == NAME and a["poem"] == "The sea\n" + a["text"]
+    assert ("form" in a) == bool(form)
+    t = a["timing"]
+    assert 0 <= t["ttft_ms"] <= t["ms"] and t["tokens"] == a["usage"]["completion_tokens"] > 0
+    events = streamed(client, "/v1/poem", body)
+    done = events[-1]
+    assert done["done"] is True and re.fullmatch(r"poem-[0-9a-f]{24}", done["id"]) and done["id"] != a["id"]
+    assert done["model"] == NAME
+    assert done["text"] == a["text"] == "".join(e["text"] for e in events[:-1])
