@@ -321,3 +321,41 @@ def test_a_poem_names_itself_its_model_and_its_timing_streamed_or_not(client, fo
     assert done["done"] is True and re.fullmatch(r"poem-[0-9a-f]{24}", done["id"]) and done["id"] != a["id"]
     assert done["model"] == NAME
     assert done["text"] == a["text"] == "".join(e["text"] for e in events[:-1])
+
+
+@pytest.fixture(scope="module")
+def bpe_client():
+    """The app over a tiny model whose tokens are byte-level BPE pieces of several characters."""
+    import torch
+
+    from gpt_small.model import GPT, GPTConfig
+    from gpt_small.tokenizer import train_bpe
+
+    tok = train_bpe("the sea and the seas, the shore and the shores; " * 40, vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
+    with TestClient(create_app(model=model, tokenizer=tok, model_name=NAME, max_new_tokens=40)) as c:
+        yield c
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_token_cut_by_a_stop_string_keeps_its_logprob(bpe_client, stream):
+    """A stop string that begins inside a token ends the text there, and that token, whose text
+    starts before the end, keeps its logprob (the whole answer's and the stream's alike)."""
+    body = {"model": NAME, "prompt": "the", "max_tokens": 30, "seed": 1, "logprobs": 1}
+    full = bpe_client.post("/v1/completions", json=body).json()["choices"][0]
+    tokens, at = full["logprobs"]["tokens"], full["logprobs"]["text_offset"]
+    cut = next((o + 1 for t, o in zip(tokens, at) if len(t) > 1 and full["text"].find(full["text"][o + 1:o + 4]) == o + 1),
+               None)
+    assert cut is not None, tokens
+    body["stop"] = [full["text"][cut:cut + 3]]
+    kept = [i for i, o in enumerate(at) if o < cut]  # the tokens that start before the cut
+    if not stream:
+        choice = bpe_client.post("/v1/completions", json=body).json()["choices"][0]
+        got = choice["logprobs"]
+    else:
+        chunks = [c["choices"][0] for c in streamed(bpe_client, "/v1/completions", body)]
+        choice = {"text": "".join(c["text"] for c in chunks), "finish_reason": chunks[-1]["finish_reason"]}
+        got = joined([c["logprobs"] for c in chunks], ("tokens", "token_logprobs", "top_logprobs", "text_offset"))
+    assert choice["text"] == full["text"][:cut] and choice["finish_reason"] == "stop"
+    assert got == {k: [v[i] for i in kept] for k, v in full["logprobs"].items()}
