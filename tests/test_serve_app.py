@@ -256,6 +256,7 @@ def test_a_streamed_completion_is_the_completion_in_pieces(client, body):
         # a chunk's logprobs are those of its own text (one character per token here)
         assert all("".join(c["logprobs"]["tokens"]) == c["text"] for c in mine if c["logprobs"] is not None)
         assert "logprobs" not in body or all(c["logprobs"] is not None for c in mine if c["text"])
+        assert mine[-1]["text"] or mine[-1]["logprobs"] is None  # an ending with no text has no tokens left
 
 
 def test_a_choice_that_stops_before_any_text_streams_its_echo_and_its_end(client):
@@ -293,6 +294,7 @@ def test_a_streamed_chat_completion_is_the_chat_completion_in_pieces(client, bod
         assert "".join(c["delta"]["content"] for c in middle) == want["message"]["content"]
         assert all(c["finish_reason"] is None and set(c["delta"]) == {"content"} for c in middle)
         assert last["delta"] == {} and last["finish_reason"] == want["finish_reason"]
+        assert last["logprobs"] is None  # every token came with its text (one character each here)
         if want["logprobs"] is None:
             assert all(c["logprobs"] is None for c in mine)
         else:
@@ -338,24 +340,42 @@ def bpe_client():
         yield c
 
 
+def scored(route: str, choice: dict) -> tuple[str, list]:
+    """(text, [(token, logprob)]) of a completion's or a chat's choice."""
+    if route == "/v1/completions":
+        lp = choice["logprobs"]
+        return choice["text"], list(zip(lp["tokens"], lp["token_logprobs"]))
+    return choice["message"]["content"], [(t["token"], t["logprob"]) for t in choice["logprobs"]["content"]]
+
+
+def streamed_scored(route: str, chunks: list[dict]) -> tuple[str, list, str]:
+    """(text, [(token, logprob)], finish_reason) of a one-choice stream."""
+    choices = [c["choices"][0] for c in chunks]
+    if route == "/v1/completions":
+        text = "".join(c["text"] for c in choices)
+        lp = joined([c["logprobs"] for c in choices], ("tokens", "token_logprobs"))
+        return text, list(zip(lp["tokens"], lp["token_logprobs"])), choices[-1]["finish_reason"]
+    text = "".join(c["delta"].get("content", "") for c in choices)
+    toks = [(t["token"], t["logprob"]) for c in choices if c["logprobs"] for t in c["logprobs"]["content"]]
+    return text, toks, choices[-1]["finish_reason"]
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_token_cut_by_a_stop_string_keeps_its_logprob(bpe_client, stream):
+def test_a_token_cut_by_a_stop_string_keeps_its_logprob(bpe_client, route, stream):
     """A stop string that begins inside a token ends the text there, and that token, whose text
     starts before the end, keeps its logprob (the whole answer's and the stream's alike)."""
-    body = {"model": NAME, "prompt": "the", "max_tokens": 30, "seed": 1, "logprobs": 1}
-    full = bpe_client.post("/v1/completions", json=body).json()["choices"][0]
-    tokens, at = full["logprobs"]["tokens"], full["logprobs"]["text_offset"]
-    cut = next((o + 1 for t, o in zip(tokens, at) if len(t) > 1 and full["text"].find(full["text"][o + 1:o + 4]) == o + 1),
+    body = {"model": NAME, "max_tokens": 30, "seed": 1, "logprobs": True if "chat" in route else 1,
+            **({"messages": [{"role": "user", "content": "the"}]} if "chat" in route else {"prompt": "the"})}
+    text, tokens = scored(route, bpe_client.post(route, json=body).json()["choices"][0])
+    starts = [sum(len(t) for t, _ in tokens[:i]) for i in range(len(tokens))]
+    cut = next((o + 1 for (t, _), o in zip(tokens, starts) if len(t) > 1 and text.find(text[o + 1:o + 4]) == o + 1),
                None)
     assert cut is not None, tokens
-    body["stop"] = [full["text"][cut:cut + 3]]
-    kept = [i for i, o in enumerate(at) if o < cut]  # the tokens that start before the cut
+    body["stop"] = [text[cut:cut + 3]]
     if not stream:
-        choice = bpe_client.post("/v1/completions", json=body).json()["choices"][0]
-        got = choice["logprobs"]
+        choice = bpe_client.post(route, json=body).json()["choices"][0]
+        got, reason = scored(route, choice), choice["finish_reason"]
     else:
-        chunks = [c["choices"][0] for c in streamed(bpe_client, "/v1/completions", body)]
-        choice = {"text": "".join(c["text"] for c in chunks), "finish_reason": chunks[-1]["finish_reason"]}
-        got = joined([c["logprobs"] for c in chunks], ("tokens", "token_logprobs", "top_logprobs", "text_offset"))
-    assert choice["text"] == full["text"][:cut] and choice["finish_reason"] == "stop"
-    assert got == {k: [v[i] for i in kept] for k, v in full["logprobs"].items()}
+        *got, reason = streamed_scored(route, streamed(bpe_client, route, body))
+    assert tuple(got) == (text[:cut], [tok for tok, o in zip(tokens, starts) if o < cut]) and reason == "stop"
