@@ -379,3 +379,37 @@ def test_a_token_cut_by_a_stop_string_keeps_its_logprob(bpe_client, route, strea
     else:
         *got, reason = streamed_scored(route, streamed(bpe_client, route, body))
     assert tuple(got) == (text[:cut], [tok for tok, o in zip(tokens, starts) if o < cut]) and reason == "stop"
+
+
+def test_the_body_is_bounded_in_size_at_its_edge_and_in_time(model_tok):
+    """`max_body_bytes` bytes of body are read, one more is a 413; a body still arriving after
+    `body_seconds` is a 408 (over a real uvicorn, the body sent in part); each message names the limit."""
+    import socket
+
+    from gpt_small.serve.protocol import HttpLimits
+    from serve_util import uvicorn_thread
+
+    model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
+    http = HttpLimits(max_body_bytes=100, body_seconds=0.5)
+    app = create_app(model=model, tokenizer=tok, model_name=NAME, http=http)
+    core = json.dumps({"model": NAME, "prompt": "a", "max_tokens": 1}).encode()
+    with TestClient(app) as c:
+        for size, status in ((http.max_body_bytes, 200), (http.max_body_bytes + 1, 413)):
+            body = core[:-1] + b" " * (size - len(core)) + b"}"
+            r = c.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == status, (size, r.text)
+        assert r.json()["error"] == {"message": "the request body is larger than 100 bytes",
+                                     "type": "invalid_request_error", "param": None, "code": None}
+    with uvicorn_thread(app, http, drain_seconds=1) as address:
+        s = socket.create_connection(address)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(core) + core[:5])
+        s.settimeout(10)
+        got = b""
+        while b"\r\n\r\n" not in got or len(got.partition(b"\r\n\r\n")[2]) < int(
+                re.search(rb"(?im)^content-length: *(\d+)", got)[1]):
+            got += s.recv(4096) or pytest.fail(f"closed before the whole answer: {got[:200]!r}")
+        s.close()
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), got[:200]
+    assert json.loads(body)["error"]["message"] == "the request body did not arrive within 0.5 s"
