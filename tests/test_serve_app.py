@@ -239,6 +239,7 @@ def test_a_streamed_completion_is_the_completion_in_pieces(client, body):
     created and model for every chunk; usage last when asked for."""
     body = {"model": NAME, **body}
     whole = client.post("/v1/completions", json=body).json()
+    one_header([whole], "cmpl-", "text_completion")
     chunks = streamed(client, "/v1/completions", body)
     one_header(chunks, "cmpl-", "text_completion")
     if "stream_options" in body:
@@ -280,6 +281,7 @@ def test_a_streamed_chat_completion_is_the_chat_completion_in_pieces(client, bod
     one id, created and model for every chunk; usage last when asked for."""
     body = {"model": NAME, "messages": [{"role": "user", "content": "The sea"}], **body}
     whole = client.post("/v1/chat/completions", json=body).json()
+    one_header([whole], "chatcmpl-", "chat.completion")
     chunks = streamed(client, "/v1/chat/completions", body)
     one_header(chunks, "chatcmpl-", "chat.completion.chunk")
     if "stream_options" in body:
