@@ -415,3 +415,41 @@ def test_the_body_is_bounded_in_size_at_its_edge_and_in_time(model_tok):
     head, _, body = got.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408"), got[:200]
     assert json.loads(body)["error"]["message"] == "the request body did not arrive within 0.5 s"
+
+
+def test_a_client_that_leaves_frees_its_rows_and_is_logged_so(model_tok, caplog):
+    """Over a real uvicorn: a stream and a non-streamed request of two samples whose client closes the socket each free their rows long before their 2,000
+    tokens, count as cancelled, and log their line with `(client left)`."""
+    import socket
+
+    from gpt_small.serve.protocol import HTTP_LIMITS
+    from serve_util import uvicorn_thread
+
+    model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
+    app = create_app(model=model, tokenizer=tok, model_name=NAME, max_new_tokens=2000)
+    caplog.set_level(logging.INFO, logger="gpt_small.serve")
+
+    def health() -> dict:
+        return app.state.engine.stats()
+
+    def until(check, seconds: float = 10):
+        deadline = time.monotonic() + seconds
+        while not check():
+            assert time.monotonic() < deadline, health()
+            time.sleep(0.02)
+
+    with uvicorn_thread(app, HTTP_LIMITS, drain_seconds=1) as address:
+        for done, (body, rows) in enumerate((({"stream": True}, 1), ({"n": 2}, 2)), start=1):
+            before = health()
+            payload = json.dumps({"model": NAME, "prompt": "The sea", "max_tokens": 2000, **body}).encode()
+            s = socket.create_connection(address)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+            until(lambda: health()["active"] == rows)
+            s.close()
+            until(lambda: health()["active"] == 0 and health()["cancelled"] == before["cancelled"] + rows)
+            assert health()["tokens"] - before["tokens"] < rows * 2000
+            until(lambda: len([r for r in caplog.records if r.name == "gpt_small.serve"]) == done)
+    lines = [r.getMessage() for r in caplog.records if r.name == "gpt_small.serve"]
+    assert len(lines) == 2 and all(re.fullmatch(r"POST /v1/completions 200 tokens=\d+ ms=\d+ \(client left\)", line)
+                                   for line in lines), lines
