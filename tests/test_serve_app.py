@@ -453,3 +453,20 @@ def test_a_client_that_leaves_frees_its_rows_and_is_logged_so(model_tok, caplog)
     lines = [r.getMessage() for r in caplog.records if r.name == "gpt_small.serve"]
     assert len(lines) == 2 and all(re.fullmatch(r"POST /v1/completions 200 tokens=\d+ ms=\d+ \(client left\)", line)
                                    for line in lines), lines
+
+
+def test_an_app_made_with_the_defaults_has_the_servers_documented_limits(model_tok):
+    """`create_app` left to its defaults is `gpt-small serve` left to its own: a queue of 64
+    (`/healthz` reports it), at most 1000 new tokens and 4096 prompt tokens (each refused one past,
+    naming the field)."""
+    from pathlib import Path
+
+    docs = " ".join((Path(__file__).resolve().parents[1] / "docs" / "serve.md").read_text().split())
+    assert "[--max-queue 64] [--max-new-tokens 1000]" in docs and "a prompt past 4,096 tokens (400)" in docs
+    model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
+    with TestClient(create_app(model=model, tokenizer=tok, model_name=NAME)) as c:
+        assert c.get("/healthz").json()["max_queue"] == 64
+        r = c.post("/v1/completions", json={"model": NAME, "prompt": "a", "max_tokens": 1001})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens" and "1000" in r.text
+        r = c.post("/v1/completions", json={"model": NAME, "prompt": "a" * 4097, "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "4096" in r.text
