@@ -165,10 +165,12 @@ def test_the_drain_time_is_the_documented_one():
 @pytest.mark.parametrize("weights", ["float32", "int8"])
 def test_the_model_objects_name_the_weights_served_and_the_servers_start(model_tok, weights):
     """`/v1/models` lists the one model object `/v1/models/{id}` returns: its `created` is when the
-    app was made (Unix seconds, as OpenAI's), its `weights` those being served, as `/healthz` says."""
+    app was made (Unix seconds, as OpenAI's), its `weights` those being served, as `/healthz` says,
+    which counts the float32 model's parameters in int8 too."""
     from gpt_small.ops.quantize import convert_weights
 
     model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
+    params = model.num_params()
     convert_weights(model, weights)
     before = int(time.time())
     app = create_app(model=model, tokenizer=tok, model_name=NAME)
@@ -179,6 +181,7 @@ def test_the_model_objects_name_the_weights_served_and_the_servers_start(model_t
         health = c.get("/healthz").json()
     assert listed == {"object": "list", "data": [card]}
     assert card["id"] == NAME and card["weights"] == weights == health["weights"]
+    assert health["params"] == params  # the model's parameters, however its weights are stored
     assert type(card["created"]) is int and before <= card["created"] <= after
 
 

@@ -423,8 +423,7 @@ def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 
     # read off the model rather than taken from the caller, so what clients see is what decodes
     s.weights = weights_of(model)
     # the config's count, not model.num_params(): an int8 Linear keeps its weight as a buffer
-    s.n_params = (model.config.num_params() if hasattr(model, "num_params")
-                  else sum(p.numel() for p in model.parameters()))
+    s.n_params = model.config.num_params()
     s.metrics, s.draining = Metrics(), False
     app.add_middleware(Guard, allowed_hosts=allowed_hosts, http=http)
     app.add_middleware(LogRequests, metrics=s.metrics)
