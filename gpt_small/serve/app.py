@@ -367,18 +367,22 @@ async def poem(request: Request) -> Response:
 
 # --- errors: OpenAI's shape for every status ---
 
+def error_response(err: ApiError) -> Response:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
 async def api_error(request: Request, exc: ApiError) -> Response:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return error_response(exc)
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
     message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
     err = ApiError(exc.status_code, message.get(exc.status_code, str(exc.detail)), headers=dict(exc.headers or {}))
-    return await api_error(request, err)
+    return error_response(err)
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
-    return await api_error(request, ApiError(500, "internal error (logged by the server)", type="server_error"))
+    return error_response(ApiError(500, "internal error (logged by the server)", type="server_error"))
 
 
 @contextlib.asynccontextmanager
