@@ -358,15 +358,21 @@ def scored(route: str, choice: dict) -> tuple[str, list]:
 
 
 def streamed_scored(route: str, chunks: list[dict]) -> tuple[str, list, str]:
-    """(text, [(token, logprob)], finish_reason) of a one-choice stream."""
+    """(text, [(token, logprob)], finish_reason) of a one-choice stream, after checking that no
+    chunk but the last hands out a token whose text has not all been sent yet."""
     choices = [c["choices"][0] for c in chunks]
-    if route == "/v1/completions":
-        text = "".join(c["text"] for c in choices)
-        lp = joined([c["logprobs"] for c in choices], ("tokens", "token_logprobs"))
-        return text, list(zip(lp["tokens"], lp["token_logprobs"])), choices[-1]["finish_reason"]
-    text = "".join(c["delta"].get("content", "") for c in choices)
-    toks = [(t["token"], t["logprob"]) for c in choices if c["logprobs"] for t in c["logprobs"]["content"]]
-    return text, toks, choices[-1]["finish_reason"]
+    pieces, toks = [], []
+    for c in choices:
+        if route == "/v1/completions":
+            pieces.append(c["text"])
+            lp = c["logprobs"] or {"tokens": [], "token_logprobs": []}
+            toks += zip(lp["tokens"], lp["token_logprobs"])
+        else:
+            pieces.append(c["delta"].get("content", ""))
+            toks += [(t["token"], t["logprob"]) for t in (c["logprobs"] or {"content": []})["content"]]
+        if c is not choices[-1]:
+            assert len("".join(t for t, _ in toks)) <= len("".join(pieces)), (pieces, toks)
+    return "".join(pieces), toks, choices[-1]["finish_reason"]
 
 
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
