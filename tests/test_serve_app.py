@@ -123,9 +123,12 @@ def test_a_failed_decode_step_reaches_a_poem_client_and_the_server_goes_on(model
             assert len(logged) == 1 and re.fullmatch(r"POST /v1/poem 500 tokens=0 ms=\d+", logged[0]), logged
             assert r.json() == {"error": {"message": "internal error (logged by the server)", "type": "server_error",
                                           "param": None, "code": None}}
-        # counted as it was answered: the stream began 200, the other is a 500
+            # what the server's log shows for it (uvicorn logs the exception the app raised)
+            with pytest.raises(RuntimeError, match=r"^the decode loop failed \(logged\)$"):
+                TestClient(app).post("/v1/poem", json={"prompt": "a", "max_tokens": 5})
+        # counted as they were answered: the stream began 200, the two others are 500s
         metrics = c.get("/metrics").text
-        assert 'gpt_small_requests_total{route="/v1/poem",status="500"} 1.0' in metrics
+        assert 'gpt_small_requests_total{route="/v1/poem",status="500"} 2.0' in metrics
         assert 'gpt_small_requests_total{route="/v1/poem",status="200"} 1.0' in metrics
         r = c.post("/v1/poem", json={"prompt": "a", "max_tokens": 3, "stream": True})
         events = sse_events(r.text)
