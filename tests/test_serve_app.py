@@ -489,3 +489,25 @@ def test_an_app_made_with_the_defaults_has_the_servers_documented_limits(model_t
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens" and "1000" in r.text
         r = c.post("/v1/completions", json={"model": NAME, "prompt": "a" * 4097, "max_tokens": 1})
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "4096" in r.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_check_for_a_client_that_left_does_not_disturb_a_request_that_stays(model_tok, monkeypatch, stream):
+    """With the app's periodic check for a client that left run every millisecond (many times per
+    request, and while nothing is ready), a client that stays gets its whole answer, equal to the one
+    it gets when the check never runs."""
+    model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
+    body = {"model": NAME, "prompt": "The sea", "max_tokens": 60, "n": 3, "seed": 2, "stream": stream}
+    answers = []
+    for poll in (60.0, 0.001):
+        monkeypatch.setattr(app_module, "_POLL", poll)
+        with TestClient(create_app(model=copy.deepcopy(model), tokenizer=tok, model_name=NAME)) as c:
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            if stream:
+                chunks = sse_events(r.text)
+                answers.append(sorted((ch["choices"][0]["index"], ch["choices"][0]["text"]) for ch in chunks))
+            else:
+                answers.append([(ch["text"], ch["finish_reason"]) for ch in r.json()["choices"]])
+            assert c.get("/healthz").json()["cancelled"] == 0
+    assert answers[0] == answers[1]
