@@ -205,8 +205,8 @@ def test_any_other_http_error_keeps_its_status_and_reason_in_openais_shape():
     for status, headers in ((401, None), (400, {"X-Why": "a"}), (416, {"Content-Range": "bytes */10"})):
         r = asyncio.run(app_module.http_error(request, HTTPException(status, headers=headers)))
         assert r.status_code == status
-        assert json.loads(r.body) == {"error": {"message": HTTPStatus(status).phrase, "type": "invalid_request_error", "param": None,
-                                                "code": None}}
+        assert json.loads(r.body) == {"error": {"message": HTTPStatus(status).phrase,
+                                                "type": "invalid_request_error", "param": None, "code": None}}
         assert {k: v for k, v in r.headers.items() if k not in ("content-length", "content-type")} == \
             {k.lower(): v for k, v in (headers or {}).items()}
 

@@ -48,7 +48,8 @@ def refused(r, status: int, code: str) -> dict:
     return err
 
 
-HOST_REFUSED = "the Host header names a host this server does not answer to (it answers to 127.0.0.1, ::1, localhost only)"
+HOST_REFUSED = ("the Host header names a host this server does not answer to "
+                "(it answers to 127.0.0.1, ::1, localhost only)")
 
 
 def malformed(name: str) -> list[str]:
