@@ -7,15 +7,19 @@ headers have arrived."""
 from __future__ import annotations
 
 import copy
+import gc
 import json
+import re
 import socket
 import time
+import weakref
 from contextlib import contextmanager
 
 import pytest
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
+from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
 
 from gpt_small.serve import create_app  # noqa: E402
 from gpt_small.serve.protocol import HttpLimits  # noqa: E402
@@ -56,7 +60,9 @@ def answered(s: socket.socket) -> bytes:
     s.settimeout(10)
     got = b""
     while b"\r\n\r\n" not in got:
-        got += s.recv(4096)
+        chunk = s.recv(4096)
+        assert chunk, f"the server closed the connection before answering: {got[:100]!r}"
+        got += chunk
     return got.split(b"\r\n", 1)[0]
 
 
@@ -114,3 +120,38 @@ def test_a_request_whose_headers_arrived_is_not_cut_by_the_header_deadline(model
         time.sleep(3 * http.header_seconds)  # the body is slow, but within body_seconds
         s.sendall(BODY[5:])
         assert answered(s) == b"HTTP/1.1 200 OK"
+
+
+def server_side(sockets: list[socket.socket]) -> list[weakref.ref]:
+    """Weak references to the server's connection objects of these client sockets."""
+    ports = {s.getsockname()[1] for s in sockets}
+    return [weakref.ref(o) for o in gc.get_objects()
+            if H11Protocol in type(o).__mro__ and o.client is not None and o.client[1] in ports]
+
+
+def test_a_closed_connection_leaves_nothing_behind_until_its_header_deadline(model_tok):
+    """A connection that the client closes (one that never sent a request, one after reading its
+    response) is freed at once: its header deadline is cancelled, not left to run out holding the connection, so a crowd
+    of short connections cannot pile up in memory for `header_seconds`."""
+    http = HttpLimits(header_seconds=60.0)
+    with serving(model_tok, http) as connect:
+        silent, served = connect(), connect()
+        served.sendall(HEAD + BODY)
+        served.settimeout(10)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += served.recv(4096) or pytest.fail(f"closed before answering: {got[:100]!r}")
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        size = int(re.search(rb"(?im)^content-length: *(\d+)", head)[1])
+        while len(body) < size:  # read to the end: a close with bytes unread is a reset, not a close
+            body += served.recv(4096) or pytest.fail("closed mid-body")
+        kept = server_side([silent, served])
+        assert len(kept) == 2
+        silent.close()
+        served.close()
+        deadline = time.monotonic() + 5
+        while any(r() is not None for r in kept):
+            assert time.monotonic() < deadline, "a closed connection is still held"
+            time.sleep(0.05)
+            gc.collect()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,8 @@ from starlette.testclient import TestClient  # noqa: E402
 from gpt_small.serve import create_app  # noqa: E402
 from gpt_small.serve.app import ROUTES  # noqa: E402
 from gpt_small.serve.guard import LOOPBACK_HOSTS, request_head_bytes  # noqa: E402
-from gpt_small.serve.protocol import HttpLimits  # noqa: E402
-from serve_util import make_model  # noqa: E402
+from gpt_small.serve.protocol import HTTP_LIMITS, HttpLimits  # noqa: E402
+from serve_util import make_model, uvicorn_thread  # noqa: E402
 
 NAME = "tiny-poet"
 DOCS = " ".join((Path(__file__).resolve().parents[1] / "docs" / "serve.md").read_text().split())
@@ -47,17 +48,52 @@ def refused(r, status: int, code: str) -> dict:
     return err
 
 
+HOST_REFUSED = ("the Host header names a host this server does not answer to "
+                "(it answers to 127.0.0.1, ::1, localhost only)")
+
+
+def malformed(name: str) -> list[str]:
+    """Host headers that are not `name[:port]` though they hold the name: a bracket left open or
+    closed twice, text after the bracket or the port, a port not of digits, two ports."""
+    return [f"[{name}", f"[{name}x", f"[{name}]x", f"[{name}]:80]", f"[{name}]]", f"[{name}]:8o", f"{name}]",
+            f"{name}:8o", f"{name}:80x", f"{name}:80:", f"{name}:80 x", f"x[{name}]"]
+
+
 def test_loopback_host_names_with_and_without_ports(model_tok):
     model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
     app = create_app(model=model, tokenizer=tok, model_name=NAME, max_new_tokens=2,
                      allowed_hosts=[h.upper() for h in LOOPBACK_HOSTS])  # names are compared in any case
     with TestClient(app, base_url="http://127.0.0.1:8000") as c:
-        for host in ("localhost", "Localhost:8000", "127.0.0.1:80", "[::1]", "[::1]:8000", "::1"):
+        for host in ("localhost", "Localhost:8000", "127.0.0.1:80", "[::1]", "[::1]:8000", "::1", "localhost:",
+                     "[::1]:", "[LOCALHOST]:8000"):
             assert c.get("/healthz", headers={"Host": host}).status_code == 200, host
-        for host in ("[::1", "localhost:8000:1", "127.0.0.2", "localhost.evil", "::2", "[::2]:8000"):
+        refused_hosts = ["[::1", "localhost:8000:1", "127.0.0.2", "localhost.evil", "::2", "[::2]:8000",
+                         "::1:8000", "", "[]", ":8000"]
+        for name in ("localhost", "127.0.0.1", "::1"):
+            refused_hosts += malformed(name)
+        for host in refused_hosts:
             err = refused(c.get("/healthz", headers={"Host": host}), 400, "invalid_host")
-            assert err["message"].endswith("(it answers to 127.0.0.1, ::1, localhost only)"), err["message"]
+            assert err["message"] == HOST_REFUSED, (host, err["message"])
     assert "`localhost`, `127.0.0.1`, `::1` (or the address bound) is refused (400, `invalid_host`)" in DOCS
+
+
+def test_a_request_without_a_host_header_is_refused_when_hosts_are_checked(model_tok):
+    """HTTP/1.0 lets a request leave the Host out, over a real uvicorn: refused like a wrong Host
+    where hosts are checked, answered where they are not."""
+    model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
+    for allowed, status in ((LOOPBACK_HOSTS, b"400"), (None, b"200")):
+        app = create_app(model=model, tokenizer=tok, model_name=NAME, max_new_tokens=2, allowed_hosts=allowed)
+        with uvicorn_thread(app, HTTP_LIMITS, drain_seconds=1) as address:
+            with socket.create_connection(address, timeout=10) as s:
+                s.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                got = b""
+                while chunk := s.recv(4096):
+                    got += chunk
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == status, head
+        if allowed is not None:
+            assert json.loads(body)["error"] == {"message": HOST_REFUSED, "type": "invalid_request_error",
+                                                 "param": None, "code": "invalid_host"}
 
 
 def test_without_allowed_hosts_any_host_is_answered(model_tok):

@@ -104,19 +104,23 @@ async def body_json(request: Request) -> dict[str, Any]:
     return parse_json(body, http)
 
 
-def busy(message: str, status: int = 429) -> ApiError:
-    if status == 503:
-        return ApiError(503, f"{message}; retry on another server or once it is back", type="server_error",
-                        code="service_unavailable", headers={"Retry-After": "5"})
+def busy(message: str) -> ApiError:
+    """429: the queue is full; the same server takes the request shortly."""
     return ApiError(429, f"the server is busy: {message}; retry shortly", type="requests",
                     code="rate_limit_exceeded", headers={"Retry-After": "1"})
+
+
+def going_away(message: str) -> ApiError:
+    """503: the server is shutting down; another one (or this one, once back) takes the request."""
+    return ApiError(503, f"{message}; retry on another server or once it is back", type="server_error",
+                    code="service_unavailable", headers={"Retry-After": "5"})
 
 
 def start(request: Request, seqs: list[Sequence]) -> asyncio.Queue:
     """Hand seqs to the engine; their events arrive on the returned queue as (index, kind, value)."""
     state = request.app.state
     if state.draining:
-        raise busy("the server is shutting down", 503)
+        raise going_away("the server is shutting down")
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
     for i, s in enumerate(seqs):
         def bridge(kind: str, value: Any, i: int = i) -> None:
@@ -126,7 +130,7 @@ def start(request: Request, seqs: list[Sequence]) -> asyncio.Queue:
     try:
         state.engine.submit(seqs)
     except ShuttingDown as e:
-        raise busy(str(e), 503) from None
+        raise going_away(str(e)) from None
     except QueueFull as e:
         raise busy(str(e)) from None
     return queue
@@ -177,8 +181,8 @@ class Scores:
     """A sequence's per-token logprobs handed out as its text is: tokens whose text lies within
     `upto` characters of the continuation (the rest wait, or are dropped past a stop string)."""
 
-    def __init__(self, seq: Sequence, tokenizer: Any, top: bool):
-        self.seq, self.tokenizer, self.top = seq, tokenizer, top
+    def __init__(self, seq: Sequence, tokenizer: Any):
+        self.seq, self.tokenizer = seq, tokenizer
         self.sent, self.chars = 0, 0  # tokens handed out, and their characters
 
     def take(self, upto: int, final: bool = False) -> list[R.Scored]:
@@ -283,8 +287,8 @@ async def completions(request: Request) -> Response:
     prompt_tokens = sum(len(ids) for ids in req.prompt_ids)
     cid, now, name = R.new_id("cmpl"), int(time.time()), s.model_name
     echo = [req.prompts[i // req.n] if req.echo else "" for i in range(len(seqs))]
-    scores = [Scores(q, s.tokenizer, bool(req.logprobs)) for q in seqs]
-    lp = (lambda i, got: R.completion_logprobs(got, scores[i].chars - sum(len(t) for t, _, _ in got), scores[i].top)
+    scores, top = [Scores(q, s.tokenizer) for q in seqs], bool(req.logprobs)  # logprobs 0: no alternatives
+    lp = (lambda i, got: R.completion_logprobs(got, scores[i].chars - sum(len(t) for t, _, _ in got), top)
           if req.logprobs is not None else None)
     if req.stream:
         def text(i: int, piece: str, first: bool, got: list) -> dict:
@@ -310,7 +314,7 @@ async def chat_completions(request: Request) -> Response:
     queue = start(request, seqs)
     prompt_tokens = len(req.prompt_ids[0])
     cid, now, name = R.new_id("chatcmpl"), int(time.time()), s.model_name
-    scores = [Scores(q, s.tokenizer, bool(req.logprobs)) for q in seqs]
+    scores = [Scores(q, s.tokenizer) for q in seqs]
     lp = (lambda got: R.chat_logprobs(got)) if req.logprobs is not None else (lambda got: None)
     if req.stream:
         def text(i: int, piece: str, first: bool, got: list) -> dict:
@@ -363,19 +367,22 @@ async def poem(request: Request) -> Response:
 
 # --- errors: OpenAI's shape for every status ---
 
+def error_response(err: ApiError) -> Response:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
 async def api_error(request: Request, exc: ApiError) -> Response:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return error_response(exc)
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
     message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
-    err = ApiError(exc.status_code, message.get(exc.status_code, str(exc.detail)))
-    return JSONResponse(err.body(), status_code=exc.status_code, headers=dict(exc.headers or {}))
+    err = ApiError(exc.status_code, message.get(exc.status_code, str(exc.detail)), headers=dict(exc.headers or {}))
+    return error_response(err)
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
-    err = ApiError(500, "internal error (logged by the server)", type="server_error")
-    return JSONResponse(err.body(), status_code=500)
+    return error_response(ApiError(500, "internal error (logged by the server)", type="server_error"))
 
 
 @contextlib.asynccontextmanager
@@ -420,8 +427,7 @@ def create_app(*, model: Any, tokenizer: Any, model_name: str, max_batch: int = 
     # read off the model rather than taken from the caller, so what clients see is what decodes
     s.weights = weights_of(model)
     # the config's count, not model.num_params(): an int8 Linear keeps its weight as a buffer
-    s.n_params = (model.config.num_params() if hasattr(model, "num_params")
-                  else sum(p.numel() for p in model.parameters()))
+    s.n_params = model.config.num_params()
     s.metrics, s.draining = Metrics(), False
     app.add_middleware(Guard, allowed_hosts=allowed_hosts, http=http)
     app.add_middleware(LogRequests, metrics=s.metrics)

@@ -25,10 +25,9 @@ def guarded_protocol(limits: HttpLimits) -> type[H11Protocol]:
     """An H11Protocol class for uvicorn's `http=` with these limits."""
 
     class GuardedH11Protocol(H11Protocol):
-        def __init__(self, *args: Any, **kw: Any):
-            super().__init__(*args, **kw)
+        def __init__(self, **kw: Any):  # uvicorn passes every argument by keyword
+            super().__init__(**kw)
             self._deadline: asyncio.TimerHandle | None = None
-            self._armed_for: Any = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -36,7 +35,7 @@ def guarded_protocol(limits: HttpLimits) -> type[H11Protocol]:
             self._arm()
             if len(self.connections) > limits.max_connections:
                 idle = [c for c in self.connections if c is not self and _idle(c)]
-                victim = min(idle, key=lambda c: getattr(c, "opened", 0.0)) if idle else self
+                victim = min(idle, key=lambda c: c.opened) if idle else self
                 victim.transport.close()
 
         def on_response_complete(self) -> None:
@@ -52,7 +51,7 @@ def guarded_protocol(limits: HttpLimits) -> type[H11Protocol]:
         def _arm(self) -> None:
             if self._deadline is not None:
                 self._deadline.cancel()
-            self._armed_for = self.cycle  # a new request replaces self.cycle
+            self._armed_for = self.cycle  # the deadline's request cycle: a new request replaces self.cycle
             self._deadline = self.loop.call_later(limits.header_seconds, self._expire)
 
         def _expire(self) -> None:

@@ -15,6 +15,7 @@ Refusals come in OpenAI's error shape like every other.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import quote
 
@@ -37,12 +38,19 @@ def route_of(path: str) -> str:
     return "other"
 
 
+# name[:port]: the name in brackets (an IPv6 address) or free of colons; the port digits or empty
+_NAME_PORT = re.compile(r"\[(?P<bracketed>[^\]]*)\](:[0-9]*)?|(?P<name>[^:\[\]]*)(:[0-9]*)?")
+
+
 def host_name(header: str) -> str:
-    """`example.com:8000` -> example.com, `[::1]:8000` -> ::1 (lower case)."""
+    """`example.com:8000` -> example.com, `[::1]:8000` -> ::1 (lower case). Anything else (`::1`
+    written without brackets, `[::1]x`, `localhost:80x`) is returned whole: it matches a host name
+    only if it is one."""
     h = header.strip().lower()
-    if h.startswith("["):
-        return h[1:h.find("]")] if "]" in h else h
-    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+    m = _NAME_PORT.fullmatch(h)
+    if m is None:
+        return h
+    return m["bracketed"] if m["bracketed"] is not None else m["name"]
 
 
 def request_head_bytes(scope: dict) -> int:
@@ -75,7 +83,8 @@ class Guard:
             return ApiError(431, f"the request's line and headers are larger than {self.http.max_header_bytes} bytes",
                             code="headers_too_large")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.allowed is not None and host_name(headers.get("host", "")) not in self.allowed:
+        host = headers.get("host")  # an HTTP/1.0 request may have none: refused as well
+        if self.allowed is not None and (host is None or host_name(host) not in self.allowed):
             return ApiError(400, "the Host header names a host this server does not answer to "
                                  f"(it answers to {', '.join(sorted(self.allowed))} only)", code="invalid_host")
         if scope["method"] == "POST":
