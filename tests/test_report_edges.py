@@ -194,3 +194,125 @@ def test_report_samples_limit_is_the_one_generate_takes(tmp_path, capsys, sample
     assert main(["report", "--checkpoint", str(tmp_path / "none"), "--samples", str(samples)]) == 2
     err = capsys.readouterr().err.strip()
     assert ("samples must be" in err and "<= 1,024" in err) != ok, err
+
+
+# ---------------------------------------------------------------- what the report writes, from a known result
+
+def _side(share, longest, chars, syl, d1, d2, stanza, oov, dist1, dist2, rep, *, copy=None):
+    mem = {"ngram": 8, "ngrams": 100, "ngrams_found": round(share * 100), "share_found": share,
+           "longest_copy_words": longest}
+    if copy:
+        mem.update(longest_copy=copy, longest_copy_poem=2, source_line_number=12_345, source_line="the source line")
+    form = {"line_chars": [30, 50], "line_syllables": [8, 12], "stanza_lines": [3, 11],
+            "rhyme_share_distance_1": d1, "rhyme_share_distance_2": d2}
+    return {"memorisation": mem, "form": form,
+            "language": {"words": 90, "oov_share": oov, "distinct_1": dist1, "distinct_2": dist2,
+                         "repeated_line_share": rep},
+            "line_chars": {"mean": chars, "sd": 1.0, "median": chars},
+            "line_syllables": {"mean": syl[0], "sd": syl[1], "median": 10.0},
+            "stanza_lines": {"mean": stanza, "sd": 0.0, "median": stanza}}
+
+
+def _result(*, whole=True, copy=None):
+    """A report's result with a different value in every cell, each rounded the way its row says."""
+    return {"checkpoint": "runs/x/checkpoints/step-000300", "step": 300, "data": "data/poems", "samples": 3,
+            "lines": 2, "seed": 7, "temperature": 0.9, "window_keep": 32,
+            "model_eval": {"loss": 1.23456, "bits_per_char": 2.34567, "tokens": 12_345, "whole_split": whole},
+            "model": _side(0.12345, 9, 41.26, (10.04, 2.06), 0.0049, 0.5, 14.04, 0.0204, 0.72449, 0.98551, 0.0251,
+                           copy=copy),
+            "corpus": _side(0.0, 0, 33.96, (8.24, 2.46), 0.169, 0.175, 13.96, 0.085, 0.7515, 0.951, 0.0),
+            "poems": {"model": [["first line", "second line"], ["other"]], "corpus": [["a", "b"]]}}
+
+
+def test_the_report_line_names_the_headline_figures():
+    assert report.report_line(_result()) == (
+        "loss 1.2346 (2.346 bits/char), 8-grams copied 12.3% (corpus 0.0%), rhyme d1/d2 0%/50%, "
+        "invented words 2.0%")
+
+
+def test_the_markdown_table_row_by_row():
+    md = report.format_markdown(_result())
+    assert md == "\n".join([
+        "# Poem report: runs/x/checkpoints/step-000300 (step 300)", "",
+        "3 poems of 2 lines sampled at temperature 0.9 (seed 7), against 3 stretches of 2 lines of the "
+        "validation split of data/poems.", "",
+        "Model: validation loss 1.2346 nats/token, 2.3457 bits/char over 12,345 tokens (the whole split).", "",
+        "| | model | corpus |", "| --- | ---: | ---: |",
+        "| word 8-grams found in the training text | 12.3% | 0.0% |",
+        "| longest verbatim copy (words) | 9 | 0 |",
+        "| characters per line (mean) | 41.3 | 34.0 |",
+        "| syllables per line (mean +- sd) | 10.0 +- 2.1 | 8.2 +- 2.5 |",
+        "| line pairs rhyming at distance 1 | 0.5% | 16.9% |",
+        "| line pairs rhyming at distance 2 | 50.0% | 17.5% |",
+        "| stanza length in lines (mean) | 14.0 | 14.0 |",
+        "| words not in the CMU dictionary | 2.0% | 8.5% |",
+        "| distinct-1 | 0.724 | 0.751 |",
+        "| distinct-2 | 0.986 | 0.951 |",
+        "| lines repeating an earlier line | 2.5% | 0.0% |", "",
+        "A sample:", "", "```", "first line", "second line", "```", ""])
+
+
+def test_the_markdown_names_the_longest_copy_and_a_partial_evaluation():
+    md = report.format_markdown(_result(whole=False, copy="a b c d e f g h i"))
+    assert "over 12,345 tokens (the start of the split)." in md
+    assert ('\nLongest copy (9 words, poem 2): "a b c d e f g h i"; the training text\'s line 12,345: '
+            '"the source line"\n\nA sample:') in md
+    assert "Longest copy" not in report.format_markdown(_result())  # no copy, no line
+
+
+def test_the_plot_shows_each_figure_of_both_sides(tmp_path, monkeypatch):
+    """report.png: 1100 x 800 pixels; three histograms (model blue, corpus orange) of the per-line
+    and per-stanza figures and one bar chart of the seven shares, read back from the figure saved."""
+    import matplotlib.figure
+    from matplotlib.colors import to_hex
+
+    saved = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (saved.append(fig), real_savefig(fig, *a, **k))[1])
+    r = _result()
+    r["corpus"]["form"]["line_chars"] = []  # a side with no lines has no bars in that histogram
+    r["model"]["form"]["line_chars"] = [3, 5]
+    r["model"]["form"]["line_syllables"] = [8, 40]  # up to 40: a bin for each count
+    r["model"]["form"]["stanza_lines"] = [3, 41]  # past 40: 40 bins from 0 to the longest + 1
+    report.plot_report(r, tmp_path / "report.png")
+    png = (tmp_path / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (1100, 800)
+    (fig,) = saved
+    assert fig._suptitle.get_text() == ("step-000300: 3 poems x 2 lines vs the validation split; 2.346 bits/char")
+    (a, b), (c, d) = fig.axes[0:2], fig.axes[2:4]
+    assert [ax.get_title() for ax in (a, b, c, d)] == ["characters per line", "syllables per line",
+                                                       "stanza length (lines)", "shares"]
+    blue, orange = to_hex("tab:blue"), to_hex("tab:orange")
+
+    def bars(ax):  # {colour: [(left edge, width, height)]}
+        out = {}
+        for p in ax.patches:
+            out.setdefault(to_hex(p.get_facecolor()[:3]), []).append(
+                (round(p.get_x(), 6), round(p.get_width(), 6), round(p.get_height(), 6)))
+        return out
+
+    chars = bars(a)
+    assert set(chars) == {blue}  # the corpus side had no lines
+    assert [x for x, _, _ in chars[blue]] == [k - 0.5 for k in range(6)]  # unit bins around 0 .. 5
+    assert [h for _, _, h in chars[blue]] == [0, 0, 0, 0.5, 0, 0.5]  # density: 3 and 5 once each
+    syl = bars(b)
+    assert len(syl[blue]) == len(syl[orange]) == 41 and syl[blue][-1][:2] == (39.5, 1.0)
+    assert [x for x, _, h in syl[blue] if h] == [7.5, 39.5] and [x for x, _, h in syl[orange] if h] == [7.5, 11.5]
+    stanza = bars(c)
+    assert len(stanza[blue]) == 40 and stanza[blue][0][:2] == (0.0, 1.05) and stanza[blue][-1][0] == 40.95
+    assert [h > 0 for _, _, h in stanza[blue]] == [k in (2, 39) for k in range(40)]
+    assert {p.get_alpha() for ax in (a, b, c) for p in ax.patches} == {0.55}
+    assert [ax.get_legend() is not None for ax in (a, b, c, d)] == [True] * 4
+    assert [t.get_text() for t in b.get_legend().get_texts()] == ["model", "corpus"]
+    shares = bars(d)
+    heights = [0.12345, 0.0049, 0.5, 0.0204, 0.72449, 0.98551, 0.0251]
+    assert [round(h, 5) for _, _, h in shares[blue]] == heights
+    assert [round(h, 5) for _, _, h in shares[orange]] == [0.0, 0.169, 0.175, 0.085, 0.7515, 0.951, 0.0]
+    assert [(x, w) for x, w, _ in shares[blue]] == [(k - 0.4, 0.4) for k in range(7)]
+    assert [(x, w) for x, w, _ in shares[orange]] == [(k, 0.4) for k in range(7)]
+    assert [t.get_text() for t in d.get_xticklabels()] == [
+        "8-grams\ncopied", "rhyme\nd=1", "rhyme\nd=2", "not in\ndictionary", "distinct-1", "distinct-2",
+        "repeated\nlines"]
+    assert d.get_ylim() == (0, 1)
