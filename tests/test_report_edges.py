@@ -121,6 +121,18 @@ def test_ngram_hashes_are_the_polynomial_of_word_hashes():
     assert report._ngram_hashes(wh[::-1].copy(), 10)[0] != report._ngram_hashes(wh, 10)[0]
 
 
+def test_positions_are_exactly_where_an_ngram_starts():
+    words = _words(12)
+    text = " ".join(words[:10] + words[:9] + words[2:12])  # words 0..7 at 0 and 10; words 2..9 at 2 and 19
+    index = NGramIndex.build(text)
+    h = lambda ws: int(report._ngram_hashes(report._word_hashes(ws))[0])  # noqa: E731
+    assert index.positions(h(words[0:8])).tolist() == [0, 10]
+    assert index.positions(h(words[2:10])).tolist() == [2, 19]
+    assert index.positions(h(words[4:12])).tolist() == [21]
+    assert index.positions(h(words[3:11])).tolist() == []  # not in the text
+    assert index.positions(int(index.sorted_hash.max())).size >= 1 and index.positions(0).size == 0
+
+
 def test_the_index_cache(tmp_path):
     text = " ".join(_words(40))
     (tmp_path / "file").write_text("")
