@@ -133,6 +133,40 @@ def test_positions_are_exactly_where_an_ngram_starts():
     assert index.positions(int(index.sorted_hash.max())).size >= 1 and index.positions(0).size == 0
 
 
+def test_a_copy_found_at_several_places_names_the_first(tmp_path):
+    """Positions come in text order (a stable sort of equal hashes), so a copy that the training
+    text holds at several places is reported at its first, and the first 16 places are tried."""
+    words = _words(30_000)
+    phrase = _words(8, start=200_000)
+    places = list(range(500, 30_000, 700))  # 43 places, far more than 16
+    text_words = list(words)
+    for p in reversed(places):
+        text_words[p:p] = phrase
+    starts = [p + 8 * k for k, p in enumerate(places)]  # where each inserted copy starts
+    text, lines = _text(text_words, 10)
+    index = NGramIndex.build(text)
+    h = int(report._ngram_hashes(report._word_hashes(phrase))[0])
+    assert index.positions(h).tolist() == starts
+    mem = memorisation([[" ".join(phrase)]], index, lines)
+    assert mem["longest_copy_words"] == 8 and mem["source_line_number"] == starts[0] // 10 + 1
+    # a longer copy at the 17th place only is past the places tried: the 8 words are reported
+    longer = phrase + [text_words[starts[16] + 8]]
+    assert memorisation([[" ".join(longer)]], index, lines)["longest_copy_words"] == 8
+    longer = phrase + [text_words[starts[15] + 8]]
+    mem = memorisation([[" ".join(longer)]], index, lines)
+    assert mem["longest_copy_words"] == 9 and mem["source_line_number"] == starts[15] // 10 + 1
+
+
+def test_the_index_arrays_are_as_documented(tmp_path, big):
+    """64-bit hashes, 32-bit word positions and line numbers (4 bytes a word), built or cached."""
+    index = big[2]
+    dtypes = lambda ix: [a.dtype for a in (ix.word_hash, ix.word_line, ix.sorted_hash, ix.sorted_pos)]  # noqa: E731
+    assert dtypes(index) == [np.uint64, np.uint32, np.uint64, np.uint32]
+    text = " ".join(_words(40))
+    NGramIndex.cached(text, [tmp_path])
+    assert dtypes(NGramIndex.cached(text, [tmp_path])) == [np.uint64, np.uint32, np.uint64, np.uint32]
+
+
 def test_the_index_cache(tmp_path):
     text = " ".join(_words(40))
     (tmp_path / "file").write_text("")
