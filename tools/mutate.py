@@ -88,7 +88,8 @@ MODULE_TESTS: dict[str, list[str]] = {
                          "tests/test_train.py::test_resume_with_another_optimizer_is_refused",
                          "tests/test_train.py::test_resume_block_size_change_is_refused",
                          "tests/test_interop_finetune.py::test_init_from_refuses_another_tokenizer_and_another_shape"],
-    "gpt_small/run_folder.py": ["tests/test_run.py", "tests/test_promises.py", "tests/test_lock.py",
+    # (not tests/test_lock.py: it is the requirements lock, and builds a virtual environment)
+    "gpt_small/run_folder.py": ["tests/test_run_folder_edges.py", "tests/test_run.py", "tests/test_promises.py",
                                 "tests/test_run_edges.py"],
     "gpt_small/loop.py": ["tests/test_train.py", "tests/test_run.py"],
     "gpt_small/limits.py": ["tests/test_limits_table.py", "tests/test_limits_edges.py", "tests/test_serve_limits.py",
