@@ -14,7 +14,7 @@ writes report.json, report.md and report.png:
   lines; eng-poem has no blank lines, so each stretch is one stanza);
 - language: the share of words not in the CMU dictionary, distinct-1/2 (distinct unigrams and
   bigrams over their count, per poem, averaged), repetition (the share of lines that repeat an
-  earlier line of the same poem);
+  earlier line of the same poem, whatever their case and outer spaces);
 - model: loss and bits/char on the whole validation split (evaluate.evaluate_checkpoint, stride
   = context), or on its first `eval_tokens` tokens when that is given.
 The training and validation texts are the prepared folder's source file cut at its recorded
@@ -177,7 +177,7 @@ def language_stats(poems: list[list[str]]) -> dict[str, float]:
             d2.append(len(set(bigrams)) / len(bigrams))
         seen = set()
         for line in poem:
-            key = line.strip().lower()
+            key = line.strip().casefold()  # caseless as Unicode defines it: "Straße" repeats "STRASSE"
             if not key:
                 continue
             n_lines += 1

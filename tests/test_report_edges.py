@@ -207,6 +207,11 @@ def test_language_figures_by_definition():
     # bigrams of poem 1: the-sea, sea-the, ..., sea-blorp: 8, distinct 3; poem 2: 1 of 1
     assert lang["distinct_2"] == pytest.approx((3 / 8 + 1) / 2)
     assert lang["repeated_line_share"] == pytest.approx(1 / 4)  # line 2 repeats line 1 (case, spaces)
+    # distinct bigrams are pairs of neighbours: "a a b b" has three, all distinct, of two words
+    assert (language_stats([["a a b b"]])["distinct_1"], language_stats([["a a b b"]])["distinct_2"]) == (0.5, 1.0)
+    # a repeat whatever the case, as Unicode compares without case: ß is SS, final sigma is sigma
+    caseless = language_stats([["Straße", "STRASSE", "ΣΟΦΟΣ", "σοφος", "Strasse!"]])
+    assert caseless["repeated_line_share"] == pytest.approx(2 / 5)
     assert language_stats([]) == {"words": 0, "oov_share": 0.0, "distinct_1": 0.0, "distinct_2": 0.0,
                                   "repeated_line_share": 0.0}
 
@@ -301,8 +306,10 @@ def test_the_markdown_table_row_by_row():
 def test_the_markdown_names_the_longest_copy_and_a_partial_evaluation():
     md = report.format_markdown(_result(whole=False, copy="a b c d e f g h i"))
     assert "over 12,345 tokens (the start of the split)." in md
-    assert ('\nLongest copy (9 words, poem 2): "a b c d e f g h i"; the training text\'s line 12,345: '
-            '"the source line"\n\nA sample:') in md
+    whole = report.format_markdown(_result(copy="a b c d e f g h i"))
+    assert whole == report.format_markdown(_result()).replace("\n\nA sample:", (
+        '\n\nLongest copy (9 words, poem 2): "a b c d e f g h i"; the training text\'s line 12,345: '
+        '"the source line"\n\nA sample:'))
     assert "Longest copy" not in report.format_markdown(_result())  # no copy, no line
 
 
