@@ -175,8 +175,21 @@ def test_the_index_cache(tmp_path):
     cached = list(rw.glob("ngrams8-*.npz"))
     assert len(cached) == 1 and cached[0].name == f"ngrams8-{__import__('hashlib').sha256(text.encode()).hexdigest()[:16]}.npz"
     assert not list(rw.glob(".*"))  # no temporary file left
+    with np.load(cached[0]) as z:  # the four arrays, as built
+        assert sorted(z.files) == ["sorted_hash", "sorted_pos", "word_hash", "word_line"]
+        for name in z.files:
+            assert np.array_equal(z[name], getattr(index, name)) and z[name].dtype == getattr(index, name).dtype
+    mtime = cached[0].stat().st_mtime_ns
     again = NGramIndex.cached(text, [rw])
+    assert cached[0].stat().st_mtime_ns == mtime  # read, not built and written again
     assert np.array_equal(again.sorted_hash, index.sorted_hash) and np.array_equal(again.sorted_pos, index.sorted_pos)
+    # the file under the text's name is what is read: a planted index is taken as it is
+    planted = NGramIndex.build(" ".join(_words(20, start=500)))
+    np.savez(cached[0], word_hash=planted.word_hash, word_line=planted.word_line, sorted_hash=planted.sorted_hash,
+             sorted_pos=planted.sorted_pos)
+    read = NGramIndex.cached(text, [ro, rw])
+    for name in ("word_hash", "word_line", "sorted_hash", "sorted_pos"):
+        assert np.array_equal(getattr(read, name), getattr(planted, name))
     cached[0].write_bytes(b"damaged")
     rebuilt = NGramIndex.cached(text, [rw])
     assert np.array_equal(rebuilt.word_hash, index.word_hash)
@@ -214,6 +227,32 @@ def test_language_figures_by_definition():
     assert caseless["repeated_line_share"] == pytest.approx(2 / 5)
     assert language_stats([]) == {"words": 0, "oov_share": 0.0, "distinct_1": 0.0, "distinct_2": 0.0,
                                   "repeated_line_share": 0.0}
+
+
+def test_a_corpus_folder_is_split_from_its_source_file_while_the_file_is_unchanged(tmp_path):
+    """A built-in corpus's folder records its source file; the texts are that file cut at the
+    recorded split (characters the tokenizer does not know kept), else the token files decoded.
+    The built-in corpus is 20 MB: a small text prepared the same way stands in for it, its
+    meta.json saying `corpus` as a built-in corpus's does."""
+    from gpt_small.data import PreparedData, prepare
+
+    src = tmp_path / "corpus.txt"
+    src.write_text("".join(f"line {w} of the training text\n" for w in _words(60)) + "the validation has ж\n"
+                   + "".join(f"and {w} more\n" for w in _words(3)), encoding="utf-8")
+    prepare(out=tmp_path / "data", text=src, tokenizer="char", val_fraction=0.06)
+    meta_path = tmp_path / "data" / "meta.json"
+    meta = __import__("json").loads(meta_path.read_text())
+    meta["source_kind"] = "corpus"
+    meta_path.write_text(__import__("json").dumps(meta))
+    raw = src.read_text(encoding="utf-8")
+    cut = len(raw.encode()[:meta["train_bytes"]].decode())
+    assert report.split_texts(PreparedData(tmp_path / "data")) == (raw[:cut], raw[cut:])
+    assert "ж" in raw[cut:]
+    src.write_text(raw + "one more line\n", encoding="utf-8")  # changed since: the token files are the split
+    train, val = report.split_texts(PreparedData(tmp_path / "data"))
+    assert train == raw[:cut] and "ж" not in val and val.replace("\ufffd", "ж") == raw[cut:]
+    src.unlink()
+    assert report.split_texts(PreparedData(tmp_path / "data")) == (train, val)
 
 
 def test_corpus_stretches_are_evenly_spaced_and_refused_when_too_few():
