@@ -254,7 +254,7 @@ def make_report(checkpoint: str | Path, *, samples: int = 50, out: str | Path | 
     prepared = PreparedData(data)
     if not same_tokenizer(ckpt.tokenizer, prepared.tokenizer):
         raise GPTSmallError(f"{prepared.directory} was prepared with another tokenizer than the checkpoint's")
-    out = Path(out) if out is not None else (run_dir if (run_dir / "checkpoints").is_dir() else ckpt.path) / "report"
+    out = Path(out) if out is not None else run_dir / "report"  # the run's, or the checkpoint folder's given
     out.mkdir(parents=True, exist_ok=True)
 
     train_text, val_text = split_texts(prepared)

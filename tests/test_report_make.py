@@ -179,6 +179,15 @@ def test_each_setting_is_checked_before_any_work(tmp_path, kw, message):
     assert str(tmp_path / "missing") in str(e.value) and message not in str(e.value)
 
 
+def test_window_keep_is_checked_before_the_data_is_read(run, tmp_path):
+    """The window of the tiny model is 32 tokens: 31 kept is the most, 32 is refused at once."""
+    with pytest.raises(GPTSmallError, match="window keep must be half, slide or a number of tokens from 0 to 31"):
+        make_report(run, samples=1, lines=1, window_keep=32, data=tmp_path / "none")
+    with pytest.raises(GPTSmallError) as e:
+        make_report(run, samples=1, lines=1, window_keep=31, data=tmp_path / "none")
+    assert str(tmp_path / "none") in str(e.value) and "window keep" not in str(e.value)
+
+
 def test_a_failed_plot_leaves_the_previous_report_whole(run, tmp_path, monkeypatch):
     out = tmp_path / "rep"
     make_report(run, samples=1, lines=1, out=out)
