@@ -32,13 +32,13 @@ from gpt_small.report import (NGramIndex, _summary, corpus_poems, form_stats, fo
                               make_report, memorisation, split_texts)
 
 
-def _model(vocab_size: int, newline: int) -> GPT:
+def _model(vocab_size: int, newline: int, newline_logit: float = 2.0) -> GPT:
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("tiny", vocab_size=vocab_size))
-    with torch.no_grad():  # logits = wte . bias: the newline's is 2, the others' near 0
+    with torch.no_grad():  # logits = wte . bias: the newline's is newline_logit, the others' near 0
         wte = model.transformer.wte.weight
         model.transformer.ln_f.weight.zero_()
-        model.transformer.ln_f.bias.copy_(2 * wte[newline] / wte[newline].dot(wte[newline]))
+        model.transformer.ln_f.bias.copy_(newline_logit * wte[newline] / wte[newline].dot(wte[newline]))
     return model.eval()
 
 
@@ -177,6 +177,19 @@ def test_each_setting_is_checked_before_any_work(tmp_path, kw, message):
     with pytest.raises(GPTSmallError) as e:
         make_report(tmp_path / "missing", **{name: edge[name][bad]})
     assert str(tmp_path / "missing") in str(e.value) and message not in str(e.value)
+
+
+def test_a_poem_line_gets_the_documented_token_budget(data, tmp_path):
+    """A model that never ends a line: each poem stops at LINE_TOKEN_BUDGET (200) tokens per line
+    asked for, one line of 200 characters for --lines 1 and of 400 for --lines 2."""
+    tok = data.tokenizer
+    model = _model(tok.vocab_size, tok.encode("\n")[0], newline_logit=-200.0)
+    run = tmp_path / "run"
+    save_checkpoint(run, step=1, model=model, tokenizer=tok, config={"model": model.config.to_dict()})
+    assert LINE_TOKEN_BUDGET == 200
+    for lines in (1, 2):
+        r = make_report(run, samples=2, lines=lines, data=data.directory, out=tmp_path / "o", eval_tokens=40)
+        assert [[len(line) for line in poem] for poem in r["poems"]["model"]] == [[200 * lines]] * 2
 
 
 def test_window_keep_is_checked_before_the_data_is_read(run, tmp_path):
