@@ -356,6 +356,7 @@ def test_the_plot_shows_each_figure_of_both_sides(tmp_path, monkeypatch):
     """report.png: 1100 x 800 pixels; three histograms (model blue, corpus orange) of the per-line
     and per-stanza figures and one bar chart of the seven shares, read back from the figure saved."""
     import matplotlib.figure
+    import matplotlib.pyplot as plt
     from matplotlib.colors import to_hex
 
     saved = []
@@ -397,7 +398,8 @@ def test_the_plot_shows_each_figure_of_both_sides(tmp_path, monkeypatch):
     assert [h > 0 for _, _, h in stanza[blue]] == [k in (2, 39) for k in range(40)]
     assert {p.get_alpha() for ax in (a, b, c) for p in ax.patches} == {0.55}
     assert [ax.get_legend() is not None for ax in (a, b, c, d)] == [True] * 4
-    assert [t.get_text() for t in b.get_legend().get_texts()] == ["model", "corpus"]
+    assert [[t.get_text() for t in ax.get_legend().get_texts()] for ax in (a, b, c, d)] == [
+        ["model"], ["model", "corpus"], ["model", "corpus"], ["model", "corpus"]]
     shares = bars(d)
     heights = [0.12345, 0.0049, 0.5, 0.0204, 0.72449, 0.98551, 0.0251]
     assert [round(h, 5) for _, _, h in shares[blue]] == heights
@@ -407,4 +409,7 @@ def test_the_plot_shows_each_figure_of_both_sides(tmp_path, monkeypatch):
     assert [t.get_text() for t in d.get_xticklabels()] == [
         "8-grams\ncopied", "rhyme\nd=1", "rhyme\nd=2", "not in\ndictionary", "distinct-1", "distinct-2",
         "repeated\nlines"]
+    assert {t.get_fontsize() for t in d.get_xticklabels()} == {8}
     assert d.get_ylim() == (0, 1)
+    assert fig.subplotpars.left < 0.1 and fig.subplotpars.bottom < 0.1  # laid out tightly, not at the 0.125 margins
+    assert plt.get_fignums() == []  # the figure is closed: a report per call leaks nothing
