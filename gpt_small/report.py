@@ -265,7 +265,7 @@ def make_report(checkpoint: str | Path, *, samples: int = 50, out: str | Path | 
 
     index = NGramIndex.cached(train_text, [prepared.directory, cache_dir() / "ngrams"])
     train_lines = train_text.split("\n")
-    tokens = prepared.val if eval_tokens is None else prepared.val[:eval_tokens]
+    tokens = prepared.val[:eval_tokens]  # all of it for None
     ctx = ckpt.model_config.block_size
     res = evaluate_tokens(ckpt.model, tokens, context=ctx, stride=ctx, batch_size=8,
                           chars_per_token=prepared.chars_per_token("val"), device=dev)

@@ -32,12 +32,14 @@ from gpt_small.report import (NGramIndex, _summary, corpus_poems, form_stats, fo
                               make_report, memorisation, split_texts)
 
 
-def _model(vocab_size: int, newline: int, newline_logit: float = 2.0) -> GPT:
+def _model(vocab_size: int, newline: int, newline_logit: float = 2.0, context: float = 0.0) -> GPT:
+    """logits = wte . (context * normed input + bias): the newline's bias is newline_logit, the
+    others' near 0; with context 0 every step has the same distribution."""
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("tiny", vocab_size=vocab_size))
-    with torch.no_grad():  # logits = wte . bias: the newline's is newline_logit, the others' near 0
+    with torch.no_grad():
         wte = model.transformer.wte.weight
-        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.weight.fill_(context)
         model.transformer.ln_f.bias.copy_(newline_logit * wte[newline] / wte[newline].dot(wte[newline]))
     return model.eval()
 
@@ -62,7 +64,7 @@ def run(data, tmp_path_factory) -> Path:
 
 
 def test_every_figure_is_its_function_of_the_poems_and_the_files_hold_them(run, data, tmp_path):
-    out = tmp_path / "rep"
+    out = tmp_path / "reports" / "of" / "rep"  # folders made with their parents
     r = make_report(run, samples=3, lines=2, out=out, seed=5, temperature=0.7, window_keep="slide")
     ckpt = load_checkpoint(run)
     assert (r["checkpoint"], r["step"], r["data"]) == (str(ckpt.path), 7, str(data.directory))
@@ -190,6 +192,57 @@ def test_a_poem_line_gets_the_documented_token_budget(data, tmp_path):
     for lines in (1, 2):
         r = make_report(run, samples=2, lines=lines, data=data.directory, out=tmp_path / "o", eval_tokens=40)
         assert [[len(line) for line in poem] for poem in r["poems"]["model"]] == [[200 * lines]] * 2
+
+
+def test_the_window_keeps_what_window_keep_says(data, tmp_path):
+    """Poems longer than the model's window (32 tokens) are sampled with the window kept as asked."""
+    tok = data.tokenizer
+    model = _model(tok.vocab_size, tok.encode("\n")[0], newline_logit=0.0, context=5.0)  # reads its context
+    run = tmp_path / "run"
+    save_checkpoint(run, step=1, model=model, tokenizer=tok, config={"model": model.config.to_dict()})
+    r = make_report(run, samples=2, lines=14, data=data.directory, out=tmp_path / "o", eval_tokens=40, window_keep=5)
+    assert r["window_keep"] == 5
+    ckpt = load_checkpoint(run)
+    sample = dict(max_new_tokens=LINE_TOKEN_BUDGET * 14, lines=14, num_samples=2, seed=0)
+    texts = generate_text(ckpt.model, ckpt.tokenizer, "", keep=5, **sample)
+    assert min(len(t) for t in texts) > 64  # the window moved on
+    assert r["poems"]["model"] == [t.split("\n")[:14] for t in texts]
+    assert generate_text(ckpt.model, ckpt.tokenizer, "", **sample) != texts  # the default keep samples others
+
+
+def test_sampling_stops_at_the_last_line(run, tmp_path, monkeypatch):
+    """The report samples only the lines it keeps: a poem of 2 short lines takes a few steps, not
+    the 400 of its token budget."""
+    import gpt_small.generate as generate
+
+    steps = []
+    real = generate.generate_tokens
+
+    def counted(*a, **k):
+        for step in real(*a, **k):
+            steps.append(1)
+            yield step
+
+    monkeypatch.setattr(generate, "generate_tokens", counted)
+    r = make_report(run, samples=2, lines=2, out=tmp_path / "o")
+    longest = max(sum(len(line) + 1 for line in poem) for poem in r["poems"]["model"])  # tokens, newlines included
+    assert len(steps) == longest < 100
+
+
+def test_bits_per_char_use_the_datas_characters_per_token(tmp_path, verse):
+    """With a byte-level BPE (several characters a token), bits/char = loss / ln 2 / characters per token."""
+    import math
+
+    (tmp_path / "poems.txt").write_text(verse(200, seed=5) * 2)
+    prepare(out=tmp_path / "data", text=tmp_path / "poems.txt", tokenizer="bpe", vocab_size=300)
+    data = PreparedData(tmp_path / "data")
+    assert data.chars_per_token("val") > 1.5
+    tok = data.tokenizer
+    model = _model(tok.vocab_size, tok.encode("\n")[0])
+    save_checkpoint(tmp_path / "run", step=1, model=model, tokenizer=tok, config={"model": model.config.to_dict()})
+    r = make_report(tmp_path / "run", samples=1, lines=1, data=data.directory, out=tmp_path / "o")
+    e = r["model_eval"]
+    assert e["bits_per_char"] == pytest.approx(e["loss"] / math.log(2) / data.chars_per_token("val"))
 
 
 def test_window_keep_is_checked_before_the_data_is_read(run, tmp_path):
