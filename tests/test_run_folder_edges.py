@@ -129,6 +129,13 @@ def test_only_rank_0_locks_and_writes(verse_data, model, tmp_path, monkeypatch, 
         assert names == [".lock"] and saved is None and t.records == []  # the lock file is the probe's
 
 
+def test_writer_given_overrides_the_rank(verse_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert RunFolder(_plan(verse_data, tmp_path / "a"), writer=True).writer is True
+    monkeypatch.setenv("RANK", "0")
+    assert RunFolder(_plan(verse_data, tmp_path / "a"), writer=False).writer is False
+
+
 def test_start_writes_the_run_config_and_trims_the_log(verse_data, tmp_path):
     out = tmp_path / "run"
     plan = _plan(verse_data, out)
