@@ -413,3 +413,25 @@ def test_the_plot_shows_each_figure_of_both_sides(tmp_path, monkeypatch):
     assert d.get_ylim() == (0, 1)
     assert fig.subplotpars.left < 0.1 and fig.subplotpars.bottom < 0.1  # laid out tightly, not at the 0.125 margins
     assert plt.get_fignums() == []  # the figure is closed: a report per call leaks nothing
+
+
+def test_the_plot_of_lines_without_syllables_is_a_png_whatever_the_settings(tmp_path):
+    """Figures all 0 still get the bins of 0 and 1; the file is a PNG written to an open
+    file (as the report writes it) even where matplotlib's settings say to save SVG."""
+    import matplotlib
+    import matplotlib.figure
+
+    r = _result()
+    for side in ("model", "corpus"):
+        r[side]["form"].update(line_chars=[0], line_syllables=[0, 0], stanza_lines=[0])
+    saved = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    with matplotlib.rc_context({"savefig.format": "svg"}), open(tmp_path / "plot", "wb") as f:
+        try:
+            matplotlib.figure.Figure.savefig = lambda fig, *a, **k: (saved.append(fig), real_savefig(fig, *a, **k))[1]
+            report.plot_report(r, f)
+        finally:
+            matplotlib.figure.Figure.savefig = real_savefig
+    assert (tmp_path / "plot").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for ax in saved[0].axes[:3]:
+        assert sorted({round(p.get_x(), 6) for p in ax.patches}) == [-0.5, 0.5]  # the bins of 0 and 1
