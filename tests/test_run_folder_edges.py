@@ -109,7 +109,7 @@ def test_only_rank_0_locks_and_writes(verse_data, model, tmp_path, monkeypatch, 
         monkeypatch.delenv("RANK", raising=False)
     else:
         monkeypatch.setenv("RANK", rank)
-    out = tmp_path / "run"
+    out = tmp_path / "runs" / "run"  # made with its parent by every rank
     t = Tracker()
     with RunFolder(_plan(verse_data, out), trackers=[t]) as folder:
         assert folder.writer is writer
@@ -231,10 +231,10 @@ def test_trim_metrics_keeps_the_lines_up_to_the_step(tmp_path):
     path = tmp_path / "metrics.jsonl"
     trim_metrics(path, 3)
     assert not path.exists()  # nothing to trim, nothing made
-    path.write_text('{"step": 1}\n{"step": 3, "kind": "eval"}\nnot json\n{"kind": "no step"}\n{"step": null}\n'
-                    '{"step": 4}\n{"step": 2}\n{"step": 5, "ki')
+    path.write_bytes(b'{"step": 1}\n{"step": 3, "kind": "eval"}\nnot json\n{"kind": "no step"}\n{"step": null}\n'
+                     b'[1]\n{"step": 4}\n{"step": 2, "note": "\xff"}\n{"step": 5, "ki')
     trim_metrics(path, 3)
-    assert path.read_text() == '{"step": 1}\n{"step": 3, "kind": "eval"}\n{"step": 2}\n'
+    assert path.read_text() == '{"step": 1}\n{"step": 3, "kind": "eval"}\n{"step": 2, "note": "\ufffd"}\n'
     trim_metrics(path, 0)
     assert path.read_text() == ""
 
