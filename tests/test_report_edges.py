@@ -253,6 +253,9 @@ def test_a_corpus_folder_is_split_from_its_source_file_while_the_file_is_unchang
     assert train == raw[:cut] and "ж" not in val and val.replace("\ufffd", "ж") == raw[cut:]
     src.unlink()
     assert report.split_texts(PreparedData(tmp_path / "data")) == (train, val)
+    del meta["source_path"]  # a folder that does not record its source: the token files
+    meta_path.write_text(__import__("json").dumps(meta))
+    assert report.split_texts(PreparedData(tmp_path / "data")) == (train, val)
 
 
 def test_corpus_stretches_are_evenly_spaced_and_refused_when_too_few():

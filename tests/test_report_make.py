@@ -121,11 +121,14 @@ def test_the_defaults_are_the_documented_ones(run, data, tmp_path, monkeypatch):
 def test_a_checkpoint_folder_reports_beside_itself_and_finds_its_runs_data(run, data, tmp_path, monkeypatch):
     """Given a checkpoint folder (runs/x/checkpoints/step-N), the report goes to step-N/report and
     the data folder is the one its run records (two folders up)."""
-    step = tmp_path / "copy" / "checkpoints" / "step-000007"
+    step = tmp_path / "cöpy" / "checkpoints" / "step-000007"
     shutil.copytree((run / "last").resolve(), step)
-    shutil.copy(run / "run_config.json", tmp_path / "copy" / "run_config.json")
+    shutil.copy(run / "run_config.json", tmp_path / "cöpy" / "run_config.json")
     r = make_report(step, samples=1, lines=1)
     assert r["out"] == str(step / "report") and r["data"] == str(data.directory)
+    # report.json is readable as it is: indented by one space, characters as they are, UTF-8
+    text = (step / "report" / "report.json").read_text(encoding="utf-8")
+    assert text.startswith('{\n "checkpoint": "') and f'"checkpoint": "{step}",' in text and "cöpy" in text
 
 
 def test_data_given_is_read_and_a_run_without_a_data_folder_is_refused(run, data, tmp_path):
