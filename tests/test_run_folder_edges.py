@@ -265,3 +265,21 @@ def test_run_progress_of_a_checkpoint_without_progress_reads_its_trainer_state(v
         cfg.write_text(json.dumps(meta))
     assert run_progress(out) == RunProgress(step=6, finished=False, elapsed=8.5)  # no "finished": not finished
     assert run_progress((out / "best").resolve()) == RunProgress(step=5, finished=True, elapsed=7.5)
+
+
+def test_the_log_is_read_and_trimmed_as_utf_8_whatever_the_locale(tmp_path):
+    """metrics.jsonl is UTF-8 (fileio.append_line writes it so); a process whose locale encoding is
+    ASCII (LC_ALL=C, no UTF-8 mode) reads and trims it as UTF-8 all the same."""
+    import os
+
+    path = tmp_path / "metrics.jsonl"
+    lines = ['{"step": 1, "note": "\u00e9 \u266a"}', '{"step": 2}']
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    assert read_metrics(path)[0]["note"] == "\u00e9 \u266a"
+    code = ("import json, sys\nfrom gpt_small.run_folder import read_metrics, trim_metrics\n"
+            "print(ascii(read_metrics(sys.argv[1])))\ntrim_metrics(__import__('pathlib').Path(sys.argv[1]), 1)")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    out = subprocess.run([sys.executable, "-X", "utf8=0", "-c", code, str(path)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == ascii([{"step": 1, "note": "\u00e9 \u266a"}, {"step": 2}])
+    assert path.read_bytes() == (lines[0] + "\n").encode("utf-8")
