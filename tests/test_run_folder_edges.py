@@ -113,8 +113,9 @@ def test_only_rank_0_locks_and_writes(verse_data, model, tmp_path, monkeypatch, 
     t = Tracker()
     with RunFolder(_plan(verse_data, out), trackers=[t]) as folder:
         assert folder.writer is writer
+        assert out.is_dir() is writer  # the writer's lock made it
+        folder.start(0, world_size=2)  # before the probe below, which makes the folder to lock it
         assert _free(out) is not writer
-        folder.start(0, world_size=2)
         folder.log({"kind": "train", "step": 1, "loss": 3.0, "lr": 0.001})
         saved = folder.save(step=1, model=model, trainer_state={"elapsed": 1.0}, best_val=2.0, finished=False,
                             elapsed=1.0)
