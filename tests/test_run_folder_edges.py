@@ -284,3 +284,10 @@ def test_the_log_is_read_and_trimmed_as_utf_8_whatever_the_locale(tmp_path):
                          capture_output=True, text=True).stdout
     assert out.strip() == ascii([{"step": 1, "note": "\u00e9 \u266a"}, {"step": 2}])
     assert path.read_bytes() == (lines[0] + "\n").encode("utf-8")
+
+
+def test_an_out_that_is_a_file_is_refused_naming_the_flag(verse_data, tmp_path):
+    (tmp_path / "run").write_text("")
+    with pytest.raises(GPTSmallError) as e:
+        RunFolder(_plan(verse_data, tmp_path / "run")).__enter__()
+    assert str(e.value) == f"cannot use {tmp_path / 'run'} as a --out: it exists and is not a folder"
