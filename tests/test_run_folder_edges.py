@@ -277,6 +277,8 @@ def test_the_log_is_read_and_trimmed_as_utf_8_whatever_the_locale(tmp_path):
     lines = ['{"step": 1, "note": "\u00e9 \u266a"}', '{"step": 2}']
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     assert read_metrics(path)[0]["note"] == "\u00e9 \u266a"
+    trim_metrics(path, 2)  # keeps both lines, as they are
+    assert path.read_bytes() == "".join(line + "\n" for line in lines).encode("utf-8")
     code = ("import json, sys\nfrom gpt_small.run_folder import read_metrics, trim_metrics\n"
             "print(ascii(read_metrics(sys.argv[1])))\ntrim_metrics(__import__('pathlib').Path(sys.argv[1]), 1)")
     env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}
