@@ -14,7 +14,7 @@ writes report.json, report.md and report.png:
   lines; eng-poem has no blank lines, so each stretch is one stanza);
 - language: the share of words not in the CMU dictionary, distinct-1/2 (distinct unigrams and
   bigrams over their count, per poem, averaged), repetition (the share of lines that repeat an
-  earlier line of the same poem);
+  earlier line of the same poem, whatever their case and outer spaces);
 - model: loss and bits/char on the whole validation split (evaluate.evaluate_checkpoint, stride
   = context), or on its first `eval_tokens` tokens when that is given.
 The training and validation texts are the prepared folder's source file cut at its recorded
@@ -177,7 +177,7 @@ def language_stats(poems: list[list[str]]) -> dict[str, float]:
             d2.append(len(set(bigrams)) / len(bigrams))
         seen = set()
         for line in poem:
-            key = line.strip().lower()
+            key = line.strip().casefold()  # caseless as Unicode defines it: "Straße" repeats "STRASSE"
             if not key:
                 continue
             n_lines += 1
@@ -254,7 +254,7 @@ def make_report(checkpoint: str | Path, *, samples: int = 50, out: str | Path | 
     prepared = PreparedData(data)
     if not same_tokenizer(ckpt.tokenizer, prepared.tokenizer):
         raise GPTSmallError(f"{prepared.directory} was prepared with another tokenizer than the checkpoint's")
-    out = Path(out) if out is not None else (run_dir if (run_dir / "checkpoints").is_dir() else ckpt.path) / "report"
+    out = Path(out) if out is not None else run_dir / "report"  # the run's, or the checkpoint folder's given
     out.mkdir(parents=True, exist_ok=True)
 
     train_text, val_text = split_texts(prepared)
@@ -265,7 +265,7 @@ def make_report(checkpoint: str | Path, *, samples: int = 50, out: str | Path | 
 
     index = NGramIndex.cached(train_text, [prepared.directory, cache_dir() / "ngrams"])
     train_lines = train_text.split("\n")
-    tokens = prepared.val if eval_tokens is None else prepared.val[:eval_tokens]
+    tokens = prepared.val[:eval_tokens]  # all of it for None
     ctx = ckpt.model_config.block_size
     res = evaluate_tokens(ckpt.model, tokens, context=ctx, stride=ctx, batch_size=8,
                           chars_per_token=prepared.chars_per_token("val"), device=dev)
