@@ -105,7 +105,8 @@ MODULE_TESTS: dict[str, list[str]] = {
     "gpt_small/serve/app.py": ["tests/test_serve_app.py", "tests/test_serve_auth.py", "tests/test_serve_api.py",
                                "tests/test_serve_chat.py", "tests/test_serve_engine.py"],
     "gpt_small/serve/forms.py": ["tests/test_serve_forms.py"],
-    "gpt_small/serve/engine.py": ["tests/test_serve_engine.py"],
+    "gpt_small/serve/engine.py": ["tests/test_serve_engine.py", "tests/test_engine_edges.py", "tests/test_serve_prefill.py",
+                                  "tests/test_serve_api.py", "tests/test_serve_chat.py"],
 }
 
 # what the copy needs besides gpt_small/ and tests/ (tests read these)
