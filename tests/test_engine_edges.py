@@ -189,3 +189,51 @@ def test_a_stop_string_split_at_a_character_boundary():
     sent, fed = _feed_all(seq, "aé!zz".encode())
     assert seq.finish_reason == "stop" and seq.text == "a" and "".join(sent) == "a"
     assert fed == len("aé!".encode())
+
+
+def _run(engine: Engine, seqs: list[Sequence], timeout: float = 60.0) -> None:
+    done = threading.Semaphore(0)
+    for s in seqs:
+        s.on_event = lambda kind, v: kind == "done" and done.release()
+    engine.submit(seqs)
+    for _ in seqs:
+        assert done.acquire(timeout=timeout), "the engine did not finish in time"
+
+
+def test_forced_tokens_are_taken_and_scored_by_the_models_own_distribution():
+    """The verse forms' hooks: forced tokens are taken whatever the sampling options say; `score`
+    gives each one's log-probability under the model at temperature 1 (no ban, penalty or
+    truncation), `keep_first` the whole first distribution, `logprobs=N` the top N of it."""
+    import torch
+
+    model, tok = make_model()
+    reference, _ = make_model()  # the same weights, without the engine's cache
+    prompt, forced = tok.encode("the "), tok.encode("moon moon\n")
+    with torch.no_grad():
+        logits = reference(torch.tensor([prompt + forced]))[0]
+    want = torch.log_softmax(logits.float(), dim=-1)[len(prompt) - 1:-1]  # the distribution of each forced token
+    want_scores = [float(want[i, t]) for i, t in enumerate(forced)]
+    odd = Sampling(temperature=0.3, top_k=1, repetition_penalty=1.8, seed=5)  # would sample other tokens
+    engine = Engine(model, tok, max_batch=4)
+    try:
+        seqs = [Sequence(prompt, odd, max_new_tokens=len(forced), tokenizer=tok, forced=forced, score=True,
+                         keep_first=True, logprobs=3),
+                Sequence(prompt, odd, max_new_tokens=len(forced), tokenizer=tok, forced=forced, logprobs=0),
+                Sequence(prompt, odd, max_new_tokens=len(forced), tokenizer=tok)]  # sampled: no scores kept
+        _run(engine, seqs)
+    finally:
+        engine.close(30)
+    scored, zero, plain = seqs
+    for s in (scored, zero):
+        assert s.new_ids == forced and s.text == "moon moon\n" and s.finish_reason == "length"
+    assert scored.scores == pytest.approx(want_scores, abs=1e-4)
+    assert torch.allclose(scored.first_logprobs, want[0], atol=1e-4)  # the first distribution, kept once
+    assert [lp for lp, _ in scored.token_logprobs] == pytest.approx(want_scores, abs=1e-4)
+    for i, (_, top) in enumerate(scored.token_logprobs):
+        best = torch.topk(want[i], 3)
+        assert [t for t, _ in top] == best.indices.tolist()
+        assert [v for _, v in top] == pytest.approx(best.values.tolist(), abs=1e-4)
+    assert [top for _, top in zero.token_logprobs] == [[]] * len(forced)
+    assert zero.scores is None and zero.first_logprobs is None
+    assert plain.scores is None and plain.first_logprobs is None and plain.token_logprobs == []
+    assert plain.new_ids != forced and len(plain.new_ids) == len(forced)
