@@ -5,6 +5,7 @@ line count, the token budget and a split UTF-8 character meet on one token."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -92,7 +93,16 @@ def test_free_rows_take_arrivals_beyond_the_queue_bound(max_batch, max_queue):
         engine.close(30)
 
 
-def test_a_failed_batched_decode_step_ends_its_rows_with_error_and_the_engine_goes_on():
+def _idle(engine: Engine, timeout: float = 30.0) -> dict[str, int]:
+    """The engine's stats once no row is live and nothing waits."""
+    deadline = time.monotonic() + timeout
+    while (stats := engine.stats())["active"] or stats["queued"]:
+        assert time.monotonic() < deadline, f"the engine did not go idle: {stats}"
+        time.sleep(0.01)
+    return stats
+
+
+def test_a_failed_batched_decode_step_ends_its_rows_with_error_and_the_engine_goes_on(caplog):
     model, tok = make_model()
     calls = {"decode": 0}
     forward = model.forward
@@ -115,9 +125,17 @@ def test_a_failed_batched_decode_step_ends_its_rows_with_error_and_the_engine_go
         engine.submit(seqs)
         for _ in seqs:
             assert done.acquire(timeout=60)
-        for i, s in enumerate(seqs):
+        tokens = [len(s.new_ids) for s in seqs]
+        stats = _idle(engine)
+        for i, s in enumerate(seqs):  # ended once, at the failed step: no text or token after it
             assert s.finish_reason == "error" and events[i][-1] == ("done", "error")
-            assert 1 <= len(s.new_ids) < 40
+            assert [e for e in events[i] if e[0] == "done"] == [("done", "error")]
+            assert 1 <= len(s.new_ids) == tokens[i] < 40
+        assert stats["finished"] == 2 and stats["cancelled"] == 0 and stats["tokens"] == sum(tokens)
+        # the server's log names what failed, once per request, with the traceback
+        failed = [r for r in caplog.records if r.name == "gpt_small.serve"]
+        assert [r.getMessage() for r in failed] == ["a batched decode step failed; ending that request"] * 2
+        assert all("injected failure in a decoding step" in str(r.exc_info[1]) for r in failed)
         # the engine keeps serving, and a new sequence is what it would be alone
         again = _seq(tok, "the ", 7, 30, on_event=lambda kind, v: kind == "done" and done.release())
         engine.submit([again])
