@@ -48,7 +48,9 @@ def test_with_every_row_busy_the_queue_takes_exactly_max_queue(max_queue):
         assert engine.stats()["queued"] == max_queue
         with pytest.raises(QueueFull, match=f"the queue holds {max_queue}"):
             engine.submit([_seq(tok, "a", 99, 5)])
-        assert engine.stats()["queued"] == max_queue and engine.stats()["active"] == 2
+        stats = engine.stats()  # what /healthz shows
+        assert stats["queued"] == max_queue and stats["active"] == 2
+        assert stats["max_queue"] == max_queue and stats["max_batch"] == 2
     finally:
         _stop(engine, busy + waiting)
     assert all(s.finish_reason == "cancelled" for s in busy + waiting)
