@@ -257,3 +257,29 @@ def test_forced_tokens_are_taken_and_scored_by_the_models_own_distribution():
     assert zero.scores is None and zero.first_logprobs is None
     assert plain.scores is None and plain.first_logprobs is None and plain.token_logprobs == []
     assert plain.new_ids != forced and len(plain.new_ids) == len(forced)
+
+
+def test_close_finishes_what_runs_and_waits_then_takes_nothing_new():
+    """A graceful shutdown: every row and every queued sequence is written to its end (the same
+    tokens as alone), the worker stops, and a later submit is refused as shutting down."""
+    from gpt_small.serve.engine import ShuttingDown
+
+    model, tok = make_model()
+    engine = Engine(model, tok, max_batch=2, max_queue=2)
+    events: dict[int, list] = {i: [] for i in range(4)}
+    seqs = [_seq(tok, p, i, 12, on_event=lambda kind, v, i=i: events[i].append((kind, v)))
+            for i, p in enumerate(["the ", "a", "and ", "the "])]
+    engine.submit(seqs)  # two rows, two waiting
+    engine.close(60)
+    assert not engine._thread.is_alive()
+    assert [s.finish_reason for s in seqs] == ["length"] * 4
+    assert [e[-1] for e in events.values()] == [("done", "length")] * 4
+    stats = engine.stats()
+    assert stats["finished"] == 4 and stats["tokens"] == 48 and stats["active"] == stats["queued"] == 0
+    with pytest.raises(ShuttingDown, match="^the server is shutting down$"):
+        engine.submit([_seq(tok, "a", 9, 3)])
+    reference, _ = make_model()
+    for i, (s, p) in enumerate(zip(seqs, ["the ", "a", "and ", "the "])):
+        alone = [int(t) for t in generate_tokens(reference, tok.encode(p), max_new_tokens=12, temperature=1.0,
+                                                 seed=i, banned_ids=[tok.unk_id])]
+        assert s.new_ids == alone
