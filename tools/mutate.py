@@ -203,10 +203,13 @@ def _config(module: str, tests: list[str]) -> str:
         "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -q\n"
         # torch is not fork-safe once its thread pools exist: a fork server imports, workers fork from it
         "process_isolation = forkserver\n"
-        # a mutant's limit is 15x its tests' time in the clean run plus this: a worker loads what
-        # the clean run had cached (the CMU dictionary), on a shared machine; too tight a limit
-        # would count slow mutants as killed
-        "timeout_constant = 60\n"
+        # a mutant's wall-clock limit is 15x its tests' time in the clean run plus 60 s: a worker
+        # loads what the clean run had cached (the CMU dictionary), on a shared machine; too tight
+        # a limit would count slow mutants as killed. mutmut computes it as (time + constant) x
+        # multiplier (and twice that in CPU seconds), so the 60 s is written as 4 x 15; a constant
+        # of 60 would let a mutant that deadlocks the serve engine's worker wait 15 minutes
+        "timeout_multiplier = 15\n"
+        "timeout_constant = 4\n"
         f"also_copy ={lines(ALSO_COPY)}\n"
     )
 
