@@ -283,3 +283,46 @@ def test_close_finishes_what_runs_and_waits_then_takes_nothing_new():
         alone = [int(t) for t in generate_tokens(reference, tok.encode(p), max_new_tokens=12, temperature=1.0,
                                                  seed=i, banned_ids=[tok.unk_id])]
         assert s.new_ids == alone
+
+
+def test_a_failure_outside_any_row_ends_every_live_and_arriving_sequence_once():
+    """A bug that escapes the round (here: the step raises once, after clearing the model's cache)
+    ends the live rows and the arrivals of that round with an error, each exactly once, and the
+    engine starts over with a fresh cache: the next sequence is what it would be alone."""
+    model, tok = make_model()
+    engine = Engine(model, tok, max_batch=4)
+    real_step = engine._step
+    fail = threading.Event()
+
+    def step():
+        if fail.is_set() and not engine._pending:  # the arrivals were taken into this round
+            fail.clear()
+            model.clear_kv_cache()
+            raise RuntimeError("injected failure outside any row")
+        return real_step()
+
+    engine._step = step
+    events: dict[int, list] = {0: [], 1: [], 2: []}
+    try:
+        started = threading.Event()
+        live = _seq(tok, "the ", 0, 100_000, on_event=lambda kind, v: (events[0].append((kind, v)), started.set()))
+        engine.submit([live])
+        assert started.wait(60)
+        with engine._cond:  # arrivals of the failing round, beside the live row
+            fail.set()
+            engine.submit([_seq(tok, "a", i, 5, on_event=lambda kind, v, i=i: events[i].append((kind, v)))
+                           for i in (1, 2)])
+        stats = _idle(engine)
+        for i in (0, 1, 2):
+            assert [e for e in events[i] if e[0] == "done"] == [("done", "error")] and events[i][-1][0] == "done"
+        assert stats["finished"] == 3
+        done = threading.Event()
+        again = _seq(tok, "the ", 7, 20, on_event=lambda kind, v: kind == "done" and done.set())
+        engine.submit([again])
+        assert done.wait(60)
+    finally:
+        engine.close(30)
+    reference, _ = make_model()
+    alone = [int(t) for t in generate_tokens(reference, tok.encode("the "), max_new_tokens=20, temperature=1.0,
+                                             seed=7, banned_ids=[tok.unk_id])]
+    assert again.finish_reason == "length" and again.new_ids == alone
