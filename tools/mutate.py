@@ -67,7 +67,9 @@ MODULE_TESTS: dict[str, list[str]] = {
     # with hand-made models pin the search instead
     "gpt_small/forms.py": ["tests/test_verse_edges.py", "tests/test_forms_edges.py",
                            "tests/test_forms.py::test_plan_of_schemes", "tests/test_forms.py::test_bad_forms_are_refused"],
-    "gpt_small/form_calls.py": ["tests/test_forms.py", "tests/test_verse_edges.py"],
+    "gpt_small/form_calls.py": ["tests/test_verse_edges.py", "tests/test_forms_edges.py",
+                                "tests/test_forms.py::test_shared_prefix_equals_a_prefix_per_row",
+                                "tests/test_forms.py::test_scores_equal_an_uncached_forward"],
     "gpt_small/cli_generate.py": ["tests/test_cli.py", "tests/test_generate.py", "tests/test_forms.py",
                                   "tests/test_bad_input.py"],
     "gpt_small/cli_train.py": ["tests/test_cli.py", "tests/test_cli_info.py", "tests/test_bad_input.py",
