@@ -231,3 +231,27 @@ def test_form_fields_at_their_edges():
                dict(lines=1, syllables=limits.MAX_SYLLABLES + 1), dict(lines=1, tolerance=limits.MAX_SYLLABLES + 1)):
         with pytest.raises(GPTSmallError):
             Form(**kw)
+
+
+def test_sampled_lines_are_scored_by_the_models_own_distribution_whatever_samples_them():
+    """<unk> is banned from the sampled lines but keeps its mass in their log-probability, which is
+    the model's at temperature 1 whatever the sampling temperature (form_calls.sample_lines)."""
+    from gpt_small.form_calls import sample_lines
+
+    table = {**TABLE, "\n": {"<unk>": 0.5, "I saw the": 0.3, "we went": 0.2}}
+    model, tok = _setup(table)
+    newline = torch.tensor([t == "\n" for t in tok.tokens])
+    prefix = torch.tensor(tok.encode("\n"))
+    expected = {("I saw the", " day", "\n"): 0.3 * 0.5, ("I saw the", " way", "\n"): 0.3 * 0.3 * 0.1,
+                ("I saw the", " way", " la", "\n"): 0.3 * 0.3 * 0.9, ("I saw the", " play", "\n"): 0.3 * 0.2,
+                ("we went", " home", "\n"): 0.2}
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for temperature in (1.0, 0.5):
+        for ids, lp, ended in sample_lines(model, prefix, 100, 4, newline, g,
+                                           dict(temperature=temperature, top_k=None, top_p=None), [tok.unk_id]):
+            line = tuple(tok.tokens[i] for i in ids)
+            assert ended and line in expected, line
+            assert lp == pytest.approx(math.log(expected[line]), abs=1e-5)
+            seen.add(line)
+    assert len(seen) >= 3  # several lines, each scored as the table says
