@@ -326,3 +326,53 @@ def test_a_failure_outside_any_row_ends_every_live_and_arriving_sequence_once():
     alone = [int(t) for t in generate_tokens(reference, tok.encode("the "), max_new_tokens=20, temperature=1.0,
                                              seed=7, banned_ids=[tok.unk_id])]
     assert again.finish_reason == "length" and again.new_ids == alone
+
+
+class PiecesTokenizer:
+    """Each id is a piece of UTF-8 bytes of any length (as byte-level BPE tokens are: several
+    characters, several newlines, or a character's first bytes only)."""
+
+    def __init__(self, pieces: list[bytes]):
+        self.pieces = pieces
+
+    def decode(self, ids) -> str:
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def _events_of(pieces: list[bytes], **kw) -> tuple[Sequence, list]:
+    """Feed each piece as one token until the sequence ends, as the engine does (finish after)."""
+    events: list = []
+    seq = Sequence([0], Sampling(seed=0), tokenizer=PiecesTokenizer(pieces),
+                   on_event=lambda kind, v: events.append((kind, v)), **kw)
+    for i in range(len(pieces)):
+        if seq.feed(i):
+            break
+    seq.finish(seq.finish_reason or "length")
+    return seq, events
+
+
+@pytest.mark.parametrize("pieces, kw, sent", [
+    # each token's text goes out with that token, the last one too (not held for the end)
+    ([b" the", b" moon", b" ro", b"se"], dict(max_new_tokens=4), [" the", " moon", " ro", "se"]),
+    # a character split over two tokens: the complete characters before it go out at once
+    ([b"ab\xc3", b"\xa9!"], dict(max_new_tokens=2), ["ab", "\u00e9!"]),
+    ([b"ab\xc3", b"\xa9!", b"cd"], dict(max_new_tokens=3, stop=["zz"]), ["ab", "\u00e9!", "cd"]),
+])
+def test_text_is_sent_with_the_token_that_completes_it(pieces, kw, sent):
+    seq, events = _events_of(pieces, **kw)
+    assert events == [("text", s) for s in sent] + [("done", "length")]
+
+
+@pytest.mark.parametrize("pieces, kw, text, fed", [
+    ([b"ab\ncd\n", b"ef"], dict(lines=1), "ab\n", 1),  # one token, two newlines: cut after the first
+    ([b"a\n\nb", b"c"], dict(lines=2), "a\n\n", 1),  # a blank line's two newlines in one token
+    ([b"a\n", b"\nb\n", b"c"], dict(lines=2), "a\n\n", 2),
+    ([b"\n", b"a"], dict(lines=1), "\n", 1),  # the very first token is the line's end
+    ([b"axbxc", b"d"], dict(stop=["x"]), "a", 1),  # the first of two matches in one token
+    ([b"axbxc", b"d"], dict(stop=["x"], keep_stop=True), "ax", 1),
+    ([b"ab", b"xyx", b"y"], dict(stop=["yx", "bx"]), "a", 2),  # the earliest of two stop strings
+])
+def test_lines_and_stop_strings_inside_a_token_of_several_characters(pieces, kw, text, fed):
+    seq, events = _events_of(pieces, max_new_tokens=10, **kw)
+    assert seq.text == text and seq.finish_reason == "stop" and len(seq.new_ids) == fed
+    assert "".join(v for kind, v in events if kind == "text") == text and events[-1] == ("done", "stop")
