@@ -376,3 +376,47 @@ def test_lines_and_stop_strings_inside_a_token_of_several_characters(pieces, kw,
     seq, events = _events_of(pieces, max_new_tokens=10, **kw)
     assert seq.text == text and seq.finish_reason == "stop" and len(seq.new_ids) == fed
     assert "".join(v for kind, v in events if kind == "text") == text and events[-1] == ("done", "stop")
+
+
+@pytest.mark.parametrize("reason", ["error", "cancelled"])
+def test_text_held_back_is_dropped_when_a_sample_ends_without_finishing(reason):
+    """A held-back "z" (it may start the stop string "zz") is not sent when the sample fails or is
+    cancelled: only a sample that ends by its rule sends what it held."""
+    seq, events = _events_of([b"a", b"z"], max_new_tokens=10, stop=["zz"])  # ends "length" by _events_of
+    assert events == [("text", "a"), ("text", "z"), ("done", "length")]
+    events = []
+    seq = Sequence([0], Sampling(seed=0), max_new_tokens=10, tokenizer=PiecesTokenizer([b"a", b"z"]), stop=["zz"],
+                   on_event=lambda kind, v: events.append((kind, v)))
+    assert not seq.feed(0) and not seq.feed(1)
+    seq.finish(reason)
+    assert events == [("text", "a"), ("done", reason)] and seq.finish_reason == reason
+
+
+def test_a_failure_sending_a_samples_last_text_ends_it_with_error():
+    """The client's callback fails on the text of the last token (the sample had just ended by
+    length): the sample's end is reported as "error", once; the other sample finishes."""
+    model, tok = make_model()
+    engine = Engine(model, tok, max_batch=2)
+    events: list = []
+    texts = []
+
+    def on_event(kind, v):
+        events.append((kind, v))
+        if kind == "text":
+            texts.append(v)
+            if len(texts) == 3:
+                raise RuntimeError("injected failure sending the last token's text")
+
+    try:
+        done = threading.Semaphore(0)
+        failing = _seq(tok, "the ", 1, 3,
+                       on_event=lambda kind, v: (on_event(kind, v), kind == "done" and done.release()))
+        other = _seq(tok, "a", 2, 6, on_event=lambda kind, v: kind == "done" and done.release())
+        engine.submit([failing, other])
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+        stats = _idle(engine)
+    finally:
+        engine.close(30)
+    assert failing.finish_reason == "error" and [e for e in events if e[0] == "done"] == [("done", "error")]
+    assert len(failing.new_ids) == 3 and other.finish_reason == "length" and len(other.new_ids) == 6
+    assert stats["finished"] == 2
