@@ -420,3 +420,27 @@ def test_a_failure_sending_a_samples_last_text_ends_it_with_error():
     assert failing.finish_reason == "error" and [e for e in events if e[0] == "done"] == [("done", "error")]
     assert len(failing.new_ids) == 3 and other.finish_reason == "length" and len(other.new_ids) == 6
     assert stats["finished"] == 2
+
+
+def test_the_counters_healthz_shows_count_exactly():
+    """tokens: every token sampled; steps: batched decoding forwards (a sample of n tokens needs
+    n - 1: its first token comes from its prefill); prefills and prefill_rows: prefill forwards and
+    the sequences in them (samples of one prompt share one); peak_batch: the most rows at once."""
+    model, tok = make_model()
+    engine = Engine(model, tok, max_batch=4)
+    try:
+        _run(engine, [_seq(tok, "the ", 0, 6)])
+        s = engine.stats()
+        assert (s["tokens"], s["steps"], s["prefills"], s["prefill_rows"], s["peak_batch"], s["finished"]) == \
+            (6, 5, 1, 1, 1, 1)
+        _run(engine, [_seq(tok, "a", i, 4) for i in range(3)])  # one prompt, three samples: one prefill
+        s = engine.stats()
+        assert (s["tokens"], s["steps"], s["prefills"], s["prefill_rows"], s["peak_batch"], s["finished"]) == \
+            (6 + 12, 5 + 3, 2, 2, 3, 4)
+        cancelled = _seq(tok, "b", 0, 5)
+        cancelled.cancel()  # before it starts: never a row, counted as cancelled
+        _run(engine, [cancelled])
+        s = engine.stats()
+        assert s["cancelled"] == 1 and s["finished"] == 4 and s["tokens"] == 18 and s["prefills"] == 2
+    finally:
+        engine.close(30)
