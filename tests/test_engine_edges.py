@@ -444,3 +444,40 @@ def test_the_counters_healthz_shows_count_exactly():
         assert s["cancelled"] == 1 and s["finished"] == 4 and s["tokens"] == 18 and s["prefills"] == 2
     finally:
         engine.close(30)
+
+
+def test_rows_after_a_failed_one_go_on():
+    """The decoding step fails in the round where a new sample is prefilled: the failed row sits
+    before the new one in the cache; the new sample still runs to its end, as it would alone."""
+    model, tok = make_model()
+    forward = model.forward
+    fail = threading.Event()
+    engine = None
+
+    def failing_forward(idx, *args, **kw):  # a decoding step of the round that took the arrival
+        if fail.is_set() and idx.shape[1] == 1 and kw.get("input_pos") is not None and not engine._pending:
+            fail.clear()
+            raise RuntimeError("injected failure in a decoding step")
+        return forward(idx, *args, **kw)
+
+    model.forward = failing_forward
+    engine = Engine(model, tok, max_batch=4)
+    try:
+        started, done = threading.Event(), threading.Semaphore(0)
+        first = _seq(tok, "the ", 1, 100_000,
+                     on_event=lambda kind, v: (started.set(), kind == "done" and done.release()))
+        engine.submit([first])
+        assert started.wait(60)
+        late = _seq(tok, "the moon", 2, 20, on_event=lambda kind, v: kind == "done" and done.release())
+        with engine._cond:
+            fail.set()
+            engine.submit([late])
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        engine.close(30)
+        model.forward = forward
+    assert first.finish_reason == "error"
+    reference, _ = make_model()
+    alone = [int(t) for t in generate_tokens(reference, tok.encode("the moon"), max_new_tokens=20, temperature=1.0,
+                                             seed=2, banned_ids=[tok.unk_id])]
+    assert late.finish_reason == "length" and late.new_ids == alone
