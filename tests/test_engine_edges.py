@@ -392,9 +392,10 @@ def test_text_held_back_is_dropped_when_a_sample_ends_without_finishing(reason):
     assert events == [("text", "a"), ("done", reason)] and seq.finish_reason == reason
 
 
-def test_a_failure_sending_a_samples_last_text_ends_it_with_error():
+def test_a_failure_sending_a_samples_last_text_ends_it_with_error(caplog):
     """The client's callback fails on the text of the last token (the sample had just ended by
-    length): the sample's end is reported as "error", once; the other sample finishes."""
+    length): the sample's end is reported as "error", once, and logged; the other sample, in the
+    row after it, finishes."""
     model, tok = make_model()
     engine = Engine(model, tok, max_batch=2)
     events: list = []
@@ -409,9 +410,9 @@ def test_a_failure_sending_a_samples_last_text_ends_it_with_error():
 
     try:
         done = threading.Semaphore(0)
-        failing = _seq(tok, "the ", 1, 3,
+        failing = _seq(tok, "a", 1, 3,  # the shorter prompt: the first row
                        on_event=lambda kind, v: (on_event(kind, v), kind == "done" and done.release()))
-        other = _seq(tok, "a", 2, 6, on_event=lambda kind, v: kind == "done" and done.release())
+        other = _seq(tok, "the ", 2, 6, on_event=lambda kind, v: kind == "done" and done.release())
         engine.submit([failing, other])
         assert done.acquire(timeout=60) and done.acquire(timeout=60)
         stats = _idle(engine)
@@ -420,6 +421,9 @@ def test_a_failure_sending_a_samples_last_text_ends_it_with_error():
     assert failing.finish_reason == "error" and [e for e in events if e[0] == "done"] == [("done", "error")]
     assert len(failing.new_ids) == 3 and other.finish_reason == "length" and len(other.new_ids) == 6
     assert stats["finished"] == 2
+    logged = [r for r in caplog.records if r.name == "gpt_small.serve"]
+    assert [r.getMessage() for r in logged] == ["sampling a row failed; ending that request"]
+    assert str(logged[0].exc_info[1]) == "injected failure sending the last token's text"
 
 
 def test_the_counters_healthz_shows_count_exactly():
