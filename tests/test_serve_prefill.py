@@ -114,7 +114,9 @@ def test_rows_past_the_window_re_prefill_together():
         assert s.new_ids == _alone(tok, p, 7 + i, 100), f"sequence {i} differs"
 
 
-def test_a_failed_batched_prefill_ends_exactly_its_sequences_and_a_running_stream_finishes():
+def test_a_failed_batched_prefill_ends_exactly_its_sequences_and_a_running_stream_finishes(caplog):
+    """The arrivals' prefill fails: they end with an error, the sample that shares a prompt with
+    one of them (and would have copied its row) too, each logged by name; a running stream goes on."""
     model, tok = make_model()
     forward = model.forward
     failed = []
@@ -135,14 +137,17 @@ def test_a_failed_batched_prefill_ends_exactly_its_sequences_and_a_running_strea
         running.on_event = lambda kind, v: (inner(kind, v), kind == "done" and done.set())
         engine.submit([running])
         assert first.wait(60), "the running stream did not start"
-        events: dict[int, list] = {i: [] for i in range(3)}
-        arrivals = _seqs(tok, ["a", "Shall I", "O me"], 20)
+        events: dict[int, list] = {i: [] for i in range(4)}
+        arrivals = _seqs(tok, ["a", "Shall I", "O me", "Shall I"], 20)  # the last copies the second's row
         for i, s in enumerate(arrivals):
             s.on_event = lambda kind, v, i=i: events[i].append((kind, v))
         _run(engine, arrivals)
         assert failed and failed[0][0] == 3, failed
         for i, s in enumerate(arrivals):
             assert s.finish_reason == "error" and events[i] == [("done", "error")] and not s.new_ids
+        logged = sorted(r.getMessage() for r in caplog.records if r.name == "gpt_small.serve")
+        assert logged == (["a batched prefill failed; ending that request"] * 3
+                          + ["a prefill failed; ending that request"])
         assert done.wait(120)
         assert running.finish_reason == "length" and running.new_ids == _alone(tok, "the ", 1, 120)
         again = _seqs(tok, ["a", "O me"], 10)  # and the engine keeps serving, batched prefills too
