@@ -26,13 +26,13 @@ def _busy(engine: Engine, tok, rows: int) -> list[Sequence]:
     seqs = [_seq(tok, "the ", i, 100_000, on_event=lambda kind, v, e=e: e.set()) for i, e in enumerate(started)]
     engine.submit(seqs)
     for e in started:
-        assert e.wait(60), "a long sequence did not start"
+        assert e.wait(30), "a long sequence did not start"
     return seqs
 
 
 def _stop(engine: Engine, seqs: list[Sequence]) -> None:
     engine.cancel(seqs)
-    engine.close(30)
+    engine.close(10)
 
 
 @pytest.mark.parametrize("max_queue", [0, 1, 3])
@@ -89,10 +89,10 @@ def test_free_rows_take_arrivals_beyond_the_queue_bound(max_batch, max_queue):
                 for i in range(max_batch + max_queue)]
         engine.submit(seqs)
         for _ in seqs:
-            assert done.acquire(timeout=60)
+            assert done.acquire(timeout=30)
         assert all(s.finish_reason == "length" and len(s.new_ids) == 3 for s in seqs)
     finally:
-        engine.close(30)
+        engine.close(10)
 
 
 def _idle(engine: Engine, timeout: float = 30.0) -> dict[str, int]:
@@ -126,7 +126,7 @@ def test_a_failed_batched_decode_step_ends_its_rows_with_error_and_the_engine_go
                 for i, p in enumerate(["the ", "and "])]
         engine.submit(seqs)
         for _ in seqs:
-            assert done.acquire(timeout=60)
+            assert done.acquire(timeout=30)
         tokens = [len(s.new_ids) for s in seqs]
         stats = _idle(engine)
         for i, s in enumerate(seqs):  # ended once, at the failed step: no text or token after it
@@ -141,9 +141,9 @@ def test_a_failed_batched_decode_step_ends_its_rows_with_error_and_the_engine_go
         # the engine keeps serving, and a new sequence is what it would be alone
         again = _seq(tok, "the ", 7, 30, on_event=lambda kind, v: kind == "done" and done.release())
         engine.submit([again])
-        assert done.acquire(timeout=60)
+        assert done.acquire(timeout=30)
     finally:
-        engine.close(30)
+        engine.close(10)
         model.forward = forward
     alone = [int(t) for t in generate_tokens(model, tok.encode("the "), max_new_tokens=30, temperature=1.0,
                                              seed=7, banned_ids=[tok.unk_id])]
@@ -211,7 +211,7 @@ def test_a_stop_string_split_at_a_character_boundary():
     assert fed == len("aé!".encode())
 
 
-def _run(engine: Engine, seqs: list[Sequence], timeout: float = 60.0) -> None:
+def _run(engine: Engine, seqs: list[Sequence], timeout: float = 30.0) -> None:
     done = threading.Semaphore(0)
     for s in seqs:
         s.on_event = lambda kind, v: kind == "done" and done.release()
@@ -242,7 +242,7 @@ def test_forced_tokens_are_taken_and_scored_by_the_models_own_distribution():
                 Sequence(prompt, odd, max_new_tokens=len(forced), tokenizer=tok)]  # sampled: no scores kept
         _run(engine, seqs)
     finally:
-        engine.close(30)
+        engine.close(10)
     scored, zero, plain = seqs
     for s in (scored, zero):
         assert s.new_ids == forced and s.text == "moon moon\n" and s.finish_reason == "length"
@@ -270,7 +270,7 @@ def test_close_finishes_what_runs_and_waits_then_takes_nothing_new():
     seqs = [_seq(tok, p, i, 12, on_event=lambda kind, v, i=i: events[i].append((kind, v)))
             for i, p in enumerate(["the ", "a", "and ", "the "])]
     engine.submit(seqs)  # two rows, two waiting
-    engine.close(60)
+    engine.close(30)
     assert not engine._thread.is_alive()
     assert [s.finish_reason for s in seqs] == ["length"] * 4
     assert [e[-1] for e in events.values()] == [("done", "length")] * 4
@@ -307,7 +307,7 @@ def test_a_failure_outside_any_row_ends_every_live_and_arriving_sequence_once():
         started = threading.Event()
         live = _seq(tok, "the ", 0, 100_000, on_event=lambda kind, v: (events[0].append((kind, v)), started.set()))
         engine.submit([live])
-        assert started.wait(60)
+        assert started.wait(30)
         with engine._cond:  # arrivals of the failing round, beside the live row
             fail.set()
             engine.submit([_seq(tok, "a", i, 5, on_event=lambda kind, v, i=i: events[i].append((kind, v)))
@@ -319,9 +319,9 @@ def test_a_failure_outside_any_row_ends_every_live_and_arriving_sequence_once():
         done = threading.Event()
         again = _seq(tok, "the ", 7, 20, on_event=lambda kind, v: kind == "done" and done.set())
         engine.submit([again])
-        assert done.wait(60)
+        assert done.wait(30)
     finally:
-        engine.close(30)
+        engine.close(10)
     reference, _ = make_model()
     alone = [int(t) for t in generate_tokens(reference, tok.encode("the "), max_new_tokens=20, temperature=1.0,
                                              seed=7, banned_ids=[tok.unk_id])]
@@ -414,10 +414,10 @@ def test_a_failure_sending_a_samples_last_text_ends_it_with_error(caplog):
                        on_event=lambda kind, v: (on_event(kind, v), kind == "done" and done.release()))
         other = _seq(tok, "the ", 2, 6, on_event=lambda kind, v: kind == "done" and done.release())
         engine.submit([failing, other])
-        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+        assert done.acquire(timeout=30) and done.acquire(timeout=30)
         stats = _idle(engine)
     finally:
-        engine.close(30)
+        engine.close(10)
     assert failing.finish_reason == "error" and [e for e in events if e[0] == "done"] == [("done", "error")]
     assert len(failing.new_ids) == 3 and other.finish_reason == "length" and len(other.new_ids) == 6
     assert stats["finished"] == 2
@@ -447,7 +447,7 @@ def test_the_counters_healthz_shows_count_exactly():
         s = engine.stats()
         assert s["cancelled"] == 1 and s["finished"] == 4 and s["tokens"] == 18 and s["prefills"] == 2
     finally:
-        engine.close(30)
+        engine.close(10)
 
 
 def test_rows_after_a_failed_one_go_on():
@@ -471,17 +471,38 @@ def test_rows_after_a_failed_one_go_on():
         first = _seq(tok, "the ", 1, 100_000,
                      on_event=lambda kind, v: (started.set(), kind == "done" and done.release()))
         engine.submit([first])
-        assert started.wait(60)
+        assert started.wait(30)
         late = _seq(tok, "the moon", 2, 20, on_event=lambda kind, v: kind == "done" and done.release())
         with engine._cond:
             fail.set()
             engine.submit([late])
-        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+        assert done.acquire(timeout=30) and done.acquire(timeout=30)
     finally:
-        engine.close(30)
+        engine.close(10)
         model.forward = forward
     assert first.finish_reason == "error"
     reference, _ = make_model()
     alone = [int(t) for t in generate_tokens(reference, tok.encode("the moon"), max_new_tokens=20, temperature=1.0,
                                              seed=2, banned_ids=[tok.unk_id])]
     assert late.finish_reason == "length" and late.new_ids == alone
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.7, top_k=5), dict(temperature=1.2, top_p=0.8),
+                                     dict(temperature=1.0, repetition_penalty=20.0)])
+def test_each_row_samples_with_its_own_options_as_generate_does(options):
+    """Rows of other options beside it: each sample equals generate_tokens with its options and seed."""
+    model, tok = make_model()
+    engine = Engine(model, tok, max_batch=4)
+    seqs = [Sequence(tok.encode("the "), Sampling(seed=3, **options), max_new_tokens=30, tokenizer=tok),
+            _seq(tok, "the ", 3, 30), _seq(tok, "a", 4, 25)]
+    try:
+        _run(engine, seqs)
+    finally:
+        engine.close(10)
+    reference, _ = make_model()
+    for s, (prompt, seed, n, kw) in zip(seqs, [("the ", 3, 30, options), ("the ", 3, 30, {}), ("a", 4, 25, {})]):
+        kw = {"temperature": 1.0, **kw}
+        alone = [int(t) for t in generate_tokens(reference, tok.encode(prompt), max_new_tokens=n, seed=seed,
+                                                 banned_ids=[tok.unk_id], **kw)]
+        assert s.new_ids == alone
+    assert seqs[0].new_ids != seqs[1].new_ids  # the options changed the sample

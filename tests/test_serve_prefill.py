@@ -38,7 +38,7 @@ def _seqs(tok, prompts, n: int, seed0: int = 0) -> list[Sequence]:
             for i, p in enumerate(prompts)]
 
 
-def _run(engine: Engine, seqs: list[Sequence], timeout: float = 120.0) -> None:
+def _run(engine: Engine, seqs: list[Sequence], timeout: float = 30.0) -> None:
     done = threading.Semaphore(0)
     for s in seqs:
         inner = s.on_event
@@ -136,7 +136,7 @@ def test_a_failed_batched_prefill_ends_exactly_its_sequences_and_a_running_strea
         inner = running.on_event
         running.on_event = lambda kind, v: (inner(kind, v), kind == "done" and done.set())
         engine.submit([running])
-        assert first.wait(60), "the running stream did not start"
+        assert first.wait(30), "the running stream did not start"
         events: dict[int, list] = {i: [] for i in range(4)}
         arrivals = _seqs(tok, ["a", "Shall I", "O me", "Shall I"], 20)  # the last copies the second's row
         for i, s in enumerate(arrivals):
@@ -148,7 +148,7 @@ def test_a_failed_batched_prefill_ends_exactly_its_sequences_and_a_running_strea
         logged = sorted(r.getMessage() for r in caplog.records if r.name == "gpt_small.serve")
         assert logged == (["a batched prefill failed; ending that request"] * 3
                           + ["a prefill failed; ending that request"])
-        assert done.wait(120)
+        assert done.wait(30)
         assert running.finish_reason == "length" and running.new_ids == _alone(tok, "the ", 1, 120)
         again = _seqs(tok, ["a", "O me"], 10)  # and the engine keeps serving, batched prefills too
         _run(engine, again)
