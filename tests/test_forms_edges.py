@@ -48,14 +48,18 @@ class BigramModel(nn.Module):
         self.table = nn.Parameter(logp, requires_grad=False)
         self.inputs: list[list[int]] = []
 
+        self.modes: list[bool] = []  # self.training at each forward
+        self.cleared = 0
+
     def setup_kv_cache(self, rows: int, length: int) -> None:
         pass
 
     def clear_kv_cache(self) -> None:
-        pass
+        self.cleared += 1
 
     def forward(self, idx, input_pos=None, last_only=False):
         self.inputs.extend(idx.tolist())
+        self.modes.append(self.training)
         return self.table[idx]
 
 
@@ -255,3 +259,52 @@ def test_sampled_lines_are_scored_by_the_models_own_distribution_whatever_sample
             assert lp == pytest.approx(math.log(expected[line]), abs=1e-5)
             seen.add(line)
     assert len(seen) >= 3  # several lines, each scored as the table says
+
+
+def test_the_model_runs_in_eval_mode_and_is_left_as_it_was():
+    model, tok = _setup()
+    model.train()
+    compose(model, tok, Form(lines=2), search=SearchConfig(candidates=2, budget=2), seed=0)
+    assert model.modes and not any(model.modes) and model.training and model.cleared == 1
+    model.eval()
+    compose(model, tok, Form(lines=1), search=SearchConfig(candidates=2, budget=2), seed=0)
+    assert not model.training and model.cleared == 2
+
+
+def test_a_seed_gives_the_same_poem_and_another_seed_another():
+    """At temperature 1 the two openings are drawn 0.6 / 0.4: one candidate a line, eight lines."""
+    def poem(seed):
+        model, tok = _setup()
+        return compose(model, tok, Form(lines=8), search=SearchConfig(candidates=1, budget=1), seed=seed)
+
+    a, b = poem(1), poem(1)
+    assert a.text == b.text and a.meta["lines"] == b.meta["lines"] and a.meta["seed"] == 1
+    assert {poem(s).text for s in range(2, 6)} != {a.text}
+
+
+def test_ending_words_of_a_group_rhyme_with_its_word_unused_and_fit_the_syllables():
+    from gpt_small import verse
+    from gpt_small.forms import _Judge
+
+    judge = _Judge(Form(rhyme="AA", syllables=4, tolerance=0), SearchConfig(), "A", False, {"A": "day"},
+                   {"A": {"day", "way"}})
+    words = judge.ending_words("I saw the")  # 3 syllables: the ending must have exactly 1
+    assert "play" in words and "day" not in words and "way" not in words and "away" not in words
+    assert all(verse.rhymes(w, "day", dictionary_only=True) for w in words)
+    assert all(verse.syllable_range(w)[0] <= 1 <= verse.syllable_range(w)[1] for w in words)
+    assert words == sorted(words, key=lambda w: (len(w), w))  # shortest first (no frequencies)
+    loose = _Judge(Form(rhyme="AA"), SearchConfig(), "A", False, {"A": "day"}, {"A": {"day"}})
+    assert "away" in loose.ending_words("I saw the")
+
+
+def test_a_new_groups_endings_have_enough_rhymes_and_rhyme_with_no_other_group():
+    from gpt_small import verse
+    from gpt_small.forms import MAX_POOL, _Judge, _rhymable_words
+
+    opener = _Judge(Form(rhyme="ABAB"), SearchConfig(min_rhymes=4), "B", True, {"A": "day"}, {"A": {"day"}})
+    words = opener.ending_words("I saw the")
+    assert len(words) == MAX_POOL and words == sorted(words, key=lambda w: (len(w), w))  # the shortest
+    assert "bee" in words and "day" not in words and "bay" not in words  # "bay" rhymes with group A's "day"
+    assert all(len(verse.rhyming_words(w)) >= 4 for w in words[::50])
+    word = "window"  # four rhyming dictionary words: a new group's word at min_rhymes 4, not at 5
+    assert word in {w for w, _, _ in _rhymable_words(4)} and word not in {w for w, _, _ in _rhymable_words(5)}
