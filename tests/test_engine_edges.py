@@ -239,11 +239,16 @@ def test_forced_tokens_are_taken_and_scored_by_the_models_own_distribution():
         seqs = [Sequence(prompt, odd, max_new_tokens=len(forced), tokenizer=tok, forced=forced, score=True,
                          keep_first=True, logprobs=3),
                 Sequence(prompt, odd, max_new_tokens=len(forced), tokenizer=tok, forced=forced, logprobs=0),
-                Sequence(prompt, odd, max_new_tokens=len(forced), tokenizer=tok)]  # sampled: no scores kept
+                Sequence(prompt, odd, max_new_tokens=len(forced), tokenizer=tok),  # sampled: no scores kept
+                # each hook alone, as serve/forms.py asks: scores only, the first distribution only
+                Sequence(prompt, odd, max_new_tokens=len(forced), tokenizer=tok, forced=forced, score=True),
+                Sequence(prompt, odd, max_new_tokens=1, tokenizer=tok, forced=forced[:1], keep_first=True)]
         _run(engine, seqs)
     finally:
         engine.close(10)
-    scored, zero, plain = seqs
+    scored, zero, plain, scores_only, first_only = seqs
+    assert scores_only.scores == pytest.approx(want_scores, abs=1e-4) and scores_only.token_logprobs == []
+    assert torch.allclose(first_only.first_logprobs, want[0], atol=1e-4) and first_only.scores is None
     for s in (scored, zero):
         assert s.new_ids == forced and s.text == "moon moon\n" and s.finish_reason == "length"
     assert scored.scores == pytest.approx(want_scores, abs=1e-4)
