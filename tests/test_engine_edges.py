@@ -493,7 +493,8 @@ def test_rows_after_a_failed_one_go_on():
 
 
 @pytest.mark.parametrize("options", [dict(temperature=0.7, top_k=5), dict(temperature=1.2, top_p=0.8),
-                                     dict(temperature=1.0, repetition_penalty=20.0)])
+                                     dict(temperature=1.0, repetition_penalty=20.0),
+                                     dict(temperature=1.0, repetition_penalty=2.0)])
 def test_each_row_samples_with_its_own_options_as_generate_does(options):
     """Rows of other options beside it: each sample equals generate_tokens with its options and seed."""
     model, tok = make_model()
