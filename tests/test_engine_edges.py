@@ -512,3 +512,24 @@ def test_each_row_samples_with_its_own_options_as_generate_does(options):
                                                  banned_ids=[tok.unk_id], **kw)]
         assert s.new_ids == alone
     assert seqs[0].new_ids != seqs[1].new_ids  # the options changed the sample
+
+
+def test_the_engine_runs_the_model_in_eval_mode():
+    """A model handed over in training mode (dropout on) is put in eval mode: samples repeat."""
+    import torch
+
+    from gpt_small.config import GPTConfig
+    from gpt_small.model import GPT
+
+    _, tok = make_model()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.5))
+    model.train()
+    engine = Engine(model, tok, max_batch=2)
+    try:
+        assert not model.training
+        seqs = [_seq(tok, "the ", 5, 20), _seq(tok, "the ", 5, 20)]
+        _run(engine, seqs)
+    finally:
+        engine.close(10)
+    assert seqs[0].new_ids == seqs[1].new_ids

@@ -170,5 +170,5 @@ def test_prefill_batch_is_checked_at_its_bounds():
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert ("--prefill-batch" in err) == refused, (value, err)  # else: the missing checkpoint
     model, tok = make_model()
-    with pytest.raises(ValueError, match="prefill_batch"):
+    with pytest.raises(ValueError, match="^prefill_batch must be >= 1, got 0$"):
         Engine(model, tok, prefill_batch=0)
