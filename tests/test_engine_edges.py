@@ -533,3 +533,27 @@ def test_the_engine_runs_the_model_in_eval_mode():
     finally:
         engine.close(10)
     assert seqs[0].new_ids == seqs[1].new_ids
+
+
+def test_a_samples_times_for_the_metrics():
+    """submitted: when the Sequence was made; first_token_at: when its first token came (kept, not
+    moved by later tokens); None while it has none (a sample cancelled in the queue)."""
+    model, tok = make_model()
+    engine = Engine(model, tok, max_batch=2)
+    stamps: list[float] = []
+    before = time.perf_counter()
+    seq = _seq(tok, "the ", 0, 8)
+    queued = _seq(tok, "a", 1, 8)
+    queued.cancel()
+    after_made = time.perf_counter()
+    done = threading.Semaphore(0)
+    seq.on_event = lambda kind, v: (stamps.append(time.perf_counter()), kind == "done" and done.release())
+    queued.on_event = lambda kind, v: kind == "done" and done.release()
+    try:
+        engine.submit([seq, queued])
+        assert done.acquire(timeout=30) and done.acquire(timeout=30)
+    finally:
+        engine.close(10)
+    assert before <= seq.submitted <= after_made and before <= queued.submitted <= after_made
+    assert seq.submitted < seq.first_token_at <= stamps[0]  # its first text came with its first token
+    assert queued.first_token_at is None and not queued.new_ids
