@@ -557,3 +557,26 @@ def test_a_samples_times_for_the_metrics():
     assert before <= seq.submitted <= after_made and before <= queued.submitted <= after_made
     assert seq.submitted < seq.first_token_at <= stamps[0]  # its first text came with its first token
     assert queued.first_token_at is None and not queued.new_ids
+
+
+def test_a_stop_string_ends_the_row_at_the_token_that_completes_it():
+    model, tok = make_model()
+    reference, _ = make_model()
+    alone = [int(t) for t in generate_tokens(reference, tok.encode("the "), max_new_tokens=40, temperature=1.0,
+                                             seed=4, banned_ids=[tok.unk_id])]
+    text = tok.decode(alone)
+    stop = text[5:7]  # two characters of the text: the sample ends at the token that completes them
+    j = text.find(stop)
+    engine = Engine(model, tok, max_batch=2)
+    events: list = []
+    seq = _seq(tok, "the ", 4, 40, stop=[stop])
+    try:
+        done = threading.Event()
+        seq.on_event = lambda kind, v: (events.append((kind, v)), kind == "done" and done.set())
+        engine.submit([seq])
+        assert done.wait(30)
+        stats = _idle(engine)
+    finally:
+        engine.close(10)
+    assert seq.finish_reason == "stop" and seq.text == text[:j] and seq.new_ids == alone[:j + 2]
+    assert [e for e in events if e[0] == "done"] == [("done", "stop")] and stats["tokens"] == j + 2
