@@ -157,6 +157,28 @@ def test_a_failed_batched_prefill_ends_exactly_its_sequences_and_a_running_strea
         engine.close(10)
 
 
+def test_a_failed_prefill_ends_its_own_copies_only():
+    """Two prompts of two samples each, prefilled one at a time: the prefill of the first fails;
+    its two samples end with an error, those of the other prompt (one prefilled, one copied) run."""
+    model, tok = make_model()
+    forward = model.forward
+    bad = tok.encode("Shall I")
+
+    def failing(idx, *args, **kw):  # the prefill of "Shall I" raises
+        if "lengths" in kw and idx.shape[1] == len(bad) and idx[0].tolist() == bad:
+            raise RuntimeError("injected failure in a prefill")
+        return forward(idx, *args, **kw)
+    model.forward = failing
+    engine = Engine(model, tok, max_batch=8, prefill_batch=1)
+    try:
+        seqs = _seqs(tok, ["Shall I", "O me", "Shall I", "O me"], 12)  # the copies are the last two
+        _run(engine, seqs)
+    finally:
+        engine.close(10)
+    assert [s.finish_reason for s in seqs] == ["error", "length", "error", "length"]
+    assert seqs[1].new_ids == _alone(tok, "O me", 1, 12) and seqs[3].new_ids == _alone(tok, "O me", 3, 12)
+
+
 def test_prefill_batch_is_checked_at_its_bounds():
     """--prefill-batch: 1 to MAX_SERVE_BATCH, refused by name in one line (exit 2) past either end,
     before the checkpoint is read; the engine refuses 0; the default is 8."""
