@@ -97,6 +97,27 @@ def test_prompts_past_the_batchable_length_are_prefilled_alone(monkeypatch):
         assert s.new_ids == _alone(tok, p, 40 + i, 20), f"sequence {i} ({p!r}) differs"
 
 
+@pytest.mark.skipif(not kernels.available(), reason=kernels.describe())
+@pytest.mark.parametrize("rule, short, forwards", [(8, True, [(3, 8), (1, 9)]), (8, False, [(2, 8), (1, 9)]),
+                                                   (None, True, [(4, 9)])])
+def test_the_length_rule_at_its_edge(monkeypatch, rule, short, forwards):
+    """A prompt of exactly the rule's length is batched (first in its forward or not), one token
+    more is prefilled alone; with no rule (None: any length), all in one forward."""
+    monkeypatch.setattr(cpu, "PREFILL_KERNEL_MAX_T", rule)
+    model, tok = make_model()
+    calls = _counting(model)
+    engine = Engine(model, tok, max_batch=8)
+    prompts = ["abcdefgh", "the moon", "ijklmnopq"] + (["Oh "] if short else [])  # 8, 8, 9 and 3 tokens
+    seqs = _seqs(tok, prompts, 10, seed0=60)
+    try:
+        _run(engine, seqs)
+    finally:
+        engine.close(10)
+    assert sorted(calls) == sorted(forwards), calls
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        assert s.new_ids == _alone(tok, p, 60 + i, 10), f"sequence {i} ({p!r}) differs"
+
+
 def test_rows_past_the_window_re_prefill_together():
     """Four sequences that reach the 64-token window at the same step re-prefill their kept
     33 tokens in one forward of 4 rows, and still give generate's tokens."""
