@@ -580,3 +580,21 @@ def test_a_stop_string_ends_the_row_at_the_token_that_completes_it():
         engine.close(10)
     assert seq.finish_reason == "stop" and seq.text == text[:j] and seq.new_ids == alone[:j + 2]
     assert [e for e in events if e[0] == "done"] == [("done", "stop")] and stats["tokens"] == j + 2
+
+
+def test_close_waits_no_longer_than_its_timeout():
+    """A sample of 100,000 tokens is running: close(0.2) stops taking work and returns while the
+    worker still writes it; cancelling the sample then lets the worker stop."""
+    from gpt_small.serve.engine import ShuttingDown
+
+    model, tok = make_model()
+    engine = Engine(model, tok, max_batch=1)
+    busy = _busy(engine, tok, 1)
+    t0 = time.monotonic()
+    engine.close(0.2)
+    assert time.monotonic() - t0 < 10 and engine._thread.is_alive()
+    with pytest.raises(ShuttingDown):
+        engine.submit([_seq(tok, "a", 1, 3)])
+    engine.cancel(busy)
+    engine.close(30)
+    assert not engine._thread.is_alive() and busy[0].finish_reason == "cancelled"
