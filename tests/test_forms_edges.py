@@ -308,3 +308,13 @@ def test_a_new_groups_endings_have_enough_rhymes_and_rhyme_with_no_other_group()
     assert all(len(verse.rhyming_words(w)) >= 4 for w in words[::50])
     word = "window"  # four rhyming dictionary words: a new group's word at min_rhymes 4, not at 5
     assert word in {w for w, _, _ in _rhymable_words(4)} and word not in {w for w, _, _ in _rhymable_words(5)}
+
+
+def test_the_summary_lists_every_line_over_budget_with_what_it_breaks():
+    meta = {"form": {"rhyme": None, "syllables": None, "plan": ["xxx"]}, "all_met": False,
+            "over_budget_lines": [1, 3], "candidates": 1234, "seconds": 2.25,
+            "lines": [{"line": 1, "over_budget": True, "violations": ["9 syllables, not 7+-0", "no words"]},
+                      {"line": 2, "over_budget": False, "violations": []},
+                      {"line": 3, "over_budget": True, "violations": ["'glorp' is not in the dictionary"]}]}
+    assert summary(meta) == ("form: 3 lines; budget spent on line(s) 1, 3: line 1: 9 syllables, not 7+-0, no words; "
+                             "line 3: 'glorp' is not in the dictionary; 1,234 candidate lines in 2.2 s")
