@@ -38,7 +38,7 @@ def _seqs(tok, prompts, n: int, seed0: int = 0) -> list[Sequence]:
             for i, p in enumerate(prompts)]
 
 
-def _run(engine: Engine, seqs: list[Sequence], timeout: float = 120.0) -> None:
+def _run(engine: Engine, seqs: list[Sequence], timeout: float = 30.0) -> None:
     done = threading.Semaphore(0)
     for s in seqs:
         inner = s.on_event
@@ -97,6 +97,27 @@ def test_prompts_past_the_batchable_length_are_prefilled_alone(monkeypatch):
         assert s.new_ids == _alone(tok, p, 40 + i, 20), f"sequence {i} ({p!r}) differs"
 
 
+@pytest.mark.skipif(not kernels.available(), reason=kernels.describe())
+@pytest.mark.parametrize("rule, short, forwards", [(8, True, [(3, 8), (1, 9)]), (8, False, [(2, 8), (1, 9)]),
+                                                   (None, True, [(4, 9)])])
+def test_the_length_rule_at_its_edge(monkeypatch, rule, short, forwards):
+    """A prompt of exactly the rule's length is batched (first in its forward or not), one token
+    more is prefilled alone; with no rule (None: any length), all in one forward."""
+    monkeypatch.setattr(cpu, "PREFILL_KERNEL_MAX_T", rule)
+    model, tok = make_model()
+    calls = _counting(model)
+    engine = Engine(model, tok, max_batch=8)
+    prompts = ["abcdefgh", "the moon", "ijklmnopq"] + (["Oh "] if short else [])  # 8, 8, 9 and 3 tokens
+    seqs = _seqs(tok, prompts, 10, seed0=60)
+    try:
+        _run(engine, seqs)
+    finally:
+        engine.close(10)
+    assert sorted(calls) == sorted(forwards), calls
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        assert s.new_ids == _alone(tok, p, 60 + i, 10), f"sequence {i} ({p!r}) differs"
+
+
 def test_rows_past_the_window_re_prefill_together():
     """Four sequences that reach the 64-token window at the same step re-prefill their kept
     33 tokens in one forward of 4 rows, and still give generate's tokens."""
@@ -114,7 +135,9 @@ def test_rows_past_the_window_re_prefill_together():
         assert s.new_ids == _alone(tok, p, 7 + i, 100), f"sequence {i} differs"
 
 
-def test_a_failed_batched_prefill_ends_exactly_its_sequences_and_a_running_stream_finishes():
+def test_a_failed_batched_prefill_ends_exactly_its_sequences_and_a_running_stream_finishes(caplog):
+    """The arrivals' prefill fails: they end with an error, the sample that shares a prompt with
+    one of them (and would have copied its row) too, each logged by name; a running stream goes on."""
     model, tok = make_model()
     forward = model.forward
     failed = []
@@ -134,22 +157,47 @@ def test_a_failed_batched_prefill_ends_exactly_its_sequences_and_a_running_strea
         inner = running.on_event
         running.on_event = lambda kind, v: (inner(kind, v), kind == "done" and done.set())
         engine.submit([running])
-        assert first.wait(60), "the running stream did not start"
-        events: dict[int, list] = {i: [] for i in range(3)}
-        arrivals = _seqs(tok, ["a", "Shall I", "O me"], 20)
+        assert first.wait(30), "the running stream did not start"
+        events: dict[int, list] = {i: [] for i in range(4)}
+        arrivals = _seqs(tok, ["a", "Shall I", "O me", "Shall I"], 20)  # the last copies the second's row
         for i, s in enumerate(arrivals):
             s.on_event = lambda kind, v, i=i: events[i].append((kind, v))
         _run(engine, arrivals)
         assert failed and failed[0][0] == 3, failed
         for i, s in enumerate(arrivals):
             assert s.finish_reason == "error" and events[i] == [("done", "error")] and not s.new_ids
-        assert done.wait(120)
+        logged = sorted(r.getMessage() for r in caplog.records if r.name == "gpt_small.serve")
+        assert logged == (["a batched prefill failed; ending that request"] * 3
+                          + ["a prefill failed; ending that request"])
+        assert done.wait(30)
         assert running.finish_reason == "length" and running.new_ids == _alone(tok, "the ", 1, 120)
         again = _seqs(tok, ["a", "O me"], 10)  # and the engine keeps serving, batched prefills too
         _run(engine, again)
         assert [s.new_ids for s in again] == [_alone(tok, "a", 0, 10), _alone(tok, "O me", 1, 10)]
     finally:
         engine.close(10)
+
+
+def test_a_failed_prefill_ends_its_own_copies_only():
+    """Two prompts of two samples each, prefilled one at a time: the prefill of the first fails;
+    its two samples end with an error, those of the other prompt (one prefilled, one copied) run."""
+    model, tok = make_model()
+    forward = model.forward
+    bad = tok.encode("Shall I")
+
+    def failing(idx, *args, **kw):  # the prefill of "Shall I" raises
+        if "lengths" in kw and idx.shape[1] == len(bad) and idx[0].tolist() == bad:
+            raise RuntimeError("injected failure in a prefill")
+        return forward(idx, *args, **kw)
+    model.forward = failing
+    engine = Engine(model, tok, max_batch=8, prefill_batch=1)
+    try:
+        seqs = _seqs(tok, ["Shall I", "O me", "Shall I", "O me"], 12)  # the copies are the last two
+        _run(engine, seqs)
+    finally:
+        engine.close(10)
+    assert [s.finish_reason for s in seqs] == ["error", "length", "error", "length"]
+    assert seqs[1].new_ids == _alone(tok, "O me", 1, 12) and seqs[3].new_ids == _alone(tok, "O me", 3, 12)
 
 
 def test_prefill_batch_is_checked_at_its_bounds():
@@ -165,5 +213,5 @@ def test_prefill_batch_is_checked_at_its_bounds():
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert ("--prefill-batch" in err) == refused, (value, err)  # else: the missing checkpoint
     model, tok = make_model()
-    with pytest.raises(ValueError, match="prefill_batch"):
+    with pytest.raises(ValueError, match="^prefill_batch must be >= 1, got 0$"):
         Engine(model, tok, prefill_batch=0)

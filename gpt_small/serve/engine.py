@@ -263,11 +263,12 @@ class Engine:
         seq.finish(reason)
 
     def _fail(self, row: _Row, what: str) -> None:
-        """End one row's sequence with an error (its client gets an error event); the others go on."""
+        """End one row's sequence with an error (its client gets an error event); the others go on.
+        A row fails at most once (a failed row is skipped from then on), and a cancelled one leaves
+        at the sampling step, before any forward: no row reaches here cancelled or failed."""
         log.exception("%s failed; ending that request", what)
         row.failed = True
-        if row.seq.finish_reason not in ("cancelled", "error"):
-            self._end(row.seq, "error")
+        self._end(row.seq, "error")
 
     def _round(self, admit: list[Sequence]) -> None:
         """Between two decode steps: sample, pack, decode, then prefill what needs it, together."""

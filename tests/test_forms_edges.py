@@ -1,0 +1,320 @@
+"""A poem's search at its edges (forms.compose), with a hand-made bigram model whose every
+probability is known: the endings search (which words it scores and which line it keeps), the
+prompt's unfinished line, stanza breaks, the window past the model's block, the metadata and the
+summary line, and the form's and search's limits at their edges.
+
+The model's tokens are whole pieces of verse (a line's opening, a word with its space, a newline);
+the next token depends on the last one only, so a line's log-probability is a product read off
+the table below, and so is the line the search must keep.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from gpt_small.errors import GPTSmallError
+from gpt_small.forms import Form, SearchConfig, compose, summary
+from test_verse_edges import LineTokenizer
+
+# after "\n": a line opens with "I saw the" or "we went"; after "I saw the": an end word; "way"
+# is rarely followed by a newline (else the filler " la", then a newline)
+TOKENS = ["I saw the", "we went", " day", " way", " play", " home"]
+TABLE = {
+    "\n": {"I saw the": 0.6, "we went": 0.4},
+    "I saw the": {" day": 0.5, " way": 0.3, " play": 0.2},
+    "we went": {" home": 1.0},
+    " day": {"\n": 1.0}, " home": {"\n": 1.0}, " play": {"\n": 1.0},
+    " way": {"\n": 0.1, " la": 0.9},
+    " la": {"\n": 1.0}, "<unk>": {"\n": 1.0},
+}
+
+
+class BigramModel(nn.Module):
+    """p(next | last token) from a table of token texts; records every input it is given."""
+
+    def __init__(self, tok: LineTokenizer, table: dict[str, dict[str, float]], block_size: int = 64):
+        super().__init__()
+        V = tok.vocab_size
+        self.config = SimpleNamespace(vocab_size=V, block_size=block_size)
+        logp = torch.full((V, V), -1e9)
+        for a, row in table.items():
+            for b, p in row.items():
+                logp[tok.tokens.index(a), tok.tokens.index(b)] = math.log(p)
+        self.table = nn.Parameter(logp, requires_grad=False)
+        self.inputs: list[list[int]] = []
+
+        self.modes: list[bool] = []  # self.training at each forward
+        self.cleared = 0
+
+    def setup_kv_cache(self, rows: int, length: int) -> None:
+        pass
+
+    def clear_kv_cache(self) -> None:
+        self.cleared += 1
+
+    def forward(self, idx, input_pos=None, last_only=False):
+        self.inputs.extend(idx.tolist())
+        self.modes.append(self.training)
+        return self.table[idx]
+
+
+def _setup(table=TABLE, tokens=TOKENS, block_size: int = 64):
+    tok = LineTokenizer(tokens)
+    return BigramModel(tok, table, block_size), tok
+
+
+def _p(*path: str) -> float:
+    """The probability of a path of tokens, each given the one before."""
+    return math.prod(TABLE[a][b] for a, b in zip(path, path[1:]))
+
+
+@pytest.mark.parametrize("endings, word", [(1, "way"), (2, "play"), (64, "play")])
+def test_endings_are_ranked_by_their_first_token_then_kept_by_the_whole_line(endings, word):
+    """Line 2 must rhyme with "day" but the sampler (top_k 1) only writes "I saw the day" again (its
+    word is taken): the search cuts it to the stem "I saw the" and scores dictionary rhymes of "day"
+    that the vocabulary spells. "way" has the likelier first token (0.3 against 0.2) but is rarely
+    followed by a newline: scored alone (endings=1) it is kept; with "play" scored too, the whole
+    line's probability picks "play"."""
+    model, tok = _setup()
+    poem = compose(model, tok, Form(rhyme="AA"), search=SearchConfig(candidates=4, budget=64, endings=endings),
+                   top_k=1, seed=0)
+    assert poem.lines == ["I saw the day", f"I saw the {word}"]
+    first, second = poem.meta["lines"]
+    assert first["how"] == "sampled" and first["candidates"] == 4
+    assert first["log_prob"] == pytest.approx(math.log(_p("\n", "I saw the", " day", "\n")), abs=1e-4)
+    assert second["how"] == "ending" and second["met"] and second["end_word"] == word
+    # the words of the vocabulary that rhyme with "day" are "way" and "play": at most `endings` scored
+    assert second["candidates"] == 4 + min(endings, 2)
+    assert second["log_prob"] == pytest.approx(math.log(_p("\n", "I saw the", f" {word}", "\n")), abs=1e-4)
+    assert poem.meta["candidates"] == 8 + min(endings, 2)
+    assert poem.text == "I saw the day\nI saw the " + word + "\n"
+
+
+def test_the_endings_stop_at_the_budget():
+    """budget 5 with 4 sampled lines: one ending is scored (the likelier first token), no more."""
+    model, tok = _setup()
+    poem = compose(model, tok, Form(rhyme="AA"), search=SearchConfig(candidates=4, budget=5, endings=64),
+                   top_k=1, seed=0)
+    assert poem.lines == ["I saw the day", "I saw the way"]
+    assert [m["candidates"] for m in poem.meta["lines"]] == [4, 5]
+
+
+def test_a_line_without_a_rhyme_within_budget_is_kept_and_reported():
+    """budget = candidates: no ending is scored; the sampled line that breaks the form is kept with
+    what it breaks, and the summary names the line."""
+    model, tok = _setup()
+    poem = compose(model, tok, Form(rhyme="AA"), search=SearchConfig(candidates=4, budget=4), top_k=1, seed=0)
+    assert poem.lines == ["I saw the day", "I saw the day"]
+    m = poem.meta["lines"][1]
+    assert m["violations"] == ["'day' is already a rhyme of group A"] and m["over_budget"] and not m["met"]
+    assert poem.meta["over_budget_lines"] == [2] and not poem.meta["all_met"]
+    assert summary(poem.meta) == ("form: 2 lines, rhyme AA; budget spent on line(s) 2: line 2: 'day' is already "
+                                  f"a rhyme of group A; 8 candidate lines in {poem.meta['seconds']:.1f} s")
+
+
+def test_the_prompts_unfinished_line_starts_the_first_line():
+    model, tok = _setup()
+    poem = compose(model, tok, Form(lines=2), prompt="we went home\nI saw the",
+                   search=SearchConfig(candidates=4, budget=4), top_k=1, seed=0)
+    # line 1 continues "I saw the" (its most probable end: " day"); line 2 starts afresh
+    assert poem.lines == ["I saw the day", "I saw the day"]
+    assert poem.text == "we went home\nI saw the day\nI saw the day\n"
+    assert poem.meta["lines"][0]["log_prob"] == pytest.approx(math.log(0.5), abs=1e-4)  # " day" then "\n"
+    ids = {tok.tokens.index(t) for t in ("we went", " home", "\n", "I saw the", " day")}
+    assert all(set(x) <= ids for x in model.inputs)
+
+
+def test_stanzas_are_blank_lines_in_the_text_only():
+    """The model sees the poem's lines one newline apart, never the blank line between stanzas."""
+    model, tok = _setup()
+    poem = compose(model, tok, Form(lines=3, stanzas=2), search=SearchConfig(candidates=2, budget=2), top_k=1,
+                   seed=0)
+    assert poem.text == "I saw the day\nI saw the day\n\nI saw the day\n"
+    assert [m["stanza"] for m in poem.meta["lines"]] == [1, 1, 2]
+    nl = tok.tokens.index("\n")
+    assert not any(a == b == nl for x in model.inputs for a, b in zip(x, x[1:]))
+
+
+@pytest.mark.parametrize("keep, context", [(None, 32), (10, 10), ("slide", 32)])
+def test_past_the_block_the_context_is_the_last_keep_tokens_leaving_room_for_a_line(keep, context):
+    """block 64, a line of at most 32 tokens (half the block): while the poem and a line fit, the
+    whole poem is the context; past that, its last `keep` tokens, never more than 64 - 32."""
+    model, tok = _setup()
+    lines = 14  # 3 tokens a line: "\n" and 11 lines (34 tokens) leave no room for a line of 32
+    compose(model, tok, Form(lines=lines), search=SearchConfig(candidates=1, budget=1), top_k=1, seed=0, keep=keep)
+    prefixes = [len(x) for x in model.inputs if len(x) > 1]  # the prefills of lines 2..14
+    assert prefixes[:10] == [1 + 3 * k for k in range(1, 11)]  # "\n" and the lines so far
+    assert prefixes[10:] == [context] * (lines - 11)
+    assert max(len(x) for x in model.inputs) <= 64 - 32
+
+
+@pytest.mark.parametrize("max_line, met", [(4, True), (3, False)])
+def test_a_sampled_line_is_cut_at_max_line_tokens(max_line, met):
+    """The only line the model writes is "I saw the way la" and its newline: 4 tokens."""
+    model, tok = _setup({**TABLE, "\n": {"I saw the": 1.0}, "I saw the": {" way": 1.0}, " way": {" la": 1.0}})
+    poem = compose(model, tok, Form(lines=1), search=SearchConfig(candidates=2, budget=2, max_line_tokens=max_line),
+                   seed=0)
+    assert poem.lines == ["I saw the way la"]
+    assert poem.meta["lines"][0]["violations"] == ([] if met else [f"no newline within {max_line} tokens"])
+
+
+def test_metadata_records_the_form_the_search_and_the_settings():
+    model, tok = _setup()
+    search = SearchConfig(candidates=2, budget=2)
+    poem = compose(model, tok, Form(rhyme="ABAB", syllables=4, tolerance=2), search=search, seed=11,
+                   temperature=0.7, top_k=1)
+    meta = poem.meta
+    assert meta["form"] == {"lines": None, "stanzas": None, "syllables": 4, "tolerance": 2, "rhyme": "ABAB",
+                            "plan": ["ABAB"]}
+    assert meta["search"] == {"candidates": 2, "budget": 2, "endings": 64, "stems": 4, "min_rhymes": 3,
+                              "max_line_tokens": None, "batch_rows": 128}
+    assert meta["seed"] == 11 and meta["temperature"] == 0.7
+    assert [m["line"] for m in meta["lines"]] == [1, 2, 3, 4]
+    assert [m["rhyme"] for m in meta["lines"]] == list("ABAB")
+    assert meta["lines"][0]["syllables"] == 4 and meta["lines"][0]["text"] == "I saw the day"
+    assert summary(meta).startswith("form: 4 lines, rhyme ABAB, 4+-2 syllables; ")
+    plain = compose(model, tok, Form(lines=1), search=search, seed=0, top_k=1).meta
+    assert plain["form"]["plan"] == ["x"] and plain["all_met"]
+    assert summary(plain) == f"form: 1 lines; every line meets the form; 2 candidate lines in {plain['seconds']:.1f} s"
+
+
+def test_a_tokenizer_without_a_newline_is_refused():
+    tok = LineTokenizer(TOKENS)
+    tok.tokens[0] = "|"  # no token holds a newline
+    model = BigramModel(LineTokenizer(TOKENS), TABLE)
+    with pytest.raises(GPTSmallError, match="^the tokenizer has no token holding a newline, so the model "
+                                            "cannot end a line$"):
+        compose(model, tok, Form(lines=1), search=SearchConfig(candidates=1, budget=1))
+
+
+@pytest.mark.parametrize("field, last, limit_name", [
+    ("candidates", "MAX_CANDIDATES", "search candidates"), ("budget", "MAX_FORM_BUDGET", "search budget"),
+    ("endings", "MAX_CANDIDATES", "search endings"), ("stems", "MAX_CANDIDATES", "search stems"),
+    ("batch_rows", "MAX_CANDIDATES", "search batch_rows"),
+])
+def test_search_settings_at_their_edges(field, last, limit_name):
+    from gpt_small import limits
+
+    top = getattr(limits, last)
+    SearchConfig(**{field: 1})
+    SearchConfig(**{field: top})
+    for bad in (0, top + 1):
+        with pytest.raises(GPTSmallError, match=limit_name):
+            SearchConfig(**{field: bad})
+
+
+def test_max_line_tokens_at_its_edge():
+    SearchConfig(max_line_tokens=2)
+    with pytest.raises(GPTSmallError, match="^max_line_tokens must be >= 2, got 1$"):
+        SearchConfig(max_line_tokens=1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lines=1, tolerance=-1), "syllable tolerance"),
+    (dict(rhyme="  "), "^rhyme must name a scheme \\(ABAB, AABB, sonnet, ...\\), got an empty text$"),
+    (dict(lines=1, stanzas=0), "stanzas"),
+    (dict(lines=1, syllables=0), "syllables"),
+])
+def test_form_fields_refused(kwargs, message):
+    with pytest.raises(GPTSmallError, match=message):
+        Form(**kwargs)
+
+
+def test_form_fields_at_their_edges():
+    from gpt_small import limits
+
+    Form(lines=1, tolerance=0)
+    Form(lines=limits.MAX_LINES, stanzas=limits.MAX_STANZAS, syllables=limits.MAX_SYLLABLES,
+         tolerance=limits.MAX_SYLLABLES)
+    for kw in (dict(lines=limits.MAX_LINES + 1), dict(lines=1, stanzas=limits.MAX_STANZAS + 1),
+               dict(lines=1, syllables=limits.MAX_SYLLABLES + 1), dict(lines=1, tolerance=limits.MAX_SYLLABLES + 1)):
+        with pytest.raises(GPTSmallError):
+            Form(**kw)
+
+
+def test_sampled_lines_are_scored_by_the_models_own_distribution_whatever_samples_them():
+    """<unk> is banned from the sampled lines but keeps its mass in their log-probability, which is
+    the model's at temperature 1 whatever the sampling temperature (form_calls.sample_lines)."""
+    from gpt_small.form_calls import sample_lines
+
+    table = {**TABLE, "\n": {"<unk>": 0.5, "I saw the": 0.3, "we went": 0.2}}
+    model, tok = _setup(table)
+    newline = torch.tensor([t == "\n" for t in tok.tokens])
+    prefix = torch.tensor(tok.encode("\n"))
+    expected = {("I saw the", " day", "\n"): 0.3 * 0.5, ("I saw the", " way", "\n"): 0.3 * 0.3 * 0.1,
+                ("I saw the", " way", " la", "\n"): 0.3 * 0.3 * 0.9, ("I saw the", " play", "\n"): 0.3 * 0.2,
+                ("we went", " home", "\n"): 0.2}
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for temperature in (1.0, 0.5):
+        for ids, lp, ended in sample_lines(model, prefix, 100, 4, newline, g,
+                                           dict(temperature=temperature, top_k=None, top_p=None), [tok.unk_id]):
+            line = tuple(tok.tokens[i] for i in ids)
+            assert ended and line in expected, line
+            assert lp == pytest.approx(math.log(expected[line]), abs=1e-5)
+            seen.add(line)
+    assert len(seen) >= 3  # several lines, each scored as the table says
+
+
+def test_the_model_runs_in_eval_mode_and_is_left_as_it_was():
+    model, tok = _setup()
+    model.train()
+    compose(model, tok, Form(lines=2), search=SearchConfig(candidates=2, budget=2), seed=0)
+    assert model.modes and not any(model.modes) and model.training and model.cleared == 1
+    model.eval()
+    compose(model, tok, Form(lines=1), search=SearchConfig(candidates=2, budget=2), seed=0)
+    assert not model.training and model.cleared == 2
+
+
+def test_a_seed_gives_the_same_poem_and_another_seed_another():
+    """At temperature 1 the two openings are drawn 0.6 / 0.4: one candidate a line, eight lines."""
+    def poem(seed):
+        model, tok = _setup()
+        return compose(model, tok, Form(lines=8), search=SearchConfig(candidates=1, budget=1), seed=seed)
+
+    a, b = poem(1), poem(1)
+    assert a.text == b.text and a.meta["lines"] == b.meta["lines"] and a.meta["seed"] == 1
+    assert {poem(s).text for s in range(2, 6)} != {a.text}
+
+
+def test_ending_words_of_a_group_rhyme_with_its_word_unused_and_fit_the_syllables():
+    from gpt_small import verse
+    from gpt_small.forms import _Judge
+
+    judge = _Judge(Form(rhyme="AA", syllables=4, tolerance=0), SearchConfig(), "A", False, {"A": "day"},
+                   {"A": {"day", "way"}})
+    words = judge.ending_words("I saw the")  # 3 syllables: the ending must have exactly 1
+    assert "play" in words and "day" not in words and "way" not in words and "away" not in words
+    assert all(verse.rhymes(w, "day", dictionary_only=True) for w in words)
+    assert all(verse.syllable_range(w)[0] <= 1 <= verse.syllable_range(w)[1] for w in words)
+    assert words == sorted(words, key=lambda w: (len(w), w))  # shortest first (no frequencies)
+    loose = _Judge(Form(rhyme="AA"), SearchConfig(), "A", False, {"A": "day"}, {"A": {"day"}})
+    assert "away" in loose.ending_words("I saw the")
+
+
+def test_a_new_groups_endings_have_enough_rhymes_and_rhyme_with_no_other_group():
+    from gpt_small import verse
+    from gpt_small.forms import MAX_POOL, _Judge, _rhymable_words
+
+    opener = _Judge(Form(rhyme="ABAB"), SearchConfig(min_rhymes=4), "B", True, {"A": "day"}, {"A": {"day"}})
+    words = opener.ending_words("I saw the")
+    assert len(words) == MAX_POOL and words == sorted(words, key=lambda w: (len(w), w))  # the shortest
+    assert "bee" in words and "day" not in words and "bay" not in words  # "bay" rhymes with group A's "day"
+    assert all(len(verse.rhyming_words(w)) >= 4 for w in words[::50])
+    word = "window"  # four rhyming dictionary words: a new group's word at min_rhymes 4, not at 5
+    assert word in {w for w, _, _ in _rhymable_words(4)} and word not in {w for w, _, _ in _rhymable_words(5)}
+
+
+def test_the_summary_lists_every_line_over_budget_with_what_it_breaks():
+    meta = {"form": {"rhyme": None, "syllables": None, "plan": ["xxx"]}, "all_met": False,
+            "over_budget_lines": [1, 3], "candidates": 1234, "seconds": 2.25,
+            "lines": [{"line": 1, "over_budget": True, "violations": ["9 syllables, not 7+-0", "no words"]},
+                      {"line": 2, "over_budget": False, "violations": []},
+                      {"line": 3, "over_budget": True, "violations": ["'glorp' is not in the dictionary"]}]}
+    assert summary(meta) == ("form: 3 lines; budget spent on line(s) 1, 3: line 1: 9 syllables, not 7+-0, no words; "
+                             "line 3: 'glorp' is not in the dictionary; 1,234 candidate lines in 2.2 s")
