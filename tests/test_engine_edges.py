@@ -375,6 +375,7 @@ def test_text_is_sent_with_the_token_that_completes_it(pieces, kw, sent):
     ([b"\n", b"a"], dict(lines=1), "\n", 1),  # the very first token is the line's end
     ([b"axbxc", b"d"], dict(stop=["x"]), "a", 1),  # the first of two matches in one token
     ([b"axbxc", b"d"], dict(stop=["x"], keep_stop=True), "ax", 1),
+    ([b"ab", b"cx", b"d"], dict(stop=["x"], keep_stop=True), "abcx", 2),  # kept, ending the token's text
     ([b"ab", b"xyx", b"y"], dict(stop=["yx", "bx"]), "a", 2),  # the earliest of two stop strings
 ])
 def test_lines_and_stop_strings_inside_a_token_of_several_characters(pieces, kw, text, fed):

@@ -36,11 +36,12 @@ def reference_feed(ids: list[int], tok, stop: list[str], keep_stop: bool, lines:
             for _ in range(lines):
                 k = text.find("\n", k + 1)
             end = k + 1
+        stopped = False
         for s in stop:
             k = text.find(s)
             if k >= 0:
-                end = min(end, k + len(s) if keep_stop else k)
-        if end < len(text) or (lines is not None and text.count("\n") >= lines):
+                end, stopped = min(end, k + len(s) if keep_stop else k), True
+        if stopped or end < len(text) or (lines is not None and text.count("\n") >= lines):
             return text[:end], "stop"
         if n >= max_new:
             return text[:end], "length"

@@ -121,23 +121,23 @@ class Sequence:
         tail = self.tokenizer.decode(self._pending)
         old = len(self._decoded)  # text before this is settled and was searched
         text = self._decoded + tail
-        end, hold, lines_done = len(text), 0, False
+        end, hold, stopped = len(text), 0, False  # stopped: a line count or a stop string ended it
         if self.lines is not None:
             seen, k = self._newlines, old - 1
             while seen < self.lines and (k := text.find("\n", k + 1)) >= 0:
                 seen += 1
             if seen >= self.lines:
-                end, lines_done = k + 1, True
+                end, stopped = k + 1, True
         for s in self.stop:
             k = text.find(s, max(0, old - len(s)))  # a match ending right at `old` did not end the sample
             if k >= 0:
-                end = min(end, k + len(s) if self.keep_stop else k)
+                end, stopped = min(end, k + len(s) if self.keep_stop else k), True
         if not tail.endswith(_REPLACEMENT):  # every character complete: settle the text
             if self.lines is not None:
                 self._newlines += text.count("\n", old)
             self._decoded, self._pending = text, []
         self.text = text[:end]
-        if end < len(text) or lines_done:
+        if end < len(text) or stopped:
             self.finish_reason = "stop"
         elif len(self.new_ids) >= self.max_new_tokens:
             self.finish_reason = "length"
