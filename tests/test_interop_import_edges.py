@@ -191,6 +191,29 @@ def test_weights_that_do_not_fit_config_json_are_refused_naming_them(hf, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+
+def test_a_tied_head_is_wte_and_another_head_in_the_file_is_refused(hf, tmp_path):
+    """A tied config (GPT-2's): a file that also holds the head (equal to wte, as torch.save of the
+    state dict writes it) imports; a head other than wte is refused, since transformers' versions
+    disagree on which one it uses; a head without wte names wte as the missing weight."""
+    sd = {k: v.clone().contiguous() for k, v in hf.state_dict().items()}
+    assert torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"])
+    same = _config_only(tmp_path / "same", hf)
+    save_file(sd, str(same / "model.safetensors"))
+    import_gpt2(same, tmp_path / "run")
+    _same_logits(tmp_path / "run", hf)
+    other = _config_only(tmp_path / "other", hf)
+    save_file({**sd, "lm_head.weight": sd["lm_head.weight"] + 0.01}, str(other / "model.safetensors"))
+    assert _error(import_gpt2, other, tmp_path / "run2") == (
+        "the config says the head is tied but the weights hold an lm_head.weight other than wte; set "
+        "tie_word_embeddings in config.json to say which head the model has")
+    no_wte = _config_only(tmp_path / "no-wte", hf)
+    save_file({k: v for k, v in sd.items() if k != "transformer.wte.weight"}, str(no_wte / "model.safetensors"))
+    assert _error(import_gpt2, no_wte, tmp_path / "run2") == (
+        f"the weights in {no_wte / 'model.safetensors'} do not fit its config.json: missing "
+        "['transformer.wte.weight'], unexpected []")
+    assert not (tmp_path / "run2").exists()
+
 def test_an_out_holding_a_checkpoint_and_a_file_as_the_folder_are_refused(hf, tmp_path):
     folder = gpt2_folder(tmp_path / "hf", hf)
     assert _error(import_gpt2, folder / "config.json", tmp_path / "run") == f"{folder / 'config.json'} is not a folder"

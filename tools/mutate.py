@@ -199,7 +199,8 @@ def _config(module: str, tests: list[str]) -> str:
         "source_paths = gpt_small\n"
         f"only_mutate = {module}\n"
         f"pytest_add_cli_args_test_selection ={lines(tests)}\n"
-        "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -q\n"
+        # tools/mutate_fast_first.py: a mutant's tests fastest first (mutmut's forkserver keeps no order)
+        "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -p\n    tools.mutate_fast_first\n    -q\n"
         # torch is not fork-safe once its thread pools exist: a fork server imports, workers fork from it
         "process_isolation = forkserver\n"
         # a mutant's limit is 15x its tests' time in the clean run plus this: a worker loads what
