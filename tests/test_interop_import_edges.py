@@ -136,6 +136,21 @@ def test_tokenizer_files_that_are_not_gpt2s_or_unreadable_are_refused(hf, tmp_pa
 
 # ---------------------------------------------------------------- refusals
 
+def test_a_folder_without_config_json_or_weights_or_with_sizes_out_of_range_is_refused(tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    assert _error(import_gpt2, folder, tmp_path / "run") == (
+        f"{folder} has no config.json: not a transformers model folder")
+    for config, says in (({"n_layer": 0}, "field 'n_layer': input should be greater than or equal to 1, got 0"),
+                         ({"n_embd": "32"}, "field 'n_embd': input should be a valid integer, got '32'")):
+        (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", **config}))
+        assert _error(import_gpt2, folder, tmp_path / "run") == f"{folder / 'config.json'}: {says}"
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}))
+    assert _error(import_gpt2, folder, tmp_path / "run") == (
+        f"{folder} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    assert not (tmp_path / "run").exists()
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.mkdir, (str(self.path),))
