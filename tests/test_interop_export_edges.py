@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,24 @@ def test_a_remote_code_export_declares_our_fields_and_where_its_code_is(tmp_path
     for name in ("configuration_gpt_small.py", "modeling_gpt_small.py"):
         assert (folder / name).read_bytes() == (here / name).read_bytes()
 
+
+
+@pytest.mark.parametrize("overrides, head", [
+    (dict(pos_encoding="learned"), None), (dict(pos_encoding="learned", tie_embeddings=False), "lm_head.weight"),
+    (dict(pos_encoding="sinusoidal"), "lm_head.weight"),  # pre-scaled wte: the head is written apart
+    (dict(pos_encoding="rope"), None), (dict(pos_encoding="rope", tie_embeddings=False), "embed_out.weight"),
+    (dict(qk_norm=True), None), (dict(qk_norm=True, tie_embeddings=False), "lm_head.weight"),
+])
+def test_the_weights_hold_a_tied_head_once_and_every_tensor_in_the_dtype_asked(tmp_path, char_tok, overrides, head):
+    from safetensors import safe_open
+
+    folder = export(checkpoint(tmp_path / "run", char_tok, **overrides), tmp_path / "hf", dtype="bfloat16")
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        assert f.metadata() == {"format": "pt"}  # as transformers writes it (its loader checks "format")
+        assert {f.get_tensor(n).dtype for n in names} == {torch.bfloat16}
+    heads = names & {"lm_head.weight", "embed_out.weight"}
+    assert heads == ({head} if head else set())
 
 # ---------------------------------------------------------------- generation_config.json
 
@@ -280,3 +299,20 @@ def test_another_users_live_export_is_left_alone(tmp_path, monkeypatch):
     (tmp_path / ".hf.tmp-123-0123abcd").mkdir()
     sweep_stale_exports(tmp_path)
     assert (tmp_path / ".hf.tmp-123-0123abcd").is_dir()
+
+
+# ---------------------------------------------------------------- durability, from a real strace
+
+@pytest.mark.skipif(shutil.which("strace") is None or sys.platform != "linux", reason="needs strace")
+def test_every_file_and_the_folder_of_an_export_keep_the_durability_order(tmp_path, char_tok):
+    """Each file fsync'd after its last write and before its rename; the hidden folder renamed to
+    --out, and then --out's parent fsync'd, so the new name survives a crash."""
+    from test_durability import check_durability, traced_here
+
+    ckpt = checkpoint(tmp_path / "run", char_tok, qk_norm=True)  # remote code: its two .py files too
+    with traced_here(tmp_path) as calls:
+        export(ckpt, tmp_path / "exports" / "hf")
+    names = sorted(Path(dst).name for _, dst in check_durability(calls, tmp_path / "exports"))
+    assert names == sorted(["hf", "model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                            "tokenizer_config.json", "configuration_gpt_small.py", "modeling_gpt_small.py",
+                            "README.md"])
