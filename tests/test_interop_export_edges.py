@@ -316,3 +316,19 @@ def test_every_file_and_the_folder_of_an_export_keep_the_durability_order(tmp_pa
     assert names == sorted(["hf", "model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                             "tokenizer_config.json", "configuration_gpt_small.py", "modeling_gpt_small.py",
                             "README.md"])
+
+
+def test_the_card_scores_the_validation_split_unless_told_not_to(tmp_path, verse_data):
+    """export_checkpoint's default evaluates the exported step on the run's data when the run
+    recorded no figure for it (as `gpt-small export` does without --no-eval)."""
+    from gpt_small.data import PreparedData
+
+    tok = PreparedData(verse_data).tokenizer
+    cfg = GPTConfig(**SMALL, vocab_size=tok.vocab_size)
+    ckpt = tmp_path / "run"
+    save_checkpoint(ckpt, step=4, model=GPT(cfg), tokenizer=tok,
+                    config={"model": cfg.to_dict(), "data": {"directory": str(verse_data), "tokenizer": "char"}})
+    export_checkpoint(ckpt, tmp_path / "hf")
+    assert f"(evaluated at export on data/{verse_data.name}/val.bin)" in (tmp_path / "hf" / "README.md").read_text()
+    export_checkpoint(ckpt, tmp_path / "hf2", evaluate=False)
+    assert "export ran with --no-eval" in (tmp_path / "hf2" / "README.md").read_text()
