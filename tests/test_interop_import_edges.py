@@ -98,6 +98,7 @@ def test_an_imported_run_is_step_0_with_last_and_best_and_names_its_source(hf, t
     assert last == best and last.name == "step-000000"
     meta = read_checkpoint_config(last)
     assert meta["step"] == 0 and meta["imported_from"] == str(folder.resolve()) and meta["data"] is None
+    assert meta.get("val_loss", "absent") is None  # recorded, and not measured (a run's best records its own)
     assert meta["model"] == r.config.to_dict()
     assert load_checkpoint(tmp_path / "run").tokenizer.kind == "gpt2"
 
@@ -196,6 +197,13 @@ def test_weights_that_do_not_fit_config_json_are_refused_naming_them(hf, tmp_pat
     assert _error(import_gpt2, deeper, tmp_path / "run") == (
         f"the weights in {deeper / 'model.safetensors'} do not fit its config.json: missing {missing[:5]}, "
         "unexpected []")
+    shallower = _config_only(tmp_path / "shallower", random_gpt2(n_layer=1))  # config.json: 1 layer, weights: 2
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"},
+              str(shallower / "model.safetensors"))
+    unexpected = [m.replace("h.2.", "h.1.") for m in missing]  # the second layer's names, 5 of its 12
+    assert _error(import_gpt2, shallower, tmp_path / "run") == (
+        f"the weights in {shallower / 'model.safetensors'} do not fit its config.json: missing [], "
+        f"unexpected {unexpected[:5]}")
     longer = _config_only(tmp_path / "longer", random_gpt2(n_positions=64))  # config.json: 64 positions, weights: 48
     save_file({k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"},
               str(longer / "model.safetensors"))
