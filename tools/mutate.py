@@ -102,7 +102,7 @@ MODULE_TESTS: dict[str, list[str]] = {
     "gpt_small/interop/hf_import.py": ["tests/test_runs_edges.py", "tests/test_interop_import.py",
                                        "tests/test_interop_import_edges.py"],
     "gpt_small/interop/hf_tokenizer.py": ["tests/test_interop_tokenizer_edges.py"],
-    "gpt_small/interop/model_card.py": ["tests/test_interop_export.py",
+    "gpt_small/interop/model_card.py": ["tests/test_interop_card_edges.py", "tests/test_interop_export.py",
                                         *(f"tests/test_interop_runtimes.py::{t}" for t in _RUNTIME_TESTS
                                           if "card" in t or "past_the_context" in t)],
     "gpt_small/interop/trackers.py": ["tests/test_interop_finetune.py"],
