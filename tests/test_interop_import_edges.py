@@ -181,6 +181,18 @@ def test_a_shard_linked_out_of_the_folder_is_refused(hf, tmp_path):
     assert _error(import_gpt2, folder, tmp_path / "run") == f"{index}: shard {shard!r} lies outside {folder}"
 
 
+
+@pytest.mark.parametrize("weight_map, says", [
+    ({}, "dictionary should have at least 1 item after validation, not 0, got {}"),
+    ({"h.0.ln_1.weight": "/etc/passwd"}, "shard '/etc/passwd' is not a file name inside the model folder"),
+    ({"h.0.ln_1.weight": "../x.safetensors"}, "shard '../x.safetensors' is not a file name inside the model folder"),
+])
+def test_a_shard_index_naming_no_shard_or_a_path_out_is_refused_before_reading(hf, tmp_path, weight_map, says):
+    folder = _config_only(tmp_path / "hf", hf)
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert _error(import_gpt2, folder, tmp_path / "run") == f"{index}: field 'weight_map': {says}"
+
 def test_weights_that_do_not_fit_config_json_are_refused_naming_them(hf, tmp_path):
     untied = _config_only(tmp_path / "untied", random_gpt2(tie_word_embeddings=False))
     save_file({k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"},
