@@ -90,6 +90,18 @@ def test_the_hubs_unprefixed_names_and_old_mask_buffers_import(hf, tmp_path):
     _same_logits(tmp_path / "run2", hf)
 
 
+
+def test_a_pytorch_model_bin_saved_from_a_gpu_imports_on_the_cpu(hf, tmp_path, monkeypatch):
+    """Most .bin files were saved from CUDA tensors: their storages say "cuda:0" (written here by
+    torch.save itself, told so), which torch.load can only place on the CPU when asked to."""
+    folder = _config_only(tmp_path / "hf", hf)
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(hf.state_dict(), folder / "pytorch_model.bin")
+    assert b"cuda:0" in (folder / "pytorch_model.bin").read_bytes()
+    import_gpt2(folder, tmp_path / "run")
+    _same_logits(tmp_path / "run", hf)
+
 def test_an_imported_run_is_step_0_with_last_and_best_and_names_its_source(hf, tmp_path):
     folder = gpt2_folder(tmp_path / "hf", hf)
     r = import_gpt2(folder, tmp_path / "run")
@@ -157,7 +169,7 @@ class _RunsCode:
         return (os.mkdir, (str(self.path),))
 
 
-def test_a_pickle_that_would_run_code_or_holds_no_state_dict_is_refused(hf, tmp_path):
+def test_a_pickle_that_would_run_code_or_holds_no_state_dict_is_refused(hf, tmp_path, monkeypatch):
     folder = _config_only(tmp_path / "hf", hf)
     evil = _RunsCode()
     evil.path = tmp_path / "pwned"
@@ -165,6 +177,10 @@ def test_a_pickle_that_would_run_code_or_holds_no_state_dict_is_refused(hf, tmp_
         pickle.dump({"transformer.wte.weight": evil}, f)
     assert _error(import_gpt2, folder, tmp_path / "run").startswith(f"cannot read the weights in {folder}: ")
     assert not evil.path.exists()  # torch.load(weights_only=True) ran nothing
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch's switch for loads that leave it unsaid
+    assert _error(import_gpt2, folder, tmp_path / "run").startswith(f"cannot read the weights in {folder}: ")
+    assert not evil.path.exists()
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
     torch.save([t for t in hf.state_dict().values()], folder / "pytorch_model.bin")
     assert _error(import_gpt2, folder, tmp_path / "run") == f"{folder / 'pytorch_model.bin'} does not hold a state dict"
     assert not (tmp_path / "run").exists()
