@@ -239,6 +239,13 @@ def test_weights_that_do_not_fit_config_json_are_refused_naming_them(hf, tmp_pat
         f"the weights in {longer / 'model.safetensors'} do not fit its config.json: size mismatch for "
         "transformer.wpe.weight: copying a param with shape torch.Size([48, 32]) from checkpoint, the shape in "
         "current model is torch.Size([64, 32]).")
+    wider = _config_only(tmp_path / "wider", random_gpt2(n_embd=64))  # every tensor mismatches: the first is named
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"},
+              str(wider / "model.safetensors"))
+    assert _error(import_gpt2, wider, tmp_path / "run") == (
+        f"the weights in {wider / 'model.safetensors'} do not fit its config.json: size mismatch for "
+        "transformer.wte.weight: copying a param with shape torch.Size([50257, 32]) from checkpoint, the shape in "
+        "current model is torch.Size([50257, 64]).")
     assert not (tmp_path / "run").exists()
 
 

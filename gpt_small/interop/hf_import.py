@@ -183,8 +183,9 @@ def import_gpt2(hf_dir: str | Path, out: str | Path) -> ImportResult:
         state["lm_head.weight"] = state["transformer.wte.weight"]
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a tensor of another shape than config.json says
-        raise GPTSmallError(f"the weights in {source} do not fit its config.json: {str(e).splitlines()[-1].strip()}") from None
+    except RuntimeError as e:  # tensors of other shapes than config.json says: torch lists them under a header
+        first = str(e).splitlines()[1].strip()  # the first: a weight of the file (the last can be the tied head)
+        raise GPTSmallError(f"the weights in {source} do not fit its config.json: {first}") from None
     if missing or unexpected:
         raise GPTSmallError(f"the weights in {source} do not fit its config.json: missing {sorted(missing)[:5]}, "
                             f"unexpected {sorted(unexpected)[:5]}")
