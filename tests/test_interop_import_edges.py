@@ -115,6 +115,15 @@ def test_an_imported_run_is_step_0_with_last_and_best_and_names_its_source(hf, t
     assert load_checkpoint(tmp_path / "run").tokenizer.kind == "gpt2"
 
 
+
+@pytest.mark.parametrize("hf_name, ours", [("gelu_new", "gelu"), ("gelu_pytorch_tanh", "gelu"), ("relu", "relu"),
+                                           ("relu2", "relu2"), (None, "gelu")])  # None: config.json leaves it out
+def test_each_activation_name_imports_as_the_function_it_names(tmp_path, hf_name, ours):
+    from gpt_small.interop.hf_import import gpt_config_of
+
+    config = {"model_type": "gpt2", **({"activation_function": hf_name} if hf_name else {})}
+    assert gpt_config_of(config, tmp_path).activation == ours
+
 # ---------------------------------------------------------------- tokenizer files
 
 def test_tokenizer_files_gpt2s_with_a_pad_or_as_vocab_json_are_accepted(hf, tmp_path):
