@@ -167,6 +167,9 @@ def test_a_folder_without_config_json_or_weights_or_with_sizes_out_of_range_is_r
                          ({"n_embd": "32"}, "field 'n_embd': input should be a valid integer, got '32'")):
         (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", **config}))
         assert _error(import_gpt2, folder, tmp_path / "run") == f"{folder / 'config.json'}: {says}"
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "scale_attn_weights": False}))
+    assert _error(import_gpt2, folder, tmp_path / "run") == (  # the folder named, before any weight is looked for
+        f"{folder}: scale_attn_weights=false (unscaled attention); gpt-small cannot compute this GPT-2 exactly")
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}))
     assert _error(import_gpt2, folder, tmp_path / "run") == (
         f"{folder} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
