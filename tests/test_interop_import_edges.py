@@ -108,6 +108,7 @@ def test_an_imported_run_is_step_0_with_last_and_best_and_names_its_source(hf, t
     assert (r.out, r.notes, r.config.n_layer) == (tmp_path / "run", [], 2)
     last, best = find_checkpoint(tmp_path / "run", prefer="last"), find_checkpoint(tmp_path / "run")
     assert last == best and last.name == "step-000000"
+    assert os.readlink(tmp_path / "run" / "best") == os.readlink(tmp_path / "run" / "last")  # both links made
     meta = read_checkpoint_config(last)
     assert meta["step"] == 0 and meta["imported_from"] == str(folder.resolve()) and meta["data"] is None
     assert meta.get("val_loss", "absent") is None  # recorded, and not measured (a run's best records its own)
