@@ -332,3 +332,31 @@ def test_the_card_scores_the_validation_split_unless_told_not_to(tmp_path, verse
     assert f"(evaluated at export on data/{verse_data.name}/val.bin)" in (tmp_path / "hf" / "README.md").read_text()
     export_checkpoint(ckpt, tmp_path / "hf2", evaluate=False)
     assert "export ran with --no-eval" in (tmp_path / "hf2" / "README.md").read_text()
+
+
+# ---------------------------------------------------------------- logits, in the test that exports
+
+@pytest.mark.parametrize("overrides", [
+    dict(pos_encoding="rope", activation="relu2", bias=True, tie_embeddings=False),
+    dict(pos_encoding="rope", activation="gelu", bias=False, tie_embeddings=True, n_head=4),
+    dict(pos_encoding="sinusoidal", activation="relu", bias=False),
+    dict(pos_encoding="learned", activation="gelu", bias=True, tie_embeddings=False),
+])
+def test_each_export_gives_our_logits_in_transformers(tmp_path, char_tok, overrides):
+    """As test_interop_export.py does on its shared exports, but exporting here: a tool that maps
+    each test to the code it runs (tools/mutate.py) counts a shared fixture's export against the
+    first test that builds it only."""
+    import transformers
+
+    from gpt_small.checkpoint import load_checkpoint
+
+    ckpt = checkpoint(tmp_path / "run", char_tok, **overrides)
+    with torch.no_grad():
+        ours = load_checkpoint(ckpt).model.eval()
+        for p in ours.parameters():  # away from the initial 1/0 of norms and biases, so a skipped copy shows
+            p.add_(0.1 * torch.randn_like(p))
+    save_checkpoint(ckpt, step=4, model=ours, tokenizer=char_tok, config={"model": ours.config.to_dict()})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(export(ckpt, tmp_path / "hf"))).eval()
+    idx = torch.randint(0, char_tok.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx), atol=1e-5, rtol=0)
