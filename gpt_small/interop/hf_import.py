@@ -7,7 +7,8 @@ folder whose `last` checkpoint is our GPT with learned positions, biases, GELU (
 equal transformers' to rounding.
 
 Only what maps exactly is accepted; anything else is refused in one line: other architectures,
-a vocabulary other than GPT-2's 50,257 tokens, tokenizer files that are not GPT-2's, attention
+a vocabulary other than GPT-2's 50,257 tokens, tokenizer files that are not GPT-2's, a tied head
+whose weights hold another lm_head (transformers' versions differ on which one counts), attention
 not scaled by 1/sqrt(head size) or scaled by layer index, cross-attention, a LayerNorm epsilon
 other than 1e-5 (torch's default, which our model uses), an MLP width that is not a whole multiple
 of n_embd. ReLU and squared-ReLU GPT-2s (our own exports) import too, so export(import(x)) == x.
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..checkpoint import save_checkpoint
@@ -128,10 +128,13 @@ def our_state(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Te
             name = "transformer." + name
         t = t.float()
         out[name] = t.t().contiguous() if name.endswith(_CONV1D) else t
-    if cfg.tie_embeddings:
-        out.pop("lm_head.weight", None)
-    elif "lm_head.weight" not in out:
+    head, wte = out.get("lm_head.weight"), out.get("transformer.wte.weight")
+    if not cfg.tie_embeddings and head is None:
         raise GPTSmallError("the config says the head is untied but the weights hold no lm_head.weight")
+    if cfg.tie_embeddings and head is not None and wte is not None and not torch.equal(head, wte):
+        # older transformers tie them (the head becomes wte); transformers 5 keeps the file's head
+        raise GPTSmallError("the config says the head is tied but the weights hold an lm_head.weight other than "
+                            "wte; set tie_word_embeddings in config.json to say which head the model has")
     return out
 
 
@@ -180,8 +183,9 @@ def import_gpt2(hf_dir: str | Path, out: str | Path) -> ImportResult:
         state["lm_head.weight"] = state["transformer.wte.weight"]
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a tensor of another shape than config.json says
-        raise GPTSmallError(f"the weights in {source} do not fit its config.json: {str(e).splitlines()[-1].strip()}") from None
+    except RuntimeError as e:  # tensors of other shapes than config.json says: torch lists them under a header
+        first = str(e).splitlines()[1].strip()  # the first: a weight of the file (the last can be the tied head)
+        raise GPTSmallError(f"the weights in {source} do not fit its config.json: {first}") from None
     if missing or unexpected:
         raise GPTSmallError(f"the weights in {source} do not fit its config.json: missing {sorted(missing)[:5]}, "
                             f"unexpected {sorted(unexpected)[:5]}")
