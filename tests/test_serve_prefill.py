@@ -166,9 +166,9 @@ def test_a_failed_batched_prefill_ends_exactly_its_sequences_and_a_running_strea
         assert failed and failed[0][0] == 3, failed
         for i, s in enumerate(arrivals):
             assert s.finish_reason == "error" and events[i] == [("done", "error")] and not s.new_ids
-        logged = sorted(r.getMessage() for r in caplog.records if r.name == "gpt_small.serve")
-        assert logged == (["a batched prefill failed; ending that request"] * 3
-                          + ["a prefill failed; ending that request"])
+        logged = sorted((r.getMessage(), bool(r.exc_info)) for r in caplog.records if r.name == "gpt_small.serve")
+        assert logged == ([("a batched prefill failed; ending that request", True)] * 3  # with the traceback
+                          + [("the prefill it copies failed; ending that request", False)])  # none of its own
         assert done.wait(30)
         assert running.finish_reason == "length" and running.new_ids == _alone(tok, "the ", 1, 120)
         again = _seqs(tok, ["a", "O me"], 10)  # and the engine keeps serving, batched prefills too

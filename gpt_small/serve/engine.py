@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sys
 import threading
 import time
 from collections import deque
@@ -266,7 +267,8 @@ class Engine:
         """End one row's sequence with an error (its client gets an error event); the others go on.
         A row fails at most once (a failed row is skipped from then on), and a cancelled one leaves
         at the sampling step, before any forward: no row reaches here cancelled or failed."""
-        log.exception("%s failed; ending that request", what)
+        # a copied row fails with no exception of its own (the prefill it copies failed): no traceback
+        log.error("%s failed; ending that request", what, exc_info=sys.exc_info()[0] is not None)
         row.failed = True
         self._end(row.seq, "error")
 
@@ -280,7 +282,7 @@ class Engine:
         for row in twins:  # the same prompt as an earlier arrival of this round: its row, copied
             first = row.twin
             if first.failed:
-                self._fail(row, "a prefill")
+                self._fail(row, "the prefill it copies")
                 continue
             self.model.kv_cache.copy_row(self._rows.index(first), self._rows.index(row), row.T0 - row.start)
             row.logits = first.logits.clone()
