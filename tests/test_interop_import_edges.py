@@ -247,20 +247,19 @@ def test_weights_that_do_not_fit_config_json_are_refused_naming_them(hf, tmp_pat
     assert _error(import_gpt2, shallower, tmp_path / "run") == (
         f"the weights in {shallower / 'model.safetensors'} do not fit its config.json: missing [], "
         f"unexpected {unexpected[:5]}")
-    longer = _config_only(tmp_path / "longer", random_gpt2(n_positions=64))  # config.json: 64 positions, weights: 48
-    save_file({k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"},
-              str(longer / "model.safetensors"))
-    assert _error(import_gpt2, longer, tmp_path / "run") == (
-        f"the weights in {longer / 'model.safetensors'} do not fit its config.json: size mismatch for "
-        "transformer.wpe.weight: copying a param with shape torch.Size([48, 32]) from checkpoint, the shape in "
-        "current model is torch.Size([64, 32]).")
-    wider = _config_only(tmp_path / "wider", random_gpt2(n_embd=64))  # every tensor mismatches: the first is named
-    save_file({k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"},
-              str(wider / "model.safetensors"))
-    assert _error(import_gpt2, wider, tmp_path / "run") == (
-        f"the weights in {wider / 'model.safetensors'} do not fit its config.json: size mismatch for "
-        "transformer.wte.weight: copying a param with shape torch.Size([50257, 32]) from checkpoint, the shape in "
-        "current model is torch.Size([50257, 64]).")
+    for name, config, mismatch in [
+        # config.json: 64 positions, weights: 48
+        ("longer", dict(n_positions=64), "transformer.wpe.weight: copying a param with shape torch.Size([48, 32])"
+                                         " from checkpoint, the shape in current model is torch.Size([64, 32])."),
+        # every tensor mismatches: the first is named
+        ("wider", dict(n_embd=64), "transformer.wte.weight: copying a param with shape torch.Size([50257, 32])"
+                                   " from checkpoint, the shape in current model is torch.Size([50257, 64])."),
+    ]:
+        folder = _config_only(tmp_path / name, random_gpt2(**config))
+        save_file({k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"},
+                  str(folder / "model.safetensors"))
+        assert _error(import_gpt2, folder, tmp_path / "run") == (
+            f"the weights in {folder / 'model.safetensors'} do not fit its config.json: size mismatch for {mismatch}")
     assert not (tmp_path / "run").exists()
 
 
