@@ -5,6 +5,8 @@ prometheus_client's parser, the Bearer scheme, 503 while draining, and /openapi.
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,6 +199,49 @@ def scrape(client) -> dict:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+
+def documented_metrics() -> dict[str, tuple[str, set[str], str]]:
+    """docs/serve.md's table of /metrics: {family name: (kind, label names, what)}; a counter's family
+    is named without the `_total` its sample carries, as Prometheus' parser names it."""
+    rows = {}
+    text = (Path(__file__).resolve().parent.parent / "docs" / "serve.md").read_text(encoding="utf-8")
+    for m in re.finditer(r"^\| `(gpt_small_\w+)(?:\{([\w,]+)\})?` \| (\w+) \| (.+) \|$", text, re.M):
+        name, labels, kind, what = m.groups()
+        if kind == "counter":
+            name = name.removesuffix("_total")
+        rows[name] = (kind, set(labels.split(",")) if labels else set(), what.replace("`", ""))
+    return rows
+
+
+def test_metrics_are_the_documented_families_kinds_labels_and_help(client):
+    """Every family /metrics shows is a row of docs/serve.md's table and every row is shown, with its
+    kind, its labels (once a sample has them) and its HELP line the table's words."""
+    complete(client, "a", max_tokens=3, seed=1)  # so that every labelled family has a sample
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)
+                if not f.name.endswith("_created")}  # prometheus_client's creation times, read as gauges
+    docs = documented_metrics()
+    assert len(docs) == 9 and set(families) == set(docs)
+    for name, (kind, labels, what) in docs.items():
+        fam = families[name]
+        assert (fam.type, fam.documentation) == (kind, what), name
+        seen = {k for s in fam.samples if not s.name.endswith("_created") for k in s.labels} - {"le"}
+        assert seen == labels, name
+
+
+def test_prompt_tokens_and_request_times_are_counted_per_sample_and_per_request(client):
+    before = scrape(client)
+    one = complete(client, "The sea", max_tokens=3, seed=1)
+    three = complete(client, "The sea", max_tokens=3, seed=1, n=3)
+    after = scrape(client)
+    delta = lambda key: after.get(key, 0) - before.get(key, 0)  # noqa: E731
+    # each finished sample counts its prompt: a request for 3 samples counts it three times
+    assert delta(("gpt_small_prompt_tokens_total", ())) == one["usage"]["prompt_tokens"] * 4
+    assert three["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]
+    route = (("route", "/v1/completions"),)
+    assert delta(("gpt_small_request_duration_seconds_count", route)) == 2
+    assert delta(("gpt_small_request_duration_seconds_sum", route)) > 0
+    assert delta(("gpt_small_time_to_first_token_seconds_sum", ())) > 0
 
 
 def test_metrics_count_requests_tokens_and_latencies(client):

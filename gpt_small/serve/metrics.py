@@ -4,7 +4,8 @@ Each app has its own registry (not the library's global one), so two apps in one
 tests) count apart. Requests are counted by route (the route's path, never the raw URL, so a
 client cannot grow the label set) and status once their response has ended; a sample's time to
 first token, its time per further token and its tokens are recorded when it finishes, whatever
-the reason; queue depth and running rows are read from the engine when scraped.
+the reason; queue depth and running rows are read from the engine when scraped. Each HELP line is
+the words of docs/serve.md's table of metrics (a test holds them equal).
 """
 
 from __future__ import annotations
@@ -25,20 +26,22 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("gpt_small_requests", "HTTP requests by route and status", ["route", "status"],
-                                registry=r)
-        self.request_seconds = Histogram("gpt_small_request_duration_seconds", "HTTP request time, streams to "
-                                         "their end", ["route"], buckets=_REQUEST_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("gpt_small_prompt_tokens", "Prompt tokens of finished samples", registry=r)
-        self.generated_tokens = Counter("gpt_small_generated_tokens", "Tokens generated", registry=r)
-        self.samples = Counter("gpt_small_samples", "Samples finished, by reason", ["finish_reason"], registry=r)
-        self.queue_depth = Gauge("gpt_small_queue_depth", "Samples waiting for a row", registry=r)
-        self.running_rows = Gauge("gpt_small_running_rows", "Samples being decoded (rows of the batch)",
-                                  registry=r)
-        self.ttft = Histogram("gpt_small_time_to_first_token_seconds", "From a sample's submission to its "
-                              "first token", buckets=_TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram("gpt_small_time_per_output_token_seconds", "Mean time between a sample's "
-                              "tokens after the first", buckets=_TPOT_BUCKETS, registry=r)
+        self.requests = Counter(
+            "gpt_small_requests", "requests once their response ended; route is the route's path (other for "
+            "unknown paths)", ["route", "status"], registry=r)
+        self.request_seconds = Histogram("gpt_small_request_duration_seconds", "request time, streams to their end",
+                                         ["route"], buckets=_REQUEST_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("gpt_small_prompt_tokens", "prompt tokens of finished samples", registry=r)
+        self.generated_tokens = Counter("gpt_small_generated_tokens", "tokens generated (cancelled samples included)",
+                                        registry=r)
+        self.samples = Counter("gpt_small_samples", "samples finished: stop, length, cancelled, error",
+                               ["finish_reason"], registry=r)
+        self.queue_depth = Gauge("gpt_small_queue_depth", "samples waiting for a row", registry=r)
+        self.running_rows = Gauge("gpt_small_running_rows", "samples being decoded", registry=r)
+        self.ttft = Histogram("gpt_small_time_to_first_token_seconds", "submission to first token, per sample",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("gpt_small_time_per_output_token_seconds", "mean time between a sample's tokens after "
+                              "the first", buckets=_TPOT_BUCKETS, registry=r)
 
     def request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route=route, status=str(status)).inc()
