@@ -138,7 +138,7 @@ class Sequence:
                 self._newlines += text.count("\n", old)
             self._decoded, self._pending = text, []
         self.text = text[:end]
-        if end < len(text) or stopped:
+        if stopped:  # (end < len(text) only when a rule cut the text)
             self.finish_reason = "stop"
         elif len(self.new_ids) >= self.max_new_tokens:
             self.finish_reason = "length"
