@@ -61,11 +61,11 @@ _RUNTIME_TESTS = [
     "test_target_accepts_what_the_runtime_computes_as_we_do", "test_model_card_names_no_absolute_path",
     "test_model_card_finds_a_relative_data_folder_beside_runs", "test_card_tags_follow_the_data",
 ]
-_EXPORT_TESTS = [
-    "test_export_says_which_architecture_and_why", "test_logits_equal_ours_on_random_and_real_text",
-    "test_pipeline_greedy_equals_gpt_small_generate", "test_exported_tokenizer_ids_equal_ours_on_validation_text",
-    "test_bfloat16_export_loads_in_bfloat16", "test_export_refuses_a_non_empty_folder_and_a_bad_dtype",
-    "test_architecture_choice",
+# test_interop_runtimes.py's tests that export in the test itself, fast
+_EXPORT_RUNTIME_TESTS = [
+    "test_transformers_stops_at_the_declared_eos", "test_tokenizers_without_an_end_of_text_declare_none",
+    "test_exported_folder_modes_follow_the_umask_as_checkpoints_do",
+    "test_export_on_a_full_disk_gives_one_line_and_leaves_nothing",
 ]
 MODULE_TESTS: dict[str, list[str]] = {
     "gpt_small/verse.py": ["tests/test_verse_edges.py", "tests/test_forms.py::test_prosody_from_the_dictionary"],
@@ -106,11 +106,12 @@ MODULE_TESTS: dict[str, list[str]] = {
     "gpt_small/limits.py": ["tests/test_limits_table.py", "tests/test_limits_edges.py", "tests/test_serve_limits.py",
                             "tests/test_hardening.py", "tests/test_fuzz.py"],
     "gpt_small/schemas.py": ["tests/test_hardening.py", "tests/test_limits_table.py", "tests/test_runs_edges.py"],
-    # test_interop_export.py but its two model-card tests (each trains a run: model_card.py's row) and
-    # its load in a fresh interpreter (a subprocess that pins the remote files, not this module's code)
-    "gpt_small/interop/hf_export.py": ["tests/test_interop_export_edges.py", "tests/test_runs_edges.py",
-                                       *(f"tests/test_interop_export.py::{t}" for t in _EXPORT_TESTS),
-                                       *(f"tests/test_interop_runtimes.py::{t}" for t in _RUNTIME_TESTS)],
+    # the direct tests that export in the test itself (tiny hand-made checkpoints): test_interop_export.py's
+    # and test_interop_runtimes.py's shared exports are built once per file, in fixtures that mutmut
+    # charges to their first test only, and train or load larger models (every mutant slow)
+    "gpt_small/interop/hf_export.py": ["tests/test_interop_export_edges.py",
+                                       "tests/test_runs_edges.py::test_export_takes_the_runs_best_checkpoint",
+                                       *(f"tests/test_interop_runtimes.py::{t}" for t in _EXPORT_RUNTIME_TESTS)],
     "gpt_small/interop/hf_import.py": ["tests/test_runs_edges.py", "tests/test_interop_import.py",
                                        "tests/test_interop_import_edges.py"],
     "gpt_small/interop/hf_tokenizer.py": ["tests/test_interop_tokenizer_edges.py"],
