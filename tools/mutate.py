@@ -118,7 +118,8 @@ MODULE_TESTS: dict[str, list[str]] = {
     "gpt_small/interop/model_card.py": ["tests/test_interop_card_edges.py", "tests/test_interop_export.py",
                                         *(f"tests/test_interop_runtimes.py::{t}" for t in _RUNTIME_TESTS
                                           if "card" in t or "past_the_context" in t)],
-    "gpt_small/interop/trackers.py": ["tests/test_interop_finetune.py"],
+    # (test_interop_finetune.py trains runs: its tracker tests are end to end, not per mutant)
+    "gpt_small/interop/trackers.py": ["tests/test_interop_trackers_edges.py"],
     "gpt_small/serve/protocol.py": ["tests/test_serve_refusals.py", "tests/test_limits_table.py", "tests/test_serve_api.py",
                                     "tests/test_serve_limits.py", "tests/test_serve_chat.py"],
     "gpt_small/serve/guard.py": ["tests/test_serve_guard.py", "tests/test_serve_limits.py::test_host_check_and_json_only"],
