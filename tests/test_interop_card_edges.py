@@ -226,3 +226,189 @@ def test_the_header_architecture_and_tokenizer_lines(tmp_path, char_tok):
     assert 'from_pretrained("DIR")' in gpt2 and "trust_remote_code" not in gpt2
     assert "- Generation stops at `<|endoftext|>` (id 50256, the EOS in config.json" in gpt2
     assert f"- A small model ({ckpt.model.num_params():,} parameters) trained on one text" in text
+
+
+# ---------------------------------------------------------------- the snippet, limitations and licence as written
+
+@pytest.mark.parametrize("architecture, trust, new_tokens", [
+    ("gpt2", "", 14), ("gpt_neox", "", 14), ("gpt_small", ", trust_remote_code=True", 60)])
+def test_the_snippet_as_written(tmp_path, char_tok, architecture, trust, new_tokens):
+    text = card(ckpt_in(tmp_path / "runs" / "r", char_tok, block_size=21), architecture)
+    assert section(text, "Architecture").split("\n\n", 1)[1] == (
+        "```python\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline\n"
+        f'model = AutoModelForCausalLM.from_pretrained("DIR"{trust})\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("DIR"{trust})\n'
+        'print(pipeline("text-generation", model=model, tokenizer=tokenizer)(\'The sea\', '
+        f'max_new_tokens={new_tokens})[0]["generated_text"])\n'
+        "```")
+
+
+COMMON_LIMITS = (
+    "- Sampling by default at temperature 0.8, no top-k or top-p (generation_config.json); pass `do_sample=False` "
+    "for greedy text.\n"
+    "- A small model ({n:,} parameters) trained on one text: it continues text in that text's manner, knows nothing "
+    "reliable and follows no instructions. Not evaluated for bias or safety.\n"
+    "- Other runtimes: see gpt-small's docs/interop.md; `gpt-small export --target vllm|llama.cpp` refuses a model "
+    "that runtime would compute differently.")
+CONTEXT = {
+    "gpt2": ("- **Context: 21 tokens, prompt included.** GPT-2's position table ends there: transformers raises "
+             "`IndexError` when it must read more than 21 tokens, i.e. when prompt + `max_new_tokens` exceeds 22 (the "
+             "last token is generated, never read); `gpt-small generate` slides its window instead. Without "
+             "`max_new_tokens`, generation_config.json stops at 21 tokens (`max_length`). For a longer prompt, pass "
+             "`handle_long_generation=\"hole\"` to the pipeline: it keeps the prompt's last 21 - `max_new_tokens` "
+             "tokens."),
+    "gpt_neox": ("- **Context: 21 tokens, prompt included.** Past it GPT-NeoX keeps rotating into positions the model "
+                 "never trained on (`gpt-small generate` slides its window instead); keep prompt + `max_new_tokens` "
+                 "within 21. Without `max_new_tokens`, generation_config.json stops at 21 tokens (`max_length`)."),
+    "gpt_small": ("- **Context: 21 tokens.** Past it this folder's code slides its window one token at a time (each "
+                  "new token sees the last 21), as `gpt-small generate --window-keep slide` does; it has no KV cache "
+                  "and no padding."),
+}
+
+
+@pytest.mark.parametrize("architecture", CONTEXT)
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_the_limitations_as_written_for_each_architecture_and_end_of_text(tmp_path, char_tok, architecture, tokenizer):
+    tok = char_tok if tokenizer == "char" else gpt2_tokenizer()
+    ckpt = ckpt_in(tmp_path / "runs" / "r", tok, block_size=21)
+    stop = ("- No end-of-text token (the tokenizer has none): generation runs to `max_new_tokens`."
+            if tokenizer == "char" else
+            "- Generation stops at `<|endoftext|>` (id 50256, the EOS in config.json, generation_config.json and the "
+            "tokenizer files; `gpt-small generate` does not stop there).")
+    assert section(card(ckpt, architecture), "Limitations") == "\n".join(
+        [CONTEXT[architecture], stop, COMMON_LIMITS.format(n=ckpt.model.num_params())])
+
+
+def test_the_licence_section_as_written(tmp_path, char_tok):
+    text = card(ckpt_in(tmp_path / "runs" / "r", char_tok))
+    assert text.endswith(
+        "\n\n## Licence\n\ngpt-small, the code that trained and exported this model, is MIT-licensed. The weights "
+        "carry no licence chosen by gpt-small (`license: other` above): whoever trained them sets one before sharing, "
+        "within the terms of the training text.\n")
+    assert text.count("\n## ") == 7  # Architecture, Tokenizer, Training data, Validation, trained, Limitations, Licence
+
+
+@pytest.mark.parametrize("tokenizer, line, tag", [
+    ("gpt2", "OpenAI's GPT-2 byte-level BPE (50,257 tokens); `<|endoftext|>` is the EOS token, while the same text "
+             "inside a prompt is encoded as ordinary characters, as gpt-small does.", "gpt2-tokenizer"),
+    ("bpe", "A byte-level BPE of {n:,} tokens learned on the training split.", "bpe-tokenizer"),
+])
+def test_the_tokenizer_line_and_tag_of_each_bpe(tmp_path, tokenizer, line, tag):
+    from gpt_small.tokenizer import train_bpe
+
+    tok = gpt2_tokenizer() if tokenizer == "gpt2" else train_bpe(TEXT * 50, vocab_size=300)
+    text = card(ckpt_in(tmp_path / "runs" / "r", tok))
+    assert section(text, "Tokenizer") == line.format(n=tok.vocab_size)
+    assert f"tags: [gpt-small, text-generation, {tag}]\n" in text
+
+
+# ---------------------------------------------------------------- tags, data lines at their edges
+
+@pytest.mark.parametrize("meta, poetry", [
+    ({"source_kind": "corpus", "source": "eng-poem"}, True),
+    ({"source_kind": "corpus", "source": "gutenberg-poetry"}, True),
+    ({"source_kind": "corpus", "source": "tinyshakespeare"}, False),  # a corpus, not of verse
+    ({"source_kind": "text", "source": "eng-poem"}, False),  # a user's file that happens to be named so
+    ({"source": "eng-poem"}, False),
+    (None, False),
+])
+def test_poetry_tags_only_for_the_built_in_verse_corpora(meta, poetry):
+    from gpt_small.interop.model_card import tags
+
+    assert tags(meta, "char") == ["gpt-small", "text-generation", "char-tokenizer"] + (
+        ["poetry", "english"] if poetry else [])
+
+
+def test_the_data_line_of_a_meta_json_missing_its_figures(tmp_path, char_tok):
+    """An older or hand-made meta.json: each missing figure read as none, never a crash."""
+    data = tmp_path / "data" / "d"
+    write(data / "meta.json", {"source_kind": "text"})
+    ckpt = ckpt_in(tmp_path / "runs" / "r", char_tok, meta={"data": {"directory": str(data)}})
+    assert section(card(ckpt), "Training data") == (
+        "`?` (0 bytes, 0 lines, sha256 ?), split by lines, validation by lines: 0 training and 0 validation tokens "
+        "(nan characters per token).")
+
+
+def test_an_imported_and_a_fine_tuned_checkpoint_name_where_they_came_from(tmp_path, char_tok):
+    data = tmp_path / "data" / "d"
+    write(data / "meta.json", {"source_kind": "corpus", "source": "eng-poem"})
+    imported = ckpt_in(tmp_path / "runs" / "r", char_tok, meta={"imported_from": "/home/me/hub/gpt2-medium",
+                                                                 "data": {"directory": str(data)}})
+    assert section(card(imported), "Training data") == (
+        "Imported from the transformers folder `gpt2-medium` (`gpt-small import`); its training data is that model's.")
+    tuned = ckpt_in(tmp_path / "runs" / "ft", char_tok, meta={"init_from": "/home/me/runs/base/checkpoints/step-000009"})
+    assert section(card(tuned), "Training data") == (
+        "Prepared data folder `unknown` (its meta.json is not on this machine).\n"
+        "Fine-tuned from `runs/base/checkpoints/step-000009`.")
+    assert section(card(ckpt_in(tmp_path / "runs" / "x", char_tok, meta={"data": {"directory": "/srv/data/gone"}})),
+                   "Training data") == "Prepared data folder `data/gone` (its meta.json is not on this machine)."
+
+
+@pytest.mark.parametrize("recorded", ["absolute", "relative"])
+def test_the_data_folder_is_found_as_recorded_or_beside_the_runs_folder(tmp_path, char_tok, monkeypatch, recorded):
+    """A relative data path is read from the working folder first, else from the folder that holds
+    the run's runs/ (a run recorded `--data data/d` in its project folder, exported from elsewhere)."""
+    project = tmp_path / "project"
+    write(project / "data" / "d" / "meta.json", {"source_kind": "corpus", "source": "eng-poem"})
+    monkeypatch.chdir(tmp_path)  # holds no data/d
+    directory = str(project / "data" / "d") if recorded == "absolute" else "data/d"
+    ckpt = ckpt_in(project / "runs" / "r", char_tok, meta={"data": {"directory": directory}})
+    assert section(card(ckpt), "Training data").startswith("`eng-poem` (0 bytes")
+    write(tmp_path / "data" / "d" / "meta.json", {"source_kind": "corpus", "source": "gutenberg-poetry"})
+    want = "`gutenberg-poetry` (" if recorded == "relative" else "`eng-poem` ("  # the working folder's first
+    assert section(card(ckpt), "Training data").startswith(want)
+    beside = ckpt_in(tmp_path / "elsewhere" / "ckpt", char_tok, meta={"data": {"directory": "data/e"}})
+    write(tmp_path / "elsewhere" / "data" / "e" / "meta.json", {"source_kind": "text"})  # not a run's checkpoint
+    assert section(card(beside), "Training data").startswith("Prepared data folder `data/e`")
+
+
+# ---------------------------------------------------------------- records the card can go without
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", "null"])
+def test_a_damaged_summary_or_run_config_is_read_as_absent(tmp_path, char_tok, content):
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(content)
+    (run / "run_config.json").write_text(content)
+    text = card(ckpt_in(run, char_tok))
+    assert section(text, "Validation") == ("Whole validation split: not measured: the run recorded no whole-split "
+                                           "figure for this step and export ran with --no-eval.")
+    assert section(text, "How it was trained") == "No run folder records (run_config.json) beside this checkpoint."
+
+
+def test_a_run_config_without_a_summary_quotes_the_command_alone(tmp_path, char_tok):
+    run = tmp_path / "runs" / "r"
+    write(run / "run_config.json", {"model": {}, "train": {}, "command": "gpt-small train --data data/d"})
+    assert section(card(ckpt_in(run, char_tok)), "How it was trained") == (
+        "Command:\n\n```sh\ngpt-small train --data data/d\n```")
+    write(run / "summary.json", {"stopped_by": "max_time"})  # a summary without figures: each read as 0
+    assert section(card(ckpt_in(run, char_tok)), "How it was trained").endswith(
+        "\n\n0 steps, 0 tokens, 0 s, stopped by max_time; device ?.")
+
+
+# ---------------------------------------------------------------- evaluated at export
+
+def test_the_card_evaluates_the_exported_step_on_the_whole_validation_split(tmp_path, verse_data):
+    """No figure recorded for the step: the card scores the validation split with the model's own
+    context, and quotes bits per character of that split."""
+    from gpt_small.data import PreparedData
+    from gpt_small.evaluate import evaluate_tokens
+
+    data = PreparedData(verse_data)
+    ckpt = ckpt_in(tmp_path / "runs" / "r", data.tokenizer, block_size=32,
+                   meta={"data": {"directory": str(verse_data)}})
+    write(tmp_path / "runs" / "r" / "summary.json", {"steps": 9, "final_val": FIG_A})  # another step's figure
+    want = evaluate_tokens(ckpt.model, data.val, context=32, chars_per_token=data.chars_per_token("val"))
+    assert want.tokens == len(data.val) - 1
+    assert section(card(ckpt, evaluate=True), "Validation") == (
+        f"Whole validation split, every token predicted once: {want.loss:.4f} nats/token, perplexity "
+        f"{math.exp(want.loss):.2f}, **{want.bits_per_char:.4f} bits/char** over {want.tokens:,} tokens (evaluated at "
+        f"export on data/{verse_data.name}/val.bin).")
+
+
+def test_a_data_folder_of_another_tokenizer_is_not_evaluated_and_the_card_says_so(tmp_path, char_tok, verse_data):
+    ckpt = ckpt_in(tmp_path / "runs" / "r", char_tok, meta={"data": {"directory": str(verse_data)}})
+    assert section(card(ckpt, evaluate=True), "Validation") == (
+        "Whole validation split: not measured: the run recorded no whole-split figure for this step and its data "
+        f"folder (data/{verse_data.name}) now holds another tokenizer's tokens.")

@@ -20,6 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# the classes an exported folder loads as, imported once here: a tool that runs the tests in
+# processes forked from one that collected them (tools/mutate.py) then does not import them per test
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel, GPTNeoXForCausalLM  # noqa: F401
+
 from gpt_small.checkpoint import read_checkpoint_config, save_checkpoint
 from gpt_small.cli import main
 from gpt_small.config import GPTConfig
@@ -301,6 +305,94 @@ def test_another_users_live_export_is_left_alone(tmp_path, monkeypatch):
     assert (tmp_path / ".hf.tmp-123-0123abcd").is_dir()
 
 
+def sleeper() -> subprocess.Popen:
+    """A live process that any signal but 0 would end (SIGHUP and the rest at their default, even
+    under nohup)."""
+    code = ("import signal, time\n"
+            "for s in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):\n"
+            "    signal.signal(s, signal.SIG_DFL)\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    return proc
+
+
+def test_an_export_sweeps_dead_exports_beside_its_out_and_leaves_live_ones_running(tmp_path, char_tok):
+    """The next export into the same parent folder removes a killed export's hidden folder; a
+    running export's folder stays, and its process is only asked whether it lives (no signal)."""
+    ckpt = checkpoint(tmp_path / "run", char_tok)
+    parent = tmp_path / "exports"
+    parent.mkdir()
+    live = sleeper()
+    try:
+        dead_dir, live_dir = parent / f".old.tmp-{dead_pid()}-0123abcd", parent / f".other.tmp-{live.pid}-89abcdef"
+        for d in (dead_dir, live_dir):
+            d.mkdir()
+            (d / "model.safetensors").write_text("partial")
+        export(ckpt, parent / "hf")
+        assert sorted(p.name for p in parent.iterdir()) == sorted(["hf", live_dir.name])
+        assert live.poll() is None  # still running
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_an_export_writes_into_a_hidden_folder_that_the_sweep_recognises(tmp_path, char_tok, monkeypatch):
+    """Mid-way (weights and config written, the tokenizer next), --out does not exist yet: the files
+    are in `.OUT.tmp-PID-RANDOM` beside it, a name the sweep takes once that pid is gone."""
+    import re
+
+    from gpt_small.interop import hf_export
+
+    ckpt = checkpoint(tmp_path / "run", char_tok)
+    seen = {}
+    real = hf_export.write_tokenizer
+
+    def look_then_write(tok, folder, *args, **kw):
+        seen["folder"], seen["files"] = Path(folder), sorted(p.name for p in Path(folder).iterdir())
+        seen["out exists"] = (tmp_path / "my model").exists()
+        return real(tok, folder, *args, **kw)
+
+    monkeypatch.setattr(hf_export, "write_tokenizer", look_then_write)
+    export(ckpt, tmp_path / "my model")
+    assert seen["folder"].parent == tmp_path and not seen["out exists"]
+    assert re.fullmatch(rf"\.my model\.tmp-{os.getpid()}-[0-9a-f]{{8}}", seen["folder"].name)
+    assert hf_export.STALE_EXPORT.match(seen["folder"].name)
+    assert seen["files"] == ["config.json", "generation_config.json", "model.safetensors"]
+    assert not seen["folder"].exists() and (tmp_path / "my model" / "tokenizer.json").is_file()
+
+
+def test_an_out_made_by_someone_else_during_the_export_is_left_alone(tmp_path, char_tok, monkeypatch):
+    """--out was empty when checked, and holds another's file by the time the export would rename
+    into it: one line naming --out, that folder untouched, no hidden folder left."""
+    from gpt_small.interop import hf_export
+
+    ckpt = checkpoint(tmp_path / "run", char_tok)
+    out = tmp_path / "hf"
+    real = hf_export.write_tokenizer
+
+    def someone_writes_out(*args, **kw):
+        out.mkdir()
+        (out / "theirs.txt").write_text("not yours")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(hf_export, "write_tokenizer", someone_writes_out)
+    err = refusal(ckpt, out)
+    assert err.startswith(f"cannot write {out}: ") and ".tmp-" not in err
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"] and (out / "theirs.txt").read_text() == "not yours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]
+
+
+def test_the_card_of_an_export_names_its_class_why_and_dtype(tmp_path, char_tok):
+    ckpt = checkpoint(tmp_path / "run", char_tok, pos_encoding="rope", step=6)
+    card = (export(ckpt, tmp_path / "hf", dtype="bfloat16") / "README.md").read_text()
+    assert "exported with `gpt-small export` at step 6; weights in bfloat16.\n" in card
+    assert ("- transformers class: GPTNeoXForCausalLM (rotary positions: GPT-NeoX with rotary over the whole head "
+            "and sequential residual)\n") in card
+    assert "Past it GPT-NeoX keeps rotating" in card  # the limits of the architecture exported
+
+
 # ---------------------------------------------------------------- durability, from a real strace
 
 @pytest.mark.skipif(shutil.which("strace") is None or sys.platform != "linux", reason="needs strace")
@@ -346,8 +438,6 @@ def test_each_export_gives_our_logits_in_transformers(tmp_path, char_tok, overri
     """As test_interop_export.py does on its shared exports, but exporting here: a tool that maps
     each test to the code it runs (tools/mutate.py) counts a shared fixture's export against the
     first test that builds it only."""
-    import transformers
-
     from gpt_small.checkpoint import load_checkpoint
 
     ckpt = checkpoint(tmp_path / "run", char_tok, **overrides)
@@ -356,7 +446,7 @@ def test_each_export_gives_our_logits_in_transformers(tmp_path, char_tok, overri
         for p in ours.parameters():  # away from the initial 1/0 of norms and biases, so a skipped copy shows
             p.add_(0.1 * torch.randn_like(p))
     save_checkpoint(ckpt, step=4, model=ours, tokenizer=char_tok, config={"model": ours.config.to_dict()})
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(export(ckpt, tmp_path / "hf"))).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(export(ckpt, tmp_path / "hf"))).eval()
     idx = torch.randint(0, char_tok.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx), atol=1e-5, rtol=0)

@@ -48,25 +48,15 @@ EQUIVALENTS = ROOT / "tools" / "equivalent_mutants.toml"
 # module -> the test files that pin it. A run of one module imports and runs only these, so keep
 # the list to the files that exercise the module directly (mutmut then runs, per mutant, only the
 # tests among these that reach the mutated function).
-# tests/test_interop_runtimes.py but its clean-environment test, which builds a new venv (minutes; a
-# mutant's fork would build it again) to show the card's snippets need only transformers: no mutant
-# of the export or the card changes what that venv holds
-_RUNTIME_TESTS = [
-    "test_card_snippet_stays_within_what_the_export_can_generate", "test_card_snippet_runs_as_written_on_a_tiny_gpt2_export",
-    "test_gpt2_export_past_the_context_fails_as_the_card_says", "test_card_states_limits_temperature_licence_and_eos",
-    "test_gpt2_tokenizer_exports_declare_eos_everywhere", "test_transformers_stops_at_the_declared_eos",
-    "test_tokenizers_without_an_end_of_text_declare_none", "test_exported_folder_modes_follow_the_umask_as_checkpoints_do",
-    "test_an_export_killed_mid_way_is_swept_by_the_next", "test_export_on_a_full_disk_gives_one_line_and_leaves_nothing",
-    "test_target_refuses_what_the_runtime_would_compute_differently",
-    "test_target_accepts_what_the_runtime_computes_as_we_do", "test_model_card_names_no_absolute_path",
-    "test_model_card_finds_a_relative_data_folder_beside_runs", "test_card_tags_follow_the_data",
-]
 # test_interop_runtimes.py's tests that export in the test itself, fast
 _EXPORT_RUNTIME_TESTS = [
     "test_transformers_stops_at_the_declared_eos", "test_tokenizers_without_an_end_of_text_declare_none",
     "test_exported_folder_modes_follow_the_umask_as_checkpoints_do",
     "test_export_on_a_full_disk_gives_one_line_and_leaves_nothing",
 ]
+# test_interop_runtimes.py's card tests that export in the test itself, fast
+_CARD_RUNTIME_TESTS = ["test_model_card_names_no_absolute_path", "test_model_card_finds_a_relative_data_folder_beside_runs",
+                       "test_card_tags_follow_the_data"]
 MODULE_TESTS: dict[str, list[str]] = {
     "gpt_small/verse.py": ["tests/test_verse_edges.py", "tests/test_forms.py::test_prosody_from_the_dictionary"],
     # test_forms.py's poems need a model trained per process (seconds per mutant): the direct tests
@@ -115,9 +105,12 @@ MODULE_TESTS: dict[str, list[str]] = {
     "gpt_small/interop/hf_import.py": ["tests/test_runs_edges.py", "tests/test_interop_import.py",
                                        "tests/test_interop_import_edges.py"],
     "gpt_small/interop/hf_tokenizer.py": ["tests/test_interop_tokenizer_edges.py"],
-    "gpt_small/interop/model_card.py": ["tests/test_interop_card_edges.py", "tests/test_interop_export.py",
-                                        *(f"tests/test_interop_runtimes.py::{t}" for t in _RUNTIME_TESTS
-                                          if "card" in t or "past_the_context" in t)],
+    # the card's own tests (hand-made run records) and the export tests that read a card written by an
+    # export in the test itself; test_interop_export.py's card tests train runs (seconds per mutant)
+    "gpt_small/interop/model_card.py": ["tests/test_interop_card_edges.py",
+                                        "tests/test_interop_export_edges.py::test_the_card_scores_the_validation_split_unless_told_not_to",
+                                        "tests/test_interop_export_edges.py::test_the_card_of_an_export_names_its_class_why_and_dtype",
+                                        *(f"tests/test_interop_runtimes.py::{t}" for t in _CARD_RUNTIME_TESTS)],
     # (test_interop_finetune.py trains runs: its tracker tests are end to end, not per mutant)
     "gpt_small/interop/trackers.py": ["tests/test_interop_trackers_edges.py"],
     "gpt_small/serve/protocol.py": ["tests/test_serve_refusals.py", "tests/test_limits_table.py", "tests/test_serve_api.py",

@@ -204,8 +204,8 @@ def neox_config(cfg: GPTConfig, eos_id: int | None) -> dict:
 
 def gpt_small_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        sd.pop("lm_head.weight", None)
+    if model.config.tie_embeddings:  # the head is wte itself, under both names in the state dict
+        del sd["lm_head.weight"]
     return sd
 
 

@@ -146,7 +146,11 @@ def validation_figure(ckpt: Checkpoint, summary: dict[str, Any] | None,
             if res and res_step == step:
                 return res, "recorded by the training run (summary.json)"
     data_dir = data_folder(ckpt)
-    if evaluate and data_dir is not None:
+    if not evaluate:
+        why = "export ran with --no-eval"
+    elif data_dir is None:
+        why = "its data folder is absent"
+    else:
         from ..data import PreparedData
         from ..evaluate import evaluate_tokens
         from ..tokenizer import same_tokenizer
@@ -156,7 +160,7 @@ def validation_figure(ckpt: Checkpoint, summary: dict[str, Any] | None,
             res = evaluate_tokens(ckpt.model, data.val, context=ckpt.model.config.block_size, batch_size=8,
                                   chars_per_token=data.chars_per_token("val"))
             return res.to_dict(), f"evaluated at export on {portable(data_dir, 'data')}/val.bin"
-    why = "its data folder is absent" if evaluate else "export ran with --no-eval"
+        why = f"its data folder ({portable(data_dir, 'data')}) now holds another tokenizer's tokens"
     return None, f"not measured: the run recorded no whole-split figure for this step and {why}"
 
 
