@@ -182,6 +182,21 @@ def test_wandb_logs_offline_into_the_run_folder_from_the_first_record(tmp_path, 
     assert "train/bits_per_char" in wandb.calls[1][1]
 
 
+@pytest.mark.parametrize("kind", ["tensorboard", "wandb"])
+def test_a_tracker_writes_into_the_run_folder_the_trainer_already_made(tmp_path, monkeypatch, kind):
+    """In a run the folder exists (metrics.jsonl, the lock) before the first record: taken as it is."""
+    monkeypatch.setitem(sys.modules, "wandb", StandInWandb())
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(TRAIN) + "\n")
+    t = make_tracker(kind, tmp_path)
+    t.log(TRAIN)
+    t.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == json.dumps(TRAIN) + "\n"
+    if kind == "tensorboard":
+        assert [(e.step, e.value) for e in events(tmp_path).Scalars("train/loss")] == [(7, 2.0)]
+    else:
+        assert [c[0] for c in sys.modules["wandb"].calls] == ["init", "log", "finish"]
+
+
 def test_wandb_closed_before_any_record_starts_no_run(tmp_path, monkeypatch):
     wandb = StandInWandb()
     monkeypatch.setitem(sys.modules, "wandb", wandb)

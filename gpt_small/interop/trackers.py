@@ -30,8 +30,8 @@ TRACKERS = ("tensorboard", "wandb")
 def scalars(record: dict[str, Any], train_chars_per_token: float | None) -> dict[str, float]:
     """A metrics.jsonl record as {tag: value}: its numbers, plus training bits/char."""
     kind = record.get("kind", "train")
-    out = {f"{kind}/{k}": float(v) for k, v in record.items()
-           if k not in ("kind", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out = {f"{kind}/{k}": float(v) for k, v in record.items()  # the kind is text: never among the numbers
+           if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
     if kind == "train" and train_chars_per_token and "loss" in record:
         out["train/bits_per_char"] = record["loss"] / math.log(2) / train_chars_per_token
     return out
@@ -67,7 +67,7 @@ class TensorBoardTracker(Tracker):
         if self.writer is None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.writer = self._writer_class(log_dir=str(self.out_dir))
-            self.writer.add_text("config", "```\n" + json.dumps(self.config, indent=2) + "\n```", 0)
+            self.writer.add_text("config", "```\n" + json.dumps(self.config, indent=2) + "\n```")  # at step 0
         step = int(record.get("step", 0))
         for tag, value in scalars(record, self.train_chars_per_token).items():
             self.writer.add_scalar(tag, value, step)
