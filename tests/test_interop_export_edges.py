@@ -384,6 +384,18 @@ def test_an_out_made_by_someone_else_during_the_export_is_left_alone(tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]
 
 
+def test_export_takes_best_by_default_and_last_when_asked(tmp_path, char_tok):
+    """A run folder: its `best` checkpoint unless `prefer="last"` (the Python API's choice)."""
+    cfg = GPTConfig(**SMALL, vocab_size=char_tok.vocab_size)
+    run = tmp_path / "run"
+    for step, links in ((1, ("last", "best")), (2, ("last",))):
+        torch.manual_seed(step)
+        save_checkpoint(run, step=step, model=GPT(cfg), tokenizer=char_tok, config={"model": cfg.to_dict()},
+                        links=links)
+    assert read(export(run, tmp_path / "best"), "config.json")["gpt_small"]["step"] == 1
+    assert read(export(run, tmp_path / "last", prefer="last"), "config.json")["gpt_small"]["step"] == 2
+
+
 def test_the_card_of_an_export_names_its_class_why_and_dtype(tmp_path, char_tok):
     ckpt = checkpoint(tmp_path / "run", char_tok, pos_encoding="rope", step=6)
     card = (export(ckpt, tmp_path / "hf", dtype="bfloat16") / "README.md").read_text()
