@@ -384,6 +384,27 @@ def test_an_out_made_by_someone_else_during_the_export_is_left_alone(tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]
 
 
+@pytest.mark.parametrize("shape", [dict(pos_encoding="learned"), dict(pos_encoding="rope"), dict(qk_norm=True)])
+def test_a_gpt2_tokenizer_declares_its_end_of_text_in_config_json_of_every_architecture(tmp_path, shape):
+    config = read(export(checkpoint(tmp_path / "run", gpt2_tokenizer(), **shape), tmp_path / "hf"), "config.json")
+    assert (config["bos_token_id"], config["eos_token_id"]) == (50256, 50256)
+
+
+def test_a_folder_that_cannot_hold_one_more_entry_is_one_line_naming_out(tmp_path, char_tok):
+    """A real tmpfs with a single inode (its own root): the export's hidden folder cannot be made."""
+    ckpt = checkpoint(tmp_path / "run", char_tok)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=1", "tmpfs", str(disk)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        assert refusal(ckpt, disk / "hf") == f"cannot write {disk / 'hf'}: no space left on device"
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 def test_export_takes_best_by_default_and_last_when_asked(tmp_path, char_tok):
     """A run folder: its `best` checkpoint unless `prefer="last"` (the Python API's choice)."""
     cfg = GPTConfig(**SMALL, vocab_size=char_tok.vocab_size)
