@@ -22,7 +22,7 @@ import torch
 
 # the classes an exported folder loads as, imported once here: a tool that runs the tests in
 # processes forked from one that collected them (tools/mutate.py) then does not import them per test
-from transformers import AutoModelForCausalLM, GPT2LMHeadModel, GPTNeoXForCausalLM  # noqa: F401
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, GPTNeoXForCausalLM  # noqa: F401
 
 from gpt_small.checkpoint import read_checkpoint_config, save_checkpoint
 from gpt_small.cli import main
@@ -401,6 +401,33 @@ def test_a_folder_that_cannot_hold_one_more_entry_is_one_line_naming_out(tmp_pat
     try:
         assert refusal(ckpt, disk / "hf") == f"cannot write {disk / 'hf'}: no space left on device"
         assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("shape", [dict(pos_encoding="learned", block_size=16), dict(qk_norm=True, block_size=24)])
+def test_the_tokenizer_files_state_the_models_context(tmp_path, char_tok, shape):
+    folder = export(checkpoint(tmp_path / "run", char_tok, **shape), tmp_path / "hf")
+    assert read(folder, "tokenizer_config.json")["model_max_length"] == shape["block_size"]
+    assert AutoTokenizer.from_pretrained(str(folder)).model_max_length == shape["block_size"]
+
+
+def test_a_dead_export_that_cannot_be_removed_does_not_stop_the_next_export(tmp_path, char_tok):
+    """A real read-only tmpfs holding a killed export's folder: the sweep leaves what it cannot
+    remove, and the export itself then fails in its own one line (never a traceback)."""
+    ckpt = checkpoint(tmp_path / "run", char_tok)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        stale = disk / f".hf.tmp-{dead_pid()}-0123abcd"
+        stale.mkdir()
+        (stale / "model.safetensors").write_text("partial")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        assert refusal(ckpt, disk / "hf") == f"cannot write {disk / 'hf'}: read-only file system"
+        assert [p.name for p in disk.iterdir()] == [stale.name]
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
