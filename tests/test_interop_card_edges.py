@@ -121,6 +121,19 @@ def test_no_run_records_beside_a_checkpoint_folder(tmp_path, char_tok):
     assert section(text, "How it was trained") == "No run folder records (run_config.json) beside this checkpoint."
 
 
+@pytest.mark.parametrize("record, want", [
+    ({"train": {"max_steps": 7}}, "--preset tiny --set train.max_steps=7"),  # no model section: the preset's own
+    ({"model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64}}, "--preset baby"),  # no train section
+    ({"model": {"n_layer": 12}, "train": {}, "init_from": "runs/base"}, "--init-from runs/base"),  # no dropout recorded
+])
+def test_a_run_config_missing_a_section_is_rebuilt_from_what_it_holds(tmp_path, char_tok, record, want):
+    run = tmp_path / "runs" / "r"
+    write(run / "run_config.json", {**record, "data": "data/d"})
+    assert section(card(ckpt_in(run, char_tok)), "How it was trained") == (
+        f"An equivalent command (rebuilt from run_config.json):\n\n```sh\n"
+        f"gpt-small train --data data/d --out runs/r {want}\n```")
+
+
 @pytest.mark.parametrize("model, want", [
     ({}, "--preset tiny"),  # every field the preset's (or the default's)
     ({"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64}, "--preset baby"),
@@ -162,6 +175,8 @@ def test_portable_paths(path, folder, want):
     ("gpt-small prepare --text /home/me/p.txt", "gpt-small prepare --text p.txt"),
     ("gpt-small train --set train.lr=0.001 /abs/loose", "gpt-small train --set train.lr=0.001 loose"),
     ("gpt-small train --data 'unclosed", "gpt-small train --data 'unclosed"),  # not shell words: left as recorded
+    ("gpt-small train --data=/srv/a=b/d --out=/srv/runs/x=y", "gpt-small train --data=data/d --out=runs/x=y"),
+    ("/home/me/.venv/bin/gpt-small train --out /srv/r", "gpt-small train --out runs/r"),  # the program's own path
 ])
 def test_portable_commands(command, want):
     assert portable_command(command) == want
@@ -358,9 +373,11 @@ def test_the_data_folder_is_found_as_recorded_or_beside_the_runs_folder(tmp_path
     write(tmp_path / "data" / "d" / "meta.json", {"source_kind": "corpus", "source": "gutenberg-poetry"})
     want = "`gutenberg-poetry` (" if recorded == "relative" else "`eng-poem` ("  # the working folder's first
     assert section(card(ckpt), "Training data").startswith(want)
-    beside = ckpt_in(tmp_path / "elsewhere" / "ckpt", char_tok, meta={"data": {"directory": "data/e"}})
-    write(tmp_path / "elsewhere" / "data" / "e" / "meta.json", {"source_kind": "text"})  # not a run's checkpoint
-    assert section(card(beside), "Training data").startswith("Prepared data folder `data/e`")
+    alone = Checkpoint(path=tmp_path / "elsewhere" / "ckpt", meta={"step": 1, "data": {"directory": "data/e"}},
+                       model=ckpt.model, tokenizer=char_tok)  # a checkpoint folder outside any run
+    write(tmp_path / "elsewhere" / "data" / "e" / "meta.json", {"source_kind": "text"})
+    assert section(card(alone), "Training data") == (
+        "Prepared data folder `data/e` (its meta.json is not on this machine).")
 
 
 # ---------------------------------------------------------------- records the card can go without

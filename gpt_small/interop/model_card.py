@@ -136,7 +136,7 @@ def equivalent_command(run_config: dict[str, Any], run_dir: str) -> str:
 
 
 def validation_figure(ckpt: Checkpoint, summary: dict[str, Any] | None,
-                      evaluate: bool = True) -> tuple[dict[str, Any] | None, str]:
+                      evaluate: bool) -> tuple[dict[str, Any] | None, str]:
     """(whole-split result, where it came from) for the exported step."""
     step = ckpt.meta.get("step")
     if summary:
