@@ -343,6 +343,8 @@ def test_the_data_line_of_a_meta_json_missing_its_figures(tmp_path, char_tok):
     assert section(card(ckpt), "Training data") == (
         "`?` (0 bytes, 0 lines, sha256 ?), split by lines, validation by lines: 0 training and 0 validation tokens "
         "(nan characters per token).")
+    write(data / "meta.json", {"source_kind": "corpus"})
+    assert section(card(ckpt), "Training data").startswith("`?` (0 bytes")
 
 
 def test_an_imported_and_a_fine_tuned_checkpoint_name_where_they_came_from(tmp_path, char_tok):
@@ -406,22 +408,35 @@ def test_a_run_config_without_a_summary_quotes_the_command_alone(tmp_path, char_
 
 # ---------------------------------------------------------------- evaluated at export
 
-def test_the_card_evaluates_the_exported_step_on_the_whole_validation_split(tmp_path, verse_data):
+@pytest.fixture(scope="module")
+def gpt2_data(tmp_path_factory) -> Path:
+    """A small prepared-data folder of the gpt2 tokenizer (several characters per token)."""
+    from gpt_small.data import prepare
+
+    root = tmp_path_factory.mktemp("gpt2-data")
+    (root / "poems.txt").write_text("".join(f"The sea, line {i}, and the moon above it.\n" for i in range(60)))
+    prepare(out=root / "data", text=root / "poems.txt", tokenizer="gpt2")
+    return root / "data"
+
+
+@pytest.mark.parametrize("kind", ["char", "gpt2"])
+def test_the_card_evaluates_the_exported_step_on_the_whole_validation_split(tmp_path, verse_data, gpt2_data, kind):
     """No figure recorded for the step: the card scores the validation split with the model's own
-    context, and quotes bits per character of that split."""
+    context, and quotes bits per character of that split (its own characters per token)."""
     from gpt_small.data import PreparedData
     from gpt_small.evaluate import evaluate_tokens
 
-    data = PreparedData(verse_data)
-    ckpt = ckpt_in(tmp_path / "runs" / "r", data.tokenizer, block_size=32,
-                   meta={"data": {"directory": str(verse_data)}})
+    folder = verse_data if kind == "char" else gpt2_data
+    data = PreparedData(folder)
+    assert (data.chars_per_token("val") == 1.0) == (kind == "char")
+    ckpt = ckpt_in(tmp_path / "runs" / "r", data.tokenizer, block_size=32, meta={"data": {"directory": str(folder)}})
     write(tmp_path / "runs" / "r" / "summary.json", {"steps": 9, "final_val": FIG_A})  # another step's figure
     want = evaluate_tokens(ckpt.model, data.val, context=32, chars_per_token=data.chars_per_token("val"))
     assert want.tokens == len(data.val) - 1
     assert section(card(ckpt, evaluate=True), "Validation") == (
         f"Whole validation split, every token predicted once: {want.loss:.4f} nats/token, perplexity "
         f"{math.exp(want.loss):.2f}, **{want.bits_per_char:.4f} bits/char** over {want.tokens:,} tokens (evaluated at "
-        f"export on data/{verse_data.name}/val.bin).")
+        f"export on data/{folder.name}/val.bin).")
 
 
 def test_a_data_folder_of_another_tokenizer_is_not_evaluated_and_the_card_says_so(tmp_path, char_tok, verse_data):

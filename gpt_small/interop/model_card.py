@@ -179,8 +179,7 @@ def data_lines(ckpt: Checkpoint, data_meta: dict[str, Any] | None) -> list[str]:
         lines.append(f"Imported from the transformers folder `{portable(ckpt.meta['imported_from'])}` "
                      "(`gpt-small import`); its training data is that model's.")
     elif data_meta:
-        source = data_meta.get("source")
-        source = source if data_meta.get("source_kind") == "corpus" else portable(source or "?")
+        source = portable(data_meta.get("source") or "?")  # a corpus's name is not a path: left as it is
         frac = data_meta.get("val_fraction")
         share = f"the last {frac:.0%} of the lines (val_fraction {frac})" if isinstance(frac, float) else "by lines"
         lines.append(f"`{source}` ({data_meta.get('source_bytes', 0):,} bytes, "
