@@ -232,7 +232,7 @@ def limitations(ckpt: Checkpoint, architecture: str) -> list[str]:
     ]
 
 
-def model_card(ckpt: Checkpoint, *, architecture: str, reason: str, dtype: str, evaluate: bool = True) -> str:
+def model_card(ckpt: Checkpoint, *, architecture: str, reason: str, dtype: str, evaluate: bool) -> str:
     cfg = ckpt.model.config
     run_dir = run_folder(ckpt)
     summary = _read_json(run_dir / "summary.json") if run_dir else None
