@@ -236,6 +236,7 @@ def test_the_header_architecture_and_tokenizer_lines(tmp_path, char_tok):
         f"Characters: {char_tok.vocab_size} ids, one per character of the training split and one for unknown "
         "characters (U+FFFD, never generated).")
     assert "n-gram tables none" in card(ckpt_in(tmp_path / "runs" / "p2", char_tok))
+    assert "n-gram tables 2\n" in card(ckpt_in(tmp_path / "runs" / "p3", char_tok, ngram=2), "gpt_small")  # bigrams
     gpt2 = card(ckpt_in(tmp_path / "runs" / "g", gpt2_tokenizer()))
     assert section(gpt2, "Tokenizer").startswith("OpenAI's GPT-2 byte-level BPE (50,257 tokens); `<|endoftext|>` is ")
     assert 'from_pretrained("DIR")' in gpt2 and "trust_remote_code" not in gpt2
