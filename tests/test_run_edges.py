@@ -226,3 +226,20 @@ def test_the_first_refusals_of_a_plan_in_their_exact_words(tmp_path):
     with pytest.raises(GPTSmallError) as e:
         plan_run(tmp_path / "r")
     assert str(e.value) == "--data is required (the folder made by `gpt-small prepare`)"
+
+
+def test_the_model_is_the_flags_preset_else_the_config_files_else_poem_cpu(verse_data, tmp_path):
+    """`--preset` (default: the config file's, else poem-cpu), the vocabulary always the data's."""
+    vocab = PreparedData(verse_data).tokenizer.vocab_size
+    (tmp_path / "baby.toml").write_text('preset = "baby"\n')
+    assert plan_run(tmp_path / "r", data=verse_data).model == GPTConfig.from_preset("poem-cpu", vocab_size=vocab)
+    assert plan_run(tmp_path / "r", data=verse_data, config_file=tmp_path / "baby.toml").model == \
+        GPTConfig.from_preset("baby", vocab_size=vocab)
+    assert plan_run(tmp_path / "r", data=verse_data, preset="tiny", config_file=tmp_path / "baby.toml").model == \
+        GPTConfig.from_preset("tiny", vocab_size=vocab)
+
+
+def test_prepared_data_is_taken_as_it_is(verse_data, tmp_path):
+    data = PreparedData(verse_data)
+    assert plan_run(tmp_path / "r", data=data, preset="tiny").data is data
+    assert plan_run(tmp_path / "r", data=str(verse_data), preset="tiny").data.directory == verse_data
