@@ -121,6 +121,18 @@ def test_ngram_hashes_are_the_polynomial_of_word_hashes():
     assert report._ngram_hashes(wh[::-1].copy(), 10)[0] != report._ngram_hashes(wh, 10)[0]
 
 
+def test_word_hashes_are_blake2b_64_little_endian():
+    """The index cached on disk is keyed by the training text only: its word hashes must stay the
+    documented BLAKE2b hash (8 bytes, read little-endian) or an old cache would find nothing."""
+    import hashlib
+
+    ws = ["sea", "the", "sea", "qzz"]
+    expected = [int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little") for w in ws]
+    got = report._word_hashes(ws)
+    assert got.dtype == np.uint64 and got.tolist() == expected
+    assert report._word_hashes([]).dtype == np.uint64 and len(report._word_hashes([])) == 0
+
+
 def test_positions_are_exactly_where_an_ngram_starts():
     words = _words(12)
     text = " ".join(words[:10] + words[:9] + words[2:12])  # words 0..7 at 0 and 10; words 2..9 at 2 and 19
@@ -165,6 +177,8 @@ def test_the_index_arrays_are_as_documented(tmp_path, big):
     text = " ".join(_words(40))
     NGramIndex.cached(text, [tmp_path])
     assert dtypes(NGramIndex.cached(text, [tmp_path])) == [np.uint64, np.uint32, np.uint64, np.uint32]
+    short = NGramIndex.build(" ".join(_words(N - 1)))  # fewer words than one n-gram: no n-gram
+    assert dtypes(short) == [np.uint64, np.uint32, np.uint64, np.uint32] and len(short.sorted_hash) == 0
 
 
 def test_the_index_cache(tmp_path):
@@ -210,6 +224,20 @@ def test_form_figures_by_definition():
                               "rhyme_share_distance_1": 0.0, "rhyme_share_distance_2": 0.0}
 
 
+def test_rhyme_shares_count_each_pair_at_its_distance():
+    """The share of line pairs at distance 1 and 2 whose end words rhyme, over every poem's pairs:
+    day/May and stone/alone rhyme, the others not; a poem of two lines has a pair at distance 1 only."""
+    f = form_stats([["the day", "in May", "a stone", "alone", "the sea"], ["the night", "so bright"]])
+    assert f["rhyme_share_distance_1"] == pytest.approx(3 / 5)  # day/May, stone/alone, night/bright of 4 + 1
+    assert f["rhyme_share_distance_2"] == 0.0  # of 3 + 0 pairs
+    assert f["stanza_lines"] == [5, 2]
+    two = form_stats([["the night", "so bright"]])
+    assert (two["rhyme_share_distance_1"], two["rhyme_share_distance_2"]) == (1.0, 0.0)
+    apart = form_stats([["the day", "a stone", "in May", "alone", "the sea"]])
+    assert apart["rhyme_share_distance_1"] == 0.0
+    assert apart["rhyme_share_distance_2"] == pytest.approx(2 / 3)  # day/May, stone/alone of 3
+
+
 def test_language_figures_by_definition():
     poems = [["the sea the sea", "The Sea the sea ", "blorp"], ["a b"]]
     lang = language_stats(poems)
@@ -242,6 +270,10 @@ def test_a_corpus_folder_is_split_from_its_source_file_while_the_file_is_unchang
     prepare(out=tmp_path / "data", text=src, tokenizer="char", val_fraction=0.06)
     meta_path = tmp_path / "data" / "meta.json"
     meta = __import__("json").loads(meta_path.read_text())
+    raw = src.read_text(encoding="utf-8")
+    assert meta["source_kind"] == "text" and meta["source_path"] == str(src.resolve())
+    text_split = report.split_texts(PreparedData(tmp_path / "data"))  # a text folder: its token files
+    assert "ж" not in text_split[1] and "\ufffd" in text_split[1]
     meta["source_kind"] = "corpus"
     meta_path.write_text(__import__("json").dumps(meta))
     raw = src.read_text(encoding="utf-8")
@@ -419,22 +451,30 @@ def test_the_plot_shows_each_figure_of_both_sides(tmp_path, monkeypatch):
 
 
 def test_the_plot_of_lines_without_syllables_is_a_png_whatever_the_settings(tmp_path):
-    """Figures all 0 still get the bins of 0 and 1; the file is a PNG written to an open
-    file (as the report writes it) even where matplotlib's settings say to save SVG."""
+    """Figures all 0 still get the bins of 0 and 1 and the shares' axis from 0 to 1; the file is a
+    1100 x 800 PNG written to an open file (as the report writes it) even where matplotlib's
+    settings say to save SVG, at another figure size and resolution."""
     import matplotlib
     import matplotlib.figure
 
     r = _result()
     for side in ("model", "corpus"):
         r[side]["form"].update(line_chars=[0], line_syllables=[0, 0], stanza_lines=[0])
+        r[side]["form"].update(rhyme_share_distance_1=0.0, rhyme_share_distance_2=0.0)
+        r[side]["memorisation"]["share_found"] = 0.0
+        r[side]["language"].update(oov_share=0.0, distinct_1=0.0, distinct_2=0.0, repeated_line_share=0.0)
     saved = []
     real_savefig = matplotlib.figure.Figure.savefig
-    with matplotlib.rc_context({"savefig.format": "svg"}), open(tmp_path / "plot", "wb") as f:
+    settings = {"savefig.format": "svg", "figure.dpi": 72, "figure.figsize": (4, 3)}
+    with matplotlib.rc_context(settings), open(tmp_path / "plot", "wb") as f:
         try:
             matplotlib.figure.Figure.savefig = lambda fig, *a, **k: (saved.append(fig), real_savefig(fig, *a, **k))[1]
             report.plot_report(r, f)
         finally:
             matplotlib.figure.Figure.savefig = real_savefig
-    assert (tmp_path / "plot").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = (tmp_path / "plot").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (1100, 800)
+    assert saved[0].axes[3].get_ylim() == (0, 1)  # every share 0: the axis still runs from 0 to 1
     for ax in saved[0].axes[:3]:
         assert sorted({round(p.get_x(), 6) for p in ax.patches}) == [-0.5, 0.5]  # the bins of 0 and 1

@@ -217,6 +217,12 @@ def test_the_python_api_may_give_one_whole_config_and_the_other_is_the_default(v
     model = GPTConfig.from_preset("tiny", vocab_size=vocab, n_layer=3)
     plan = plan_run(tmp_path / "r", data=verse_data, model=model)
     assert plan.model == model and plan.train == TrainConfig()  # not the default preset's model
+    train = TrainConfig(**TRAIN)
+    plan = plan_run(tmp_path / "r", data=verse_data, model=model, train=train)
+    assert (plan.model, plan.train, plan.kind) == (model, train, "fresh")
+    assert vocab != GPTConfig().vocab_size
+    with pytest.raises(GPTSmallError, match=f"the model's vocab_size {GPTConfig().vocab_size} differs"):
+        plan_run(tmp_path / "r", data=verse_data, train=train)
 
 
 def test_the_first_refusals_of_a_plan_in_their_exact_words(tmp_path):
