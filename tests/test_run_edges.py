@@ -249,3 +249,12 @@ def test_prepared_data_is_taken_as_it_is(verse_data, tmp_path):
     data = PreparedData(verse_data)
     assert plan_run(tmp_path / "r", data=data, preset="tiny").data is data
     assert plan_run(tmp_path / "r", data=str(verse_data), preset="tiny").data.directory == verse_data
+
+
+def test_every_source_beside_whole_configs_is_checked_at_resume(trained):
+    """The Python API's whole configs come last (they state every field), but what the other
+    sources set is still a change that --resume refuses, named by its source."""
+    plan = plan_run(trained, resume=True)
+    assert plan_run(trained, resume=True, model=plan.model, train=plan.train).model == plan.model
+    with pytest.raises(GPTSmallError, match=r"^--resume: --set n_layer would change n_layer from 2"):
+        plan_run(trained, resume=True, model=plan.model, train=plan.train, sets=["n_layer=3"])
