@@ -408,6 +408,8 @@ def test_the_plot_shows_each_figure_of_both_sides(tmp_path, monkeypatch):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (1100, 800)
     (fig,) = saved
+    assert len(fig.axes) == 4  # two rows of two panels, no other
+    assert [ax.get_subplotspec().get_geometry() for ax in fig.axes] == [(2, 2, k, k) for k in range(4)]
     assert fig._suptitle.get_text() == ("step-000300: 3 poems x 2 lines vs the validation split; 2.346 bits/char")
     (a, b), (c, d) = fig.axes[0:2], fig.axes[2:4]
     assert [ax.get_title() for ax in (a, b, c, d)] == ["characters per line", "syllables per line",
