@@ -453,9 +453,10 @@ def test_the_plot_shows_each_figure_of_both_sides(tmp_path, monkeypatch):
 
 
 def test_the_plot_of_lines_without_syllables_is_a_png_whatever_the_settings(tmp_path):
-    """Figures all 0 still get the bins of 0 and 1 and the shares' axis from 0 to 1; the file is a
-    1100 x 800 PNG written to an open file (as the report writes it) even where matplotlib's
-    settings say to save SVG, at another figure size and resolution."""
+    """Figures all 0 still get the bins of 0 and 1 and the shares' axis from 0 to 1, each side in
+    its own colour (the corpus orange when alone in a panel); the file is a 1100 x 800 PNG written
+    to an open file (as the report writes it) even where matplotlib's settings say to save SVG, at
+    another figure size and resolution, with other colours."""
     import matplotlib
     import matplotlib.figure
 
@@ -467,7 +468,12 @@ def test_the_plot_of_lines_without_syllables_is_a_png_whatever_the_settings(tmp_
         r[side]["language"].update(oov_share=0.0, distinct_1=0.0, distinct_2=0.0, repeated_line_share=0.0)
     saved = []
     real_savefig = matplotlib.figure.Figure.savefig
-    settings = {"savefig.format": "svg", "figure.dpi": 72, "figure.figsize": (4, 3)}
+    from cycler import cycler
+    from matplotlib.colors import to_hex
+
+    settings = {"savefig.format": "svg", "figure.dpi": 72, "figure.figsize": (4, 3),
+                "axes.prop_cycle": cycler(color=["red", "green"])}
+    r["model"]["form"]["stanza_lines"] = []  # the corpus alone in a panel is still orange
     with matplotlib.rc_context(settings), open(tmp_path / "plot", "wb") as f:
         try:
             matplotlib.figure.Figure.savefig = lambda fig, *a, **k: (saved.append(fig), real_savefig(fig, *a, **k))[1]
@@ -478,5 +484,9 @@ def test_the_plot_of_lines_without_syllables_is_a_png_whatever_the_settings(tmp_
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (1100, 800)
     assert saved[0].axes[3].get_ylim() == (0, 1)  # every share 0: the axis still runs from 0 to 1
+    blue, orange = to_hex("tab:blue"), to_hex("tab:orange")
+    colours = [[to_hex(p.get_facecolor()[:3]) for p in ax.patches] for ax in saved[0].axes]
+    two = [blue] * 2 + [orange] * 2  # the bins of 0 and 1, model then corpus
+    assert colours == [two, two, [orange] * 2, [blue] * 7 + [orange] * 7]
     for ax in saved[0].axes[:3]:
         assert sorted({round(p.get_x(), 6) for p in ax.patches}) == [-0.5, 0.5]  # the bins of 0 and 1
