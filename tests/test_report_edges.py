@@ -16,6 +16,7 @@ import pytest
 from gpt_small import report
 from gpt_small.errors import GPTSmallError
 from gpt_small.report import N, NGramIndex, corpus_poems, form_stats, language_stats, memorisation
+from gpt_small.verse import words as verse_words
 
 
 def _words(n: int, start: int = 0) -> list[str]:
@@ -95,6 +96,21 @@ def test_the_longest_of_several_copies_wins_and_the_first_of_equals(big):
     assert mem["longest_copy_words"] == 11 and mem["longest_copy_poem"] == 2
     assert mem["source_line_number"] == 50_000 // 7 + 1
     assert mem["ngrams_found"] == (9 - 7) + (11 - 7) + (11 - 7) and mem["ngrams"] == 2 + 4 + 5
+
+
+def test_a_hash_hit_is_verified_word_by_word():
+    """A hit of an n-gram's 64-bit hash is checked word by word, from its first word: an index
+    whose hash matches but whose first word differs (a collision, planted) gives no copy."""
+    words = _words(12)
+    poem = ["qother " + " ".join(words[1:12])]  # the training text's words but the first
+    text, lines = _text(words, 6)
+    built = NGramIndex.build(text)
+    planted_hash = report._ngram_hashes(report._word_hashes(verse_words(poem[0])))[:1]  # the poem's first 8-gram
+    collided = NGramIndex(built.word_hash, built.word_line, planted_hash, np.zeros(1, dtype=np.uint32))
+    mem = memorisation([poem], collided, lines)
+    assert mem["ngrams_found"] == 1  # the hash is found...
+    assert mem["longest_copy_words"] == 0 and "longest_copy" not in mem  # ...but word 0 differs: no copy
+    assert memorisation([poem], built, lines)["longest_copy_words"] == 11  # the real copy: from word 1
 
 
 def test_repeated_ngrams_and_empty_poems():
