@@ -49,10 +49,9 @@ def _ngram_hashes(wh: np.ndarray, n: int = N) -> np.ndarray:
     """(len - n + 1,) polynomial hashes of every n consecutive word hashes, modulo 2**64."""
     if len(wh) < n:
         return np.zeros(0, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        h = np.zeros(len(wh) - n + 1, dtype=np.uint64)
-        for k in range(n):
-            h = h * _P + wh[k:len(wh) - n + 1 + k]
+    h = np.zeros(len(wh) - n + 1, dtype=np.uint64)
+    for k in range(n):  # uint64 arrays wrap modulo 2**64 (numpy checks no overflow on arrays)
+        h = h * _P + wh[k:len(wh) - n + 1 + k]
     return h
 
 
@@ -113,7 +112,7 @@ def memorisation(poems: list[list[str]], index: NGramIndex, train_lines: list[st
     best = (0, -1, -1, -1)  # (words, poem, first word in poem, training word position)
     for p, poem in enumerate(poems):
         words = [w for line in poem for w in verse.words(line)]
-        wh = _word_hashes(words) if words else np.zeros(0, dtype=np.uint64)
+        wh = _word_hashes(words)
         h = _ngram_hashes(wh)
         total += len(h)
         if not len(h):

@@ -16,6 +16,7 @@ import pytest
 from gpt_small import report
 from gpt_small.errors import GPTSmallError
 from gpt_small.report import N, NGramIndex, corpus_poems, form_stats, language_stats, memorisation
+from gpt_small.verse import words as verse_words
 
 
 def _words(n: int, start: int = 0) -> list[str]:
@@ -97,6 +98,21 @@ def test_the_longest_of_several_copies_wins_and_the_first_of_equals(big):
     assert mem["ngrams_found"] == (9 - 7) + (11 - 7) + (11 - 7) and mem["ngrams"] == 2 + 4 + 5
 
 
+def test_a_hash_hit_is_verified_word_by_word():
+    """A hit of an n-gram's 64-bit hash is checked word by word, from its first word: an index
+    whose hash matches but whose first word differs (a collision, planted) gives no copy."""
+    words = _words(12)
+    poem = ["qother " + " ".join(words[1:12])]  # the training text's words but the first
+    text, lines = _text(words, 6)
+    built = NGramIndex.build(text)
+    planted_hash = report._ngram_hashes(report._word_hashes(verse_words(poem[0])))[:1]  # the poem's first 8-gram
+    collided = NGramIndex(built.word_hash, built.word_line, planted_hash, np.zeros(1, dtype=np.uint32))
+    mem = memorisation([poem], collided, lines)
+    assert mem["ngrams_found"] == 1  # the hash is found...
+    assert mem["longest_copy_words"] == 0 and "longest_copy" not in mem  # ...but word 0 differs: no copy
+    assert memorisation([poem], built, lines)["longest_copy_words"] == 11  # the real copy: from word 1
+
+
 def test_repeated_ngrams_and_empty_poems():
     text, lines = "one two three four five six seven eight\none two three four five six seven eight nine", None
     lines = text.split("\n")
@@ -119,6 +135,18 @@ def test_ngram_hashes_are_the_polynomial_of_word_hashes():
     assert len(report._ngram_hashes(wh[:2], 3)) == 0 and len(report._ngram_hashes(wh[:3], 3)) == 1
     # order matters: the same words in another order are another n-gram
     assert report._ngram_hashes(wh[::-1].copy(), 10)[0] != report._ngram_hashes(wh, 10)[0]
+
+
+def test_word_hashes_are_blake2b_64_little_endian():
+    """The index cached on disk is keyed by the training text only: its word hashes must stay the
+    documented BLAKE2b hash (8 bytes, read little-endian) or an old cache would find nothing."""
+    import hashlib
+
+    ws = ["sea", "the", "sea", "qzz"]
+    expected = [int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little") for w in ws]
+    got = report._word_hashes(ws)
+    assert got.dtype == np.uint64 and got.tolist() == expected
+    assert report._word_hashes([]).dtype == np.uint64 and len(report._word_hashes([])) == 0
 
 
 def test_positions_are_exactly_where_an_ngram_starts():
@@ -165,6 +193,8 @@ def test_the_index_arrays_are_as_documented(tmp_path, big):
     text = " ".join(_words(40))
     NGramIndex.cached(text, [tmp_path])
     assert dtypes(NGramIndex.cached(text, [tmp_path])) == [np.uint64, np.uint32, np.uint64, np.uint32]
+    short = NGramIndex.build(" ".join(_words(N - 1)))  # fewer words than one n-gram: no n-gram
+    assert dtypes(short) == [np.uint64, np.uint32, np.uint64, np.uint32] and len(short.sorted_hash) == 0
 
 
 def test_the_index_cache(tmp_path):
@@ -210,6 +240,20 @@ def test_form_figures_by_definition():
                               "rhyme_share_distance_1": 0.0, "rhyme_share_distance_2": 0.0}
 
 
+def test_rhyme_shares_count_each_pair_at_its_distance():
+    """The share of line pairs at distance 1 and 2 whose end words rhyme, over every poem's pairs:
+    day/May and stone/alone rhyme, the others not; a poem of two lines has a pair at distance 1 only."""
+    f = form_stats([["the day", "in May", "a stone", "alone", "the sea"], ["the night", "so bright"]])
+    assert f["rhyme_share_distance_1"] == pytest.approx(3 / 5)  # day/May, stone/alone, night/bright of 4 + 1
+    assert f["rhyme_share_distance_2"] == 0.0  # of 3 + 0 pairs
+    assert f["stanza_lines"] == [5, 2]
+    two = form_stats([["the night", "so bright"]])
+    assert (two["rhyme_share_distance_1"], two["rhyme_share_distance_2"]) == (1.0, 0.0)
+    apart = form_stats([["the day", "a stone", "in May", "alone", "the sea"]])
+    assert apart["rhyme_share_distance_1"] == 0.0
+    assert apart["rhyme_share_distance_2"] == pytest.approx(2 / 3)  # day/May, stone/alone of 3
+
+
 def test_language_figures_by_definition():
     poems = [["the sea the sea", "The Sea the sea ", "blorp"], ["a b"]]
     lang = language_stats(poems)
@@ -242,6 +286,10 @@ def test_a_corpus_folder_is_split_from_its_source_file_while_the_file_is_unchang
     prepare(out=tmp_path / "data", text=src, tokenizer="char", val_fraction=0.06)
     meta_path = tmp_path / "data" / "meta.json"
     meta = __import__("json").loads(meta_path.read_text())
+    raw = src.read_text(encoding="utf-8")
+    assert meta["source_kind"] == "text" and meta["source_path"] == str(src.resolve())
+    text_split = report.split_texts(PreparedData(tmp_path / "data"))  # a text folder: its token files
+    assert "ж" not in text_split[1] and "\ufffd" in text_split[1]
     meta["source_kind"] = "corpus"
     meta_path.write_text(__import__("json").dumps(meta))
     raw = src.read_text(encoding="utf-8")
@@ -376,6 +424,8 @@ def test_the_plot_shows_each_figure_of_both_sides(tmp_path, monkeypatch):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (1100, 800)
     (fig,) = saved
+    assert len(fig.axes) == 4  # two rows of two panels, no other
+    assert [ax.get_subplotspec().get_geometry() for ax in fig.axes] == [(2, 2, k, k) for k in range(4)]
     assert fig._suptitle.get_text() == ("step-000300: 3 poems x 2 lines vs the validation split; 2.346 bits/char")
     (a, b), (c, d) = fig.axes[0:2], fig.axes[2:4]
     assert [ax.get_title() for ax in (a, b, c, d)] == ["characters per line", "syllables per line",
@@ -419,22 +469,40 @@ def test_the_plot_shows_each_figure_of_both_sides(tmp_path, monkeypatch):
 
 
 def test_the_plot_of_lines_without_syllables_is_a_png_whatever_the_settings(tmp_path):
-    """Figures all 0 still get the bins of 0 and 1; the file is a PNG written to an open
-    file (as the report writes it) even where matplotlib's settings say to save SVG."""
+    """Figures all 0 still get the bins of 0 and 1 and the shares' axis from 0 to 1, each side in
+    its own colour (the corpus orange when alone in a panel); the file is a 1100 x 800 PNG written
+    to an open file (as the report writes it) even where matplotlib's settings say to save SVG, at
+    another figure size and resolution, with other colours."""
     import matplotlib
     import matplotlib.figure
 
     r = _result()
     for side in ("model", "corpus"):
         r[side]["form"].update(line_chars=[0], line_syllables=[0, 0], stanza_lines=[0])
+        r[side]["form"].update(rhyme_share_distance_1=0.0, rhyme_share_distance_2=0.0)
+        r[side]["memorisation"]["share_found"] = 0.0
+        r[side]["language"].update(oov_share=0.0, distinct_1=0.0, distinct_2=0.0, repeated_line_share=0.0)
     saved = []
     real_savefig = matplotlib.figure.Figure.savefig
-    with matplotlib.rc_context({"savefig.format": "svg"}), open(tmp_path / "plot", "wb") as f:
+    from cycler import cycler
+    from matplotlib.colors import to_hex
+
+    settings = {"savefig.format": "svg", "figure.dpi": 72, "figure.figsize": (4, 3),
+                "axes.prop_cycle": cycler(color=["red", "green"])}
+    r["model"]["form"]["stanza_lines"] = []  # the corpus alone in a panel is still orange
+    with matplotlib.rc_context(settings), open(tmp_path / "plot", "wb") as f:
         try:
             matplotlib.figure.Figure.savefig = lambda fig, *a, **k: (saved.append(fig), real_savefig(fig, *a, **k))[1]
             report.plot_report(r, f)
         finally:
             matplotlib.figure.Figure.savefig = real_savefig
-    assert (tmp_path / "plot").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = (tmp_path / "plot").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (1100, 800)
+    assert saved[0].axes[3].get_ylim() == (0, 1)  # every share 0: the axis still runs from 0 to 1
+    blue, orange = to_hex("tab:blue"), to_hex("tab:orange")
+    colours = [[to_hex(p.get_facecolor()[:3]) for p in ax.patches] for ax in saved[0].axes]
+    two = [blue] * 2 + [orange] * 2  # the bins of 0 and 1, model then corpus
+    assert colours == [two, two, [orange] * 2, [blue] * 7 + [orange] * 7]
     for ax in saved[0].axes[:3]:
         assert sorted({round(p.get_x(), 6) for p in ax.patches}) == [-0.5, 0.5]  # the bins of 0 and 1

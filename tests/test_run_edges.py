@@ -217,6 +217,12 @@ def test_the_python_api_may_give_one_whole_config_and_the_other_is_the_default(v
     model = GPTConfig.from_preset("tiny", vocab_size=vocab, n_layer=3)
     plan = plan_run(tmp_path / "r", data=verse_data, model=model)
     assert plan.model == model and plan.train == TrainConfig()  # not the default preset's model
+    train = TrainConfig(**TRAIN)
+    plan = plan_run(tmp_path / "r", data=verse_data, model=model, train=train)
+    assert (plan.model, plan.train, plan.kind) == (model, train, "fresh")
+    assert vocab != GPTConfig().vocab_size
+    with pytest.raises(GPTSmallError, match=f"the model's vocab_size {GPTConfig().vocab_size} differs"):
+        plan_run(tmp_path / "r", data=verse_data, train=train)
 
 
 def test_the_first_refusals_of_a_plan_in_their_exact_words(tmp_path):
@@ -226,3 +232,29 @@ def test_the_first_refusals_of_a_plan_in_their_exact_words(tmp_path):
     with pytest.raises(GPTSmallError) as e:
         plan_run(tmp_path / "r")
     assert str(e.value) == "--data is required (the folder made by `gpt-small prepare`)"
+
+
+def test_the_model_is_the_flags_preset_else_the_config_files_else_poem_cpu(verse_data, tmp_path):
+    """`--preset` (default: the config file's, else poem-cpu), the vocabulary always the data's."""
+    vocab = PreparedData(verse_data).tokenizer.vocab_size
+    (tmp_path / "baby.toml").write_text('preset = "baby"\n')
+    assert plan_run(tmp_path / "r", data=verse_data).model == GPTConfig.from_preset("poem-cpu", vocab_size=vocab)
+    assert plan_run(tmp_path / "r", data=verse_data, config_file=tmp_path / "baby.toml").model == \
+        GPTConfig.from_preset("baby", vocab_size=vocab)
+    assert plan_run(tmp_path / "r", data=verse_data, preset="tiny", config_file=tmp_path / "baby.toml").model == \
+        GPTConfig.from_preset("tiny", vocab_size=vocab)
+
+
+def test_prepared_data_is_taken_as_it_is(verse_data, tmp_path):
+    data = PreparedData(verse_data)
+    assert plan_run(tmp_path / "r", data=data, preset="tiny").data is data
+    assert plan_run(tmp_path / "r", data=str(verse_data), preset="tiny").data.directory == verse_data
+
+
+def test_every_source_beside_whole_configs_is_checked_at_resume(trained):
+    """The Python API's whole configs come last (they state every field), but what the other
+    sources set is still a change that --resume refuses, named by its source."""
+    plan = plan_run(trained, resume=True)
+    assert plan_run(trained, resume=True, model=plan.model, train=plan.train).model == plan.model
+    with pytest.raises(GPTSmallError, match=r"^--resume: --set n_layer would change n_layer from 2"):
+        plan_run(trained, resume=True, model=plan.model, train=plan.train, sets=["n_layer=3"])
