@@ -12,7 +12,8 @@ The model writes one line at a time. For each line:
    last word (the stems) and score stem + each dictionary word that fits (a rhyme of the group's
    word, with the syllables the line still needs) by the model's log-probability, teacher-forced
    from the stem's KV cache; the words are first ranked by the probability of their first token
-   and the best `endings` are scored in full;
+   (the first where they part: after a character tokenizer's space, say; on a tie the shorter
+   word first, then the alphabetical) and the best `endings` are scored in full;
 4. repeat until a line meets the form or `budget` candidate lines (sampled or scored) are spent.
    Then the line that breaks the fewest constraints (the most probable among those) is kept and
    the poem's metadata lists the line as over budget with what it breaks. Nothing loops further.
@@ -364,18 +365,17 @@ def _write_line(lm: ModelCalls, tokenizer: TextTokenizer, judge: _Judge, prefix:
 
 def _score_endings(lm: ModelCalls, tokenizer: TextTokenizer, judge: _Judge, prefix: Tensor, head: str,
                    stem: str, search: SearchConfig, limit: int, block: int) -> list[_Candidate]:
-    words = judge.ending_words(stem)
-    if not words or limit < 1:
-        return []
-    stem_ids = tokenizer.encode(stem[len(head):], unknown="unk") if len(stem) > len(head) else []
+    stem_ids = tokenizer.encode(stem[len(head):], unknown="unk")
     endings = []
-    for w in words:
+    for w in judge.ending_words(stem):
         ids = tokenizer.encode(" " + w + "\n", unknown="unk")
         if getattr(tokenizer, "unk_id", None) in ids:  # a character the vocabulary lacks
             continue
         endings.append((w, ids))
-    keep = block - len(stem_ids) - max((len(e) for _, e in endings), default=0)
-    if not endings or keep < 1:
+    if not endings:
+        return []
+    keep = block - len(stem_ids) - max(len(e) for _, e in endings)
+    if keep < 1:
         return []
     prefix = prefix[-keep:]  # prefix + stem + ending within the model's block
     # rank by the probability of each word's first token after their common leading tokens (a char
@@ -383,7 +383,7 @@ def _score_endings(lm: ModelCalls, tokenizer: TextTokenizer, judge: _Judge, pref
     common = 0
     while all(len(e) > common + 1 and e[common] == endings[0][1][common] for _, e in endings):
         common += 1
-    ctx = torch.cat((prefix, torch.tensor(stem_ids + endings[0][1][:common], dtype=torch.long, device=prefix.device)))
+    ctx = torch.cat((prefix, prefix.new_tensor(stem_ids + endings[0][1][:common])))
     first = lm.next_token_logprobs(ctx)
     ranked = sorted(endings, key=lambda e: (-float(first[e[1][common]]), len(e[0]), e[0]))[:limit]
     scores = lm.score_continuations(prefix, [stem_ids + e for _, e in ranked])

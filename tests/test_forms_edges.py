@@ -52,12 +52,15 @@ class BigramModel(nn.Module):
         self.cleared = 0
 
     def setup_kv_cache(self, rows: int, length: int) -> None:
-        pass
+        # the real model's cache holds block_size positions: a call that asks for more overflows it
+        assert length <= self.config.block_size, f"a cache of {length} positions past the block"
 
     def clear_kv_cache(self) -> None:
         self.cleared += 1
 
     def forward(self, idx, input_pos=None, last_only=False):
+        if input_pos is not None:  # the real model has no position past its block
+            assert int(input_pos.max()) < self.config.block_size, f"position {int(input_pos.max())} past the block"
         self.inputs.extend(idx.tolist())
         self.modes.append(self.training)
         return self.table[idx]
@@ -318,3 +321,149 @@ def test_the_summary_lists_every_line_over_budget_with_what_it_breaks():
                       {"line": 3, "over_budget": True, "violations": ["'glorp' is not in the dictionary"]}]}
     assert summary(meta) == ("form: 3 lines; budget spent on line(s) 1, 3: line 1: 9 syllables, not 7+-0, no words; "
                              "line 3: 'glorp' is not in the dictionary; 1,234 candidate lines in 2.2 s")
+
+
+def _char_setup(table: dict[str, dict[str, float]], chars: str, block_size: int = 64):
+    """A bigram model over a real char tokenizer (the built-in corpus's kind): one token a character."""
+    from gpt_small.tokenizer import CharTokenizer
+
+    tok = CharTokenizer(sorted(set(chars)))
+    tok.tokens = [tok.decode([i]) for i in range(tok.vocab_size)]  # the table's names of the ids
+    return BigramModel(tok, table, block_size), tok
+
+
+def _line_two(model, tok, endings: int):
+    """Line 1 is the model's most probable line; line 2 must rhyme with its word but the sampler
+    writes the same line again, so line 2 comes from the endings search."""
+    return compose(model, tok, Form(rhyme="AA"), search=SearchConfig(candidates=2, budget=64, endings=endings),
+                   top_k=1, seed=0)
+
+
+@pytest.mark.parametrize("case, tokens, row, word", [
+    # whole-word tokens: the likelier first token wins over the shorter word
+    ("likelier", TOKENS, {" day": 0.5, " play": 0.3, " way": 0.2}, "play"),
+    # the same first-token probability: the shorter word, then the alphabetically first (" bay"
+    # has the larger id)
+    ("tie", [*TOKENS, " bay"], {" day": 0.4, " way": 0.2, " play": 0.2, " bay": 0.2}, "bay"),
+    # "a" begins "away": the two part at the token after " a" (a newline against "way")
+    ("prefix", ["I saw the", " day", " a", "way"], {" day": 0.6, " a": 0.4}, "away"),
+])
+def test_the_ending_scored_first_is_the_one_whose_first_own_token_is_likeliest(case, tokens, row, word):
+    """endings=1: only the best-ranked word is scored, so the line shows the ranking."""
+    table = {"\n": {"I saw the": 1.0}, "I saw the": row, " a": {"way": 0.9, "\n": 0.1},
+             **{t: {"\n": 1.0} for t in (" day", " way", " play", " bay", "way")}}
+    model, tok = _setup({k: v for k, v in table.items() if k in ("\n", *tokens)}, tokens)
+    poem = _line_two(model, tok, endings=1)
+    assert poem.lines == ["I saw the day", f"I saw the {word}"]
+    m = poem.meta["lines"][1]
+    assert m["how"] == "ending" and m["met"] and m["candidates"] == 2 + 1
+    p = row[" a"] * table[" a"]["way"] if case == "prefix" else row[f" {word}"]
+    assert m["log_prob"] == pytest.approx(math.log(p), abs=1e-4)
+
+
+def test_with_a_char_tokenizer_the_endings_are_ranked_past_their_shared_space():
+    """Every ending starts with the space token; the ranking reads the letter after it. Line 1 is
+    "the Day" (a capital D, so no dictionary word spells from it); after the space, "h" is likelier
+    than "a", and among h-words "hay" and "hey" are the shortest ("hay" first)."""
+    table = {"\n": {"t": 1.0}, "t": {"h": 1.0}, "h": {"e": 0.6, "a": 0.4}, "e": {" ": 1.0},
+             " ": {"D": 0.5, "h": 0.3, "a": 0.2}, "D": {"a": 1.0}, "a": {"y": 1.0}, "y": {"\n": 1.0}}
+    model, tok = _char_setup(table, "\n theDay")
+    poem = _line_two(model, tok, endings=1)
+    assert poem.lines == ["the Day", "the hay"]
+    m = poem.meta["lines"][1]
+    assert m["how"] == "ending" and m["met"]
+    assert m["log_prob"] == pytest.approx(math.log(0.6 * 0.3 * 0.4), abs=1e-4)  # "the", " h", "a"; the rest 1
+
+
+@pytest.mark.parametrize("block, scored", [(16, True), (15, False)])
+def test_an_ending_is_scored_when_it_fits_the_block_to_its_last_position(block, scored):
+    """Line 1 is "I saw the" + five one-token words + " day" (8 tokens with its newline; a line may
+    have block // 2). Line 2 repeats it; the only rhyme the vocabulary spells, "francais", takes 9
+    tokens after the 6 of the stem: at block 16 one token of the poem before it is left as context
+    (16 = 1 + 6 + 9) and it is scored. At block 15 a line has 7 tokens: line 1 is cut before its
+    newline and the endings finish it (" day" and a newline: 2 tokens fit); line 2's rhyme would
+    leave no token of context (15 = 0 + 6 + 9), so nothing is scored. Nothing ever runs past the
+    block (the model refuses a position past it)."""
+    fillers = [" old", " sun", " cold", " wet", " sea"]
+    tokens = ["I saw the", *fillers, " day", " f", "r", "a", "n", "c", "i", "s"]
+    table = {"\n": {"I saw the": 1.0}, "I saw the": {" old": 1.0}, " sea": {" day": 0.9, " f": 0.1},
+             **{a: {b: 1.0} for a, b in zip(fillers, fillers[1:])}, " day": {"\n": 1.0},
+             " f": {"r": 1.0}, "r": {"a": 1.0}, "a": {"n": 0.5, "i": 0.5}, "n": {"c": 1.0}, "c": {"a": 1.0},
+             "i": {"s": 1.0}, "s": {"\n": 1.0}}
+    model, tok = _setup(table, tokens, block_size=block)
+    poem = compose(model, tok, Form(rhyme="AA"), search=SearchConfig(candidates=1, budget=4), top_k=1, seed=0)
+    line = "I saw the old sun cold wet sea"
+    if scored:
+        assert poem.lines == [f"{line} day", f"{line} francais"]
+        m = poem.meta["lines"][1]
+        assert m["how"] == "ending" and m["met"] and m["candidates"] == 2
+        assert m["log_prob"] == pytest.approx(math.log(0.1 * 0.5 * 0.5), abs=1e-4)
+    else:
+        assert poem.lines == [f"{line} day"] * 2
+        first, second = poem.meta["lines"]
+        assert first["how"] == "ending" and first["met"] and first["log_prob"] == pytest.approx(math.log(0.9), abs=1e-4)
+        assert second["how"] == "sampled" and second["candidates"] == 4 and poem.meta["over_budget_lines"] == [2]
+        assert second["violations"] == ["'day' is already a rhyme of group A", "no newline within 7 tokens"]
+
+
+def test_no_ending_is_scored_when_the_vocabulary_spells_no_rhyme():
+    """The vocabulary spells no rhyme of "day" but "day", which is taken: the budget goes on
+    sampled lines and the line is kept over budget with what it breaks."""
+    tokens = ["I saw the", " day"]
+    table = {"\n": {"I saw the": 1.0}, "I saw the": {" day": 1.0}, " day": {"\n": 1.0}}
+    model, tok = _setup(table, tokens)
+    poem = compose(model, tok, Form(rhyme="AA"), search=SearchConfig(candidates=2, budget=6), top_k=1, seed=0)
+    assert poem.lines == ["I saw the day"] * 2
+    m = poem.meta["lines"][1]
+    assert m["how"] == "sampled" and m["candidates"] == 6 and m["over_budget"]
+    assert m["violations"] == ["'day' is already a rhyme of group A"]
+
+
+def test_a_stem_that_ends_inside_a_token_is_scored_with_the_unknown_piece_as_unk():
+    """The token " the day" holds two words: the stem "I saw the" cuts it, so " the" has no token
+    (four <unk>s, each scored as the model gives it) and the tokenizer's own default would refuse it."""
+    tokens = ["I saw", " the day", " way"]
+    table = {"\n": {"I saw": 1.0}, "I saw": {" the day": 0.9, "<unk>": 0.1}, " the day": {"\n": 1.0},
+             "<unk>": {"<unk>": 0.5, " way": 0.5}, " way": {"\n": 1.0}}
+    model, tok = _setup(table, tokens)
+    poem = _line_two(model, tok, endings=64)
+    assert poem.lines == ["I saw the day", "I saw the way"]
+    m = poem.meta["lines"][1]
+    assert m["how"] == "ending" and m["met"]
+    assert m["log_prob"] == pytest.approx(math.log(0.1 * 0.5 ** 3 * 0.5), abs=1e-4)
+
+
+def test_a_byte_level_tokenizer_without_an_unknown_token_gets_its_rhyme_from_the_endings():
+    """A byte-level BPE spells every word and has no <unk>: every rhyme of "day" is a candidate
+    ending, and the most probable line among the best-ranked is kept."""
+    from gpt_small.tokenizer import train_bpe
+
+    tok = train_bpe(["I saw the day\nI saw the way\n"] * 20, vocab_size=300)
+    tok.tokens = [tok.decode([i]) for i in range(tok.vocab_size)]
+    assert not hasattr(tok, "unk_id")
+    assert [tok.tokens[i] for i in tok.encode("I saw the way\n")] == ["I", " saw", " the", " way", "\n"]
+    table = {"\n": {"I": 1.0}, "I": {" saw": 1.0}, " saw": {" the": 1.0}, " the": {" day": 0.6, " way": 0.4},
+             " day": {"\n": 1.0}, " way": {"\n": 1.0}}
+    model = BigramModel(tok, table)
+    poem = _line_two(model, tok, endings=8)
+    assert poem.lines == ["I saw the day", "I saw the way"]
+    m = poem.meta["lines"][1]
+    assert m["how"] == "ending" and m["met"] and m["candidates"] == 2 + 8
+    assert m["log_prob"] == pytest.approx(math.log(0.4), abs=1e-4)
+
+
+def test_the_prompts_unfinished_line_may_be_the_whole_stem():
+    """Line 1 continues the prompt's "I saw the" with " day": 4 syllables, not 5. Its stem is the
+    prompt's line itself, and the endings (two-syllable words, whole tokens: " away" likelier than
+    " today") complete it; line 2 gets the other."""
+    tokens = [*TOKENS, " away", " today"]
+    table = {**TABLE, "I saw the": {" day": 0.5, " away": 0.3, " today": 0.2}, " away": {"\n": 1.0},
+             " today": {"\n": 1.0}}
+    model, tok = _setup(table, tokens)
+    poem = compose(model, tok, Form(rhyme="AA", syllables=5, tolerance=0), prompt="we went home\nI saw the",
+                   search=SearchConfig(candidates=2, budget=64), top_k=1, seed=0)
+    assert poem.text == "we went home\nI saw the away\nI saw the today\n"
+    first, second = poem.meta["lines"]
+    assert first["how"] == "ending" and first["met"] and first["log_prob"] == pytest.approx(math.log(0.3), abs=1e-4)
+    assert second["how"] == "ending" and second["met"]
+    assert second["log_prob"] == pytest.approx(math.log(0.6 * 0.2), abs=1e-4)  # this line opens with "I saw the"

@@ -333,3 +333,7 @@ def test_stem_is_the_line_less_its_last_word():
     assert _stem("O'er  the hills!") == "O'er  the"
     assert _stem("alone") is None and _stem("...") is None
     assert _stem("Don\u2019t go") == "Don\u2019t"
+    # an apostrophe inside the last word, straight or curly, keeps the word whole (as verse.words does)
+    for line in ("I sing the summer's", "I sing the summer\u2019s", "Where the bee sucks, there suck\u2019d I"):
+        assert _stem(line) == line.rsplit(" ", 1)[0]
+        assert verse.words(_stem(line)) == verse.words(line)[:-1]
