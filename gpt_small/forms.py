@@ -168,16 +168,17 @@ class _Judge:
             return None
         if not verse.in_dictionary(word):
             return f"{word!r} is not in the dictionary"
+        # by the dictionary: `word` is in it, and so is every group's word (it passed this check)
         if self.partner is not None:
             if word in self.used:
                 return f"{word!r} is already a rhyme of group {self.letter}"
-            if not verse.rhymes(word, self.partner, dictionary_only=True):
+            if not verse.rhymes(word, self.partner):
                 return f"{word!r} does not rhyme with {self.partner!r}"
             return None
         if len(verse.rhyming_words(word)) < self.search.min_rhymes:
             return f"{word!r} has fewer than {self.search.min_rhymes} rhymes"
         for other in self.others:
-            if other == word or verse.rhymes(word, other, dictionary_only=True):
+            if other == word or verse.rhymes(word, other):
                 return f"{word!r} rhymes with {other!r} of another group"
         return None
 
@@ -336,7 +337,7 @@ def _write_line(lm: ModelCalls, tokenizer: TextTokenizer, judge: _Judge, prefix:
         tried += n
         if any(c.ok for c in pool):
             break
-        if judge.letter is None or tried >= search.budget:
+        if judge.letter is None:  # the endings are for a line that must rhyme
             continue
         # endings: the most probable sampled lines, cut before their last word, with dictionary words
         stems = []
@@ -352,19 +353,19 @@ def _write_line(lm: ModelCalls, tokenizer: TextTokenizer, judge: _Judge, prefix:
         for stem in stems:
             if tried >= search.budget:
                 break
-            cands = _score_endings(lm, tokenizer, judge, prefix, head, stem, search,
+            cands = _score_endings(lm, tokenizer, judge, prefix, head, stem,
                                    min(search.endings, search.budget - tried), block)
             tried += len(cands)
             pool.extend(cands)
         if any(c.ok for c in pool):
             break
-    ok = [c for c in pool if c.ok]
-    best = max(ok or pool, key=lambda c: (-len(c.violations), c.log_prob))
+    # a line that meets the form has no violations: it wins, the most probable among them
+    best = max(pool, key=lambda c: (-len(c.violations), c.log_prob))
     return best, tried
 
 
 def _score_endings(lm: ModelCalls, tokenizer: TextTokenizer, judge: _Judge, prefix: Tensor, head: str,
-                   stem: str, search: SearchConfig, limit: int, block: int) -> list[_Candidate]:
+                   stem: str, limit: int, block: int) -> list[_Candidate]:
     stem_ids = tokenizer.encode(stem[len(head):], unknown="unk")
     endings = []
     for w in judge.ending_words(stem):

@@ -467,3 +467,69 @@ def test_the_prompts_unfinished_line_may_be_the_whole_stem():
     assert first["how"] == "ending" and first["met"] and first["log_prob"] == pytest.approx(math.log(0.3), abs=1e-4)
     assert second["how"] == "ending" and second["met"]
     assert second["log_prob"] == pytest.approx(math.log(0.6 * 0.2), abs=1e-4)  # this line opens with "I saw the"
+
+
+def test_a_line_that_need_not_rhyme_spends_its_budget_on_sampled_lines():
+    """The endings are for lines that must rhyme: a free line that misses its syllables gets
+    round after round of sampled lines (4, then the 2 the budget leaves), never an ending, though
+    " away" would give the 5 syllables."""
+    tokens = [*TOKENS, " away"]
+    table = {**TABLE, "\n": {"I saw the": 1.0}, " away": {"\n": 1.0}}
+    model, tok = _setup(table, tokens)
+    poem = compose(model, tok, Form(lines=1, syllables=5, tolerance=0),
+                   search=SearchConfig(candidates=4, budget=6), top_k=1, seed=0)
+    m = poem.meta["lines"][0]
+    assert poem.lines == ["I saw the day"] and m["how"] == "sampled" and m["candidates"] == 6
+    assert m["violations"] == ["4 syllables, not 5+-0"] and poem.meta["over_budget_lines"] == [1]
+
+
+# the second line must rhyme with "home"; top_p 0.9 never samples " roam" (0.02), which only the
+# endings search writes
+_STEM_TABLE = {"\n": {"we went": 0.6, "they go": 0.4}, "we went": {" home": 0.98, " roam": 0.02},
+               "they go": {" home": 0.98, " roam": 0.02}, " home": {"\n": 1.0}, " roam": {"\n": 1.0},
+               "I saw the": {" la": 1.0}, " la": {" la": 1.0}}
+_STEM_TOKENS = ["we went", "they go", " home", " roam", "I saw the"]
+
+
+@pytest.mark.parametrize("opening", [
+    {"we went": 0.6, "they go": 0.4},  # the other stem is less probable
+    {"I saw the": 0.6, "we went": 0.4},  # the other line is more probable but never ends (" la" for ever)
+])
+def test_the_stem_tried_first_is_the_most_probable_finished_lines(opening):
+    """stems=1: of the sampled lines that miss the rhyme, the stem tried is the most probable
+    finished line's; a line cut at max_line_tokens (3) only after every finished one."""
+    model, tok = _setup({**_STEM_TABLE, "\n": opening}, _STEM_TOKENS)
+    poem = compose(model, tok, Form(rhyme="AA"),
+                   search=SearchConfig(candidates=16, budget=64, stems=1, endings=1, max_line_tokens=3),
+                   top_p=0.9, seed=0)
+    assert poem.lines == ["we went home", "we went roam"]
+    m = poem.meta["lines"][1]
+    assert m["how"] == "ending" and m["met"] and m["candidates"] == 16 + 1
+    assert m["log_prob"] == pytest.approx(math.log(0.4 * 0.02 if "I saw the" in opening else 0.6 * 0.02), abs=1e-4)
+
+
+@pytest.mark.parametrize("budget", [17, 18])
+def test_the_stems_share_the_budget_and_none_is_tried_past_it(budget):
+    """stems=2, one ending each, 16 sampled lines: at budget 17 only the first stem ("we went", the
+    likelier) is scored and the model never sees the second; at 18 both are, and the likelier line
+    is kept."""
+    model, tok = _setup(_STEM_TABLE, _STEM_TOKENS)
+    poem = compose(model, tok, Form(rhyme="AA"), search=SearchConfig(candidates=16, budget=budget, stems=2, endings=1),
+                   top_p=0.9, seed=0)
+    assert poem.lines == ["we went home", "we went roam"]
+    m = poem.meta["lines"][1]
+    assert m["how"] == "ending" and m["met"] and m["candidates"] == budget
+    they_go, roam = tok.tokens.index("they go"), tok.tokens.index(" roam")
+    second = [x for x in model.inputs if any(a == they_go and b == roam for a, b in zip(x, x[1:]))]
+    assert bool(second) == (budget == 18)
+
+
+def test_a_line_ends_at_the_first_newline_inside_its_last_token():
+    """A token may hold text, a newline and more (a byte-level BPE's ".\\n\\n"): the line is its
+    text up to the first newline; the model sees the poem's lines one newline apart."""
+    tokens = ["I saw the", " day.", " day.\n\n"]
+    table = {"\n": {"I saw the": 1.0}, "I saw the": {" day.\n\n": 1.0}, " day.": {"\n": 1.0}}
+    model, tok = _setup(table, tokens)
+    poem = compose(model, tok, Form(lines=2), search=SearchConfig(candidates=1, budget=1), top_k=1, seed=0)
+    assert poem.lines == ["I saw the day."] * 2 and poem.text == "I saw the day.\nI saw the day.\n"
+    assert all(m["met"] for m in poem.meta["lines"])

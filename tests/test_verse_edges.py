@@ -326,6 +326,10 @@ def test_syllable_window_of_the_judge():
     assert judge.syllables_ok(11, 20)
     assert not judge.syllables_ok(8, 8) and not judge.syllables_ok(12, 12)
     assert _Judge(Form(lines=1), SearchConfig(), None, False, {}, {}).syllables_ok(0, 99)
+    # what a line that misses is told: its count, or its range when a word's count is not certain
+    five = _Judge(Form(lines=1, syllables=5, tolerance=0), SearchConfig(), None, False, {}, {})
+    assert five.check("the day") == ["2 syllables, not 5+-0"]
+    assert five.check("fire") == ["1-2 syllables, not 5+-0"]
 
 
 def test_stem_is_the_line_less_its_last_word():
