@@ -155,10 +155,11 @@ class _Candidate:
 class _Judge:
     """The constraints of one line, given the poem so far."""
 
-    def __init__(self, form: Form, search: SearchConfig, letter: str | None, opener: bool,
-                 group_words: dict[str, str], used: dict[str, set[str]]):
-        self.form, self.search, self.letter, self.opener = form, search, letter, opener
-        self.partner = group_words.get(letter) if letter and not opener else None
+    def __init__(self, form: Form, search: SearchConfig, letter: str | None, group_words: dict[str, str],
+                 used: dict[str, set[str]]):
+        self.form, self.search, self.letter = form, search, letter
+        # None: the line opens its group (or need not rhyme)
+        self.partner = group_words.get(letter) if letter else None
         self.others = [w for c, w in group_words.items() if c != letter]
         self.used = used.get(letter, set()) if letter else set()
 
@@ -268,7 +269,7 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
 
     base = prompt_text(prompt)
     tokenizer.encode(base, unknown="error")
-    head = "" if base.endswith("\n") else base.rsplit("\n", 1)[-1]  # the prompt's unfinished line
+    head = base.rpartition("\n")[2]  # the prompt's unfinished line ("" when it ends with a newline)
     lines: list[str] = []
     group_words: dict[str, str] = {}
     used: dict[str, set[str]] = {}
@@ -279,8 +280,7 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
     try:
         for s, stanza in enumerate(plan):
             for letter in stanza:
-                opener = letter is not None and letter not in group_words
-                judge = _Judge(form, search, letter, opener, group_words, used)
+                judge = _Judge(form, search, letter, group_words, used)
                 context = base + "".join(line[len(head) if k == 0 else 0:] + "\n" for k, line in enumerate(lines))
                 line_head = head if not lines else ""
                 ids = tokenizer.encode(context)

@@ -49,11 +49,13 @@ class BigramModel(nn.Module):
         self.inputs: list[list[int]] = []
 
         self.modes: list[bool] = []  # self.training at each forward
+        self.caches: list[int] = []  # the length of each KV cache set up (a prefix and what follows it)
         self.cleared = 0
 
     def setup_kv_cache(self, rows: int, length: int) -> None:
         # the real model's cache holds block_size positions: a call that asks for more overflows it
         assert length <= self.config.block_size, f"a cache of {length} positions past the block"
+        self.caches.append(length)
 
     def clear_kv_cache(self) -> None:
         self.cleared += 1
@@ -120,16 +122,93 @@ def test_a_line_without_a_rhyme_within_budget_is_kept_and_reported():
                                   f"a rhyme of group A; 8 candidate lines in {poem.meta['seconds']:.1f} s")
 
 
-def test_the_prompts_unfinished_line_starts_the_first_line():
+@pytest.mark.parametrize("prompt", ["we went home\nI saw the", "I saw the", "we went home\nwe went home\nI saw the"])
+def test_the_prompts_unfinished_line_starts_the_first_line(prompt):
+    """The prompt's last line (after its last newline, if any) is line 1's beginning; the model
+    sees the prompt and then the lines so far, each once."""
     model, tok = _setup()
-    poem = compose(model, tok, Form(lines=2), prompt="we went home\nI saw the",
-                   search=SearchConfig(candidates=4, budget=4), top_k=1, seed=0)
-    # line 1 continues "I saw the" (its most probable end: " day"); line 2 starts afresh
-    assert poem.lines == ["I saw the day", "I saw the day"]
-    assert poem.text == "we went home\nI saw the day\nI saw the day\n"
+    poem = compose(model, tok, Form(lines=3), prompt=prompt, search=SearchConfig(candidates=1, budget=1), top_k=1,
+                   seed=0)
+    # line 1 continues "I saw the" (its most probable end: " day"); lines 2 and 3 start afresh
+    assert poem.lines == ["I saw the day"] * 3
+    assert poem.text == prompt + " day\nI saw the day\nI saw the day\n"
     assert poem.meta["lines"][0]["log_prob"] == pytest.approx(math.log(0.5), abs=1e-4)  # " day" then "\n"
-    ids = {tok.tokens.index(t) for t in ("we went", " home", "\n", "I saw the", " day")}
-    assert all(set(x) <= ids for x in model.inputs)
+    prefixes = [prompt, prompt + " day\n", prompt + " day\nI saw the day\n"]
+    assert [x for x in model.inputs if len(x) > 1] == [tok.encode(t) for t in prefixes if len(tok.encode(t)) > 1]
+
+
+def test_a_prompt_the_vocabulary_cannot_spell_is_refused_before_the_model_runs():
+    model, tok = _char_setup({"\n": {"t": 1.0}}, "\n theDay")
+    with pytest.raises(GPTSmallError, match="^character 'o' \\(U\\+006F\\) is not in the char vocabulary of this model$"):
+        compose(model, tok, Form(lines=1), prompt="the Dog", search=SearchConfig(candidates=1, budget=1))
+    assert model.inputs == []
+
+
+@pytest.mark.parametrize("settings, name", [(dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
+                                            (dict(temperature=-0.5), "temperature")])
+def test_bad_sampling_settings_are_refused_before_the_model_runs(settings, name):
+    model, tok = _setup()
+    with pytest.raises(GPTSmallError, match=name):
+        compose(model, tok, Form(lines=1), search=SearchConfig(candidates=1, budget=1), **settings)
+    assert model.inputs == []
+
+
+def test_unk_is_never_sampled_but_keeps_its_mass_in_the_lines_probability():
+    """After a newline the model gives <unk> 0.9: no line holds it, and each line's log-probability
+    is the model's (0.1 for "I saw the", then 1 for " day" and the newline)."""
+    table = {**TABLE, "\n": {"<unk>": 0.9, "I saw the": 0.1}, "I saw the": {" day": 1.0}}
+    model, tok = _setup(table)
+    poem = compose(model, tok, Form(lines=4), search=SearchConfig(candidates=4, budget=4), temperature=1.0, seed=0)
+    assert poem.lines == ["I saw the day"] * 4
+    assert all(m["log_prob"] == pytest.approx(math.log(0.1), abs=1e-4) for m in poem.meta["lines"])
+
+
+def test_calls_given_run_the_poem_with_the_mask_settings_and_bans_compose_hands_them():
+    """`calls(newline, sampling, banned)` makes the object that runs the model (the server's rows):
+    it gets the newline tokens, the sampling settings and <unk> to ban; the model is left alone
+    (its mode, its cache), and the poem is the one compose writes itself."""
+    from gpt_small.form_calls import ModelCalls
+
+    model, tok = _setup()
+    seen = []
+
+    def calls(newline, sampling, banned):
+        seen.append((newline.tolist(), sampling, banned))
+        return ModelCalls(model, newline, None, sampling, banned, 128)
+
+    model.train()
+    form, search = Form(rhyme="AA"), SearchConfig(candidates=4, budget=64)
+    poem = compose(model, tok, form, search=search, temperature=0.7, top_k=1, top_p=0.9, calls=calls)
+    assert seen == [([t == "\n" for t in tok.tokens], dict(temperature=0.7, top_k=1, top_p=0.9), [tok.unk_id])]
+    assert model.training and model.cleared == 0
+    own = compose(model, tok, form, search=search, temperature=0.7, top_k=1, top_p=0.9)
+    assert poem.lines == own.lines == ["I saw the day", "I saw the play"]
+
+
+def test_without_a_seed_a_poem_is_still_drawn():
+    model, tok = _setup()
+    poem = compose(model, tok, Form(lines=6), search=SearchConfig(candidates=1, budget=1), temperature=1.0)
+    assert poem.meta["seed"] is None
+    assert set(poem.lines) <= {"I saw the day", "I saw the way la", "I saw the way", "I saw the play", "we went home"}
+
+
+def test_lines_of_no_rhyme_group_give_no_group_word():
+    """In ABCB, lines 1 and 3 rhyme with nothing: their "day" neither opens a group nor is taken,
+    so line 2 may open B with "day" and line 4 rhymes with it."""
+    model, tok = _setup()
+    poem = compose(model, tok, Form(rhyme="ABCB"), search=SearchConfig(candidates=4, budget=64), top_k=1, seed=0)
+    assert [m["rhyme"] for m in poem.meta["lines"]] == [None, "B", None, "B"]
+    assert poem.lines == ["I saw the day"] * 3 + ["I saw the play"]
+    assert poem.meta["all_met"] and [m["how"] for m in poem.meta["lines"]] == ["sampled"] * 3 + ["ending"]
+
+
+def test_a_groups_word_comes_from_its_first_line_that_meets_the_form():
+    """Both lines miss their 6 syllables (budget 1, no endings): line 1's "day" does not become
+    group A's word, so line 2 breaks the syllables only, not the rhyme."""
+    model, tok = _setup()
+    poem = compose(model, tok, Form(rhyme="AA", syllables=6, tolerance=0), search=SearchConfig(candidates=1, budget=1),
+                   top_k=1, seed=0)
+    assert [m["violations"] for m in poem.meta["lines"]] == [["4 syllables, not 6+-0"]] * 2
 
 
 def test_stanzas_are_blank_lines_in_the_text_only():
@@ -143,17 +222,27 @@ def test_stanzas_are_blank_lines_in_the_text_only():
     assert not any(a == b == nl for x in model.inputs for a, b in zip(x, x[1:]))
 
 
-@pytest.mark.parametrize("keep, context", [(None, 32), (10, 10), ("slide", 32)])
+@pytest.mark.parametrize("keep, context", [(None, 32), (10, 10), ("slide", 32), (1, 1), (0, 1)])
 def test_past_the_block_the_context_is_the_last_keep_tokens_leaving_room_for_a_line(keep, context):
     """block 64, a line of at most 32 tokens (half the block): while the poem and a line fit, the
-    whole poem is the context; past that, its last `keep` tokens, never more than 64 - 32."""
+    whole poem is the context; past that, its last `keep` tokens, never more than 64 - 32 and never
+    fewer than one (keep 0 still leaves the token the line follows)."""
     model, tok = _setup()
     lines = 14  # 3 tokens a line: "\n" and 11 lines (34 tokens) leave no room for a line of 32
     compose(model, tok, Form(lines=lines), search=SearchConfig(candidates=1, budget=1), top_k=1, seed=0, keep=keep)
-    prefixes = [len(x) for x in model.inputs if len(x) > 1]  # the prefills of lines 2..14
-    assert prefixes[:10] == [1 + 3 * k for k in range(1, 11)]  # "\n" and the lines so far
-    assert prefixes[10:] == [context] * (lines - 11)
+    prefixes = [n - 32 for n in model.caches]  # each line's cache: its prefix and 32 tokens
+    assert prefixes[:11] == [1 + 3 * k for k in range(11)]  # "\n" and the lines so far
+    assert prefixes[11:] == [context] * (lines - 11)
     assert max(len(x) for x in model.inputs) <= 64 - 32
+
+
+def test_the_whole_poem_is_context_while_it_and_a_line_fill_the_block_exactly():
+    """A prompt of 2 tokens and lines of 3: line 11 follows 32 tokens, and 32 + a line of 32 is the
+    block exactly, so it sees them all; line 12 (35 + 32) sees the last `keep` (10)."""
+    model, tok = _setup()
+    compose(model, tok, Form(lines=12), prompt="we went\n", search=SearchConfig(candidates=1, budget=1), top_k=1,
+            seed=0, keep=10)
+    assert [n - 32 for n in model.caches] == [2 + 3 * k for k in range(11)] + [10]
 
 
 @pytest.mark.parametrize("max_line, met", [(4, True), (3, False)])
@@ -289,14 +378,14 @@ def test_ending_words_of_a_group_rhyme_with_its_word_unused_and_fit_the_syllable
     from gpt_small import verse
     from gpt_small.forms import _Judge
 
-    judge = _Judge(Form(rhyme="AA", syllables=4, tolerance=0), SearchConfig(), "A", False, {"A": "day"},
+    judge = _Judge(Form(rhyme="AA", syllables=4, tolerance=0), SearchConfig(), "A", {"A": "day"},
                    {"A": {"day", "way"}})
     words = judge.ending_words("I saw the")  # 3 syllables: the ending must have exactly 1
     assert "play" in words and "day" not in words and "way" not in words and "away" not in words
     assert all(verse.rhymes(w, "day", dictionary_only=True) for w in words)
     assert all(verse.syllable_range(w)[0] <= 1 <= verse.syllable_range(w)[1] for w in words)
     assert words == sorted(words, key=lambda w: (len(w), w))  # shortest first (no frequencies)
-    loose = _Judge(Form(rhyme="AA"), SearchConfig(), "A", False, {"A": "day"}, {"A": {"day"}})
+    loose = _Judge(Form(rhyme="AA"), SearchConfig(), "A", {"A": "day"}, {"A": {"day"}})
     assert "away" in loose.ending_words("I saw the")
 
 
@@ -304,7 +393,7 @@ def test_a_new_groups_endings_have_enough_rhymes_and_rhyme_with_no_other_group()
     from gpt_small import verse
     from gpt_small.forms import MAX_POOL, _Judge, _rhymable_words
 
-    opener = _Judge(Form(rhyme="ABAB"), SearchConfig(min_rhymes=4), "B", True, {"A": "day"}, {"A": {"day"}})
+    opener = _Judge(Form(rhyme="ABAB"), SearchConfig(min_rhymes=4), "B", {"A": "day"}, {"A": {"day"}})
     words = opener.ending_words("I saw the")
     assert len(words) == MAX_POOL and words == sorted(words, key=lambda w: (len(w), w))  # the shortest
     assert "bee" in words and "day" not in words and "bay" not in words  # "bay" rhymes with group A's "day"
