@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -77,18 +78,18 @@ class Form:
             elif self.lines is not None and self.lines != total:
                 raise GPTSmallError(f"--lines {self.lines} does not match rhyme scheme {self.rhyme!r} "
                                     f"({total} lines); leave --lines out or give a one-stanza scheme to repeat")
-            counts = {c: "".join(stanzas).count(c) for c in set("".join(stanzas))}
             letters: list[str | None] = [c for s in stanzas for c in s]
             sizes = [len(s) for s in stanzas]
         else:
-            letters, counts, sizes = [None] * self.lines, {}, [self.lines]
+            letters, sizes = [None] * self.lines, [self.lines]
         if self.stanzas is not None and self.stanzas != len(sizes):
             n, k = len(letters), self.stanzas
             if k > n:
                 raise GPTSmallError(f"--stanzas {k} is more than the poem's {n} lines")
             sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
         # a letter used once has nothing to rhyme with
-        letters = [c if c is not None and counts.get(c, 0) > 1 else None for c in letters]
+        counts = Counter(letters)
+        letters = [c if counts[c] > 1 else None for c in letters]
         out, i = [], 0
         for size in sizes:
             out.append(letters[i:i + size])

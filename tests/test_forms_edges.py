@@ -317,6 +317,19 @@ def test_form_fields_refused(kwargs, message):
         Form(**kwargs)
 
 
+def test_stanzas_share_the_lines_the_first_ones_longer_and_each_needs_one():
+    assert Form(lines=7, stanzas=3).plan() == [[None] * 3, [None] * 2, [None] * 2]
+    assert Form(lines=3, stanzas=3).plan() == [[None]] * 3  # one line a stanza: the edge
+    assert Form(rhyme="AB AB", stanzas=4).plan() == [["A"], ["B"], ["A"], ["B"]]
+    with pytest.raises(GPTSmallError, match="^--stanzas 5 is more than the poem's 4 lines$"):
+        Form(rhyme="AB AB", stanzas=5).plan()
+
+
+def test_a_letter_used_once_rhymes_with_nothing_whatever_the_letter():
+    assert Form(rhyme="ABCDEFGHIJKLM NOPQRSTUVWXYZ").plan() == [[None] * 13, [None] * 13]
+    assert Form(rhyme="ABCDEFGHIJKLMNOPQRSTUVW XYZY").plan() == [[None] * 23, [None, "Y", None, "Y"]]
+
+
 def test_form_fields_at_their_edges():
     from gpt_small import limits
 
