@@ -332,7 +332,7 @@ def _write_line(lm: ModelCalls, tokenizer: TextTokenizer, judge: _Judge, prefix:
     while tried < search.budget:
         n = min(search.candidates, search.budget - tried)
         for ids, lp, ended in lm.sample_lines(prefix, n, max_line):
-            text = head + tokenizer.decode(ids).split("\n", 1)[0]
+            text = head + tokenizer.decode(ids).partition("\n")[0]  # to the first newline
             bad = judge.check(text) + ([] if ended else [f"no newline within {max_line} tokens"])
             pool.append(_Candidate(text, lp, bad, "sampled"))
         tried += n
