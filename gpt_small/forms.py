@@ -159,10 +159,9 @@ class _Judge:
     def __init__(self, form: Form, search: SearchConfig, letter: str | None, group_words: dict[str, str],
                  used: dict[str, set[str]]):
         self.form, self.search, self.letter = form, search, letter
-        # None: the line opens its group (or need not rhyme)
-        self.partner = group_words.get(letter) if letter else None
+        self.partner = group_words.get(letter)  # None: the line opens its group, or need not rhyme
         self.others = [w for c, w in group_words.items() if c != letter]
-        self.used = used.get(letter, set()) if letter else set()
+        self.used = used  # group letter -> its end words so far
 
     def word_ok(self, word: str) -> str | None:
         """Why `word` cannot end this line, or None."""
@@ -172,7 +171,7 @@ class _Judge:
             return f"{word!r} is not in the dictionary"
         # by the dictionary: `word` is in it, and so is every group's word (it passed this check)
         if self.partner is not None:
-            if word in self.used:
+            if word in self.used[self.letter]:
                 return f"{word!r} is already a rhyme of group {self.letter}"
             if not verse.rhymes(word, self.partner):
                 return f"{word!r} does not rhyme with {self.partner!r}"
@@ -205,7 +204,8 @@ class _Judge:
     def ending_words(self, stem: str) -> list[str]:
         """Dictionary words that may end a line beginning with `stem`, syllables included."""
         if self.partner is not None:
-            pool = [(w, *verse.syllable_range(w)) for w in verse.rhyming_words(self.partner) if w not in self.used]
+            pool = [(w, *verse.syllable_range(w)) for w in verse.rhyming_words(self.partner)
+                    if w not in self.used[self.letter]]
         else:  # a new group: any word with enough rhymes that rhymes with no other group's word
             taken = set(self.others).union(*(verse.rhyming_words(o) for o in self.others))
             pool = [e for e in _rhymable_words(self.search.min_rhymes) if e[0] not in taken]

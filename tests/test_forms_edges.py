@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from gpt_small import limits
 from gpt_small.errors import GPTSmallError
 from gpt_small.forms import Form, SearchConfig, compose, summary
 from test_verse_edges import LineTokenizer
@@ -290,13 +291,11 @@ def test_a_tokenizer_without_a_newline_is_refused():
     ("batch_rows", "MAX_CANDIDATES", "search batch_rows"),
 ])
 def test_search_settings_at_their_edges(field, last, limit_name):
-    from gpt_small import limits
-
     top = getattr(limits, last)
     SearchConfig(**{field: 1})
     SearchConfig(**{field: top})
     for bad in (0, top + 1):
-        with pytest.raises(GPTSmallError, match=limit_name):
+        with pytest.raises(GPTSmallError, match=f"^{limit_name} must be an integer >= 1 and <= {top:,}, got {bad}$"):
             SearchConfig(**{field: bad})
 
 
@@ -307,10 +306,12 @@ def test_max_line_tokens_at_its_edge():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(lines=1, tolerance=-1), "syllable tolerance"),
+    (dict(lines=1, tolerance=-1), f"^syllable tolerance must be an integer >= 0 and <= {limits.MAX_SYLLABLES}, got -1$"),
     (dict(rhyme="  "), "^rhyme must name a scheme \\(ABAB, AABB, sonnet, ...\\), got an empty text$"),
-    (dict(lines=1, stanzas=0), "stanzas"),
-    (dict(lines=1, syllables=0), "syllables"),
+    (dict(lines=1, stanzas=0), f"^stanzas must be an integer >= 1 and <= {limits.MAX_STANZAS:,}, got 0$"),
+    (dict(lines=1, syllables=0), f"^syllables must be an integer >= 1 and <= {limits.MAX_SYLLABLES}, got 0$"),
+    (dict(lines=0), f"^lines must be an integer >= 1 and <= {limits.MAX_LINES:,}, got 0$"),
+    (dict(syllables=3), "^a form needs --lines or --rhyme$"),
 ])
 def test_form_fields_refused(kwargs, message):
     with pytest.raises(GPTSmallError, match=message):
@@ -331,8 +332,6 @@ def test_a_letter_used_once_rhymes_with_nothing_whatever_the_letter():
 
 
 def test_form_fields_at_their_edges():
-    from gpt_small import limits
-
     Form(lines=1, tolerance=0)
     Form(lines=limits.MAX_LINES, stanzas=limits.MAX_STANZAS, syllables=limits.MAX_SYLLABLES,
          tolerance=limits.MAX_SYLLABLES)
