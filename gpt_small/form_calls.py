@@ -68,7 +68,8 @@ def sample_lines(model: nn.Module, prefix: Tensor, rows: int, max_tokens: int, n
 def next_token_logprobs(model: nn.Module, prefix: Tensor) -> Tensor:
     """log p(next token | prefix (T,)) -> (V,)."""
     model.setup_kv_cache(1, prefix.shape[0])
-    return F.log_softmax(prefill(model, prefix[None], torch.arange(prefix.shape[0])).float(), dim=-1)[0]
+    pos = torch.arange(prefix.shape[0], device=prefix.device)
+    return F.log_softmax(prefill(model, prefix[None], pos).float(), dim=-1)[0]
 
 
 @torch.inference_mode()
@@ -88,7 +89,8 @@ def score_continuations(model: nn.Module, prefix: Tensor, conts: list[list[int]]
             logits = model(ids[:, :-1], input_pos=torch.arange(T, T + L - 1, device=prefix.device))  # (B, L-1, V)
             lp.append(F.log_softmax(logits.float(), dim=-1).gather(2, ids[:, 1:, None]).squeeze(2))
         lp = torch.cat(lp, dim=1).double()  # (B, L)
-        mask = torch.arange(L)[None, :] < torch.tensor([len(c) for c in group])[:, None]
+        lengths = torch.tensor([len(c) for c in group], device=prefix.device)
+        mask = torch.arange(L, device=prefix.device)[None, :] < lengths[:, None]
         scores.extend((lp * mask).sum(dim=1).tolist())
     return scores
 

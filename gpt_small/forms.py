@@ -312,7 +312,7 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
         body.append("\n".join(lines[k:k + len(stanza)]))
         k += len(stanza)
     poem = "\n\n".join(body) + "\n"
-    text = (prompt[:len(prompt) - len(head)] if head else prompt) + poem
+    text = prompt[:len(prompt) - len(head)] + poem  # the unfinished line is the poem's first
     over = [m["line"] for m in line_meta if m["over_budget"]]
     meta = {
         "form": {**asdict(form), "plan": [" ".join("".join(c or "x" for c in st) for st in plan)]},

@@ -634,3 +634,40 @@ def test_a_line_ends_at_the_first_newline_inside_its_last_token():
     poem = compose(model, tok, Form(lines=2), search=SearchConfig(candidates=1, budget=1), top_k=1, seed=0)
     assert poem.lines == ["I saw the day."] * 2 and poem.text == "I saw the day.\nI saw the day.\n"
     assert all(m["met"] for m in poem.meta["lines"])
+
+
+def test_stanzas_take_the_lines_in_order_and_the_plan_shows_them():
+    """Three lines in turn (the model's next line depends on how the last one ended), six lines in
+    three stanzas: each stanza has the next two."""
+    tokens = ["I saw the", " day\n", "we went", " home\n", "they go", " far\n"]
+    table = {"\n": {"I saw the": 1.0}, "I saw the": {" day\n": 1.0}, " day\n": {"we went": 1.0},
+             "we went": {" home\n": 1.0}, " home\n": {"they go": 1.0}, "they go": {" far\n": 1.0},
+             " far\n": {"I saw the": 1.0}}
+    model, tok = _setup(table, tokens)
+    heard = []
+    poem = compose(model, tok, Form(lines=6, stanzas=3), search=SearchConfig(candidates=1, budget=1), top_k=1,
+                   seed=0, on_line=heard.append)
+    a, b, c = "I saw the day", "we went home", "they go far"
+    assert poem.lines == [a, b, c, a, b, c]
+    assert poem.text == f"{a}\n{b}\n\n{c}\n{a}\n\n{b}\n{c}\n"
+    assert poem.meta["form"]["plan"] == ["xx xx xx"]
+    assert heard == poem.meta["lines"]  # each line's metadata, heard as it is chosen
+
+
+def test_metadata_numbers_as_written():
+    """A line's syllables are a number, or [fewest, most] when a word's count is not certain
+    ("fire": 1 or 2); its log-probability is rounded to 4 decimals; the poem's seconds to 3, a
+    float within the call's own time."""
+    import time
+
+    tokens = [*TOKENS, " fire"]
+    table = {**TABLE, "\n": {"I saw the": 1.0}, "I saw the": {" fire": 0.7, " day": 0.3}, " fire": {"\n": 1.0}}
+    model, tok = _setup(table, tokens)
+    t0 = time.perf_counter()
+    poem = compose(model, tok, Form(lines=1), search=SearchConfig(candidates=1, budget=1), top_k=1, seed=0)
+    elapsed = time.perf_counter() - t0
+    m = poem.meta["lines"][0]
+    assert poem.lines == ["I saw the fire"] and m["syllables"] == [4, 5]
+    assert m["log_prob"] == round(math.log(0.7), 4)
+    seconds = poem.meta["seconds"]
+    assert isinstance(seconds, float) and 0 <= seconds <= elapsed + 5e-4 and seconds == round(seconds, 3)
