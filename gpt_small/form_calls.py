@@ -54,7 +54,7 @@ def sample_lines(model: nn.Module, prefix: Tensor, rows: int, max_tokens: int, n
             logits[:, banned] = float("-inf")
         cur = sample(logits, generator=generator, **sampling)  # (rows,)
         out[:, t] = cur
-        logp += torch.where(done, 0.0, lp.gather(1, cur[:, None]).squeeze(1).double())
+        logp += torch.where(done, 0.0, lp.gather(1, cur[:, None]).squeeze(1))  # summed in float64
         ended = ~done & newline[cur]
         length[ended] = t + 1
         done |= ended

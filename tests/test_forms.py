@@ -117,10 +117,11 @@ def test_shared_prefix_equals_a_prefix_per_row(ngram_rope_model):
     hook = model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(args[0].shape)),
                                            with_kwargs=True)
     try:
+        _prefill_rows(model, prefix, 2, 20)
         shared = _prefill_rows(model, prefix, 3, 20)
     finally:
         hook.remove()
-    assert shapes == [(1, 11)]  # the prefix runs once, in one row; the cache copies it to the others
+    assert shapes == [(1, 11)] * 2  # the prefix runs once, in one row; the cache copies it to the others
     after_shared = decode_one(model, nxt, torch.tensor([11]))
     model.setup_kv_cache(3, 20)
     from gpt_small.generate import prefill
@@ -182,9 +183,16 @@ def test_sampled_lines_equal_greedy_decoding_by_an_uncached_forward(ngram_rope_m
     if ends:
         newline[line[3]] = True
     want = _greedy_line(model, prefix, 8, newline, banned)
-    got = sample_lines(model, prefix, 3, 8, newline, None, dict(temperature=1.0, top_k=1, top_p=None), banned)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
+    try:
+        got = sample_lines(model, prefix, 3, 8, newline, None, dict(temperature=1.0, top_k=1, top_p=None), banned)
+    finally:
+        hook.remove()
     model.clear_kv_cache()
     assert want[2] == ends and (len(want[0]) <= 4 if ends else len(want[0]) == 8)
+    # the prefix once in one row, then one step for all rows per token but the last: none once all ended
+    assert calls == [(1, 9)] + [(3, 1)] * (len(want[0]) - 1)
     for ids, lp, ended in got:
         assert ids == want[0] and ended == want[2] and lp == pytest.approx(want[1], abs=1e-4)
 

@@ -671,3 +671,27 @@ def test_metadata_numbers_as_written():
     assert m["log_prob"] == round(math.log(0.7), 4)
     seconds = poem.meta["seconds"]
     assert isinstance(seconds, float) and 0 <= seconds <= elapsed + 5e-4 and seconds == round(seconds, 3)
+
+
+def test_line_log_probabilities_are_summed_in_double_precision():
+    """sample_lines and score_continuations add the model's float32 log-softmax of each token in
+    float64: exactly the Python sum of those numbers (a float32 sum is off by up to ~1e-7 of it)."""
+    from gpt_small.form_calls import sample_lines, score_continuations
+
+    table = {**TABLE, "\n": {"I saw the": 0.7, "we went": 0.3}, "I saw the": {" way": 0.9, " day": 0.1},
+             " way": {" la": 0.3, "\n": 0.7}}
+    model, tok = _setup(table)
+    lsm = torch.log_softmax(model.table.float(), dim=-1)  # the model's own numbers, in float32
+
+    def exact(tokens):
+        ids = [tok.tokens.index(t) for t in tokens]
+        return sum(float(lsm[a, b]) for a, b in zip(ids, ids[1:]))
+
+    prefix = torch.tensor(tok.encode("\n"))
+    newline = torch.tensor([t == "\n" for t in tok.tokens])
+    for ids, lp, ended in sample_lines(model, prefix, 8, 6, newline, torch.Generator().manual_seed(0),
+                                       dict(temperature=1.0, top_k=None, top_p=None), [tok.unk_id]):
+        assert lp == exact(["\n"] + [tok.tokens[i] for i in ids])
+    lines = [["I saw the", " way", " la", "\n"], ["I saw the", " day", "\n"], ["we went", " home", "\n"]]
+    scores = score_continuations(model, prefix, [[tok.tokens.index(t) for t in line] for line in lines], 2)
+    assert scores == [exact(["\n", *line]) for line in lines]
