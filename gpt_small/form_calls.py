@@ -47,10 +47,10 @@ def sample_lines(model: nn.Module, prefix: Tensor, rows: int, max_tokens: int, n
     with torch.inference_mode():
         T = prefix.shape[0]
         logits = _prefill_rows(model, prefix, rows, T + max_tokens)
-        out = torch.zeros(rows, max_tokens, dtype=torch.long, device=prefix.device)
-        logp = torch.zeros(rows, dtype=torch.float64, device=prefix.device)
-        done = torch.zeros(rows, dtype=torch.bool, device=prefix.device)
-        length = torch.full((rows,), max_tokens, dtype=torch.long, device=prefix.device)
+        out = prefix.new_zeros(rows, max_tokens)  # (new_*: the prefix's device, and dtype unless given)
+        logp = prefix.new_zeros(rows, dtype=torch.float64)
+        done = prefix.new_zeros(rows, dtype=torch.bool)
+        length = prefix.new_full((rows,), max_tokens)
         positions = torch.arange(T + max_tokens, device=prefix.device)
         for t in range(max_tokens):
             lp = F.log_softmax(logits.float(), dim=-1)
@@ -85,7 +85,7 @@ def score_continuations(model: nn.Module, prefix: Tensor, conts: list[list[int]]
             group = conts[i:i + batch_rows]
             B, L = len(group), max(map(len, group))
             first = F.log_softmax(_prefill_rows(model, prefix, B, T + L).float(), dim=-1)  # (B, V)
-            ids = torch.zeros(B, L, dtype=torch.long, device=prefix.device)
+            ids = prefix.new_zeros(B, L)
             for r, c in enumerate(group):
                 ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
             lp = [first.gather(1, ids[:, :1])]  # (B, 1)
@@ -93,7 +93,7 @@ def score_continuations(model: nn.Module, prefix: Tensor, conts: list[list[int]]
                 logits = model(ids[:, :-1], input_pos=torch.arange(T, T + L - 1, device=prefix.device))  # (B, L-1, V)
                 lp.append(F.log_softmax(logits.float(), dim=-1).gather(2, ids[:, 1:, None]).squeeze(2))
             lp = torch.cat(lp, dim=1).double()  # (B, L)
-            lengths = torch.tensor([len(c) for c in group], device=prefix.device)
+            lengths = prefix.new_tensor([len(c) for c in group])
             mask = torch.arange(L, device=prefix.device)[None, :] < lengths[:, None]
             scores.extend((lp * mask).sum(dim=1).tolist())
         return scores
