@@ -673,14 +673,17 @@ def test_metadata_numbers_as_written():
     assert isinstance(seconds, float) and 0 <= seconds <= elapsed + 5e-4 and seconds == round(seconds, 3)
 
 
-def test_line_log_probabilities_are_summed_in_double_precision():
-    """sample_lines and score_continuations add the model's float32 log-softmax of each token in
-    float64: exactly the Python sum of those numbers (a float32 sum is off by up to ~1e-7 of it)."""
-    from gpt_small.form_calls import sample_lines, score_continuations
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_line_log_probabilities_are_summed_in_double_precision(dtype):
+    """sample_lines and score_continuations add the model's log-softmax of each token, taken in
+    float32 whatever the model's dtype, in float64: exactly the Python sum of those numbers (a
+    float32 sum is off by up to ~1e-7 of it; a bfloat16 log-softmax by ~1e-2)."""
+    from gpt_small.form_calls import next_token_logprobs, sample_lines, score_continuations
 
     table = {**TABLE, "\n": {"I saw the": 0.7, "we went": 0.3}, "I saw the": {" way": 0.9, " day": 0.1},
              " way": {" la": 0.3, "\n": 0.7}}
     model, tok = _setup(table)
+    model.to(dtype)
     lsm = torch.log_softmax(model.table.float(), dim=-1)  # the model's own numbers, in float32
 
     def exact(tokens):
@@ -695,3 +698,4 @@ def test_line_log_probabilities_are_summed_in_double_precision():
     lines = [["I saw the", " way", " la", "\n"], ["I saw the", " day", "\n"], ["we went", " home", "\n"]]
     scores = score_continuations(model, prefix, [[tok.tokens.index(t) for t in line] for line in lines], 2)
     assert scores == [exact(["\n", *line]) for line in lines]
+    assert torch.equal(next_token_logprobs(model, torch.tensor(tok.encode("\nI saw the"))), lsm[tok.tokens.index("I saw the")])
