@@ -87,7 +87,7 @@ def score_continuations(model: nn.Module, prefix: Tensor, conts: list[list[int]]
             first = F.log_softmax(_prefill_rows(model, prefix, B, T + L).float(), dim=-1)  # (B, V)
             ids = prefix.new_zeros(B, L)
             for r, c in enumerate(group):
-                ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
+                ids[r, :len(c)] = prefix.new_tensor(c)
             lp = [first.gather(1, ids[:, :1])]  # (B, 1)
             if L > 1:
                 logits = model(ids[:, :-1], input_pos=torch.arange(T, T + L - 1, device=prefix.device))  # (B, L-1, V)
