@@ -12,7 +12,8 @@ The model writes one line at a time. For each line:
    last word (the stems) and score stem + each dictionary word that fits (a rhyme of the group's
    word, with the syllables the line still needs) by the model's log-probability, teacher-forced
    from the stem's KV cache; the words are first ranked by the probability of their first token
-   and the best `endings` are scored in full;
+   (the first where they part: after a character tokenizer's space, say; on a tie the shorter
+   word first, then the alphabetical) and the best `endings` are scored in full;
 4. repeat until a line meets the form or `budget` candidate lines (sampled or scored) are spent.
    Then the line that breaks the fewest constraints (the most probable among those) is kept and
    the poem's metadata lists the line as over budget with what it breaks. Nothing loops further.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -76,18 +78,18 @@ class Form:
             elif self.lines is not None and self.lines != total:
                 raise GPTSmallError(f"--lines {self.lines} does not match rhyme scheme {self.rhyme!r} "
                                     f"({total} lines); leave --lines out or give a one-stanza scheme to repeat")
-            counts = {c: "".join(stanzas).count(c) for c in set("".join(stanzas))}
             letters: list[str | None] = [c for s in stanzas for c in s]
             sizes = [len(s) for s in stanzas]
         else:
-            letters, counts, sizes = [None] * self.lines, {}, [self.lines]
+            letters, sizes = [None] * self.lines, [self.lines]
         if self.stanzas is not None and self.stanzas != len(sizes):
             n, k = len(letters), self.stanzas
             if k > n:
                 raise GPTSmallError(f"--stanzas {k} is more than the poem's {n} lines")
             sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
         # a letter used once has nothing to rhyme with
-        letters = [c if c is not None and counts.get(c, 0) > 1 else None for c in letters]
+        counts = Counter(letters)
+        letters = [c if counts[c] > 1 else None for c in letters]
         out, i = [], 0
         for size in sizes:
             out.append(letters[i:i + size])
@@ -154,12 +156,12 @@ class _Candidate:
 class _Judge:
     """The constraints of one line, given the poem so far."""
 
-    def __init__(self, form: Form, search: SearchConfig, letter: str | None, opener: bool,
-                 group_words: dict[str, str], used: dict[str, set[str]]):
-        self.form, self.search, self.letter, self.opener = form, search, letter, opener
-        self.partner = group_words.get(letter) if letter and not opener else None
+    def __init__(self, form: Form, search: SearchConfig, letter: str | None, group_words: dict[str, str],
+                 used: dict[str, set[str]]):
+        self.form, self.search, self.letter = form, search, letter
+        self.partner = group_words.get(letter)  # None: the line opens its group, or need not rhyme
         self.others = [w for c, w in group_words.items() if c != letter]
-        self.used = used.get(letter, set()) if letter else set()
+        self.used = used  # group letter -> its end words so far
 
     def word_ok(self, word: str) -> str | None:
         """Why `word` cannot end this line, or None."""
@@ -167,16 +169,17 @@ class _Judge:
             return None
         if not verse.in_dictionary(word):
             return f"{word!r} is not in the dictionary"
+        # by the dictionary: `word` is in it, and so is every group's word (it passed this check)
         if self.partner is not None:
-            if word in self.used:
+            if word in self.used[self.letter]:
                 return f"{word!r} is already a rhyme of group {self.letter}"
-            if not verse.rhymes(word, self.partner, dictionary_only=True):
+            if not verse.rhymes(word, self.partner):
                 return f"{word!r} does not rhyme with {self.partner!r}"
             return None
         if len(verse.rhyming_words(word)) < self.search.min_rhymes:
             return f"{word!r} has fewer than {self.search.min_rhymes} rhymes"
         for other in self.others:
-            if other == word or verse.rhymes(word, other, dictionary_only=True):
+            if other == word or verse.rhymes(word, other):
                 return f"{word!r} rhymes with {other!r} of another group"
         return None
 
@@ -201,7 +204,8 @@ class _Judge:
     def ending_words(self, stem: str) -> list[str]:
         """Dictionary words that may end a line beginning with `stem`, syllables included."""
         if self.partner is not None:
-            pool = [(w, *verse.syllable_range(w)) for w in verse.rhyming_words(self.partner) if w not in self.used]
+            pool = [(w, *verse.syllable_range(w)) for w in verse.rhyming_words(self.partner)
+                    if w not in self.used[self.letter]]
         else:  # a new group: any word with enough rhymes that rhymes with no other group's word
             taken = set(self.others).union(*(verse.rhyming_words(o) for o in self.others))
             pool = [e for e in _rhymable_words(self.search.min_rhymes) if e[0] not in taken]
@@ -266,7 +270,7 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
 
     base = prompt_text(prompt)
     tokenizer.encode(base, unknown="error")
-    head = "" if base.endswith("\n") else base.rsplit("\n", 1)[-1]  # the prompt's unfinished line
+    head = base.rpartition("\n")[2]  # the prompt's unfinished line ("" when it ends with a newline)
     lines: list[str] = []
     group_words: dict[str, str] = {}
     used: dict[str, set[str]] = {}
@@ -277,8 +281,7 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
     try:
         for s, stanza in enumerate(plan):
             for letter in stanza:
-                opener = letter is not None and letter not in group_words
-                judge = _Judge(form, search, letter, opener, group_words, used)
+                judge = _Judge(form, search, letter, group_words, used)
                 context = base + "".join(line[len(head) if k == 0 else 0:] + "\n" for k, line in enumerate(lines))
                 line_head = head if not lines else ""
                 ids = tokenizer.encode(context)
@@ -309,7 +312,7 @@ def compose(model: nn.Module, tokenizer: TextTokenizer, form: Form, *, prompt: s
         body.append("\n".join(lines[k:k + len(stanza)]))
         k += len(stanza)
     poem = "\n\n".join(body) + "\n"
-    text = (prompt[:len(prompt) - len(head)] if head else prompt) + poem
+    text = prompt[:len(prompt) - len(head)] + poem  # the unfinished line is the poem's first
     over = [m["line"] for m in line_meta if m["over_budget"]]
     meta = {
         "form": {**asdict(form), "plan": [" ".join("".join(c or "x" for c in st) for st in plan)]},
@@ -329,13 +332,13 @@ def _write_line(lm: ModelCalls, tokenizer: TextTokenizer, judge: _Judge, prefix:
     while tried < search.budget:
         n = min(search.candidates, search.budget - tried)
         for ids, lp, ended in lm.sample_lines(prefix, n, max_line):
-            text = head + tokenizer.decode(ids).split("\n", 1)[0]
+            text = head + tokenizer.decode(ids).partition("\n")[0]  # to the first newline
             bad = judge.check(text) + ([] if ended else [f"no newline within {max_line} tokens"])
             pool.append(_Candidate(text, lp, bad, "sampled"))
         tried += n
         if any(c.ok for c in pool):
             break
-        if judge.letter is None or tried >= search.budget:
+        if judge.letter is None:  # the endings are for a line that must rhyme
             continue
         # endings: the most probable sampled lines, cut before their last word, with dictionary words
         stems = []
@@ -351,31 +354,30 @@ def _write_line(lm: ModelCalls, tokenizer: TextTokenizer, judge: _Judge, prefix:
         for stem in stems:
             if tried >= search.budget:
                 break
-            cands = _score_endings(lm, tokenizer, judge, prefix, head, stem, search,
+            cands = _score_endings(lm, tokenizer, judge, prefix, head, stem,
                                    min(search.endings, search.budget - tried), block)
             tried += len(cands)
             pool.extend(cands)
         if any(c.ok for c in pool):
             break
-    ok = [c for c in pool if c.ok]
-    best = max(ok or pool, key=lambda c: (-len(c.violations), c.log_prob))
+    # a line that meets the form has no violations: it wins, the most probable among them
+    best = max(pool, key=lambda c: (-len(c.violations), c.log_prob))
     return best, tried
 
 
 def _score_endings(lm: ModelCalls, tokenizer: TextTokenizer, judge: _Judge, prefix: Tensor, head: str,
-                   stem: str, search: SearchConfig, limit: int, block: int) -> list[_Candidate]:
-    words = judge.ending_words(stem)
-    if not words or limit < 1:
-        return []
-    stem_ids = tokenizer.encode(stem[len(head):], unknown="unk") if len(stem) > len(head) else []
+                   stem: str, limit: int, block: int) -> list[_Candidate]:
+    stem_ids = tokenizer.encode(stem[len(head):], unknown="unk")
     endings = []
-    for w in words:
+    for w in judge.ending_words(stem):
         ids = tokenizer.encode(" " + w + "\n", unknown="unk")
         if getattr(tokenizer, "unk_id", None) in ids:  # a character the vocabulary lacks
             continue
         endings.append((w, ids))
-    keep = block - len(stem_ids) - max((len(e) for _, e in endings), default=0)
-    if not endings or keep < 1:
+    if not endings:
+        return []
+    keep = block - len(stem_ids) - max(len(e) for _, e in endings)
+    if keep < 1:
         return []
     prefix = prefix[-keep:]  # prefix + stem + ending within the model's block
     # rank by the probability of each word's first token after their common leading tokens (a char
@@ -383,7 +385,7 @@ def _score_endings(lm: ModelCalls, tokenizer: TextTokenizer, judge: _Judge, pref
     common = 0
     while all(len(e) > common + 1 and e[common] == endings[0][1][common] for _, e in endings):
         common += 1
-    ctx = torch.cat((prefix, torch.tensor(stem_ids + endings[0][1][:common], dtype=torch.long, device=prefix.device)))
+    ctx = torch.cat((prefix, prefix.new_tensor(stem_ids + endings[0][1][:common])))
     first = lm.next_token_logprobs(ctx)
     ranked = sorted(endings, key=lambda e: (-float(first[e[1][common]]), len(e[0]), e[0]))[:limit]
     scores = lm.score_continuations(prefix, [stem_ids + e for _, e in ranked])

@@ -15,7 +15,7 @@ from gpt_small import verse
 from gpt_small.checkpoint import save_checkpoint
 from gpt_small.config import GPTConfig
 from gpt_small.errors import GPTSmallError
-from gpt_small.form_calls import _prefill_rows, score_continuations
+from gpt_small.form_calls import _prefill_rows, next_token_logprobs, sample_lines, score_continuations
 from gpt_small.forms import Form, SearchConfig, compose, summary
 from gpt_small.generate import decode_one
 from gpt_small.model import GPT
@@ -113,7 +113,15 @@ def test_shared_prefix_equals_a_prefix_per_row(ngram_rope_model):
     model = ngram_rope_model
     prefix = torch.randint(0, 40, (11,), generator=torch.Generator().manual_seed(1))
     nxt = torch.tensor([3, 17, 29])
-    shared = _prefill_rows(model, prefix, 3, 20)
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(args[0].shape)),
+                                           with_kwargs=True)
+    try:
+        _prefill_rows(model, prefix, 2, 20)
+        shared = _prefill_rows(model, prefix, 3, 20)
+    finally:
+        hook.remove()
+    assert shapes == [(1, 11)] * 2  # the prefix runs once, in one row; the cache copies it to the others
     after_shared = decode_one(model, nxt, torch.tensor([11]))
     model.setup_kv_cache(3, 20)
     from gpt_small.generate import prefill
@@ -124,18 +132,69 @@ def test_shared_prefix_equals_a_prefix_per_row(ngram_rope_model):
     torch.testing.assert_close(after_shared, after_each)
 
 
-def test_scores_equal_an_uncached_forward(ngram_rope_model):
+@pytest.mark.parametrize("conts", [[[5], [1, 2, 3, 4], [7, 7, 30]],  # two forward groups of 2 rows at most
+                                   [[5], [9], [11]]])  # one token each: no forward past the prefix
+def test_scores_equal_an_uncached_forward(ngram_rope_model, conts):
     model = ngram_rope_model
     prefix = torch.randint(0, 40, (9,), generator=torch.Generator().manual_seed(2))
-    conts = [[5], [1, 2, 3, 4], [7, 7, 30]]
-    got = score_continuations(model, prefix, conts, batch_rows=2)  # two forward groups
+    got = score_continuations(model, prefix, conts, batch_rows=2)
+    first = next_token_logprobs(model, prefix)
     model.clear_kv_cache()
+    with torch.no_grad():
+        torch.testing.assert_close(first, F.log_softmax(model(prefix[None]).float(), dim=-1)[0, -1],
+                                   atol=1e-4, rtol=0)
     for cont, score in zip(conts, got):
         seq = torch.cat((prefix, torch.tensor(cont)))[None]
         with torch.no_grad():
             lp = F.log_softmax(model(seq).float(), dim=-1)[0]
         want = sum(float(lp[len(prefix) - 1 + j, t]) for j, t in enumerate(cont))
         assert score == pytest.approx(want, abs=1e-4)
+
+
+def _greedy_line(model, prefix, max_tokens, newline, banned):
+    """The reference: one full forward per token, the argmax less the banned ids, its log-probability
+    from the model's own distribution."""
+    seq, out, total = prefix.tolist(), [], 0.0
+    for _ in range(max_tokens):
+        with torch.no_grad():
+            lp = F.log_softmax(model(torch.tensor(seq)[None]).float(), dim=-1)[0, -1]
+        t = int(lp.masked_fill(torch.isin(torch.arange(len(lp)), torch.tensor(banned, dtype=torch.long)),
+                               float("-inf")).argmax())
+        out.append(t)
+        seq.append(t)
+        total += float(lp[t])
+        if newline[t]:
+            return out, total, True
+    return out, total, False
+
+
+@pytest.mark.parametrize("ends, ban_first", [(True, False), (True, True), (False, False)])
+def test_sampled_lines_equal_greedy_decoding_by_an_uncached_forward(ngram_rope_model, ends, ban_first):
+    """top_k 1 from a shared prefix in 3 rows: each row is the uncached greedy line, cut at the
+    first newline token (here: the 4th token the model would write) or at max_tokens, with its
+    log-probability; a banned id is never written but keeps its mass."""
+    model = ngram_rope_model
+    prefix = torch.randint(0, 40, (9,), generator=torch.Generator().manual_seed(4))
+    free, _, _ = _greedy_line(model, prefix, 8, torch.zeros(40, dtype=torch.bool), [])
+    banned = [free[0]] if ban_first else []
+    line, _, _ = _greedy_line(model, prefix, 8, torch.zeros(40, dtype=torch.bool), banned)
+    assert (line[0] != free[0]) == ban_first
+    newline = torch.zeros(40, dtype=torch.bool)
+    if ends:
+        newline[line[3]] = True
+    want = _greedy_line(model, prefix, 8, newline, banned)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
+    try:
+        got = sample_lines(model, prefix, 3, 8, newline, None, dict(temperature=1.0, top_k=1, top_p=None), banned)
+    finally:
+        hook.remove()
+    model.clear_kv_cache()
+    assert want[2] == ends and (len(want[0]) <= 4 if ends else len(want[0]) == 8)
+    # the prefix once in one row, then one step for all rows per token but the last: none once all ended
+    assert calls == [(1, 9)] + [(3, 1)] * (len(want[0]) - 1)
+    for ids, lp, ended in got:
+        assert ids == want[0] and ended == want[2] and lp == pytest.approx(want[1], abs=1e-4)
 
 
 # ---------------------------------------------------------------- poems

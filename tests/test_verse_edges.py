@@ -302,30 +302,34 @@ def test_a_new_group_may_not_rhyme_with_another():
 
 def test_judge_word_rules():
     form, search = Form(rhyme="ABAB"), SearchConfig(min_rhymes=3)
-    later = _Judge(form, search, "A", False, {"A": "day"}, {"A": {"day", "away"}})
+    later = _Judge(form, search, "A", {"A": "day"}, {"A": {"day", "away"}})
     assert "already a rhyme of group A" in later.word_ok("away")
     assert later.word_ok("play") is None
     assert "does not rhyme with 'day'" in later.word_ok("night")
     assert "not in the dictionary" in later.word_ok("glorp")
-    opener = _Judge(form, search, "B", True, {"A": "day"}, {"A": {"day"}})
+    opener = _Judge(form, search, "B", {"A": "day"}, {"A": {"day"}})
     assert opener.word_ok("night") is None
     assert "rhymes with 'day' of another group" in opener.word_ok("play")
-    free = _Judge(form, search, None, False, {"A": "day"}, {})
+    free = _Judge(form, search, None, {"A": "day"}, {})
     assert free.word_ok("glorp") is None and free.check("glorp glorp") == []
     assert free.check("1, 2, 3!") == ["no words"]
     # min_rhymes: a word with exactly that many rhymes opens a group, one fewer does not
     word, n = "window", 4  # four rhyming dictionary words
     assert len(verse.rhyming_words(word)) == n
-    assert _Judge(form, SearchConfig(min_rhymes=n), "A", True, {}, {}).word_ok(word) is None
-    assert "fewer than" in _Judge(form, SearchConfig(min_rhymes=n + 1), "A", True, {}, {}).word_ok(word)
+    assert _Judge(form, SearchConfig(min_rhymes=n), "A", {}, {}).word_ok(word) is None
+    assert "fewer than" in _Judge(form, SearchConfig(min_rhymes=n + 1), "A", {}, {}).word_ok(word)
 
 
 def test_syllable_window_of_the_judge():
-    judge = _Judge(Form(lines=1, syllables=10, tolerance=1), SearchConfig(), None, False, {}, {})
+    judge = _Judge(Form(lines=1, syllables=10, tolerance=1), SearchConfig(), None, {}, {})
     assert judge.syllables_ok(9, 9) and judge.syllables_ok(11, 11) and judge.syllables_ok(5, 9)
     assert judge.syllables_ok(11, 20)
     assert not judge.syllables_ok(8, 8) and not judge.syllables_ok(12, 12)
-    assert _Judge(Form(lines=1), SearchConfig(), None, False, {}, {}).syllables_ok(0, 99)
+    assert _Judge(Form(lines=1), SearchConfig(), None, {}, {}).syllables_ok(0, 99)
+    # what a line that misses is told: its count, or its range when a word's count is not certain
+    five = _Judge(Form(lines=1, syllables=5, tolerance=0), SearchConfig(), None, {}, {})
+    assert five.check("the day") == ["2 syllables, not 5+-0"]
+    assert five.check("fire") == ["1-2 syllables, not 5+-0"]
 
 
 def test_stem_is_the_line_less_its_last_word():
@@ -333,3 +337,7 @@ def test_stem_is_the_line_less_its_last_word():
     assert _stem("O'er  the hills!") == "O'er  the"
     assert _stem("alone") is None and _stem("...") is None
     assert _stem("Don\u2019t go") == "Don\u2019t"
+    # an apostrophe inside the last word, straight or curly, keeps the word whole (as verse.words does)
+    for line in ("I sing the summer's", "I sing the summer\u2019s", "Where the bee sucks, there suck\u2019d I"):
+        assert _stem(line) == line.rsplit(" ", 1)[0]
+        assert verse.words(_stem(line)) == verse.words(line)[:-1]
