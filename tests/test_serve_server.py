@@ -1,0 +1,136 @@
+"""`gpt-small serve`'s start and stop in this process (serve/server.py's `serve`): each check made
+before the checkpoint is read, at its edge (a value that passes reaches the next failure, the
+missing checkpoint); the refusal of an address other machines reach without a key (from the flag
+or GPT_SMALL_API_KEY); which hosts are loopback; the model's name; and a whole start on port 0:
+the printed line, the served model and limits, the Host check of a keyless server, SIGTERM
+draining to a normal return with the signal handlers given back."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from gpt_small.errors import GPTSmallError  # noqa: E402
+from gpt_small.serve.engine import DEFAULT_MAX_BATCH  # noqa: E402
+from gpt_small.serve.server import is_loopback, model_name_of, serve  # noqa: E402
+from serve_util import make_checkpoint  # noqa: E402
+
+MISSING = "/nonexistent/gpt-small-run"
+REACHABLE = ("refusing to serve on 0.0.0.0, which other machines can reach, without an API key: pass --api-key "
+             "or set GPT_SMALL_API_KEY (or bind 127.0.0.1)")
+
+
+def refusal(**kw) -> str:
+    """serve()'s one-line refusal; 'checkpoint not found: ...' once every check before loading passed."""
+    kw.setdefault("threads", torch.get_num_threads())  # this process's threads, left as they are
+    with pytest.raises(GPTSmallError) as e:
+        serve(MISSING, **kw)
+    return str(e.value)
+
+
+PASSED = f"checkpoint not found: {MISSING}"
+
+
+def test_each_number_at_its_edge_before_anything_loads(monkeypatch):
+    monkeypatch.delenv("GPT_SMALL_API_KEY", raising=False)
+    for arg, flag, lo in (("max_batch", "--max-batch", 1), ("prefill_batch", "--prefill-batch", 1),
+                          ("max_queue", "--max-queue", 0), ("max_new_tokens", "--max-new-tokens", 1),
+                          ("port", "--port", 0)):
+        assert refusal(**{arg: lo - 1}) == f"{flag} must be >= {lo}, got {lo - 1}"
+        assert refusal(**{arg: lo}) == PASSED
+    assert refusal(port=65535) == PASSED
+    assert refusal(port=65536) == "--port must be <= 65535, got 65536"
+    assert refusal(weights="int4") == "weights must be one of float32, bfloat16, int8, got 'int4'"
+    assert refusal() == PASSED  # the defaults pass
+
+
+def test_an_address_other_machines_reach_needs_a_key(monkeypatch):
+    monkeypatch.delenv("GPT_SMALL_API_KEY", raising=False)
+    assert refusal(host="0.0.0.0") == REACHABLE
+    assert refusal(host="0.0.0.0", api_key="") == REACHABLE  # an empty key is no key
+    assert refusal(host="0.0.0.0", max_batch=0) == REACHABLE  # the first check: nothing else is looked at
+    assert refusal(host="0.0.0.0", api_key="k") == PASSED
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert refusal(host=host) == PASSED, host
+    monkeypatch.setenv("GPT_SMALL_API_KEY", "k")
+    assert refusal(host="0.0.0.0") == PASSED
+    monkeypatch.setenv("GPT_SMALL_API_KEY", "")
+    assert refusal(host="0.0.0.0") == REACHABLE
+
+
+def test_loopback_is_every_address_the_host_resolves_to():
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "localhost"):
+        assert is_loopback(host), host
+    for host in ("0.0.0.0", "::", "10.1.2.3", "192.168.0.1", "::ffff:10.0.0.1"):
+        assert not is_loopback(host), host
+    with pytest.raises(GPTSmallError) as e:
+        is_loopback("no-such-host.invalid")
+    assert str(e.value).startswith("--host 'no-such-host.invalid' does not resolve: ") and "\n" not in str(e.value)
+
+
+def test_the_model_name_is_the_run_folders(tmp_path):
+    run = tmp_path / "poem-cpu"
+    (run / "checkpoints" / "step-10").mkdir(parents=True)
+    assert model_name_of(run) == "poem-cpu"
+    assert model_name_of(str(run)) == "poem-cpu"
+    assert model_name_of(run / "checkpoints" / "step-10") == "poem-cpu"  # a checkpoint folder: its run's
+    assert model_name_of(run / "checkpoints" / "step-10" / ".." / "step-10") == "poem-cpu"
+    (tmp_path / "saved" / "step-10").mkdir(parents=True)
+    assert model_name_of(tmp_path / "saved" / "step-10") == "step-10"  # not under checkpoints/: its own
+
+
+def test_a_whole_start_serves_and_sigterm_drains_to_a_normal_return(tmp_path, monkeypatch):
+    monkeypatch.delenv("GPT_SMALL_API_KEY", raising=False)
+    run = make_checkpoint(tmp_path / "tiny-run")
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    seen: dict = {}
+
+    def client() -> None:
+        deadline = time.monotonic() + 120
+        while not (m := re.search(r"on (http://\S+?)/ ", out.getvalue())):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        try:
+            url = m.group(1)
+            seen["health"] = httpx.get(f"{url}/healthz", timeout=30).json()
+            seen["schema"] = httpx.get(f"{url}/openapi.json", timeout=30).json()
+            seen["foreign host"] = httpx.get(f"{url}/healthz", headers={"Host": "evil.example"}, timeout=30)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill` would; the server drains and returns
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    interval = sys.getswitchinterval()
+    try:
+        serve(run, port=0, threads=torch.get_num_threads(), drain_seconds=2.0)
+    finally:
+        sys.setswitchinterval(interval)  # serve() sets the process's for serving; the next tests keep theirs
+    thread.join(30)
+    lines = out.getvalue().splitlines()
+    m = re.fullmatch(r"serving tiny-run \(([\d,]+) parameters, float32 weights\) on http://127\.0\.0\.1:(\d+)/  "
+                     r"\(max batch (\d+); Ctrl-C drains and stops\)", lines[0])
+    assert m, lines[0]
+    assert int(m[2]) > 0 and int(m[3]) == DEFAULT_MAX_BATCH
+    assert lines[-1] == "stopped by SIGTERM; open requests drained"
+    health = seen["health"]
+    assert (health["status"], health["model"], health["weights"]) == ("ok", "tiny-run", "float32")
+    assert f"{health['params']:,}" == m[1]
+    assert (health["max_batch"], health["max_queue"]) == (DEFAULT_MAX_BATCH, 64)  # serve()'s defaults
+    assert seen["schema"]["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"]["properties"]["max_tokens"]["maximum"] == 1000
+    assert seen["foreign host"].status_code == 400  # keyless on loopback: loopback Host names only
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
