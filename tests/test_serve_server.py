@@ -11,6 +11,7 @@ import io
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -40,6 +41,14 @@ def refusal(**kw) -> str:
 
 
 PASSED = f"checkpoint not found: {MISSING}"
+
+
+@pytest.fixture(autouse=True)
+def _switch_interval():
+    """serve() sets the process's GIL switch interval for serving (past its checks); other tests keep theirs."""
+    interval = sys.getswitchinterval()
+    yield
+    sys.setswitchinterval(interval)
 
 
 def test_each_number_at_its_edge_before_anything_loads(monkeypatch):
@@ -90,14 +99,9 @@ def test_the_model_name_is_the_run_folders(tmp_path):
     assert model_name_of(tmp_path / "saved" / "step-10") == "step-10"  # not under checkpoints/: its own
 
 
-def test_a_whole_start_serves_and_sigterm_drains_to_a_normal_return(tmp_path, monkeypatch):
-    monkeypatch.delenv("GPT_SMALL_API_KEY", raising=False)
-    run = make_checkpoint(tmp_path / "tiny-run")
-    out = io.StringIO()
-    monkeypatch.setattr(sys, "stdout", out)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    seen: dict = {}
-
+def start_and_stop(run, out, seen: dict, requests, **kw) -> None:
+    """serve(run, port=0, **kw) in this (the main) thread; a client thread reads the printed address,
+    makes `requests(url)` into `seen`, then sends this process SIGTERM, as `kill` would."""
     def client() -> None:
         deadline = time.monotonic() + 120
         while not (m := re.search(r"on (http://\S+?)/ ", out.getvalue())):
@@ -105,23 +109,38 @@ def test_a_whole_start_serves_and_sigterm_drains_to_a_normal_return(tmp_path, mo
                 return
             time.sleep(0.02)
         try:
-            url = m.group(1)
-            seen["health"] = httpx.get(f"{url}/healthz", timeout=30).json()
-            seen["schema"] = httpx.get(f"{url}/openapi.json", timeout=30).json()
-            seen["foreign host"] = httpx.get(f"{url}/healthz", headers={"Host": "evil.example"}, timeout=30)
+            seen["switch interval"] = sys.getswitchinterval()
+            seen.update(requests(m.group(1)))
         finally:
-            os.kill(os.getpid(), signal.SIGTERM)  # as `kill` would; the server drains and returns
+            os.kill(os.getpid(), signal.SIGTERM)
 
     thread = threading.Thread(target=client, daemon=True)
     thread.start()
-    interval = sys.getswitchinterval()
-    try:
-        serve(run, port=0, threads=torch.get_num_threads(), drain_seconds=2.0)
-    finally:
-        sys.setswitchinterval(interval)  # serve() sets the process's for serving; the next tests keep theirs
+    serve(run, port=0, threads=torch.get_num_threads(), drain_seconds=2.0, **kw)
     thread.join(30)
+
+
+@pytest.mark.parametrize("host,key", [("127.0.0.2", None), ("::1", "k")])
+def test_a_whole_start_serves_and_sigterm_drains_to_a_normal_return(tmp_path, monkeypatch, host, key):
+    monkeypatch.delenv("GPT_SMALL_API_KEY", raising=False)
+    run = make_checkpoint(tmp_path / "tiny-run")
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def requests(url: str) -> dict:
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
+        return {"health": httpx.get(f"{url}/healthz", timeout=30).json(),
+                "schema": httpx.get(f"{url}/openapi.json", timeout=30).json(),
+                "foreign host": httpx.get(f"{url}/healthz", headers={"Host": "evil.example"}, timeout=30).status_code,
+                "models": httpx.get(f"{url}/v1/models", headers=auth, timeout=30).status_code,
+                "models without the key": httpx.get(f"{url}/v1/models", timeout=30).status_code}
+
+    seen: dict = {}
+    start_and_stop(run, out, seen, requests, host=host, api_key=key)
     lines = out.getvalue().splitlines()
-    m = re.fullmatch(r"serving tiny-run \(([\d,]+) parameters, float32 weights\) on http://127\.0\.0\.1:(\d+)/  "
+    shown = f"[{host}]" if ":" in host else host
+    m = re.fullmatch(rf"serving tiny-run \(([\d,]+) parameters, float32 weights\) on http://{re.escape(shown)}:(\d+)/  "
                      r"\(max batch (\d+); Ctrl-C drains and stops\)", lines[0])
     assert m, lines[0]
     assert int(m[2]) > 0 and int(m[3]) == DEFAULT_MAX_BATCH
@@ -132,5 +151,21 @@ def test_a_whole_start_serves_and_sigterm_drains_to_a_normal_return(tmp_path, mo
     assert (health["max_batch"], health["max_queue"]) == (DEFAULT_MAX_BATCH, 64)  # serve()'s defaults
     assert seen["schema"]["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"][
         "schema"]["properties"]["max_tokens"]["maximum"] == 1000
-    assert seen["foreign host"].status_code == 400  # keyless on loopback: loopback Host names only
+    # without a key: loopback Host names and the bound address only; with one, the key is the check
+    assert seen["foreign host"] == (200 if key else 400)
+    assert (seen["models"], seen["models without the key"]) == (200, 401 if key else 200)
+    # the decode thread and the event loop share the GIL: serving switches more often than Python's 5 ms
+    assert seen["switch interval"] < 0.005
     assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+
+def test_a_port_in_use_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("GPT_SMALL_API_KEY", raising=False)
+    run = make_checkpoint(tmp_path / "tiny-run")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(GPTSmallError) as e:
+            serve(run, port=port, threads=torch.get_num_threads())
+    assert str(e.value) == f"cannot listen on 127.0.0.1:{port}: Address already in use"
