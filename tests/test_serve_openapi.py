@@ -100,7 +100,8 @@ def test_the_app_serves_the_schema_of_its_own_limits(model_tok):
         r = c.get("/openapi.json")
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     assert r.json() == json.loads(json.dumps(openapi_schema(app.state.limits)))
-    assert r.json()["openapi"] == "3.1.0" and r.json()["info"]["title"] == "gpt-small serve"
+    # the API's version is its paths' (/v1/)
+    assert r.json()["openapi"] == "3.1.0" and r.json()["info"] == {"title": "gpt-small serve", "version": "1"}
 
 
 @pytest.mark.parametrize("f", FIELDS, ids=lambda f: f"{f.route}:{f.name}")
@@ -125,7 +126,8 @@ def test_schema_and_decoder_agree_on_lists_strings_and_choices():
             {"model": "other"}, {"model": None}, {"unknown": 1}, {"logit_bias": {}}, {"logit_bias": {"1": 1}},
             {"stream": True}, {"stream": 1}, {"echo": True}, {"echo": "yes"}, {"user": "u"}, {"user": 1},
             {"stream_options": {"include_usage": True}}, {"stream_options": {"other": True}},
-            {"stream_options": {"include_usage": 1}}, {"logprobs": None},
+            {"stream_options": {"include_usage": 1}}, {"logprobs": None}, {"prompt": ["a", 3]},
+            {"top_k": -1}, {"top_k": 0}, {"top_k": -2}, {"best_of": 1}, {"best_of": "1"},
         ],
         "/v1/chat/completions": [
             {"messages": [{"role": "user", "content": "a"}] * h.max_messages},
@@ -138,12 +140,15 @@ def test_schema_and_decoder_agree_on_lists_strings_and_choices():
             {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]},
             {"messages": [{"role": "user", "content": 3}]}, {"messages": [{"role": "user", "content": "a", "name": "b"}]},
             {"response_format": {"type": "text"}}, {"response_format": {"type": "json_object"}},
+            {"response_format": {}}, {"response_format": {"type": "text", "strict": True}},
+            {"messages": [{"role": "user"}]}, {"messages": [{"content": "a"}]}, {"messages": ["a"]},
             {"modalities": ["text"]}, {"modalities": ["audio"]}, {"store": False}, {"store": True},
             {"logprobs": True}, {"logprobs": 1}, {"stop": ["x"] * (h.max_stop_strings + 1)}, {"unknown": 1},
         ],
         "/v1/poem": [
             *({"form": name} for name in FORMS), {"form": "villanelle-ish"}, {"model": NAME}, {"model": "other"},
-            {"prompt": 3}, {"stream": True}, {"unknown": 1},
+            {"prompt": 3}, {"stream": True}, {"unknown": 1}, {"rhyme": 3}, {"rhyme": "ABAB", "lines": 4},
+            *({"form": "couplets", "syllables": k} for k in (0, 1, bounds.MAX_SYLLABLES, bounds.MAX_SYLLABLES + 1)),
         ],
     }
     messageless = {k: v for k, v in BASE["/v1/chat/completions"].items() if k != "messages"}
@@ -153,6 +158,19 @@ def test_schema_and_decoder_agree_on_lists_strings_and_choices():
             agree(route, {**BASE[route], **body} if body is not messageless else body)
     assert not accepted("/v1/completions", {"prompt": "a"}) and not valid({"prompt": "a"},
                                                                           request_schemas(LIMITS)["/v1/completions"])
+
+
+@pytest.mark.parametrize("route,name,attr", [("/v1/completions", "stream", "stream"), ("/v1/completions", "echo", "echo"),
+                                             ("/v1/chat/completions", "stream", "stream"), ("/v1/poem", "stream", "stream")])
+def test_flags_default_as_the_schema_states(route, name, attr):
+    default = request_schemas(LIMITS)[route]["properties"][name]["default"]
+    assert same(getattr(DECODERS[route](BASE[route], TOK, LIMITS), attr), default)
+
+
+def test_chat_logprobs_default_off_as_the_schema_states():
+    prop = request_schemas(LIMITS)["/v1/chat/completions"]["properties"]["logprobs"]
+    assert prop["type"] == "boolean" and prop["default"] is False
+    assert decode_chat(BASE["/v1/chat/completions"], TOK, LIMITS).logprobs is None  # off: no logprobs sent
 
 
 def test_fields_known_to_openai_and_refused_are_refused_by_name():
