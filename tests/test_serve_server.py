@@ -83,9 +83,11 @@ def test_loopback_is_every_address_the_host_resolves_to():
         assert is_loopback(host), host
     for host in ("0.0.0.0", "::", "10.1.2.3", "192.168.0.1", "::ffff:10.0.0.1"):
         assert not is_loopback(host), host
+    with pytest.raises(socket.gaierror) as why:
+        socket.getaddrinfo("no-such-host.invalid", None)
     with pytest.raises(GPTSmallError) as e:
         is_loopback("no-such-host.invalid")
-    assert str(e.value).startswith("--host 'no-such-host.invalid' does not resolve: ") and "\n" not in str(e.value)
+    assert str(e.value) == f"--host 'no-such-host.invalid' does not resolve: {why.value.strerror}"
 
 
 def test_the_model_name_is_the_run_folders(tmp_path):
@@ -120,8 +122,12 @@ def start_and_stop(run, out, seen: dict, requests, **kw) -> None:
     thread.join(30)
 
 
-@pytest.mark.parametrize("host,key", [("127.0.0.2", None), ("::1", "k")])
-def test_a_whole_start_serves_and_sigterm_drains_to_a_normal_return(tmp_path, monkeypatch, host, key):
+DEFAULTS = {"max_batch": DEFAULT_MAX_BATCH, "max_queue": 64, "max_new_tokens": 1000}  # serve()'s
+
+
+@pytest.mark.parametrize("host,key,given", [("127.0.0.2", None, {}),
+                                            ("::1", "k", {"max_batch": 3, "max_queue": 5, "max_new_tokens": 50})])
+def test_a_whole_start_serves_and_sigterm_drains_to_a_normal_return(tmp_path, monkeypatch, host, key, given):
     monkeypatch.delenv("GPT_SMALL_API_KEY", raising=False)
     run = make_checkpoint(tmp_path / "tiny-run")
     out = io.StringIO()
@@ -137,20 +143,21 @@ def test_a_whole_start_serves_and_sigterm_drains_to_a_normal_return(tmp_path, mo
                 "models without the key": httpx.get(f"{url}/v1/models", timeout=30).status_code}
 
     seen: dict = {}
-    start_and_stop(run, out, seen, requests, host=host, api_key=key)
+    start_and_stop(run, out, seen, requests, host=host, api_key=key, **given)
+    want = {**DEFAULTS, **given}
     lines = out.getvalue().splitlines()
     shown = f"[{host}]" if ":" in host else host
     m = re.fullmatch(rf"serving tiny-run \(([\d,]+) parameters, float32 weights\) on http://{re.escape(shown)}:(\d+)/  "
                      r"\(max batch (\d+); Ctrl-C drains and stops\)", lines[0])
     assert m, lines[0]
-    assert int(m[2]) > 0 and int(m[3]) == DEFAULT_MAX_BATCH
+    assert int(m[2]) > 0 and int(m[3]) == want["max_batch"]
     assert lines[-1] == "stopped by SIGTERM; open requests drained"
     health = seen["health"]
     assert (health["status"], health["model"], health["weights"]) == ("ok", "tiny-run", "float32")
     assert f"{health['params']:,}" == m[1]
-    assert (health["max_batch"], health["max_queue"]) == (DEFAULT_MAX_BATCH, 64)  # serve()'s defaults
+    assert (health["max_batch"], health["max_queue"]) == (want["max_batch"], want["max_queue"])
     assert seen["schema"]["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"][
-        "schema"]["properties"]["max_tokens"]["maximum"] == 1000
+        "schema"]["properties"]["max_tokens"]["maximum"] == want["max_new_tokens"]
     # without a key: loopback Host names and the bound address only; with one, the key is the check
     assert seen["foreign host"] == (200 if key else 400)
     assert (seen["models"], seen["models without the key"]) == (200, 401 if key else 200)
@@ -168,4 +175,9 @@ def test_a_port_in_use_is_refused_in_one_line(tmp_path, monkeypatch):
         port = taken.getsockname()[1]
         with pytest.raises(GPTSmallError) as e:
             serve(run, port=port, threads=torch.get_num_threads())
-    assert str(e.value) == f"cannot listen on 127.0.0.1:{port}: Address already in use"
+        assert str(e.value) == f"cannot listen on 127.0.0.1:{port}: Address already in use"
+        # a window the model cannot keep is refused first, against the checkpoint's own block size (64)
+        with pytest.raises(GPTSmallError) as e:
+            serve(run, port=port, threads=torch.get_num_threads(), window_keep=64)
+        assert str(e.value) == ("window keep must be half, slide or a number of tokens from 0 to 63 (the window "
+                                "is 64), got 64")
