@@ -63,6 +63,9 @@ REFUSED = [
     ("/v1/completions", {**C, "n": LONGV},
      400, 'n', 'n: expected an integer, got "vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv'),
     ("/v1/completions", {**C, "best_of": 2}, 400, 'best_of', 'best_of: only best_of = n is supported'),
+    # best_of's own range first (1..max_n), then equal to n
+    ("/v1/completions", {**C, "best_of": 0}, 400, 'best_of', 'best_of: 0 is out of range; expected 1..3'),
+    ("/v1/completions", {**C, "n": 3, "best_of": 4}, 400, 'best_of', 'best_of: 4 is out of range; expected 1..3'),
     ("/v1/completions", {**C, "prompt": ["a", "b"], "n": 2},
      400, 'n', "n: 2 prompts x n=2 samples is more than this server's 3"),
     ("/v1/completions", {**C, "logprobs": 6}, 400, 'logprobs', 'logprobs: 6 is out of range; expected 0..5'),
@@ -120,6 +123,9 @@ REFUSED = [
      400, 'prompt', 'prompt: the prompt is 10 tokens, longer than the limit of 9'),
     ("/v1/poem", {"prompt": ["a"]}, 400, 'prompt', 'prompt: expected a string'),
     ("/v1/poem", {"lines": 0}, 400, 'lines', 'lines: 0 is out of range; expected 1..200'),
+    # a scheme of several stanzas has its own length: lines given with it are refused, naming lines
+    ("/v1/poem", {"rhyme": "ABAB CDCD", "lines": 4}, 400, 'lines',
+     "lines: the scheme 'ABAB CDCD' has its own length (8 lines); leave lines out"),
     ("/v1/poem", {"lines": 201}, 400, 'lines', 'lines: 201 is out of range; expected 1..200'),
     ("/v1/poem", {"stanzas": 0}, 400, 'stanzas', 'stanzas: 0 is out of range; expected 1..1000'),
     ("/v1/poem", {"model": "x"}, 404, 'model', "the model 'x' does not exist; this server serves 'edge-model'"),
@@ -327,3 +333,28 @@ def test_chat_logprobs_top_logprobs_and_max_tokens():
     req = decode_chat({**CH, "n": 3, "stop": ["x", "y"], "user": "u", "stream": True,
                        "stream_options": {"include_usage": True}}, TOK, L)
     assert (req.n, req.stop, req.stream, req.include_usage, req.echo) == (3, ["x", "y"], True, True, False)
+
+
+def test_an_absent_prompt_starts_a_new_line_as_an_empty_one():
+    """docs/serve.md: a prompt left out or empty starts the model on a new line, as `generate` does."""
+    for body in ({"model": "edge-model"}, {**C, "prompt": ""}):
+        req = decode_completion(body, TOK, L)
+        assert req.prompts == [""] and req.prompt_ids == [TOK.encode("\n")]
+    for body in ({}, {"prompt": ""}):
+        req = decode_poem(body, TOK, L)
+        assert req.prompt == "" and req.prompt_ids == TOK.encode("\n")
+
+
+def test_best_of_equal_to_n_is_accepted_at_each_end():
+    for n in (1, L.max_n):
+        assert decode_completion({**C, "n": n, "best_of": n}, TOK, L).n == n
+
+
+def test_a_poems_lines_and_stanzas_shape_its_form_only_where_given():
+    """Stanzas of a one-stanza scheme repeat it; a scheme of several stanzas keeps its own unless
+    stanzas are given; lines per stanza stretch a one-stanza scheme."""
+    form = decode_poem({"rhyme": "ABAB", "stanzas": 3}, TOK, L).form
+    assert (form.lines, form.stanzas) == (12, 3) and len(form.plan()) == 3
+    assert decode_poem({"rhyme": "ABAB CDCD"}, TOK, L).form.plan() == [list("ABAB"), list("CDCD")]
+    assert len(decode_poem({"rhyme": "ABAB CDCD", "stanzas": 3}, TOK, L).form.plan()) == 3
+    assert decode_poem({"rhyme": "AABB", "lines": 8}, TOK, L).form.lines == 8
