@@ -358,3 +358,10 @@ def test_a_poems_lines_and_stanzas_shape_its_form_only_where_given():
     assert decode_poem({"rhyme": "ABAB CDCD"}, TOK, L).form.plan() == [list("ABAB"), list("CDCD")]
     assert len(decode_poem({"rhyme": "ABAB CDCD", "stanzas": 3}, TOK, L).form.plan()) == 3
     assert decode_poem({"rhyme": "AABB", "lines": 8}, TOK, L).form.lines == 8
+    # a preset is named back (in the poem's metadata) in lower case; a scheme of one's own has no name
+    req = decode_poem({"form": "Sonnet"}, TOK, L)
+    assert (req.form.rhyme, req.form.syllables, req.form_name) == ("ABAB CDCD EFEF GG", 10, "sonnet")
+    req = decode_poem({"rhyme": "AABB"}, TOK, L)
+    assert req.form.rhyme == "AABB" and req.form_name is None
+    req = decode_poem({}, TOK, L)
+    assert req.form is None and req.form_name is None  # free verse
