@@ -62,6 +62,16 @@ REFUSED = [
     ("/v1/completions", {**C, "n": 1.5}, 400, 'n', 'n: expected an integer, got 1.5'),
     ("/v1/completions", {**C, "n": LONGV},
      400, 'n', 'n: expected an integer, got "vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv'),
+    ("/v1/completions", {**C, "stream": LONGV},
+     400, 'stream', 'stream: expected true or false, got "vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv'),
+    ("/v1/completions", {**C, "temperature": LONGV},
+     400, 'temperature', 'temperature: expected a number, got "vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv'),
+    # a prompt is refused by its length in characters only past 8 per token allowed (no token is
+    # longer); at exactly 8 per token it is encoded and refused by its count of tokens
+    ("/v1/completions", {**C, "prompt": "a" * 72},
+     400, 'prompt', 'prompt: the prompt is 72 tokens, longer than the limit of 9'),
+    ("/v1/completions", {**C, "prompt": "a" * 73},
+     400, 'prompt', 'prompt: the prompt is longer than the limit of 9 tokens'),
     ("/v1/completions", {**C, "best_of": 2}, 400, 'best_of', 'best_of: only best_of = n is supported'),
     # best_of's own range first (1..max_n), then equal to n
     ("/v1/completions", {**C, "best_of": 0}, 400, 'best_of', 'best_of: 0 is out of range; expected 1..3'),
@@ -221,6 +231,7 @@ def test_each_refusal_names_its_field_and_says_what_is_wrong(route, body, status
         DECODE[route](body, TOK, L)
     err = e.value
     assert (err.status, err.param, err.message) == (status, param, message)
+    assert str(err) == message  # as an exception, a refusal reads as its message
     assert err.type == "invalid_request_error"
     assert err.body() == {"error": {"message": message, "type": "invalid_request_error", "param": param,
                                     "code": "model_not_found" if status == 404 else None}}
@@ -277,6 +288,11 @@ def test_what_a_refusal_quotes_is_one_printable_line():
         assert e.value.message.isprintable()
     e = ApiError(400, "x\ud800y", param="p\rq")
     assert (e.message, e.param) == ("x\\ud800y", "p\\rq")
+    # every lone surrogate (U+D800..U+DFFF) is escaped, and the characters either side of the range too
+    # (U+D7FF is unassigned, U+E000 private): neither can be printed as it is
+    for c in ("\ud7ff", "\ud800", "\ud801", "\udbff", "\udc00", "\udffe", "\udfff", "\ue000"):
+        assert ApiError(400, f"<{c}>").message == f"<{ascii(c)[1:-1]}>", ascii(c)
+    assert ApiError(400, "é \U0001f600").message == "é \U0001f600"  # printable non-ASCII stays
     json.dumps(e.body()).encode("utf-8")
 
 
