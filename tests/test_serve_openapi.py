@@ -203,6 +203,10 @@ def test_every_description_is_the_docs_words_or_the_status_phrase():
             status = path[-2] if len(path) > 1 and path[-3:-2] == ("responses",) else None
             assert node in DOCS or status is not None and node == HTTPStatus(int(status)).phrase, (path, node)
     assert seen > 20
+    # OpenAPI requires a description of every response, and a response holds nothing else but its content
+    for path, node in walk(schema["paths"]):
+        if path[-2:-1] == ("responses",):
+            assert "description" in node and set(node) <= {"description", "content"}, (path, node)
     assert f"temperature below {bounds.TEMPERATURE_FLOOR:g} (0 included) is greedy" in DOCS
 
 
@@ -257,7 +261,8 @@ def test_every_get_route_is_listed():
     assert set(paths) == {"/v1/completions", "/v1/chat/completions", "/v1/poem", "/healthz", "/v1/models",
                           "/v1/models/{model}", "/openapi.json", "/metrics"}
     for path in ("/healthz", "/v1/models", "/v1/models/{model}", "/openapi.json"):
-        assert paths[path]["get"]["responses"]["200"]["content"] == {"application/json": {"schema": {"type": "object"}}}
+        assert paths[path]["get"]["responses"]["200"] == {
+            "description": HTTPStatus.OK.phrase, "content": {"application/json": {"schema": {"type": "object"}}}}
     assert paths["/v1/models/{model}"]["get"]["parameters"] == [
         {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
     assert "parameters" not in paths["/v1/models"]["get"]
