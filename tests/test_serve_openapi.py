@@ -119,7 +119,7 @@ def test_schema_and_decoder_agree_on_lists_strings_and_choices():
     h, n = HTTP, LIMITS.max_n
     cases = {
         "/v1/completions": [
-            {"stop": "x" * h.max_stop_chars}, {"stop": "x" * (h.max_stop_chars + 1)}, {"stop": ""},
+            {"stop": "x"}, {"prompt": ["a"]}, {"stop": "x" * h.max_stop_chars}, {"stop": "x" * (h.max_stop_chars + 1)}, {"stop": ""},
             {"stop": ["x"] * h.max_stop_strings}, {"stop": ["x"] * (h.max_stop_strings + 1)},
             {"stop": ["x" * (h.max_stop_chars + 1)]}, {"stop": [""]}, {"stop": 3},
             {"prompt": ["a"] * n}, {"prompt": ["a"] * (n + 1)}, {"prompt": []}, {"prompt": 3},
@@ -142,6 +142,11 @@ def test_schema_and_decoder_agree_on_lists_strings_and_choices():
             {"response_format": {"type": "text"}}, {"response_format": {"type": "json_object"}},
             {"response_format": {}}, {"response_format": {"type": "text", "strict": True}},
             {"messages": [{"role": "user"}]}, {"messages": [{"content": "a"}]}, {"messages": ["a"]},
+            {"messages": [{"role": "user", "content": "a", "name": 3}]},
+            {"messages": [{"role": "user", "content": "a", "name": None}]},
+            {"messages": [{"role": "user", "content": "a", "refusal": None, "tool_calls": None}]},
+            {"messages": [{"role": "user", "content": "a", "refusal": "no"}]},
+            {"messages": [{"role": "user", "content": "a", "other": None}]},
             {"modalities": ["text"]}, {"modalities": ["audio"]}, {"store": False}, {"store": True},
             {"logprobs": True}, {"logprobs": 1}, {"stop": ["x"] * (h.max_stop_strings + 1)}, {"unknown": 1},
         ],

@@ -64,10 +64,12 @@ def request_schemas(limits: Limits) -> dict[str, dict[str, Any]]:
                   "suffix": _REFUSED}
     part = {"type": "object", "required": ["type", "text"],
             "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
-    message = {"type": "object", "required": ["role", "content"], "properties": {
+    message = {"type": "object", "required": ["role", "content"], "additionalProperties": False, "properties": {
         "role": {"enum": ["system", "developer", "user", "assistant"]},
         "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": part}]},
-        "name": {"type": "string"}}}
+        "name": {"type": ["string", "null"]},
+        # OpenAI's reply fields, sent back with a previous reply: accepted as null only
+        **{name: {"type": "null"} for name in ("tool_calls", "function_call", "audio", "refusal")}}}
     chat = {**_openai_common(limits), **_sampling(limits, OPENAI_TEMPERATURE),
             "messages": {"type": "array", "minItems": 1, "maxItems": h.max_messages, "items": message},
             "max_tokens": until_limit, "max_completion_tokens": until_limit,

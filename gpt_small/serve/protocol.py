@@ -395,6 +395,8 @@ def _message(i: int, m: Any) -> dict[str, str]:
             if name in ("tool_calls", "function_call", "audio", "refusal") and m[name] is None:
                 continue
             raise _bad(f"{param}.{name}", "is not supported by this server")
+    if m.get("name") is not None and not isinstance(m["name"], str):  # null: left out, as OpenAI's fields above
+        raise _bad(f"{param}.name", f"expected a string, got {json.dumps(m['name'])[:40]}")
     content = m.get("content")
     if isinstance(content, list):  # content parts: text only
         for part in content:
