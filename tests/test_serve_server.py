@@ -7,6 +7,7 @@ draining to a normal return with the signal handlers given back."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -15,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,7 @@ httpx = pytest.importorskip("httpx")
 
 from gpt_small.errors import GPTSmallError  # noqa: E402
 from gpt_small.serve.engine import DEFAULT_MAX_BATCH  # noqa: E402
+from gpt_small.serve import server  # noqa: E402
 from gpt_small.serve.server import is_loopback, model_name_of, serve  # noqa: E402
 from serve_util import make_checkpoint  # noqa: E402
 
@@ -44,11 +47,13 @@ PASSED = f"checkpoint not found: {MISSING}"
 
 
 @pytest.fixture(autouse=True)
-def _switch_interval():
-    """serve() sets the process's GIL switch interval for serving (past its checks); other tests keep theirs."""
-    interval = sys.getswitchinterval()
+def _process_settings():
+    """serve() sets the process's GIL switch interval and torch threads for serving (past its checks);
+    other tests keep theirs."""
+    interval, threads = sys.getswitchinterval(), torch.get_num_threads()
     yield
     sys.setswitchinterval(interval)
+    torch.set_num_threads(threads)
 
 
 def test_each_number_at_its_edge_before_anything_loads(monkeypatch):
@@ -111,24 +116,38 @@ def start_and_stop(run, out, seen: dict, requests, **kw) -> None:
                 return
             time.sleep(0.02)
         try:
-            seen["switch interval"] = sys.getswitchinterval()
+            seen["switch interval"], seen["threads"] = sys.getswitchinterval(), torch.get_num_threads()
             seen.update(requests(m.group(1)))
         finally:
             os.kill(os.getpid(), signal.SIGTERM)
 
     thread = threading.Thread(target=client, daemon=True)
     thread.start()
-    serve(run, port=0, threads=torch.get_num_threads(), drain_seconds=2.0, **kw)
+    serve(run, port=0, **kw)
     thread.join(30)
 
 
-DEFAULTS = {"max_batch": DEFAULT_MAX_BATCH, "max_queue": 64, "max_new_tokens": 1000}  # serve()'s
+DRAIN = float(re.search(r"finish for up to (\d+) s", " ".join(
+    (Path(__file__).resolve().parent.parent / "docs" / "serve.md").read_text().split()))[1])
+DEFAULTS = {"max_batch": DEFAULT_MAX_BATCH, "max_queue": 64, "max_new_tokens": 1000, "drain_seconds": DRAIN,
+            "threads": len(os.sched_getaffinity(0))}  # serve()'s
 
 
-@pytest.mark.parametrize("host,key,given", [("127.0.0.2", None, {}),
-                                            ("::1", "k", {"max_batch": 3, "max_queue": 5, "max_new_tokens": 50})])
+@pytest.mark.parametrize("host,key,given", [
+    ("127.0.0.2", None, {}),
+    ("::1", "k", {"max_batch": 3, "max_queue": 5, "max_new_tokens": 50, "threads": 1, "drain_seconds": 2.0})])
 def test_a_whole_start_serves_and_sigterm_drains_to_a_normal_return(tmp_path, monkeypatch, host, key, given):
+    """With serve()'s defaults (those of `gpt-small serve`, which passes no drain time: the documented
+    30 s, every core) and with other values."""
     monkeypatch.delenv("GPT_SMALL_API_KEY", raising=False)
+    drains = []
+    real = server.make_server
+
+    def make_server(app, drain_seconds, *args):  # the real server, its drain time noted
+        drains.append(drain_seconds)
+        return real(app, drain_seconds, *args)
+
+    monkeypatch.setattr(server, "make_server", make_server)
     run = make_checkpoint(tmp_path / "tiny-run")
     out = io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)
@@ -145,6 +164,8 @@ def test_a_whole_start_serves_and_sigterm_drains_to_a_normal_return(tmp_path, mo
     seen: dict = {}
     start_and_stop(run, out, seen, requests, host=host, api_key=key, **given)
     want = {**DEFAULTS, **given}
+    assert drains == [want["drain_seconds"]]
+    assert seen["threads"] == want["threads"]
     lines = out.getvalue().splitlines()
     shown = f"[{host}]" if ":" in host else host
     m = re.fullmatch(rf"serving tiny-run \(([\d,]+) parameters, float32 weights\) on http://{re.escape(shown)}:(\d+)/  "
@@ -181,3 +202,20 @@ def test_a_port_in_use_is_refused_in_one_line(tmp_path, monkeypatch):
             serve(run, port=port, threads=torch.get_num_threads(), window_keep=64)
         assert str(e.value) == ("window keep must be half, slide or a number of tokens from 0 to 63 (the window "
                                 "is 64), got 64")
+
+
+def test_the_default_port_is_8000(tmp_path, monkeypatch):
+    """Shown without serving on it: with port 8000 held (here, or by whatever holds it already),
+    serve() without a port is refused at 8000."""
+    monkeypatch.delenv("GPT_SMALL_API_KEY", raising=False)
+    run = make_checkpoint(tmp_path / "tiny-run")
+    with socket.socket() as held:
+        try:
+            held.bind(("127.0.0.1", 8000))
+            held.listen(1)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                pytest.skip(f"cannot hold port 8000: {e}")
+        with pytest.raises(GPTSmallError) as e:
+            serve(run, threads=torch.get_num_threads())
+    assert str(e.value) == "cannot listen on 127.0.0.1:8000: Address already in use"
