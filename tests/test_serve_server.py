@@ -119,11 +119,18 @@ def start_and_stop(run, out, seen: dict, requests, **kw) -> None:
             seen["switch interval"], seen["threads"] = sys.getswitchinterval(), torch.get_num_threads()
             seen.update(requests(m.group(1)))
         finally:
-            os.kill(os.getpid(), signal.SIGTERM)
+            with lock:
+                if serving:  # a start that failed has returned already: nothing to stop, and no one to catch it
+                    os.kill(os.getpid(), signal.SIGTERM)
 
+    lock, serving = threading.Lock(), [True]
     thread = threading.Thread(target=client, daemon=True)
     thread.start()
-    serve(run, port=0, **kw)
+    try:
+        serve(run, port=0, **kw)
+    finally:
+        with lock:
+            serving.clear()
     thread.join(30)
 
 
