@@ -25,7 +25,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from gpt_small.errors import GPTSmallError  # noqa: E402
-from gpt_small.serve.engine import DEFAULT_MAX_BATCH  # noqa: E402
+from gpt_small.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_BATCH  # noqa: E402
 from gpt_small.serve import server  # noqa: E402
 from gpt_small.serve.server import is_loopback, model_name_of, serve  # noqa: E402
 from serve_util import make_checkpoint  # noqa: E402
@@ -137,12 +137,14 @@ def start_and_stop(run, out, seen: dict, requests, **kw) -> None:
 DRAIN = float(re.search(r"finish for up to (\d+) s", " ".join(
     (Path(__file__).resolve().parent.parent / "docs" / "serve.md").read_text().split()))[1])
 DEFAULTS = {"max_batch": DEFAULT_MAX_BATCH, "max_queue": 64, "max_new_tokens": 1000, "drain_seconds": DRAIN,
-            "threads": len(os.sched_getaffinity(0))}  # serve()'s
+            "threads": len(os.sched_getaffinity(0)), "prefill_batch": DEFAULT_PREFILL_BATCH,
+            "window_keep": 32}  # serve()'s; the window keeps half the model's 64 tokens
 
 
 @pytest.mark.parametrize("host,key,given", [
     ("127.0.0.2", None, {}),
-    ("::1", "k", {"max_batch": 3, "max_queue": 5, "max_new_tokens": 50, "threads": 1, "drain_seconds": 2.0})])
+    ("::1", "k", {"max_batch": 3, "max_queue": 5, "max_new_tokens": 50, "threads": 1, "drain_seconds": 2.0,
+                  "prefill_batch": 2, "window_keep": 10})])
 def test_a_whole_start_serves_and_sigterm_drains_to_a_normal_return(tmp_path, monkeypatch, host, key, given):
     """With serve()'s defaults (those of `gpt-small serve`, which passes no drain time: the documented
     30 s, every core) and with other values."""
@@ -183,7 +185,8 @@ def test_a_whole_start_serves_and_sigterm_drains_to_a_normal_return(tmp_path, mo
     health = seen["health"]
     assert (health["status"], health["model"], health["weights"]) == ("ok", "tiny-run", "float32")
     assert f"{health['params']:,}" == m[1]
-    assert (health["max_batch"], health["max_queue"]) == (want["max_batch"], want["max_queue"])
+    assert {k: health[k] for k in ("max_batch", "max_queue", "prefill_batch", "window_keep")} == {
+        k: want[k] for k in ("max_batch", "max_queue", "prefill_batch", "window_keep")}
     assert seen["schema"]["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"][
         "schema"]["properties"]["max_tokens"]["maximum"] == want["max_new_tokens"]
     # without a key: loopback Host names and the bound address only; with one, the key is the check
