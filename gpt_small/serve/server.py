@@ -78,7 +78,7 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     convert_weights(ckpt.model, weights)
     check_keep(ckpt.model.config.block_size, window_keep)  # one line, before the port is taken
     name = model_name_of(checkpoint)
-    hosts = None if api_key is not None else sorted({*LOOPBACK_HOSTS, host.lower()})
+    hosts = None if api_key is not None else [*LOOPBACK_HOSTS, host]  # the guard reads them in any case
     app = create_app(model=ckpt.model, tokenizer=ckpt.tokenizer, model_name=name, max_batch=max_batch,
                      max_queue=max_queue, max_new_tokens=max_new_tokens, api_key=api_key, allowed_hosts=hosts,
                      window_keep=window_keep, prefill_batch=prefill_batch)
