@@ -107,27 +107,34 @@ def test_the_model_name_is_the_run_folders(tmp_path):
 
 
 def start_and_stop(run, out, seen: dict, requests, **kw) -> None:
-    """serve(run, port=0, **kw) in this (the main) thread; a client thread reads the printed address,
-    makes `requests(url)` into `seen`, then sends this process SIGTERM, as `kill` would."""
+    """serve(run, **kw) in this (the main) thread; a client thread reads the printed address, makes
+    `requests(url)` into `seen`, then sends this process SIGTERM, as `kill` would: only while serve()
+    runs and once a handler of its own is in place (so a start gone wrong fails the test, and never
+    kills the process)."""
+    original = signal.getsignal(signal.SIGTERM)
+
     def client() -> None:
-        deadline = time.monotonic() + 120
-        while not (m := re.search(r"on (http://\S+?)/ ", out.getvalue())):
-            if time.monotonic() > deadline:
-                return
+        deadline = time.monotonic() + 60
+        m = None
+        while time.monotonic() < deadline and not (m := re.search(r"on (http://\S+?)/ ", out.getvalue())):
             time.sleep(0.02)
+        if not m:
+            return  # nothing printed: no server to stop (a start that hangs is the test's failure)
         try:
             seen["switch interval"], seen["threads"] = sys.getswitchinterval(), torch.get_num_threads()
+            # once uvicorn answers, its own SIGTERM handler is in place
+            httpx.get(f"{m.group(1)}/openapi.json", timeout=30)
             seen.update(requests(m.group(1)))
         finally:
             with lock:
-                if serving:  # a start that failed has returned already: nothing to stop, and no one to catch it
+                if serving and signal.getsignal(signal.SIGTERM) is not original:
                     os.kill(os.getpid(), signal.SIGTERM)
 
     lock, serving = threading.Lock(), [True]
     thread = threading.Thread(target=client, daemon=True)
     thread.start()
     try:
-        serve(run, port=0, **kw)
+        serve(run, **kw)
     finally:
         with lock:
             serving.clear()
@@ -179,7 +186,7 @@ def test_a_whole_start_serves_and_sigterm_drains_to_a_normal_return(tmp_path, mo
                 "models without the key": httpx.get(f"{url}/v1/models", timeout=30).status_code}
 
     seen: dict = {}
-    start_and_stop(run, out, seen, requests, host=host, api_key=key, **given)
+    start_and_stop(run, out, seen, requests, host=host, api_key=key, port=0, **given)
     want = {**DEFAULTS, **given}
     assert drains == [want["drain_seconds"]]
     assert seen["threads"] == want["threads"]
@@ -237,6 +244,8 @@ def test_the_default_port_is_8000(tmp_path, monkeypatch):
         except OSError as e:
             if e.errno != errno.EADDRINUSE:
                 pytest.skip(f"cannot hold port 8000: {e}")
-        with pytest.raises(GPTSmallError) as e:
-            serve(run, threads=torch.get_num_threads())
+        out = io.StringIO()
+        monkeypatch.setattr(sys, "stdout", out)
+        with pytest.raises(GPTSmallError) as e:  # (were it to serve on another port, it is stopped)
+            start_and_stop(run, out, {}, lambda url: {}, threads=torch.get_num_threads())
     assert str(e.value) == "cannot listen on 127.0.0.1:8000: Address already in use"
