@@ -144,8 +144,9 @@ def test_schema_and_decoder_agree_on_lists_strings_and_choices():
             {"messages": [{"role": "user"}]}, {"messages": [{"content": "a"}]}, {"messages": ["a"]},
             {"messages": [{"role": "user", "content": "a", "name": 3}]},
             {"messages": [{"role": "user", "content": "a", "name": None}]},
-            {"messages": [{"role": "user", "content": "a", "refusal": None, "tool_calls": None}]},
-            {"messages": [{"role": "user", "content": "a", "refusal": "no"}]},
+            # OpenAI's fields of a reply sent back: null accepted, anything else refused
+            *({"messages": [{"role": "assistant", "content": "a", name: value}]}
+              for name in ("tool_calls", "function_call", "audio", "refusal") for value in (None, "x")),
             {"messages": [{"role": "user", "content": "a", "other": None}]},
             {"modalities": ["text"]}, {"modalities": ["audio"]}, {"store": False}, {"store": True},
             {"logprobs": True}, {"logprobs": 1}, {"stop": ["x"] * (h.max_stop_strings + 1)}, {"unknown": 1},
