@@ -106,39 +106,69 @@ def test_the_model_name_is_the_run_folders(tmp_path):
     assert model_name_of(tmp_path / "saved" / "step-10") == "step-10"  # not under checkpoints/: its own
 
 
-def start_and_stop(run, out, seen: dict, requests, **kw) -> None:
+class Pipe:
+    """Standard output as a script that starts the server reads it: a buffered pipe, so what the
+    server prints reaches the reader only once flushed. getvalue(): what has arrived so far."""
+
+    def __init__(self) -> None:
+        self.r, w = os.pipe()
+        os.set_blocking(self.r, False)
+        self.stream = io.TextIOWrapper(io.BufferedWriter(io.FileIO(w, "w")), encoding="utf-8")
+        self.seen = b""
+
+    def getvalue(self) -> str:
+        try:
+            while chunk := os.read(self.r, 1 << 16):
+                self.seen += chunk
+        except BlockingIOError:
+            pass
+        return self.seen.decode()
+
+    def close(self) -> None:
+        self.stream.close()
+        os.close(self.r)
+
+
+def start_and_stop(run, out, seen: dict, requests, stop=None, **kw) -> None:
     """serve(run, **kw) in this (the main) thread; a client thread reads the printed address, makes
-    `requests(url)` into `seen`, then sends this process SIGTERM, as `kill` would: only while serve()
-    runs and once a handler of its own is in place (so a start gone wrong fails the test, and never
-    kills the process)."""
-    original = signal.getsignal(signal.SIGTERM)
+    `requests(url)` into `seen`, then stops the server: `stop()`, or SIGTERM to this process as `kill`
+    would, once uvicorn answers (its handler in place). SIGTERM is caught by a handler of the test's
+    meanwhile, so it never ends the process, and serve() must give that handler back untouched."""
+    caught: list[int] = []
+
+    def handler(sig, frame) -> None:
+        caught.append(sig)
 
     def client() -> None:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 30
         m = None
         while time.monotonic() < deadline and not (m := re.search(r"on (http://\S+?)/ ", out.getvalue())):
             time.sleep(0.02)
-        if not m:
-            return  # nothing printed: no server to stop (a start that hangs is the test's failure)
         try:
-            seen["switch interval"], seen["threads"] = sys.getswitchinterval(), torch.get_num_threads()
-            # once uvicorn answers, its own SIGTERM handler is in place
-            httpx.get(f"{m.group(1)}/openapi.json", timeout=30)
-            seen.update(requests(m.group(1)))
+            if m:  # (no address printed: the server is stopped all the same, and the test fails on it)
+                seen["switch interval"], seen["threads"] = sys.getswitchinterval(), torch.get_num_threads()
+                httpx.get(f"{m.group(1)}/openapi.json", timeout=30)  # uvicorn answers: its handler is in place
+                seen.update(requests(m.group(1)))
         finally:
             with lock:
-                if serving and signal.getsignal(signal.SIGTERM) is not original:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                if serving:
+                    stop() if stop else os.kill(os.getpid(), signal.SIGTERM)
 
     lock, serving = threading.Lock(), [True]
-    thread = threading.Thread(target=client, daemon=True)
-    thread.start()
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        serve(run, **kw)
+        thread = threading.Thread(target=client, daemon=True)
+        thread.start()
+        try:
+            serve(run, **kw)
+        finally:
+            with lock:
+                serving.clear()
+        thread.join(30)
+        assert signal.getsignal(signal.SIGTERM) is handler  # given back
+        assert caught == []  # serve() took the signal: it never reached the handler it found
     finally:
-        with lock:
-            serving.clear()
-    thread.join(30)
+        signal.signal(signal.SIGTERM, previous)
 
 
 DRAIN = float(re.search(r"finish for up to (\d+) s", " ".join(
@@ -162,17 +192,18 @@ def test_a_whole_start_serves_and_sigterm_drains_to_a_normal_return(tmp_path, mo
     monkeypatch.delenv("GPT_SMALL_API_KEY", raising=False)
     if host == NAME and not is_loopback(host):
         pytest.skip(f"this machine's name {host.lower()} is not a loopback address here")
-    drains = []
+    drains, servers = [], []
     real = server.make_server
 
     def make_server(app, drain_seconds, *args):  # the real server, its drain time noted
         drains.append(drain_seconds)
-        return real(app, drain_seconds, *args)
+        servers.append(real(app, drain_seconds, *args))
+        return servers[-1]
 
     monkeypatch.setattr(server, "make_server", make_server)
     run = make_checkpoint(tmp_path / "tiny-run")
-    out = io.StringIO()
-    monkeypatch.setattr(sys, "stdout", out)
+    out = Pipe()
+    monkeypatch.setattr(sys, "stdout", out.stream)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def requests(url: str) -> dict:
@@ -186,17 +217,22 @@ def test_a_whole_start_serves_and_sigterm_drains_to_a_normal_return(tmp_path, mo
                 "models without the key": httpx.get(f"{url}/v1/models", timeout=30).status_code}
 
     seen: dict = {}
-    start_and_stop(run, out, seen, requests, host=host, api_key=key, port=0, **given)
+    # stopped by SIGTERM, or (with a key) from inside, as uvicorn stops when it must: then no signal is named
+    stop = (lambda: setattr(servers[0], "should_exit", True)) if key else None
+    try:
+        start_and_stop(run, out, seen, requests, stop=stop, host=host, api_key=key, port=0, **given)
+        lines = out.getvalue().splitlines()  # what was flushed: both lines, without a flush of ours
+    finally:
+        out.close()
     want = {**DEFAULTS, **given}
     assert drains == [want["drain_seconds"]]
     assert seen["threads"] == want["threads"]
-    lines = out.getvalue().splitlines()
     shown = f"[{host}]" if ":" in host else host
     m = re.fullmatch(rf"serving tiny-run \(([\d,]+) parameters, float32 weights\) on http://{re.escape(shown)}:(\d+)/  "
                      r"\(max batch (\d+); Ctrl-C drains and stops\)", lines[0])
     assert m, lines[0]
     assert int(m[2]) > 0 and int(m[3]) == want["max_batch"]
-    assert lines[-1] == "stopped by SIGTERM; open requests drained"
+    assert lines[-1] == ("stopped; open requests drained" if key else "stopped by SIGTERM; open requests drained")
     completion = seen["completion"]
     assert completion.status_code == 200 and completion.json()["usage"] == {
         "prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}  # the checkpoint's tokenizer: a char each

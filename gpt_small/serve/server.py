@@ -35,7 +35,7 @@ def is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise GPTSmallError(f"--host {host!r} does not resolve: {e.strerror}") from None
-    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+    return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)  # a %scope is parsed too
 
 
 def model_name_of(checkpoint: str | Path) -> str:
@@ -109,7 +109,7 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     print(f"stopped{' by ' + got[0] if got else ''}; open requests drained", flush=True)
 
 
-def make_server(app: Any, drain_seconds: float = 30.0, limits: HttpLimits = HTTP_LIMITS) -> Any:
+def make_server(app: Any, drain_seconds: float, limits: HttpLimits = HTTP_LIMITS) -> Any:
     """uvicorn's Server for the app, with the connection limits; from the first signal on, the app
     answers new work with 503 (its `draining` flag) while uvicorn drains the open requests."""
     import uvicorn
