@@ -202,8 +202,9 @@ def test_a_whole_start_serves_and_sigterm_drains_to_a_normal_return(tmp_path, mo
 
     monkeypatch.setattr(server, "make_server", make_server)
     run = make_checkpoint(tmp_path / "tiny-run")
-    out = Pipe()
+    out, err = Pipe(), io.StringIO()
     monkeypatch.setattr(sys, "stdout", out.stream)
+    monkeypatch.setattr(sys, "stderr", err)  # uvicorn's log goes where sys.stderr is when it starts
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def requests(url: str) -> dict:
@@ -225,6 +226,7 @@ def test_a_whole_start_serves_and_sigterm_drains_to_a_normal_return(tmp_path, mo
     finally:
         out.close()
     want = {**DEFAULTS, **given}
+    assert err.getvalue() == ""  # uvicorn logs warnings only: a clean start and stop print nothing there
     assert drains == [want["drain_seconds"]]
     assert seen["threads"] == want["threads"]
     shown = f"[{host}]" if ":" in host else host
