@@ -62,7 +62,20 @@ REFUSED = [
     ("/v1/completions", {**C, "n": 1.5}, 400, 'n', 'n: expected an integer, got 1.5'),
     ("/v1/completions", {**C, "n": LONGV},
      400, 'n', 'n: expected an integer, got "vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv'),
+    ("/v1/completions", {**C, "stream": LONGV},
+     400, 'stream', 'stream: expected true or false, got "vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv'),
+    ("/v1/completions", {**C, "temperature": LONGV},
+     400, 'temperature', 'temperature: expected a number, got "vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv'),
+    # a prompt is refused by its length in characters only past 8 per token allowed (no token is
+    # longer); at exactly 8 per token it is encoded and refused by its count of tokens
+    ("/v1/completions", {**C, "prompt": "a" * 72},
+     400, 'prompt', 'prompt: the prompt is 72 tokens, longer than the limit of 9'),
+    ("/v1/completions", {**C, "prompt": "a" * 73},
+     400, 'prompt', 'prompt: the prompt is longer than the limit of 9 tokens'),
     ("/v1/completions", {**C, "best_of": 2}, 400, 'best_of', 'best_of: only best_of = n is supported'),
+    # best_of's own range first (1..max_n), then equal to n
+    ("/v1/completions", {**C, "best_of": 0}, 400, 'best_of', 'best_of: 0 is out of range; expected 1..3'),
+    ("/v1/completions", {**C, "n": 3, "best_of": 4}, 400, 'best_of', 'best_of: 4 is out of range; expected 1..3'),
     ("/v1/completions", {**C, "prompt": ["a", "b"], "n": 2},
      400, 'n', "n: 2 prompts x n=2 samples is more than this server's 3"),
     ("/v1/completions", {**C, "logprobs": 6}, 400, 'logprobs', 'logprobs: 6 is out of range; expected 0..5'),
@@ -120,6 +133,9 @@ REFUSED = [
      400, 'prompt', 'prompt: the prompt is 10 tokens, longer than the limit of 9'),
     ("/v1/poem", {"prompt": ["a"]}, 400, 'prompt', 'prompt: expected a string'),
     ("/v1/poem", {"lines": 0}, 400, 'lines', 'lines: 0 is out of range; expected 1..200'),
+    # a scheme of several stanzas has its own length: lines given with it are refused, naming lines
+    ("/v1/poem", {"rhyme": "ABAB CDCD", "lines": 4}, 400, 'lines',
+     "lines: the scheme 'ABAB CDCD' has its own length (8 lines); leave lines out"),
     ("/v1/poem", {"lines": 201}, 400, 'lines', 'lines: 201 is out of range; expected 1..200'),
     ("/v1/poem", {"stanzas": 0}, 400, 'stanzas', 'stanzas: 0 is out of range; expected 1..1000'),
     ("/v1/poem", {"model": "x"}, 404, 'model', "the model 'x' does not exist; this server serves 'edge-model'"),
@@ -178,6 +194,10 @@ REFUSED = [
      400, 'messages[0].content', 'messages[0].content: only text parts are supported, got null'),
     ("/v1/chat/completions", msg({"role": "user", "content": ["a"]}),
      400, 'messages[0].content', 'messages[0].content: only text parts are supported, got null'),
+    ("/v1/chat/completions", msg({"role": "user", "content": "a", "name": 7}),
+     400, 'messages[0].name', 'messages[0].name: expected a string, got 7'),
+    ("/v1/chat/completions", msg({"role": "user", "content": "a", "name": [LONGV]}),
+     400, 'messages[0].name', 'messages[0].name: expected a string, got ["vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv'),
     ("/v1/chat/completions", msg({"role": "user", "content": [{"type": LONGV}]}),
      400, 'messages[0].content', 'messages[0].content: only text parts are supported, got "' + "v" * 39),
     ("/v1/chat/completions", msg({"role": "user", "content": 5}),
@@ -215,6 +235,7 @@ def test_each_refusal_names_its_field_and_says_what_is_wrong(route, body, status
         DECODE[route](body, TOK, L)
     err = e.value
     assert (err.status, err.param, err.message) == (status, param, message)
+    assert str(err) == message  # as an exception, a refusal reads as its message
     assert err.type == "invalid_request_error"
     assert err.body() == {"error": {"message": message, "type": "invalid_request_error", "param": param,
                                     "code": "model_not_found" if status == 404 else None}}
@@ -271,6 +292,11 @@ def test_what_a_refusal_quotes_is_one_printable_line():
         assert e.value.message.isprintable()
     e = ApiError(400, "x\ud800y", param="p\rq")
     assert (e.message, e.param) == ("x\\ud800y", "p\\rq")
+    # every lone surrogate (U+D800..U+DFFF) is escaped, and the characters either side of the range too
+    # (U+D7FF is unassigned, U+E000 private): neither can be printed as it is
+    for c in ("\ud7ff", "\ud800", "\ud801", "\udbff", "\udc00", "\udffe", "\udfff", "\ue000"):
+        assert ApiError(400, f"<{c}>").message == f"<{ascii(c)[1:-1]}>", ascii(c)
+    assert ApiError(400, "é \U0001f600").message == "é \U0001f600"  # printable non-ASCII stays
     json.dumps(e.body()).encode("utf-8")
 
 
@@ -327,3 +353,35 @@ def test_chat_logprobs_top_logprobs_and_max_tokens():
     req = decode_chat({**CH, "n": 3, "stop": ["x", "y"], "user": "u", "stream": True,
                        "stream_options": {"include_usage": True}}, TOK, L)
     assert (req.n, req.stop, req.stream, req.include_usage, req.echo) == (3, ["x", "y"], True, True, False)
+
+
+def test_an_absent_prompt_starts_a_new_line_as_an_empty_one():
+    """docs/serve.md: a prompt left out or empty starts the model on a new line, as `generate` does."""
+    for body in ({"model": "edge-model"}, {**C, "prompt": ""}):
+        req = decode_completion(body, TOK, L)
+        assert req.prompts == [""] and req.prompt_ids == [TOK.encode("\n")]
+    for body in ({}, {"prompt": ""}):
+        req = decode_poem(body, TOK, L)
+        assert req.prompt == "" and req.prompt_ids == TOK.encode("\n")
+
+
+def test_best_of_equal_to_n_is_accepted_at_each_end():
+    for n in (1, L.max_n):
+        assert decode_completion({**C, "n": n, "best_of": n}, TOK, L).n == n
+
+
+def test_a_poems_lines_and_stanzas_shape_its_form_only_where_given():
+    """Stanzas of a one-stanza scheme repeat it; a scheme of several stanzas keeps its own unless
+    stanzas are given; lines per stanza stretch a one-stanza scheme."""
+    form = decode_poem({"rhyme": "ABAB", "stanzas": 3}, TOK, L).form
+    assert (form.lines, form.stanzas) == (12, 3) and len(form.plan()) == 3
+    assert decode_poem({"rhyme": "ABAB CDCD"}, TOK, L).form.plan() == [list("ABAB"), list("CDCD")]
+    assert len(decode_poem({"rhyme": "ABAB CDCD", "stanzas": 3}, TOK, L).form.plan()) == 3
+    assert decode_poem({"rhyme": "AABB", "lines": 8}, TOK, L).form.lines == 8
+    # a preset is named back (in the poem's metadata) in lower case; a scheme of one's own has no name
+    req = decode_poem({"form": "Sonnet"}, TOK, L)
+    assert (req.form.rhyme, req.form.syllables, req.form_name) == ("ABAB CDCD EFEF GG", 10, "sonnet")
+    req = decode_poem({"rhyme": "AABB"}, TOK, L)
+    assert req.form.rhyme == "AABB" and req.form_name is None
+    req = decode_poem({}, TOK, L)
+    assert req.form is None and req.form_name is None  # free verse

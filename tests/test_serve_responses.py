@@ -178,6 +178,9 @@ def test_poem_object_and_timing(monkeypatch):
     assert R.timing(100.0, None, 0)["tokens_per_s"] is None  # no time has passed: no rate
     now[0] = 100.00012345
     assert R.timing(100.0, 100.00001, 1)["ms"] == 0.1 and R.timing(100.0, 100.00001, 1)["ttft_ms"] == 0.0
+    now[0] = 103.0  # docs/serve.md: to one decimal, whatever the figures
+    assert R.timing(100.0, 100.01234, 10) == {"ms": 3000.0, "ttft_ms": 12.3, "tokens": 10, "tokens_per_s": 3.3}
+    assert R.timing(100.0, 100.01276, 2) == {"ms": 3000.0, "ttft_ms": 12.8, "tokens": 2, "tokens_per_s": 0.7}
     obj = R.poem("poem-1", "poet", "The sea\n", "waves", "length", 8, 5, times)
     assert obj == {"id": "poem-1", "object": "poem", "model": "poet", "prompt": "The sea\n", "text": "waves",
                    "poem": "The sea\nwaves", "finish_reason": "length",

@@ -123,13 +123,15 @@ MODULE_TESTS: dict[str, list[str]] = {
                                "tests/test_serve_chat.py", "tests/test_serve_engine.py", "tests/test_serve_guard.py",
                                "tests/test_limits_table.py::test_http_refuses_at_the_edges_with_the_field_named"],
     "gpt_small/serve/forms.py": ["tests/test_serve_forms.py"],
-    "gpt_small/serve/metrics.py": ["tests/test_serve_chat.py", "tests/test_serve_app.py", "tests/test_serve_guard.py"],
-    "gpt_small/serve/openapi.py": ["tests/test_serve_chat.py::test_openapi_lists_every_route_and_every_accepted_field",
+    "gpt_small/serve/metrics.py": ["tests/test_serve_metrics.py", "tests/test_serve_chat.py", "tests/test_serve_app.py",
+                                   "tests/test_serve_guard.py"],
+    "gpt_small/serve/openapi.py": ["tests/test_serve_openapi.py",
+                                   "tests/test_serve_chat.py::test_openapi_lists_every_route_and_every_accepted_field",
                                    "tests/test_serve_limits.py::test_the_openapi_schema_shows_the_shared_bounds"],
     # in-process servers only: test_serve_live.py's servers are processes of their own, whose calls
     # mutmut does not see
-    "gpt_small/serve/server.py": ["tests/test_serve_connections.py", "tests/test_serve_limits.py",
-                                  "tests/test_serve_app.py"],
+    "gpt_small/serve/server.py": ["tests/test_serve_server.py", "tests/test_serve_connections.py",
+                                  "tests/test_serve_limits.py", "tests/test_serve_app.py"],
     # the engine's own tests (the app's tests reach it too, but a mutant that stops its worker
     # makes an HTTP test client wait without end, until the mutant's time limit)
     "gpt_small/serve/engine.py": ["tests/test_serve_engine.py", "tests/test_engine_edges.py",

@@ -226,7 +226,8 @@ class Engine:
     def stats(self) -> dict[str, int]:
         with self._cond:
             return dict(active=len(self._rows), queued=len(self._pending), max_batch=self.max_batch,
-                        max_queue=self.max_queue, **self.counts)
+                        max_queue=self.max_queue, prefill_batch=self.prefill_batch, window_keep=self.keep,
+                        **self.counts)
 
     def close(self, timeout: float | None = None) -> None:
         """Finish what is running and queued, then stop the worker."""

@@ -15,16 +15,17 @@ _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
-_REFUSED = {"description": "known to OpenAI; refused by name when set"}
+# every description is docs/serve.md's words for the same thing (a test holds them there)
+_REFUSED = {"description": "refused by name (400, param names the field)"}
 
 
 def _sampling(limits: Limits, temperature: float) -> dict[str, Any]:
     return {
         "temperature": {"type": "number", "minimum": 0, "maximum": limits.max_temperature, "default": temperature,
-                        "description": f"below {bounds.TEMPERATURE_FLOOR:g}: greedy"},
+                        "description": f"below {bounds.TEMPERATURE_FLOOR:g} (0 included) is greedy"},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "top_k": {"type": "integer", "minimum": -1, "maximum": bounds.MAX_TOP_K,
-                  "description": "vLLM's; -1 or 0: off"},
+                  "description": "-1 or 0: off"},
         "repetition_penalty": {"type": "number", "minimum": bounds.MIN_REPETITION_PENALTY,
                                "maximum": bounds.MAX_REPETITION_PENALTY, "default": 1},
         "seed": {"type": "integer", "minimum": 0, "maximum": bounds.MAX_SEED},
@@ -43,8 +44,8 @@ def _openai_common(limits: Limits) -> dict[str, Any]:
         "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}},
                            "additionalProperties": False},
         "user": {"type": "string"},
-        "presence_penalty": {"type": "number", "enum": [0]},
-        "frequency_penalty": {"type": "number", "enum": [0]},
+        "presence_penalty": {"type": "number", "enum": [0], "default": 0},
+        "frequency_penalty": {"type": "number", "enum": [0], "default": 0},
         "logit_bias": {"type": "object", "maxProperties": 0},
     }
 
@@ -52,6 +53,7 @@ def _openai_common(limits: Limits) -> dict[str, Any]:
 def request_schemas(limits: Limits) -> dict[str, dict[str, Any]]:
     """The request body schema of each POST route."""
     h, max_tokens = limits.http, {"type": "integer", "minimum": 1, "maximum": limits.max_new_tokens}
+    until_limit = {**max_tokens, "default": limits.max_new_tokens}  # chat's and the poem's default: the limit
     completion = {**_openai_common(limits), **_sampling(limits, OPENAI_TEMPERATURE),
                   "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "maxItems": limits.max_n,
                                                             "items": {"type": "string"}}]},
@@ -62,28 +64,32 @@ def request_schemas(limits: Limits) -> dict[str, dict[str, Any]]:
                   "suffix": _REFUSED}
     part = {"type": "object", "required": ["type", "text"],
             "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
-    message = {"type": "object", "required": ["role", "content"], "properties": {
+    message = {"type": "object", "required": ["role", "content"], "additionalProperties": False, "properties": {
         "role": {"enum": ["system", "developer", "user", "assistant"]},
         "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": part}]},
-        "name": {"type": "string"}}}
+        "name": {"type": ["string", "null"]},
+        # OpenAI's reply fields, sent back with a previous reply: accepted as null only
+        **{name: {"type": "null"} for name in ("tool_calls", "function_call", "audio", "refusal")}}}
     chat = {**_openai_common(limits), **_sampling(limits, OPENAI_TEMPERATURE),
             "messages": {"type": "array", "minItems": 1, "maxItems": h.max_messages, "items": message},
-            "max_tokens": max_tokens, "max_completion_tokens": max_tokens,
+            "max_tokens": until_limit, "max_completion_tokens": until_limit,
             "logprobs": {"type": "boolean", "default": False},
-            "top_logprobs": {"type": "integer", "minimum": 0, "maximum": h.max_top_logprobs},
-            "response_format": {"type": "object", "properties": {"type": {"const": "text"}}},
+            "top_logprobs": {"type": "integer", "minimum": 0, "maximum": h.max_top_logprobs, "default": 0},
+            "response_format": {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}},
+                                "additionalProperties": False},
             "modalities": {"type": "array", "items": {"const": "text"}},
             "store": {"type": "boolean", "enum": [False]},
             **{name: _REFUSED for name in ("tools", "tool_choice", "functions", "function_call",
                                            "parallel_tool_calls", "audio", "prediction", "reasoning_effort",
                                            "web_search_options", "metadata", "service_tier")}}
     poem = {**_sampling(limits, bounds.DEFAULT_TEMPERATURE), "model": {"type": "string", "enum": [limits.model_name]},
-            "prompt": {"type": "string"}, "max_tokens": max_tokens,
+            "prompt": {"type": "string"}, "max_tokens": until_limit,
             "lines": {"type": "integer", "minimum": 1, "maximum": limits.max_poem_lines, "default": POEM_LINES},
             "stanzas": {"type": "integer", "minimum": 1, "maximum": bounds.MAX_STANZAS, "default": 1},
             # verse forms (serve/forms.py holds their names and bounds)
             "form": {"type": "string", "enum": list(FORMS)},
-            "rhyme": {"type": "string", "description": "a rhyme scheme such as ABAB, or a named one"},
+            "rhyme": {"type": "string", "description": 'any scheme instead: "ABAB", "AABB CCDD", "ABBA", or a named one '
+                                                    '(petrarchan, ballad, envelope, ...); not together with form'},
             "syllables": {"type": "integer", "minimum": 1, "maximum": bounds.MAX_SYLLABLES}}
     required = {"/v1/completions": ["model"], "/v1/chat/completions": ["model", "messages"], "/v1/poem": []}
     return {path: {"type": "object", "properties": props, "required": required[path], "additionalProperties": False}
@@ -92,10 +98,11 @@ def request_schemas(limits: Limits) -> dict[str, dict[str, Any]]:
 
 def openapi_schema(limits: Limits) -> dict[str, Any]:
     errors = {str(code): {"description": why, "content": {"application/json": {"schema": _ERROR}}}
-              for code, why in ((400, "a field is wrong (param names it)"), (401, "missing or wrong API key"),
-                                (404, "no such model"), (408, "the body came too slowly"), (413, "body too large"),
-                                (415, "not application/json"), (429, "queue full"), (503, "shutting down"))}
-    ok = {"description": "OpenAI's object, or server-sent events when stream is true",
+              for code, why in ((400, "wrong types or out-of-range values"), (401, "a missing or wrong key"),
+                                (404, "an unknown model"), (408, "if the body has not all arrived"),
+                                (413, "a body over 1 MiB"), (415, "a body that is not Content-Type: application/json"),
+                                (429, "a full queue"), (503, "a request arriving while the server shuts down"))}
+    ok = {"description": "answers with its object, or server-sent events when stream is true",
           "content": {"application/json": {"schema": {"type": "object"}},
                       "text/event-stream": {"schema": {"type": "string"}}}}
     paths: dict[str, Any] = {

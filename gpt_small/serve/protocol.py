@@ -49,7 +49,8 @@ class ApiError(Exception):
 def _printable(text: str) -> str:
     """One line that encodes as UTF-8, whatever a message quotes from the request: control
     characters and lone surrogates become escapes."""
-    return "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF else ascii(c)[1:-1] for c in text)
+    # a lone surrogate (category Cs) is never printable, so isprintable() refuses it too
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,7 +187,7 @@ def _bad(param: str, message: str) -> ApiError:
     return ApiError(400, f"{param}: {message}", param=param)
 
 
-def _int(d: dict, name: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
+def _int(d: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
     v = d.get(name)
     if v is None:
         return default
@@ -194,8 +195,8 @@ def _int(d: dict, name: str, default: int | None, lo: int, hi: int | None = None
         v = int(v)
     if not isinstance(v, int) or isinstance(v, bool):
         raise _bad(name, f"expected an integer, got {json.dumps(v)[:40]}")
-    if v < lo or (hi is not None and v > hi):
-        raise _bad(name, f"{v} is out of range; expected {lo}..{hi}" if hi is not None else f"{v} must be >= {lo}")
+    if not lo <= v <= hi:
+        raise _bad(name, f"{v} is out of range; expected {lo}..{hi}")
     return v
 
 
@@ -394,6 +395,8 @@ def _message(i: int, m: Any) -> dict[str, str]:
             if name in ("tool_calls", "function_call", "audio", "refusal") and m[name] is None:
                 continue
             raise _bad(f"{param}.{name}", "is not supported by this server")
+    if m.get("name") is not None and not isinstance(m["name"], str):  # null: left out, as OpenAI's fields above
+        raise _bad(f"{param}.name", f"expected a string, got {json.dumps(m['name'])[:40]}")
     content = m.get("content")
     if isinstance(content, list):  # content parts: text only
         for part in content:

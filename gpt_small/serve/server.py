@@ -35,7 +35,7 @@ def is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise GPTSmallError(f"--host {host!r} does not resolve: {e.strerror}") from None
-    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+    return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)  # a %scope is parsed too
 
 
 def model_name_of(checkpoint: str | Path) -> str:
@@ -78,7 +78,7 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     convert_weights(ckpt.model, weights)
     check_keep(ckpt.model.config.block_size, window_keep)  # one line, before the port is taken
     name = model_name_of(checkpoint)
-    hosts = None if api_key is not None else sorted({*LOOPBACK_HOSTS, host.strip("[]").lower()})
+    hosts = None if api_key is not None else [*LOOPBACK_HOSTS, host]  # the guard reads them in any case
     app = create_app(model=ckpt.model, tokenizer=ckpt.tokenizer, model_name=name, max_batch=max_batch,
                      max_queue=max_queue, max_new_tokens=max_new_tokens, api_key=api_key, allowed_hosts=hosts,
                      window_keep=window_keep, prefill_batch=prefill_batch)
@@ -109,7 +109,7 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     print(f"stopped{' by ' + got[0] if got else ''}; open requests drained", flush=True)
 
 
-def make_server(app: Any, drain_seconds: float = 30.0, limits: HttpLimits = HTTP_LIMITS) -> Any:
+def make_server(app: Any, drain_seconds: float, limits: HttpLimits = HTTP_LIMITS) -> Any:
     """uvicorn's Server for the app, with the connection limits; from the first signal on, the app
     answers new work with 503 (its `draining` flag) while uvicorn drains the open requests."""
     import uvicorn
