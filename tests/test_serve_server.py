@@ -287,3 +287,55 @@ def test_the_default_port_is_8000(tmp_path, monkeypatch):
         with pytest.raises(GPTSmallError) as e:  # (were it to serve on another port, it is stopped)
             start_and_stop(run, out, {}, lambda url: {}, threads=torch.get_num_threads())
     assert str(e.value) == "cannot listen on 127.0.0.1:8000: Address already in use"
+
+
+def test_the_server_make_server_builds_keeps_its_limits_and_drains_from_the_first_signal():
+    """The uvicorn server that `serve` runs, built here (not in a shared fixture) with limits other
+    than uvicorn's defaults: a header block past h11's own 16 KiB default and within max_header_bytes
+    is served, an idle keep-alive connection is closed after keep_alive_seconds (uvicorn's default
+    is 5 s), uvicorn is told the drain time, and from the first signal on the app answers new work
+    with 503."""
+    from starlette.testclient import TestClient
+
+    from gpt_small.serve import create_app
+    from gpt_small.serve.protocol import HttpLimits
+    from serve_util import closed_within, make_model
+
+    model, tok = make_model()
+    limits = HttpLimits(max_header_bytes=24 * 1024, keep_alive_seconds=1)
+    app = create_app(model=model, tokenizer=tok, model_name="tiny-poet", http=limits)
+    srv = server.make_server(app, drain_seconds=0.75, limits=limits)
+    assert srv.config.timeout_graceful_shutdown == 0.75
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        host, port = sock.getsockname()
+        with socket.create_connection((host, port), timeout=10) as c:
+            filler = "x" * (20 * 1024)  # past h11's default, within this server's limit
+            # in two writes: h11 bounds the headers it holds while they are incomplete
+            c.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Filler: {filler}".encode())
+            time.sleep(0.2)
+            c.sendall(b"\r\n\r\n")
+            head = c.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200"), head[:80]
+            start = time.monotonic()
+            assert closed_within(c, 4.0) is not None  # closed after keep_alive_seconds = 1, before uvicorn's 5
+            assert time.monotonic() - start >= 0.5
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+
+    fresh = create_app(model=model, tokenizer=tok, model_name="tiny-poet")  # an app's engine runs once
+    with TestClient(fresh) as client:
+        assert client.post("/v1/completions", json={"model": "tiny-poet", "prompt": "a", "max_tokens": 1}).status_code == 200
+        server.make_server(fresh, drain_seconds=1).handle_exit(signal.SIGTERM, None)
+        r = client.post("/v1/completions", json={"model": "tiny-poet", "prompt": "a", "max_tokens": 1})
+        assert r.status_code == 503
+        assert r.json()["error"]["message"] == "the server is shutting down; retry on another server or once it is back"
