@@ -134,3 +134,17 @@ def test_forms_run_beside_plain_streams_without_stalling_them(tmp_path):
         print(f"longest wait between two chunks of a plain stream {max(gaps):.3f} s; "
               f"a form line: median {line:.3f} s, shortest {min(line_seconds):.3f} s")
         assert max(gaps) < line, (max(gaps), sorted(line_seconds))
+
+
+def test_a_forms_lines_are_sampled_with_the_requests_settings(client):
+    """Each line a form samples uses the request's temperature, top_k and top_p: any of them set to
+    keep only the likeliest token gives the greedy line whatever the seed, where the default sampling
+    (temperature 0.8) gives another."""
+    def line(seed, **kw):
+        r = client.post("/v1/poem", json={"prompt": "The sea\n", "syllables": 6, "lines": 1, "seed": seed, **kw})
+        assert r.status_code == 200, r.text
+        return r.json()["text"]
+
+    greedy = line(1, temperature=0)
+    assert line(1) != greedy  # the default, temperature 0.8, samples
+    assert line(2, top_k=1) == greedy and line(3, top_p=1e-9) == greedy
