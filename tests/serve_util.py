@@ -105,7 +105,14 @@ def uvicorn_thread(app, limits, drain_seconds: float):
     process (the server's own connection handling, no subprocess); yields (host, port)."""
     from gpt_small.serve.server import make_server
 
-    server = make_server(app, drain_seconds=drain_seconds, limits=limits)
+    with serving(make_server(app, drain_seconds=drain_seconds, limits=limits)) as address:
+        yield address
+
+
+@contextmanager
+def serving(server):
+    """A uvicorn server (as make_server builds it) on a free loopback port, in a thread of this
+    process; yields (host, port) once it has started, and stops it afterwards."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from gpt_small.checkpoint import find_checkpoint, load_checkpoint, load_trainer_state
 from gpt_small.cli import main
 from gpt_small.data import PreparedData, prepare
+from disk_util import tmpfs  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -241,18 +242,6 @@ def test_two_real_trains_at_once_one_wins(verse_data, tmp_path):
 
 # ---------------------------------------------------------------- full disk, read-only folder
 
-@contextlib.contextmanager
-def _tmpfs(path: Path, size: str):
-    path.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def _leftovers(root: Path) -> list[str]:
     return sorted(str(p) for p in root.rglob("*") if ".tmp-" in p.name or ".old-" in p.name)
 
@@ -260,7 +249,7 @@ def _leftovers(root: Path) -> list[str]:
 def test_prepare_on_a_full_disk_gives_one_line_and_keeps_the_old_data(tmp_path, verse, capsys):
     (tmp_path / "small.txt").write_text(verse(100))
     (tmp_path / "big.txt").write_text(verse(40_000))  # ~1.6 MB of text: 1.6M uint16 tokens won't fit
-    with _tmpfs(tmp_path / "disk", "1m") as disk:
+    with tmpfs(tmp_path / "disk", "size=1m") as disk:
         assert main(["prepare", "--text", str(tmp_path / "small.txt"), "--out", str(disk / "data")]) == 0
         old = PreparedData(disk / "data").meta["source_sha256"]
         capsys.readouterr()
@@ -277,7 +266,7 @@ def test_train_on_a_full_disk_gives_one_line_and_keeps_the_last_checkpoint(verse
     flags = ["--data", str(verse_data), "--preset", "tiny", "--block-size", "16", "--n-embd", "64",
              "--max-steps", "40", "--checkpoint-interval", "2", "--eval-interval", "1000", "--final-eval", "false",
              "--no-progress", "--threads", "1"]
-    with _tmpfs(tmp_path / "disk", "2m") as disk:
+    with tmpfs(tmp_path / "disk", "size=2m") as disk:
         code = main(["train", "--out", str(disk / "run"), *flags])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1, err
@@ -288,7 +277,7 @@ def test_train_on_a_full_disk_gives_one_line_and_keeps_the_last_checkpoint(verse
 
 
 def test_read_only_folder_gives_one_line(verse_data, tmp_path, poem_file, capsys):
-    with _tmpfs(tmp_path / "disk", "4m") as disk:
+    with tmpfs(tmp_path / "disk", "size=4m") as disk:
         assert main(["train", "--data", str(verse_data), "--out", str(disk / "run"), "--preset", "tiny",
                      "--block-size", "16", "--max-steps", "2", "--final-eval", "false", "--no-progress"]) == 0
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
@@ -314,7 +303,7 @@ def test_write_helpers_leave_nothing_behind_on_failure(tmp_path):
     from gpt_small.errors import GPTSmallError
     from gpt_small.fileio import atomic_write
 
-    with _tmpfs(tmp_path / "disk", "64k") as disk:
+    with tmpfs(tmp_path / "disk", "size=64k") as disk:
         atomic_write(disk / "a.json", "{}")
         with pytest.raises(GPTSmallError, match=r"cannot write .*b\.bin: no space left on device"):
             atomic_write(disk / "b.bin", b"\0" * 200_000)

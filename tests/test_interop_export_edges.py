@@ -31,6 +31,7 @@ from gpt_small.errors import GPTSmallError
 from gpt_small.interop.hf_export import choose_architecture, export_checkpoint, sweep_stale_exports
 from gpt_small.model import GPT
 from gpt_small.tokenizer import CharTokenizer, gpt2_tokenizer, train_bpe
+from disk_util import tmpfs  # noqa: E402
 
 TEXT = "The sea, the moon and the stars.\nO wind that blows!\n"
 SMALL = dict(block_size=16, n_layer=1, n_head=2, n_embd=8)
@@ -393,16 +394,9 @@ def test_a_gpt2_tokenizer_declares_its_end_of_text_in_config_json_of_every_archi
 def test_a_folder_that_cannot_hold_one_more_entry_is_one_line_naming_out(tmp_path, char_tok):
     """A real tmpfs with a single inode (its own root): the export's hidden folder cannot be made."""
     ckpt = checkpoint(tmp_path / "run", char_tok)
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=1", "tmpfs", str(disk)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "size=1m,nr_inodes=1") as disk:
         assert refusal(ckpt, disk / "hf") == f"cannot write {disk / 'hf'}: no space left on device"
         assert list(disk.iterdir()) == []
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 @pytest.mark.parametrize("shape", [dict(pos_encoding="learned", block_size=16), dict(qk_norm=True, block_size=24)])
@@ -416,20 +410,13 @@ def test_a_dead_export_that_cannot_be_removed_does_not_stop_the_next_export(tmp_
     """A real read-only tmpfs holding a killed export's folder: the sweep leaves what it cannot
     remove, and the export itself then fails in its own one line (never a traceback)."""
     ckpt = checkpoint(tmp_path / "run", char_tok)
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "size=1m") as disk:
         stale = disk / f".hf.tmp-{dead_pid()}-0123abcd"
         stale.mkdir()
         (stale / "model.safetensors").write_text("partial")
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         assert refusal(ckpt, disk / "hf") == f"cannot write {disk / 'hf'}: read-only file system"
         assert [p.name for p in disk.iterdir()] == [stale.name]
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_export_takes_best_by_default_and_last_when_asked(tmp_path, char_tok):

@@ -30,6 +30,7 @@ from gpt_small.config import GPTConfig
 from gpt_small.interop.model_card import model_card, portable_command, tags
 from gpt_small.model import GPT
 from gpt_small.tokenizer import CharTokenizer, gpt2_tokenizer, train_bpe
+from disk_util import tmpfs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "The sea, the moon and the stars.\nO wind that blows!\n"
@@ -252,19 +253,12 @@ def test_an_export_killed_mid_way_is_swept_by_the_next(tmp_path, char_tok):
 def test_export_on_a_full_disk_gives_one_line_and_leaves_nothing(tmp_path, capsys):
     """A real 1 MB tmpfs; the weights (~6.5 MB: GPT-2's 50,257-token table) do not fit."""
     ckpt = checkpoint(tmp_path, "run", gpt2_tokenizer(), pos_encoding="learned")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "size=1m") as disk:
         capsys.readouterr()
         assert main(["export", "--checkpoint", str(ckpt), "--out", str(disk / "hf"), "--no-eval"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "no space left on device" in err and str(disk / "hf") in err, err
         assert ".tmp-" not in err and list(disk.iterdir()) == []
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 # ---------------------------------------------------------------- other runtimes

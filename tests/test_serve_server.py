@@ -299,7 +299,7 @@ def test_the_server_make_server_builds_keeps_its_limits_and_drains_from_the_firs
 
     from gpt_small.serve import create_app
     from gpt_small.serve.protocol import HttpLimits
-    from serve_util import closed_within, make_model
+    from serve_util import closed_within, make_model, serving
 
     model, tok = make_model()
     limits = HttpLimits(max_header_bytes=24 * 1024, keep_alive_seconds=1)
@@ -307,16 +307,7 @@ def test_the_server_make_server_builds_keeps_its_limits_and_drains_from_the_firs
     srv = server.make_server(app, drain_seconds=0.75, limits=limits)
     assert srv.config.timeout_graceful_shutdown == 0.75
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        host, port = sock.getsockname()
+    with serving(srv) as (host, port):
         with socket.create_connection((host, port), timeout=10) as c:
             filler = "x" * (20 * 1024)  # past h11's default, within this server's limit
             # in two writes: h11 bounds the headers it holds while they are incomplete
@@ -328,14 +319,12 @@ def test_the_server_make_server_builds_keeps_its_limits_and_drains_from_the_firs
             start = time.monotonic()
             assert closed_within(c, 4.0) is not None  # closed after keep_alive_seconds = 1, before uvicorn's 5
             assert time.monotonic() - start >= 0.5
-    finally:
-        srv.should_exit = True
-        thread.join(30)
 
     fresh = create_app(model=model, tokenizer=tok, model_name="tiny-poet")  # an app's engine runs once
+    body = {"model": "tiny-poet", "prompt": "a", "max_tokens": 1}
     with TestClient(fresh) as client:
-        assert client.post("/v1/completions", json={"model": "tiny-poet", "prompt": "a", "max_tokens": 1}).status_code == 200
+        assert client.post("/v1/completions", json=body).status_code == 200
         server.make_server(fresh, drain_seconds=1).handle_exit(signal.SIGTERM, None)
-        r = client.post("/v1/completions", json={"model": "tiny-poet", "prompt": "a", "max_tokens": 1})
+        r = client.post("/v1/completions", json=body)
         assert r.status_code == 503
         assert r.json()["error"]["message"] == "the server is shutting down; retry on another server or once it is back"
