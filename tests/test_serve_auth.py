@@ -91,3 +91,18 @@ def test_without_a_key_every_route_is_open(model_tok):
             r = send(c, route, {"Authorization": "Bearer anything"})
             assert r.status_code == 200, (route, r.text[:300])
             assert send(c, route, {}).status_code == 200, route
+
+
+def test_the_key_is_all_after_the_scheme_and_a_refusal_says_what_to_send(model_tok):
+    """The scheme in any case (RFC 9110), the key everything after the first space (a key may hold
+    spaces); the 401's message in full."""
+    model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
+    key = "two words"
+    with TestClient(create_app(model=model, tokenizer=tok, model_name=NAME, api_key=key)) as c:
+        for header in (f"Bearer {key}", f"bearer {key}", f"BEARER {key}"):
+            assert c.get("/v1/models", headers={"Authorization": header}).status_code == 200, header
+        for header in ("Bearer two", "Bearer words", f"Bearer{key}"):
+            r = c.get("/v1/models", headers={"Authorization": header})
+            assert r.status_code == 401, header
+            assert r.json()["error"]["message"] == ("missing or wrong API key: send the header "
+                                                    "Authorization: Bearer <key>")
