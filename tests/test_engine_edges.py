@@ -43,9 +43,10 @@ def test_with_every_row_busy_the_queue_takes_exactly_max_queue(max_queue):
     try:
         busy = _busy(engine, tok, 2)
         for i in range(max_queue):  # one at a time up to the bound: each taken
+            assert engine.room() == max_queue - i  # what submit takes now
             waiting.append(_seq(tok, "a", 10 + i, 5))
             engine.submit(waiting[-1:])
-        assert engine.stats()["queued"] == max_queue
+        assert engine.stats()["queued"] == max_queue and engine.room() == 0
         with pytest.raises(QueueFull, match=f"the queue holds {max_queue}"):
             engine.submit([_seq(tok, "a", 99, 5)])
         stats = engine.stats()  # what /healthz shows
@@ -81,6 +82,7 @@ def test_free_rows_take_arrivals_beyond_the_queue_bound(max_batch, max_queue):
     model, tok = make_model()
     engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue)
     try:
+        assert engine.room() == max_batch + max_queue
         with pytest.raises(QueueFull):
             engine.submit([_seq(tok, "a", i, 3) for i in range(max_batch + max_queue + 1)])
         assert engine.stats()["queued"] == 0 and engine.stats()["active"] == 0

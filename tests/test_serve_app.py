@@ -69,18 +69,18 @@ class SteppingClock:
 
 
 def test_the_log_line_and_the_metrics_time_a_request_in_its_units(model_tok, caplog, monkeypatch):
-    """A request timed by the app's clock (here, 0.25 s between its two readings) logs ms=250 and
-    adds 0.25 s to its route's duration histogram."""
+    """A request timed by the app's clock (here, 2.5 s between its two readings) logs ms=2500 and
+    adds 2.5 s to its route's duration histogram."""
     model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
     with TestClient(create_app(model=model, tokenizer=tok, model_name=NAME)) as c:
         caplog.set_level(logging.INFO, logger="gpt_small.serve")
-        monkeypatch.setattr(app_module, "time", SteppingClock(0.25))
+        monkeypatch.setattr(app_module, "time", SteppingClock(2.5))
         assert c.get("/healthz").status_code == 200
         monkeypatch.setattr(app_module, "time", time)
         assert [rec.getMessage() for rec in caplog.records if rec.name == "gpt_small.serve"] == \
-            ["GET /healthz 200 tokens=0 ms=250"]
+            ["GET /healthz 200 tokens=0 ms=2500"]
         text = c.get("/metrics").text
-    assert 'gpt_small_request_duration_seconds_sum{route="/healthz"} 0.25' in text
+    assert 'gpt_small_request_duration_seconds_sum{route="/healthz"} 2.5' in text
     assert 'gpt_small_request_duration_seconds_count{route="/healthz"} 1.0' in text
 
 
@@ -145,8 +145,8 @@ def test_busy_and_draining_answers_in_openais_shape(model_tok):
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         err = r.json()["error"]
         assert (err["type"], err["param"], err["code"]) == ("requests", None, "rate_limit_exceeded")
-        # the middle is the engine's account of its queue
-        assert err["message"].startswith("the server is busy: ") and err["message"].endswith("; retry shortly")
+        # the middle is the engine's account of its queue: how many wait, and its bound
+        assert err["message"] == "the server is busy: 0 samples are waiting (the queue holds 0); retry shortly"
         app.state.draining = True
         r = c.post("/v1/poem", json={"prompt": "a", "max_tokens": 2})
         assert r.status_code == 503 and r.headers["retry-after"] == "5"
@@ -510,3 +510,31 @@ def test_the_check_for_a_client_that_left_does_not_disturb_a_request_that_stays(
                 answers.append([(ch["text"], ch["finish_reason"]) for ch in r.json()["choices"]])
             assert c.get("/healthz").json()["cancelled"] == 0
     assert answers[0] == answers[1]
+
+
+def test_an_asgi_server_without_lifespan_state_is_served_and_logged(model_tok, caplog):
+    """ASGI makes the scope's "state" optional (a server without lifespan state sends none): the
+    app answers and logs such a request as any other."""
+    import asyncio
+
+    model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
+    app = create_app(model=model, tokenizer=tok, model_name=NAME)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": "/v1/models", "raw_path": b"/v1/models", "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"localhost")], "client": ("127.0.0.1", 5000), "server": ("localhost", 80)}
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    with TestClient(app):  # the engine's lifespan runs; the request itself goes straight to the app
+        caplog.set_level(logging.INFO, logger="gpt_small.serve")
+        asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    assert json.loads(body)["data"][0]["id"] == NAME
+    assert [rec.getMessage() for rec in caplog.records if rec.name == "gpt_small.serve"][-1].startswith(
+        "GET /v1/models 200 tokens=0 ms=")

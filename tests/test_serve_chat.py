@@ -258,6 +258,7 @@ def test_draining_answers_503_with_retry_after(model_tok):
         app.state.engine.close()  # the engine itself refusing: 503 too, not 429
         r = c.post("/v1/chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": "a"}]})
         assert r.status_code == 503 and r.headers["retry-after"]
+        assert r.json()["error"]["message"] == "the server is shutting down; retry on another server or once it is back"
 
 
 def test_openapi_lists_every_route_and_every_accepted_field(client):

@@ -5,9 +5,11 @@ beside them never waits as long as one form line takes)."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +20,10 @@ from starlette.testclient import TestClient  # noqa: E402
 from gpt_small import verse  # noqa: E402
 from gpt_small.serve import create_app  # noqa: E402
 from gpt_small.limits import MAX_SYLLABLES  # noqa: E402
-from gpt_small.serve.forms import FORMS, MAX_FORM_LINES  # noqa: E402
+from gpt_small.forms import Form  # noqa: E402
+from gpt_small.serve.forms import FORMS, MAX_FORM_LINES, decode_form  # noqa: E402
+from gpt_small.serve.engine import Sequence  # noqa: E402
+from gpt_small.serve.protocol import ApiError, Sampling  # noqa: E402
 from serve_util import live_server, make_checkpoint, make_model  # noqa: E402
 
 
@@ -56,15 +61,93 @@ def test_bad_form_fields_are_one_400_naming_the_field(client, body, param):
     assert err["param"] == param and err["message"].startswith(f"{param}: ")
 
 
+PRESETS = ", ".join(FORMS)
+SYLLABLES = f"expected an integer 1..{MAX_SYLLABLES} (syllables per line), got "
+
+
+@pytest.mark.parametrize("body,lines,stanzas,param,message", [
+    ({"form": "haiku"}, None, None, "form", f"expected one of {PRESETS}; any other scheme goes in rhyme"),
+    ({"form": 3}, None, None, "form", f"expected one of {PRESETS}; any other scheme goes in rhyme"),
+    ({"form": "sonnet", "rhyme": "AA"}, None, None, "rhyme",
+     "give either form (a preset) or rhyme (a scheme), not both"),
+    ({"syllables": 0}, None, None, "syllables", SYLLABLES + "0"),
+    ({"syllables": MAX_SYLLABLES + 1}, None, None, "syllables", SYLLABLES + str(MAX_SYLLABLES + 1)),
+    ({"syllables": 7.5}, None, None, "syllables", SYLLABLES + "7.5"),
+    ({"syllables": True}, None, None, "syllables", SYLLABLES + "True"),
+    ({"rhyme": 5}, None, None, "rhyme", 'expected a scheme such as "ABAB" or "ABAB CDCD EFEF GG"'),
+    ({"rhyme": "AB1"}, None, None, "rhyme",  # verse.parse_scheme's own account
+     "rhyme scheme 'AB1' has characters other than letters A-Z: '1'; give letters such as ABAB, or one of: "
+     + ", ".join(verse.NAMED_SCHEMES)),
+    ({"rhyme": "ABAB CDCD"}, 4, None, "lines", "the scheme 'ABAB CDCD' has its own length (8 lines); leave lines out"),
+    ({"rhyme": "AA", "syllables": 5}, MAX_FORM_LINES + 1, None, "lines",
+     f"a poem in a form has at most {MAX_FORM_LINES} lines; this one has {MAX_FORM_LINES + 1}"),
+    ({"syllables": 5}, None, 6, "lines", f"a poem in a form has at most {MAX_FORM_LINES} lines; this one has 72"),
+    # a scheme repeated past the alphabet or split past its lines: the field that asked for it
+    ({"rhyme": "AA"}, MAX_FORM_LINES, None, "lines", "rhyme scheme 'AA' repeated 32 times needs more than 26 letters"),
+    ({"rhyme": "AB"}, None, 14, "stanzas", "rhyme scheme 'AB' repeated 14 times needs more than 26 letters"),
+    ({"form": "sonnet"}, None, 15, "stanzas", "stanzas 15 is more than the poem's 14 lines"),
+])
+def test_decode_form_refuses_each_field_with_its_message(body, lines, stanzas, param, message):
+    with pytest.raises(ApiError) as e:
+        decode_form(body, lines, stanzas)
+    assert (e.value.status, e.value.param, e.value.message) == (400, param, f"{param}: {message}")
+
+
+@pytest.mark.parametrize("body,lines,stanzas,form,name", [
+    ({}, None, None, None, None),
+    ({"form": "free"}, 3, 2, None, None),  # free verse without syllables: the plain poem path
+    ({"form": "free", "syllables": 4}, None, None, Form(lines=12, stanzas=1, syllables=4), "free"),
+    ({"form": "Sonnet"}, None, None, Form(rhyme="ABAB CDCD EFEF GG", syllables=10), "sonnet"),
+    ({"form": "sonnet", "syllables": 8}, None, None, Form(rhyme="ABAB CDCD EFEF GG", syllables=8), "sonnet"),
+    ({"form": "sonnet"}, None, 7, Form(rhyme="ABAB CDCD EFEF GG", stanzas=7, syllables=10), "sonnet"),
+    ({"form": "limerick"}, None, None, Form(rhyme="AABBA", lines=5, stanzas=1), "limerick"),
+    ({"form": "couplets", "syllables": 3.0}, None, 2, Form(rhyme="AA", lines=4, stanzas=2, syllables=3), "couplets"),
+    ({"syllables": 1}, None, None, Form(lines=12, stanzas=1, syllables=1), None),
+    ({"syllables": MAX_SYLLABLES}, None, None, Form(lines=12, stanzas=1, syllables=MAX_SYLLABLES), None),
+    ({"syllables": 5}, 2, 3, Form(lines=6, stanzas=3, syllables=5), None),
+    ({"syllables": 5}, None, 5, Form(lines=60, stanzas=5, syllables=5), None),
+    ({"syllables": 5}, MAX_FORM_LINES, None, Form(lines=MAX_FORM_LINES, stanzas=1, syllables=5), None),
+    ({"syllables": 5}, MAX_FORM_LINES // 2, 2, Form(lines=MAX_FORM_LINES, stanzas=2, syllables=5), None),
+    ({"rhyme": "AA", "syllables": 6}, None, None, Form(rhyme="AA", lines=2, stanzas=1, syllables=6), None),
+    ({"rhyme": "AA"}, 3, 2, Form(rhyme="AA", lines=6, stanzas=2), None),
+    ({"rhyme": "AB"}, None, 13, Form(rhyme="AB", lines=26, stanzas=13), None),
+    ({"rhyme": "ABAB CDCD"}, None, None, Form(rhyme="ABAB CDCD"), None),
+    ({"rhyme": "ABAB CDCD", "syllables": 6}, None, 2, Form(rhyme="ABAB CDCD", stanzas=2, syllables=6), None),
+    ({"rhyme": "sonnet"}, None, None, Form(rhyme="sonnet"), None),
+])
+def test_decode_form_takes_each_field_as_documented(body, lines, stanzas, form, name):
+    """A preset's scheme and syllables (the sonnet's 10, unless syllables says otherwise); a one-stanza
+    scheme repeated `stanzas` times, `lines` per stanza (its own length by default); free verse with
+    syllables 12 lines per stanza; a scheme of several stanzas keeps its own length."""
+    assert decode_form(body, lines, stanzas) == (None if form is None else (form, name))
+
+
+def documented_form_check() -> tuple[set[str], set[str]]:
+    """The keys docs/serve.md gives the form check, and those of each of its lines."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "serve.md").read_text()
+    block = re.search(r'"form": \{(.*?)\}, \.\.\.\]\}', doc, re.S)[1]
+    top, per_line = block.split('"lines": [{')
+    return set(re.findall(r'"(\w+)"', top)) | {"lines"}, set(re.findall(r'"(\w+)"', per_line))
+
+
 def test_form_limits_at_the_boundary_are_accepted(client):
     r = client.post("/v1/poem", json={"syllables": MAX_SYLLABLES, "lines": 1, "seed": 0, "temperature": 0.5})
     assert r.status_code == 200, r.text
-    assert r.json()["form"]["syllables"] == MAX_SYLLABLES and r.json()["form"]["lines_total"] == 1
+    check = r.json()["form"]
+    assert check["syllables"] == MAX_SYLLABLES and check["lines_total"] == 1
+    # the form check has the documented keys; free verse has no rhyme plan; a line may miss by one
+    keys, line_keys = documented_form_check()
+    assert set(check) == keys and all(set(m) == line_keys for m in check["lines"])
+    assert check["rhyme"] is None and check["tolerance"] == 1 and check["name"] is None
+    assert check["candidates"] == sum(m["candidates"] for m in check["lines"]) >= 1
+    assert all(isinstance(m["seconds"], float) and m["seconds"] >= 0 for m in check["lines"])
 
 
 def test_couplets_meet_the_form_seeded_and_streamed_alike(client):
     body = {"prompt": "The sea\n", "form": "couplets", "lines": 4, "seed": 5}
+    t0 = time.perf_counter()
     a = client.post("/v1/poem", json=body).json()
+    wall = time.perf_counter() - t0
     check = a["form"]
     assert check["name"] == "couplets" and check["rhyme"] == "AABB" and check["lines_total"] == 4
     lines = a["text"].splitlines()
@@ -74,6 +157,9 @@ def test_couplets_meet_the_form_seeded_and_streamed_alike(client):
     ends = [verse.last_word(line) for line in lines]
     assert verse.rhymes(ends[0], ends[1], dictionary_only=True) and verse.rhymes(ends[2], ends[3], dictionary_only=True)
     assert [m["text"] for m in check["lines"]] == lines and a["seed"] == 5
+    # each line's own search time, in ms steps: together within the request's time as the client saw it
+    seconds = [m["seconds"] for m in check["lines"]]
+    assert all(s >= 0 and round(s, 3) == s for s in seconds) and sum(seconds) <= wall
 
     again = client.post("/v1/poem", json=body).json()
     assert again["text"] == a["text"]  # the same seed, the same poem
@@ -82,6 +168,36 @@ def test_couplets_meet_the_form_seeded_and_streamed_alike(client):
     pieces, done = [e["text"] for e in events if not e.get("done")], events[-1]
     assert len(pieces) == 4 and "".join(pieces) == a["text"] == done["text"]  # one event per line
     assert done["done"] and done["form"]["all_met"] and done["finish_reason"] == "stop"
+
+
+def test_a_form_is_refused_by_name_what_does_not_apply_to_it(client):
+    r = client.post("/v1/poem", json={"rhyme": "AA", "repetition_penalty": 1.2})
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": "repetition_penalty: does not apply to a poem in a form", "type": "invalid_request_error",
+        "param": "repetition_penalty", "code": None}
+
+
+def test_a_form_waits_for_free_rows_but_not_in_a_full_queue():
+    """Admission as for a plain request: with no queue (max_queue 0) a form runs on free rows;
+    when not one more row could wait (every row busy, no queue), it is a 429 in OpenAI's shape,
+    with Retry-After."""
+    model, tok = make_model()
+    app = create_app(model=model, tokenizer=tok, model_name="tiny-poet", max_batch=16, max_queue=0)
+    body = {"rhyme": "AA", "lines": 2, "seed": 3}
+    with TestClient(app) as c:
+        assert c.post("/v1/poem", json=body).status_code == 200  # free rows, no queue: it runs
+        started = [threading.Event() for _ in range(16)]
+        busy = [Sequence(tok.encode("the "), Sampling(seed=i), max_new_tokens=100_000, tokenizer=tok,
+                         on_event=lambda kind, value, e=e: e.set()) for i, e in enumerate(started)]
+        app.state.engine.submit(busy)
+        assert all(e.wait(30) for e in started)
+        try:
+            r = c.post("/v1/poem", json=body)
+        finally:
+            app.state.engine.cancel(busy)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"] == {"message": "the server is busy: its queue is full; retry shortly",
+                                     "type": "requests", "param": None, "code": "rate_limit_exceeded"}
 
 
 def test_presets_and_stanzas(client):

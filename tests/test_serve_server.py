@@ -328,3 +328,35 @@ def test_the_server_make_server_builds_keeps_its_limits_and_drains_from_the_firs
         r = client.post("/v1/completions", json=body)
         assert r.status_code == 503
         assert r.json()["error"]["message"] == "the server is shutting down; retry on another server or once it is back"
+
+
+def test_a_start_whose_engine_fails_is_refused_not_served(tmp_path, monkeypatch):
+    """The app's startup builds the decode engine: when that fails (here, a failure injected into the
+    engine's construction), serve() stops with uvicorn's start-failure status after logging why, not
+    a server answering every request with a 500, nor a "stopped ... drained" line for a start that
+    never happened."""
+    from gpt_small.serve import app as app_module
+
+    monkeypatch.delenv("GPT_SMALL_API_KEY", raising=False)
+
+    def no_engine(*args, **kw):
+        raise RuntimeError("cannot allocate the cache rows")
+
+    monkeypatch.setattr(app_module, "Engine", no_engine)
+    servers, real = [], server.make_server
+
+    def make_server(app, drain_seconds, *args):
+        servers.append(real(app, drain_seconds, *args))
+        # a server that started all the same is stopped, so the test fails rather than waits
+        threading.Timer(60, lambda: setattr(servers[0], "should_exit", True)).start()
+        return servers[-1]
+
+    monkeypatch.setattr(server, "make_server", make_server)
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    with pytest.raises(SystemExit) as e:
+        serve(make_checkpoint(tmp_path / "tiny-run"), port=0, threads=1)
+    assert e.value.code == 3  # uvicorn's status for a failed start
+    assert "cannot allocate the cache rows" in err.getvalue() and "Application startup failed" in err.getvalue()
+    assert servers[0].started is False and "stopped" not in out.getvalue()

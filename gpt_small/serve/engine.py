@@ -204,13 +204,22 @@ class Engine:
 
     # --- called from other threads ---
 
+    def _room(self) -> int:
+        """Sequences submit() takes now (under the lock): the free rows not already claimed by
+        queued sequences, plus the queue's bound."""
+        free = self.max_batch - len(self._rows)
+        return self.max_queue + max(0, free - len(self._pending)) - len(self._pending)
+
+    def room(self) -> int:
+        with self._cond:
+            return self._room()
+
     def submit(self, seqs: Seq[Sequence]) -> None:
         """Queue sequences (all or none); QueueFull when the bounded queue cannot take them."""
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
-            free = self.max_batch - len(self._rows)
-            if len(self._pending) + len(seqs) > self.max_queue + max(0, free - len(self._pending)):
+            if len(seqs) > self._room():
                 raise QueueFull(f"{len(self._pending)} samples are waiting (the queue holds {self.max_queue})")
             self._pending.extend(seqs)
             self._cond.notify()

@@ -98,9 +98,9 @@ def decode_form(d: dict[str, Any], lines: int | None, stanzas: int | None) -> tu
     try:
         form.plan()
     except GPTSmallError as e:
-        param = ("stanzas" if "stanzas" in str(e) or lines is None and stanzas is not None
-                 else "lines" if lines is not None else "rhyme")
-        raise _bad(param, str(e).replace("--", "")) from None
+        # a scheme that fits by itself fails to plan only when repeated or split: by the lines per
+        # stanza the body gave, or else by its stanzas
+        raise _bad("lines" if lines is not None else "stanzas", str(e).replace("--", "")) from None
     return form, (name.lower() if name is not None else None)
 
 
@@ -188,7 +188,7 @@ async def form_poem(request: Request, req: Any, engine: Engine, model: Any, toke
                     model_name: str) -> Response:
     """/v1/poem for a request with a form (req.form set): plain JSON or server-sent events, one
     event per line as it is chosen, then {"done": true, ...} with the form check."""
-    if engine.stats()["queued"] >= engine.max_queue:
+    if engine.room() < 1:  # not one more row could wait: refused, as a plain request would be
         raise ApiError(429, "the server is busy: its queue is full; retry shortly", type="requests",
                        code="rate_limit_exceeded", headers={"Retry-After": "1"})
     loop, queue, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
