@@ -4,6 +4,7 @@ beside them never waits as long as one form line takes)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import statistics
@@ -12,17 +13,18 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("starlette")
 httpx = pytest.importorskip("httpx")
 from starlette.testclient import TestClient  # noqa: E402
 
-from gpt_small import verse  # noqa: E402
+from gpt_small import form_calls, verse  # noqa: E402
 from gpt_small.serve import create_app  # noqa: E402
 from gpt_small.limits import MAX_SYLLABLES  # noqa: E402
 from gpt_small.forms import Form  # noqa: E402
-from gpt_small.serve.forms import FORMS, MAX_FORM_LINES, decode_form  # noqa: E402
-from gpt_small.serve.engine import Sequence  # noqa: E402
+from gpt_small.serve.forms import FORMS, MAX_FORM_LINES, Cancelled, EngineCalls, decode_form  # noqa: E402
+from gpt_small.serve.engine import Engine, Sequence  # noqa: E402
 from gpt_small.serve.protocol import ApiError, Sampling  # noqa: E402
 from serve_util import live_server, make_checkpoint, make_model  # noqa: E402
 
@@ -264,3 +266,101 @@ def test_a_forms_lines_are_sampled_with_the_requests_settings(client):
     greedy = line(1, temperature=0)
     assert line(1) != greedy  # the default, temperature 0.8, samples
     assert line(2, top_k=1) == greedy and line(3, top_p=1e-9) == greedy
+
+
+# --- EngineCalls: a form's three model calls as rows of a real engine, against form_calls' own ---
+
+def _calls(max_batch: int = 2, max_queue: int = 0, seed: int | None = 0, **sampling):
+    """An engine over a model, EngineCalls on it, and a copy of the model to compute the same calls
+    directly (form_calls); a timer sets `stop` after 60 s, so a call that never returns fails the
+    test instead of holding it."""
+    model, tok = make_model()
+    ref = copy.deepcopy(model)
+    engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue)
+    stop = threading.Event()
+    timer = threading.Timer(60, stop.set)
+    timer.start()
+    calls = EngineCalls(engine, tok, {"temperature": 0.8, "top_k": None, "top_p": None, **sampling}, seed, stop)
+    return calls, ref, tok, engine, stop, timer
+
+
+def test_engine_calls_give_the_numbers_of_the_direct_calls_however_many_rows():
+    """Scores, next-token log-probabilities and greedy lines equal form_calls' on the model itself,
+    with more rows than the engine's batch and queue hold at once (submitted in slices)."""
+    calls, ref, tok, engine, stop, timer = _calls(max_batch=2, max_queue=0, temperature=0.0)
+    try:
+        prefix = torch.tensor(tok.encode("The sea and "))
+        conts = [tok.encode(w) for w in ("sky\n", "a", "the tide", "me", "stars\n")]
+        torch.testing.assert_close(torch.tensor(calls.score_continuations(prefix, conts)),
+                                   torch.tensor(form_calls.score_continuations(ref, prefix, conts, 2)),
+                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(calls.next_token_logprobs(prefix), form_calls.next_token_logprobs(ref, prefix),
+                                   atol=1e-4, rtol=0)
+        newline = torch.zeros(tok.vocab_size, dtype=torch.bool)
+        newline[tok.encode("\n")] = True
+        direct = form_calls.sample_lines(ref, prefix, 5, 12, newline, None,
+                                         {"temperature": 0.0, "top_k": None, "top_p": None}, [])
+        served = calls.sample_lines(prefix, 5, 12)
+        assert [(ids, ended) for ids, _, ended in served] == [(ids, ended) for ids, _, ended in direct]
+        torch.testing.assert_close(torch.tensor([s for _, s, _ in served]), torch.tensor([s for _, s, _ in direct]),
+                                   atol=1e-4, rtol=0)
+        assert not stop.is_set()
+    finally:
+        timer.cancel()
+        engine.close(10)
+
+
+def test_engine_calls_seed_each_row_from_the_poems_seed():
+    """Rows sampled with one seed: the same lines every time (another seed, other lines); each row
+    its own seed, so rows differ from one another."""
+    def lines(seed):
+        calls, _, tok, engine, stop, timer = _calls(max_batch=4, seed=seed)
+        try:
+            return [ids for ids, _, _ in calls.sample_lines(torch.tensor(tok.encode("The sea ")), 4, 10)]
+        finally:
+            timer.cancel()
+            engine.close(10)
+
+    a = lines(7)
+    assert a == lines(7) and a != lines(8) and len({tuple(x) for x in a}) > 1
+
+
+def test_engine_calls_stop_when_told_and_free_their_rows():
+    calls, _, tok, engine, stop, timer = _calls(max_batch=2)
+    timer.cancel()
+    try:
+        threading.Timer(0.5, stop.set).start()  # the client leaves while its rows decode
+        with pytest.raises(Cancelled):  # 3 continuations of 100,000 tokens: they run until told
+            calls.score_continuations(torch.tensor(tok.encode("The sea ")), [tok.encode("a") * 100_000] * 3)
+        deadline = time.monotonic() + 30
+        while engine.stats()["active"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stats = engine.stats()
+        assert stats["active"] == 0 and stats["queued"] == 0 and stats["cancelled"] == 2  # the third never got a row
+        with pytest.raises(Cancelled):  # told before it starts: nothing is submitted
+            calls.next_token_logprobs(torch.tensor(tok.encode("a")))
+        assert engine.stats()["cancelled"] == stats["cancelled"]
+    finally:
+        engine.close(10)
+
+
+def test_engine_calls_of_a_closing_engine_or_a_failed_step_raise():
+    calls, _, tok, engine, stop, timer = _calls(max_batch=2)
+    try:
+        real = engine._step
+
+        def boom():
+            raise RuntimeError("injected")
+
+        engine._step = boom  # a failure injected into the decode loop
+        with pytest.raises(RuntimeError, match=r"^the decode loop failed \(logged\)$"):
+            calls.sample_lines(torch.tensor(tok.encode("The sea ")), 2, 5)
+        engine._step = real
+        assert len(calls.sample_lines(torch.tensor(tok.encode("The sea ")), 2, 5)) == 2  # the engine goes on
+        engine.close(10)
+        with pytest.raises(Cancelled):  # the server is shutting down: the form ends, not waits
+            calls.score_continuations(torch.tensor(tok.encode("a")), [tok.encode("b")])
+        assert not stop.is_set()
+    finally:
+        timer.cancel()
+        engine.close(10)

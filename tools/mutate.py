@@ -143,8 +143,9 @@ MODULE_TESTS: dict[str, list[str]] = {
 # The serve engine's tests each wait for a sample's end with a time limit of their own, which such
 # a mutant always runs into: at 15x it would wait out many of them before it counted as killed.
 # The verse forms of the server wait for the engine's rows to finish (EngineCalls._run): a mutant
-# that loses a row's end makes a poem request wait for ever, until the wall-clock limit.
-TIMEOUT_MULTIPLIER = {"gpt_small/serve/engine.py": 5, "gpt_small/serve/forms.py": 5}
+# that loses a row's end makes a poem request wait for ever, until the wall-clock limit. The app's
+# events() counts the samples still to finish: a mutant that miscounts them holds the request open.
+TIMEOUT_MULTIPLIER = {"gpt_small/serve/engine.py": 5, "gpt_small/serve/forms.py": 5, "gpt_small/serve/app.py": 5}
 
 # what the copy needs besides gpt_small/ and tests/ (tests read these)
 ALSO_COPY = ["README.md", "docs", "configs", "tools", "benchmarks", "Makefile", "pyproject.toml"]
