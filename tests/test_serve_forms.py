@@ -172,6 +172,26 @@ def test_couplets_meet_the_form_seeded_and_streamed_alike(client):
     assert done["done"] and done["form"]["all_met"] and done["finish_reason"] == "stop"
 
 
+def test_a_form_streams_its_stanzas_and_continues_a_prompts_last_line(client):
+    """A prompt that ends inside a line: the poem's first line finishes it, so the first piece is
+    that line's rest; stanzas arrive with the blank line between them; the pieces are the text, and
+    the usage counts the prompt's and the text's tokens (one per character here)."""
+    body = {"prompt": "The sea", "rhyme": "AA", "lines": 2, "stanzas": 2, "seed": 4}
+    a = client.post("/v1/poem", json=body).json()
+    assert a["poem"] == "The sea" + a["text"] and a["text"].count("\n\n") == 1
+    assert a["form"]["lines"][0]["text"].startswith("The sea")
+    assert a["form"]["lines"][0]["text"] == "The sea" + a["text"].split("\n")[0]
+    assert a["usage"] == {"prompt_tokens": 7, "completion_tokens": len(a["text"]), "total_tokens": 7 + len(a["text"])}
+    r = client.post("/v1/poem", json={**body, "stream": True})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+    events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e and e != "data: [DONE]"]
+    assert r.text.endswith("data: [DONE]\n\n")
+    pieces = [e["text"] for e in events[:-1]]
+    assert pieces[1].endswith("\n\n") and [p.count("\n") for p in pieces] == [1, 2, 1, 1]
+    assert "".join(pieces) == a["text"] == events[-1]["text"] and events[-1]["usage"] == a["usage"]
+
+
 def test_a_form_is_refused_by_name_what_does_not_apply_to_it(client):
     r = client.post("/v1/poem", json={"rhyme": "AA", "repetition_penalty": 1.2})
     assert r.status_code == 400 and r.json()["error"] == {
@@ -364,3 +384,42 @@ def test_engine_calls_of_a_closing_engine_or_a_failed_step_raise():
     finally:
         timer.cancel()
         engine.close(10)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_form_whose_client_leaves_frees_its_rows_and_is_logged_so(caplog, stream):
+    """Over a real uvicorn: a form poem of 64 lines whose client closes the socket stops within the
+    form's poll, its rows cancelled and freed, and its log line says `(client left)` (status 499,
+    nginx's "client closed request", where nobody reads a body)."""
+    import logging
+    import socket
+
+    from gpt_small.serve.protocol import HTTP_LIMITS
+    from serve_util import uvicorn_thread
+
+    model, tok = make_model()
+    app = create_app(model=model, tokenizer=tok, model_name="tiny-poet")
+    caplog.set_level(logging.INFO, logger="gpt_small.serve")
+    stats = app.state
+
+    def until(check, seconds: float = 30):
+        deadline = time.monotonic() + seconds
+        while not check():
+            assert time.monotonic() < deadline, stats.engine.stats()
+            time.sleep(0.02)
+
+    with uvicorn_thread(app, HTTP_LIMITS, drain_seconds=1) as address:
+        payload = json.dumps({"syllables": 8, "lines": MAX_FORM_LINES, "stream": stream}).encode()
+        s = socket.create_connection(address)
+        s.sendall(b"POST /v1/poem HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+        until(lambda: stats.engine.stats()["active"] > 0)
+        s.close()
+        until(lambda: [r for r in caplog.records if r.name == "gpt_small.serve"])
+        until(lambda: stats.engine.stats()["active"] == 0 and stats.engine.stats()["queued"] == 0)
+        tokens = stats.engine.stats()["tokens"]
+        time.sleep(1.0)  # two of the form's polls: its search has stopped, not gone on unread
+        assert stats.engine.stats()["tokens"] == tokens and stats.engine.stats()["active"] == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "gpt_small.serve"]
+    status = 200 if stream else 499  # a stream has sent its status line before the client left
+    assert re.fullmatch(rf"POST /v1/poem {status} tokens=0 ms=\d+ \(client left\)", line), line

@@ -50,7 +50,6 @@ FORMS: dict[str, tuple[str | None, int | None]] = {
     "limerick": ("AABBA", None),
 }
 MAX_FORM_LINES = 64  # per poem: every line costs at least one round of candidates
-_POLL = 0.5  # seconds between checks for a client that left
 
 
 def _bad(param: str, message: str) -> ApiError:
@@ -241,25 +240,35 @@ async def form_poem(request: Request, req: Any, engine: Engine, model: Any, toke
                      R.timing(started, first_at[0], tokens))
         return {**out, "seed": s.seed, "form": form_check(req.form, req.form_name, poem.meta, line_seconds)}
 
+    async def left() -> None:
+        """The body has been read, so the next ASGI message is the client's disconnect. (A stream
+        has its own watcher in Starlette, which cancels the stream when the client leaves.)"""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        queue.put_nowait(("left", None))
+
     async def items() -> AsyncIterator[tuple[str, Any]]:
+        ended = False  # the poem's own end; any other way out is a client that left
+        watcher = None if req.stream else asyncio.create_task(left())
         try:
             while True:
-                try:
-                    kind, value = await asyncio.wait_for(queue.get(), _POLL)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        request.state.cancelled = True
-                        return
-                    continue
+                kind, value = await queue.get()
+                if kind == "left":
+                    return
                 if kind == "line" and first_at[0] is None:
                     first_at[0] = time.perf_counter()
+                ended = kind in ("done", "cancelled", "error")
                 if kind == "error":
                     raise value
                 yield kind, value
-                if kind in ("done", "cancelled"):
+                if ended:
                     return
-        finally:
+        finally:  # also when a stream's client leaves: its task is cancelled at the await above
             stop.set()
+            if watcher is not None:
+                watcher.cancel()
+            if not ended:
+                request.state.cancelled = True
 
     if req.stream:
         async def stream() -> AsyncIterator[bytes]:
