@@ -49,13 +49,18 @@ def ours(seed: int = 0, **overrides) -> GPT:
     return model.eval()
 
 
-def exported(model: GPT, folder: Path, eos_id: int | None = None, **kw) -> GPTSmallForCausalLM:
-    """`model` as `gpt-small export` writes a remote-code folder (config.json, model.safetensors),
-    loaded by transformers' from_pretrained into the class of modeling_gpt_small.py."""
+def write(model: GPT, folder: Path, eos_id: int | None = None) -> str:
+    """`model` as `gpt-small export` writes a remote-code folder: config.json, model.safetensors."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(gpt_small_config(model.config, eos_id)))
     save_file(gpt_small_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return GPTSmallForCausalLM.from_pretrained(str(folder), **kw).eval()
+    return str(folder)
+
+
+def exported(model: GPT, folder: Path, eos_id: int | None = None, **kw) -> GPTSmallForCausalLM:
+    """`model` written as export writes it, loaded by transformers' from_pretrained into the class
+    of modeling_gpt_small.py."""
+    return GPTSmallForCausalLM.from_pretrained(write(model, folder, eos_id), **kw).eval()
 
 
 def ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
@@ -84,6 +89,50 @@ def test_logits_equal_ours(tmp_path, shape):
     with torch.no_grad():
         for T in (16, 5, 1):  # the whole block, a prefix (positions 0..T-1 of each table), one token
             assert_close(theirs(x[:, :T]).logits, model(x[:, :T]), **TIGHT)
+
+
+@pytest.mark.parametrize("shape", [dict(qk_norm=True, bias=False), dict(qk_norm=True, tie_embeddings=False),
+                                   dict(pos_encoding="rope", ngram=3, bias=False, tie_embeddings=False),
+                                   dict(pos_encoding="sinusoidal", ngram=2)],
+                         ids=["qk_norm-no-bias", "qk_norm-untied", "rope-ngram3-no-bias-untied", "sinusoidal-ngram2"])
+def test_every_weight_of_the_model_is_one_that_export_writes(tmp_path, shape):
+    """No weight missing (it would be left at an initial value), none left over, none of another
+    shape: the model's parameters are exactly the exported tensors (a tied head once)."""
+    model = ours(**shape)
+    theirs, info = GPTSmallForCausalLM.from_pretrained(write(model, tmp_path), output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    written = gpt_small_state(model)
+    assert {k: v.shape for k, v in theirs.named_parameters()} == {k: v.shape for k, v in written.items()}
+
+
+@pytest.mark.parametrize("shape", [dict(pos_encoding="sinusoidal", ngram=3), dict(pos_encoding="rope", qk_norm=True),
+                                   dict(pos_encoding="learned", ngram=2)], ids=["sinusoidal-ngram3", "rope", "learned"])
+def test_a_forward_follows_its_weights_device(tmp_path, shape):
+    """Every tensor a forward makes (position tables, rotations, n-gram padding) is made on the
+    device of the input: torch's meta device (shapes without data) stands in for a GPU here."""
+    theirs = exported(ours(**shape), tmp_path).to("meta")
+    logits = theirs(ids(2, 16).to("meta")).logits
+    assert (logits.device.type, logits.shape) == ("meta", (2, 16, V))
+
+
+@pytest.mark.parametrize("shape", [dict(pos_encoding="sinusoidal", ngram=3), dict(pos_encoding="rope", qk_norm=True)],
+                         ids=["sinusoidal", "rope"])
+def test_a_forward_does_not_depend_on_torchs_default_dtype(tmp_path, shape):
+    """The position tables are computed in float32 whatever torch.set_default_dtype says: the
+    same logits, bit for bit, and the same table as ours."""
+    theirs = exported(ours(**shape), tmp_path)
+    x = ids(2, 16)
+    with torch.no_grad():
+        expected = theirs(x).logits
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            got = theirs(x).logits
+            table = sinusoidal_table(16, 32)
+        finally:
+            torch.set_default_dtype(before)
+    assert_close(got, expected, rtol=0, atol=0)
+    assert_close(table, our_sinusoidal_table(16, 32), rtol=0, atol=0)
 
 
 def test_a_tied_head_is_the_token_embedding_and_an_untied_one_its_own(tmp_path):
@@ -139,6 +188,14 @@ def test_greedy_generation_past_block_size_equals_gpt_small_generate(tmp_path, s
         for i, logits in enumerate(out.logits):
             window = out.sequences[:, :T0 + i][:, -16:]
             assert_close(logits, model(window)[:, -1], **TIGHT)
+
+
+def test_generation_with_use_cache_asked_gives_the_same_tokens(tmp_path):
+    """The model has no KV cache: asking generate for one changes nothing (each step recomputes the window)."""
+    theirs = exported(ours(pos_encoding="rope", qk_norm=True), tmp_path)
+    x = ids(2, 5)
+    without = theirs.generate(x, max_new_tokens=24, do_sample=False, use_cache=False)
+    assert torch.equal(theirs.generate(x, max_new_tokens=24, do_sample=False, use_cache=True), without)
 
 
 def test_generation_stops_at_the_configured_end_of_text(tmp_path):
