@@ -318,6 +318,6 @@ def test_the_config_holds_each_field_given_and_round_trips(tmp_path):
     c.save_pretrained(str(tmp_path))
     again = GPTSmallConfig.from_pretrained(str(tmp_path))
     assert again.to_dict() == {**d, "transformers_version": again.to_dict()["transformers_version"]}
-    tied = GPTSmallConfig(tie_embeddings=True, n_embd=64, n_layer=2, n_head=8)
-    assert (tied.tie_word_embeddings, tied.hidden_size, tied.num_hidden_layers, tied.num_attention_heads) == \
-        (True, 64, 2, 8)
+    for tie in (True, False):  # transformers' own name follows ours, given alone
+        c = GPTSmallConfig(tie_embeddings=tie, n_embd=64, n_layer=2, n_head=8)
+        assert (c.tie_word_embeddings, c.hidden_size, c.num_hidden_layers, c.num_attention_heads) == (tie, 64, 2, 8)
