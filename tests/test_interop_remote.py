@@ -135,6 +135,19 @@ def test_a_forward_does_not_depend_on_torchs_default_dtype(tmp_path, shape):
     assert_close(table, our_sinusoidal_table(16, 32), rtol=0, atol=0)
 
 
+def test_the_ngram_hash_of_int32_ids_is_that_of_int64_ids(tmp_path):
+    """A vocabulary times bucket count past 2**31: the hash of (V-1, V-1) reaches past int32, and
+    int32 ids (numpy's integers on some platforms) still give the logits of int64 ids."""
+    big = 46341  # (big - 1) * (big + 1) > 2**31 - 1
+    model = ours(vocab_size=big, n_embd=8, n_head=2, n_layer=1, ngram=3, ngram_buckets=46400, qk_norm=True)
+    theirs = exported(model, tmp_path)
+    x = torch.tensor([[big - 1, big - 1, 5, big - 2, big - 1]])
+    with torch.no_grad():
+        expected = model(x)
+        assert_close(theirs(x).logits, expected, **TIGHT)
+        assert_close(theirs(x.int()).logits, expected, **TIGHT)
+
+
 def test_a_tied_head_is_the_token_embedding_and_an_untied_one_its_own(tmp_path):
     tied = exported(ours(qk_norm=True), tmp_path / "tied")
     assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight

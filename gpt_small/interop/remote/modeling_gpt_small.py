@@ -111,6 +111,7 @@ class NgramEmbeddings(nn.Module):
                                     for _ in range(2, config.ngram + 1))
 
     def forward(self, idx):
+        idx = idx.long()  # the hash reaches vocab_size * buckets, past int32 for large tables
         k, (B, T) = len(self.tables), idx.shape
         tokens = torch.cat((torch.full((B, k), self.pad, dtype=idx.dtype, device=idx.device), idx), dim=1)
         h, base, out = idx % self.buckets, 1, 0
