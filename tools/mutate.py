@@ -114,6 +114,10 @@ MODULE_TESTS: dict[str, list[str]] = {
                                         *(f"tests/test_interop_runtimes.py::{t}" for t in _CARD_RUNTIME_TESTS)],
     # (test_interop_finetune.py trains runs: its tracker tests are end to end, not per mutant)
     "gpt_small/interop/trackers.py": ["tests/test_interop_trackers_edges.py"],
+    # the remote code imported as our own modules: an exported folder's copy of it (the other interop
+    # tests) is a module of transformers' own, which mutmut does not switch
+    "gpt_small/interop/remote/modeling_gpt_small.py": ["tests/test_interop_remote.py"],
+    "gpt_small/interop/remote/configuration_gpt_small.py": ["tests/test_interop_remote.py"],
     "gpt_small/serve/protocol.py": ["tests/test_serve_refusals.py", "tests/test_limits_table.py", "tests/test_serve_api.py",
                                     "tests/test_serve_limits.py", "tests/test_serve_chat.py"],
     "gpt_small/serve/guard.py": ["tests/test_serve_guard.py", "tests/test_serve_limits.py::test_host_check_and_json_only"],

@@ -14,7 +14,8 @@ embeddings (positions before the window count as the padding token `vocab_size`)
 Generation recomputes the whole window each step (no KV cache: the models are small). Past
 `block_size` tokens it keeps the last `block_size`, at positions 0..block_size-1, as
 `gpt-small generate` does, so greedy output matches it at any length. Padding (a batch of
-prompts of different lengths) is not supported: the attention mask must be all ones.
+prompts of different lengths) is not supported: the attention mask must be all ones over the
+tokens the model sees (the last `block_size`), else forward and generate raise ValueError.
 """
 
 import math
@@ -110,6 +111,7 @@ class NgramEmbeddings(nn.Module):
                                     for _ in range(2, config.ngram + 1))
 
     def forward(self, idx):
+        idx = idx.long()  # the hash reaches vocab_size * buckets, past int32 for large tables
         k, (B, T) = len(self.tables), idx.shape
         tokens = torch.cat((torch.full((B, k), self.pad, dtype=idx.dtype, device=idx.device), idx), dim=1)
         h, base, out = idx % self.buckets, 1, 0
@@ -190,9 +192,13 @@ class GPTSmallForCausalLM(GPTSmallPreTrainedModel, GenerationMixin):
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def prepare_inputs_for_generation(self, input_ids, **kwargs):
-        # the last block_size tokens at positions 0..block_size-1, as gpt-small's generate
-        return {"input_ids": input_ids[:, -self.config.block_size:]}
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        # the last block_size tokens at positions 0..block_size-1, as gpt-small's generate; their
+        # part of the mask goes along, so that forward refuses padding instead of reading it as text
+        window = {"input_ids": input_ids[:, -self.config.block_size:]}
+        if attention_mask is not None:
+            window["attention_mask"] = attention_mask[:, -self.config.block_size:]
+        return window
 
     @classmethod
     def _supports_default_dynamic_cache(cls):
