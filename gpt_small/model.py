@@ -143,6 +143,7 @@ class NgramEmbeddings(nn.Module):
     def forward(self, idx: Tensor, before: Tensor) -> Tensor:
         """idx (B, T) token ids, before (B, context) the tokens preceding them -> (B, T, C)."""
         k, T = self.context, idx.shape[1]
+        idx, before = idx.long(), before.long()  # the hash reaches vocab_size * buckets: past int32 for large tables
         tokens = torch.cat((before, idx), dim=1)
         h, base, out = idx % self.buckets, 1, 0
         for i, table in enumerate(self.tables):  # n = i + 2; all mod buckets, so nothing overflows

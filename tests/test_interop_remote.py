@@ -146,6 +146,7 @@ def test_the_ngram_hash_of_int32_ids_is_that_of_int64_ids(tmp_path):
         expected = model(x)
         assert_close(theirs(x).logits, expected, **TIGHT)
         assert_close(theirs(x.int()).logits, expected, **TIGHT)
+        assert_close(model(x.int()), expected, **TIGHT)  # ours too
 
 
 def test_a_tied_head_is_the_token_embedding_and_an_untied_one_its_own(tmp_path):
