@@ -200,20 +200,38 @@ def test_a_form_is_refused_by_name_what_does_not_apply_to_it(client):
 
 
 def test_a_form_waits_for_free_rows_but_not_in_a_full_queue():
-    """Admission as for a plain request: with no queue (max_queue 0) a form runs on free rows;
-    when not one more row could wait (every row busy, no queue), it is a 429 in OpenAI's shape,
-    with Retry-After."""
+    """Admission as for a plain request: with no queue (max_queue 0) a form runs on free rows, one
+    free row being enough; when not one more row could wait
+    (every row busy, no queue), it is a 429 in OpenAI's shape, with Retry-After."""
     model, tok = make_model()
-    app = create_app(model=model, tokenizer=tok, model_name="tiny-poet", max_batch=16, max_queue=0)
-    body = {"rhyme": "AA", "lines": 2, "seed": 3}
+    app = create_app(model=model, tokenizer=tok, model_name="tiny-poet", max_batch=2, max_queue=0)
+    body = {"syllables": 3, "lines": 1, "seed": 3}
+    busy: list[Sequence] = []
+
+    def hold_a_row() -> None:
+        started = threading.Event()
+        busy.append(Sequence(tok.encode("the "), Sampling(seed=len(busy)), max_new_tokens=100_000, tokenizer=tok,
+                             on_event=lambda kind, value: started.set()))
+        app.state.engine.submit(busy[-1:])
+        assert started.wait(30)
+
     with TestClient(app) as c:
-        assert c.post("/v1/poem", json=body).status_code == 200  # free rows, no queue: it runs
-        started = [threading.Event() for _ in range(16)]
-        busy = [Sequence(tok.encode("the "), Sampling(seed=i), max_new_tokens=100_000, tokenizer=tok,
-                         on_event=lambda kind, value, e=e: e.set()) for i, e in enumerate(started)]
-        app.state.engine.submit(busy)
-        assert all(e.wait(30) for e in started)
         try:
+            hold_a_row()
+            assert app.state.engine.room() == 1
+            got: list = []
+            t = threading.Thread(target=lambda: got.append(c.post("/v1/poem", json=body)))
+            t.start()
+            deadline = time.monotonic() + 30  # admitted: its candidates take the free row
+            while not got and app.state.engine.stats()["active"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            app.state.engine.cancel(busy)  # then both rows are its own
+            t.join(60)
+            assert got and got[0].status_code == 200, got and got[0].text  # one free row, no queue: it runs
+            busy.clear()
+            hold_a_row()
+            hold_a_row()
+            assert app.state.engine.room() == 0
             r = c.post("/v1/poem", json=body)
         finally:
             app.state.engine.cancel(busy)

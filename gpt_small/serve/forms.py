@@ -38,7 +38,7 @@ from .. import verse
 from ..errors import GPTSmallError
 from ..forms import Form, SearchConfig, compose
 from . import responses as R
-from .engine import Engine, QueueFull, Sequence
+from .engine import Engine, QueueFull, Sequence, ShuttingDown
 from .protocol import ApiError, Sampling
 
 # preset name -> (rhyme scheme, default syllables per line); None: free verse
@@ -119,7 +119,7 @@ class EngineCalls:
                         top_p=self.sampling["top_p"], seed=self.seeds.getrandbits(63))
 
     def _run(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Submit seqs (in slices the engine's queue can take) and wait until all are done."""
+        """Submit seqs (in slices the engine has room for) and wait until all are done."""
         left, done = [len(seqs)], threading.Event()
         lock = threading.Lock()
 
@@ -131,19 +131,19 @@ class EngineCalls:
                         done.set()
         for s in seqs:
             s.on_event = on_event
-        step = max(1, self.engine.max_batch)
         try:
-            for i in range(0, len(seqs), step):
-                while True:
-                    if self.stop.is_set():
-                        raise Cancelled
-                    try:
-                        self.engine.submit(seqs[i:i + step])
-                        break
-                    except QueueFull:  # the queue is full or the server is stopping: wait for room
-                        if getattr(self.engine, "_stopping", False):
-                            raise Cancelled from None
-                        time.sleep(0.02)
+            i = 0
+            while i < len(seqs):  # as many as the engine has room for now, at least one at a time
+                if self.stop.is_set():
+                    raise Cancelled
+                n = max(1, min(len(seqs) - i, self.engine.room()))
+                try:
+                    self.engine.submit(seqs[i:i + n])
+                    i += n
+                except ShuttingDown:
+                    raise Cancelled from None
+                except QueueFull:  # taken by others since: wait for room
+                    time.sleep(0.02)
             while not done.wait(0.05):
                 if self.stop.is_set():
                     raise Cancelled
