@@ -432,6 +432,9 @@ def test_a_form_whose_client_leaves_frees_its_rows_and_is_logged_so(caplog, stre
         s.sendall(b"POST /v1/poem HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
         until(lambda: stats.engine.stats()["active"] > 0)
+        # the search runs on a daemon thread of its own, named for thread dumps: a stopping server
+        # never waits on one
+        assert [t.daemon for t in threading.enumerate() if t.name == "gpt-small-form"] == [True]
         s.close()
         until(lambda: [r for r in caplog.records if r.name == "gpt_small.serve"])
         until(lambda: stats.engine.stats()["active"] == 0 and stats.engine.stats()["queued"] == 0)
@@ -441,3 +444,55 @@ def test_a_form_whose_client_leaves_frees_its_rows_and_is_logged_so(caplog, stre
     (line,) = [r.getMessage() for r in caplog.records if r.name == "gpt_small.serve"]
     status = 200 if stream else 499  # a stream has sent its status line before the client left
     assert re.fullmatch(rf"POST /v1/poem {status} tokens=0 ms=\d+ \(client left\)", line), line
+
+
+def test_a_form_whose_search_fails_is_a_500_or_an_error_event_and_the_server_goes_on(caplog):
+    """A failure injected into the decode loop: the form's JSON answer is a 500 in OpenAI's shape; a
+    streamed form ends with the error event and [DONE], as a plain poem's stream does, and the
+    failure is logged; the next form is served."""
+    import logging
+
+    from serve_util import failing_decode_steps
+
+    model, tok = make_model()
+    app = create_app(model=model, tokenizer=tok, model_name="tiny-poet")
+    body = {"rhyme": "AA", "lines": 2, "seed": 1}
+    with TestClient(app, raise_server_exceptions=False) as c:
+        with failing_decode_steps(app):
+            r = c.post("/v1/poem", json=body)
+            assert r.status_code == 500 and r.json() == {"error": {
+                "message": "internal error (logged by the server)", "type": "server_error", "param": None,
+                "code": None}}
+            caplog.clear()
+            caplog.set_level(logging.ERROR, logger="gpt_small.serve")
+            r = c.post("/v1/poem", json={**body, "stream": True})
+        assert r.status_code == 200
+        assert r.text.endswith("data: [DONE]\n\n")
+        events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e and e != "data: [DONE]"]
+        assert events[-1] == {"error": {"message": "internal error while generating (logged by the server)",
+                                        "type": "server_error", "param": None, "code": None}}
+        assert not any(e.get("done") for e in events)
+        failed = [rec for rec in caplog.records if rec.getMessage() == "a poem in a form failed"]
+        assert len(failed) == 1 and "the decode loop failed" in str(failed[0].exc_info[1])
+        assert c.post("/v1/poem", json=body).status_code == 200
+
+
+def test_a_form_running_when_the_server_stops_is_a_503():
+    """The engine closing under a form poem (the server shutting down): the search stops at its
+    next model call and the client gets 503 with Retry-After, not a poem cut short as if whole."""
+    model, tok = make_model()
+    app = create_app(model=model, tokenizer=tok, model_name="tiny-poet")
+    with TestClient(app) as c:
+        got: list = []
+        t = threading.Thread(target=lambda: got.append(
+            c.post("/v1/poem", json={"syllables": 8, "lines": MAX_FORM_LINES, "seed": 2})))
+        t.start()
+        deadline = time.monotonic() + 30
+        while app.state.engine.stats()["active"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        app.state.engine.close()
+        t.join(60)
+        r = got[0]
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"  # as a plain request's
+        assert r.json()["error"] == {"message": "the server is shutting down; retry on another server or once it is back",
+                                     "type": "server_error", "param": None, "code": "service_unavailable"}

@@ -37,15 +37,13 @@ from .engine import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_BATCH, Engine, QueueFull,
 from .forms import form_poem
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import openapi_schema
-from .protocol import (HTTP_LIMITS, ApiError, CompletionRequest, HttpLimits, Limits, decode_chat, decode_completion,
-                       decode_poem, parse_json)
+from .protocol import (HTTP_LIMITS, STREAM_ERROR, ApiError, CompletionRequest, HttpLimits, Limits, busy, decode_chat,
+                       decode_completion, decode_poem, going_away, parse_json)
 
 log = logging.getLogger("gpt_small.serve")
 
 _POLL = 0.5  # seconds between checks for a client that left while no text was coming
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# a sample that failed mid-stream: an event in OpenAI's error shape before [DONE], never a bare end
-STREAM_ERROR = ApiError(500, "internal error while generating (logged by the server)", type="server_error").body()
 
 
 class LogRequests:
@@ -102,18 +100,6 @@ async def body_json(request: Request) -> dict[str, Any]:
     except TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {http.body_seconds:g} s") from None
     return parse_json(body, http)
-
-
-def busy(message: str) -> ApiError:
-    """429: the queue is full; the same server takes the request shortly."""
-    return ApiError(429, f"the server is busy: {message}; retry shortly", type="requests",
-                    code="rate_limit_exceeded", headers={"Retry-After": "1"})
-
-
-def going_away(message: str) -> ApiError:
-    """503: the server is shutting down; another one (or this one, once back) takes the request."""
-    return ApiError(503, f"{message}; retry on another server or once it is back", type="server_error",
-                    code="service_unavailable", headers={"Retry-After": "5"})
 
 
 def start(request: Request, seqs: list[Sequence]) -> asyncio.Queue:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import threading
 import time
@@ -36,10 +37,12 @@ from torch import Tensor
 from .. import limits as bounds
 from .. import verse
 from ..errors import GPTSmallError
-from ..forms import Form, SearchConfig, compose
+from ..forms import Form, compose
 from . import responses as R
 from .engine import Engine, QueueFull, Sequence, ShuttingDown
-from .protocol import ApiError, Sampling
+from .protocol import STREAM_ERROR, ApiError, Sampling, busy, going_away
+
+log = logging.getLogger("gpt_small.serve")
 
 # preset name -> (rhyme scheme, default syllables per line); None: free verse
 FORMS: dict[str, tuple[str | None, int | None]] = {
@@ -188,8 +191,7 @@ async def form_poem(request: Request, req: Any, engine: Engine, model: Any, toke
     """/v1/poem for a request with a form (req.form set): plain JSON or server-sent events, one
     event per line as it is chosen, then {"done": true, ...} with the form check."""
     if engine.room() < 1:  # not one more row could wait: refused, as a plain request would be
-        raise ApiError(429, "the server is busy: its queue is full; retry shortly", type="requests",
-                       code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        raise busy("its queue is full")
     loop, queue, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
     started = time.perf_counter()
     plan_sizes = [len(s) for s in req.form.plan()]
@@ -210,9 +212,9 @@ async def form_poem(request: Request, req: Any, engine: Engine, model: Any, toke
     def work() -> None:
         try:
             calls = lambda newline, sampling, banned: EngineCalls(engine, tokenizer, sampling, s.seed, stop)  # noqa: E731
-            poem = compose(model, tokenizer, req.form, prompt=req.prompt, search=SearchConfig(),
-                           temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed, calls=calls,
-                           on_line=on_line)
+            # (no seed for compose: it seeds only its own model calls; EngineCalls seeds each row)
+            poem = compose(model, tokenizer, req.form, prompt=req.prompt, temperature=s.temperature,
+                           top_k=s.top_k, top_p=s.top_p, calls=calls, on_line=on_line)
             post("done", poem)
         except Cancelled:
             post("cancelled", None)
@@ -220,7 +222,7 @@ async def form_poem(request: Request, req: Any, engine: Engine, model: Any, toke
             post("error", e)
 
     threading.Thread(target=work, name="gpt-small-form", daemon=True).start()
-    head = "" if (req.prompt or "\n").endswith("\n") else req.prompt.rsplit("\n", 1)[-1]
+    head = req.prompt.rpartition("\n")[2]  # the prompt's unfinished line, which the first line finishes
     pid, first_at, chosen = R.new_id("poem"), [None], [0]
 
     def piece(m: dict[str, Any]) -> str:
@@ -272,11 +274,15 @@ async def form_poem(request: Request, req: Any, engine: Engine, model: Any, toke
 
     if req.stream:
         async def stream() -> AsyncIterator[bytes]:
-            async for kind, value in items():
-                if kind == "line":
-                    yield R.sse({"text": piece(value)})
-                elif kind == "done":
-                    yield R.sse({"done": True, **result(value)})
+            try:
+                async for kind, value in items():
+                    if kind == "line":
+                        yield R.sse({"text": piece(value)})
+                    elif kind == "done":
+                        yield R.sse({"done": True, **result(value)})
+            except Exception:  # noqa: BLE001 - the status is sent: an error event, as a plain poem's
+                log.exception("a poem in a form failed")
+                yield R.sse(STREAM_ERROR)
             yield R.sse("[DONE]")
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -285,5 +291,5 @@ async def form_poem(request: Request, req: Any, engine: Engine, model: Any, toke
             return JSONResponse(result(value))
     if getattr(request.state, "cancelled", False):  # the client left: nobody reads this
         return Response(status_code=499)
-    raise ApiError(503, "the server is shutting down", type="server_error", headers={"Retry-After": "1"})
+    raise going_away("the server is shutting down")
 

@@ -53,6 +53,22 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+# a sample that failed mid-stream: an event in OpenAI's error shape before [DONE], never a bare end
+STREAM_ERROR = ApiError(500, "internal error while generating (logged by the server)", type="server_error").body()
+
+
+def busy(message: str) -> ApiError:
+    """429: the queue is full; the same server takes the request shortly."""
+    return ApiError(429, f"the server is busy: {message}; retry shortly", type="requests",
+                    code="rate_limit_exceeded", headers={"Retry-After": "1"})
+
+
+def going_away(message: str) -> ApiError:
+    """503: the server is shutting down; another one (or this one, once back) takes the request."""
+    return ApiError(503, f"{message}; retry on another server or once it is back", type="server_error",
+                    code="service_unavailable", headers={"Retry-After": "5"})
+
+
 @dataclass(frozen=True, kw_only=True)
 class HttpLimits:
     """Bounds on what one client may send, checked before any work; one field per row of the
