@@ -310,13 +310,13 @@ def test_a_forms_lines_are_sampled_with_the_requests_settings(client):
 
 def _calls(max_batch: int = 2, max_queue: int = 0, seed: int | None = 0, **sampling):
     """An engine over a model, EngineCalls on it, and a copy of the model to compute the same calls
-    directly (form_calls); a timer sets `stop` after 60 s, so a call that never returns fails the
-    test instead of holding it."""
+    directly (form_calls); a timer sets `stop` after 20 s (each test takes a second or two), so a
+    call that never returns fails the test instead of holding it."""
     model, tok = make_model()
     ref = copy.deepcopy(model)
     engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue)
     stop = threading.Event()
-    timer = threading.Timer(60, stop.set)
+    timer = threading.Timer(20, stop.set)
     timer.start()
     calls = EngineCalls(engine, tok, {"temperature": 0.8, "top_k": None, "top_p": None, **sampling}, seed, stop)
     return calls, ref, tok, engine, stop, timer
