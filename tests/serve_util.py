@@ -100,22 +100,23 @@ def closed_within(s: socket.socket, seconds: float) -> bytes | None:
 
 
 @contextmanager
-def uvicorn_thread(app, limits, drain_seconds: float):
+def uvicorn_thread(app, limits, drain_seconds: float, daemon: bool = True):
     """uvicorn serving `app` with these HttpLimits on a free loopback port, in a thread of this
-    process (the server's own connection handling, no subprocess); yields (host, port)."""
+    process (the server's own connection handling, no subprocess); yields (host, port).
+    daemon=False: a thread like `gpt-small serve`'s main thread, whose daemon flag new threads inherit."""
     from gpt_small.serve.server import make_server
 
-    with serving(make_server(app, drain_seconds=drain_seconds, limits=limits)) as address:
+    with serving(make_server(app, drain_seconds=drain_seconds, limits=limits), daemon=daemon) as address:
         yield address
 
 
 @contextmanager
-def serving(server):
+def serving(server, daemon: bool = True):
     """A uvicorn server (as make_server builds it) on a free loopback port, in a thread of this
     process; yields (host, port) once it has started, and stops it afterwards."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=daemon)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 import statistics
 import threading
@@ -172,13 +173,17 @@ def test_couplets_meet_the_form_seeded_and_streamed_alike(client):
     assert done["done"] and done["form"]["all_met"] and done["finish_reason"] == "stop"
 
 
-def test_a_form_streams_its_stanzas_and_continues_a_prompts_last_line(client):
+def test_a_form_streams_its_stanzas_and_continues_a_prompts_last_line(client, caplog):
     """A prompt that ends inside a line: the poem's first line finishes it, so the first piece is
     that line's rest; stanzas arrive with the blank line between them; the pieces are the text, and
     the usage counts the prompt's and the text's tokens (one per character here)."""
-    body = {"prompt": "The sea", "rhyme": "AA", "lines": 2, "stanzas": 2, "seed": 4}
+    body = {"prompt": "The sea", "rhyme": "AA", "lines": 2, "stanzas": 3, "seed": 4}
+    caplog.set_level(logging.INFO, logger="gpt_small.serve")
     a = client.post("/v1/poem", json=body).json()
-    assert a["poem"] == "The sea" + a["text"] and a["text"].count("\n\n") == 1
+    assert a["poem"] == "The sea" + a["text"] and a["text"].count("\n\n") == 2
+    # the request's log line counts the poem's tokens
+    logged = [r.getMessage() for r in caplog.records if r.name == "gpt_small.serve"][-1]
+    assert re.fullmatch(rf"POST /v1/poem 200 tokens={len(a['text'])} ms=\d+", logged), logged
     assert a["form"]["lines"][0]["text"].startswith("The sea")
     assert a["form"]["lines"][0]["text"] == "The sea" + a["text"].split("\n")[0]
     assert a["usage"] == {"prompt_tokens": 7, "completion_tokens": len(a["text"]), "total_tokens": 7 + len(a["text"])}
@@ -188,7 +193,7 @@ def test_a_form_streams_its_stanzas_and_continues_a_prompts_last_line(client):
     events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e and e != "data: [DONE]"]
     assert r.text.endswith("data: [DONE]\n\n")
     pieces = [e["text"] for e in events[:-1]]
-    assert pieces[1].endswith("\n\n") and [p.count("\n") for p in pieces] == [1, 2, 1, 1]
+    assert [p.count("\n") for p in pieces] == [1, 2, 1, 2, 1, 1]  # a blank line after each stanza but the last
     assert "".join(pieces) == a["text"] == events[-1]["text"] and events[-1]["usage"] == a["usage"]
 
 
@@ -409,7 +414,6 @@ def test_a_form_whose_client_leaves_frees_its_rows_and_is_logged_so(caplog, stre
     """Over a real uvicorn: a form poem of 64 lines whose client closes the socket stops within the
     form's poll, its rows cancelled and freed, and its log line says `(client left)` (status 499,
     nginx's "client closed request", where nobody reads a body)."""
-    import logging
     import socket
 
     from gpt_small.serve.protocol import HTTP_LIMITS
@@ -426,7 +430,7 @@ def test_a_form_whose_client_leaves_frees_its_rows_and_is_logged_so(caplog, stre
             assert time.monotonic() < deadline, stats.engine.stats()
             time.sleep(0.02)
 
-    with uvicorn_thread(app, HTTP_LIMITS, drain_seconds=1) as address:
+    with uvicorn_thread(app, HTTP_LIMITS, drain_seconds=1, daemon=False) as address:
         payload = json.dumps({"syllables": 8, "lines": MAX_FORM_LINES, "stream": stream}).encode()
         s = socket.create_connection(address)
         s.sendall(b"POST /v1/poem HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -450,8 +454,6 @@ def test_a_form_whose_search_fails_is_a_500_or_an_error_event_and_the_server_goe
     """A failure injected into the decode loop: the form's JSON answer is a 500 in OpenAI's shape; a
     streamed form ends with the error event and [DONE], as a plain poem's stream does, and the
     failure is logged; the next form is served."""
-    import logging
-
     from serve_util import failing_decode_steps
 
     model, tok = make_model()
