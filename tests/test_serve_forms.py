@@ -164,7 +164,8 @@ def test_couplets_meet_the_form_seeded_and_streamed_alike(client):
     seconds = [m["seconds"] for m in check["lines"]]
     assert all(s >= 0 and round(s, 3) == s for s in seconds) and sum(seconds) <= wall
     # the time to the first token is the first line's: once chosen, it is sent
-    assert 1000 * seconds[0] - 1 <= a["timing"]["ttft_ms"] < 1000 * sum(seconds) <= a["timing"]["ms"] + 1
+    assert 1000 * seconds[0] - 1 <= a["timing"]["ttft_ms"] < 1000 * sum(seconds[:2])
+    assert 1000 * sum(seconds) <= a["timing"]["ms"] + 2
 
     again = client.post("/v1/poem", json=body).json()
     assert again["text"] == a["text"]  # the same seed, the same poem
