@@ -371,6 +371,22 @@ def test_engine_calls_seed_each_row_from_the_poems_seed():
     assert a == lines(7) and a != lines(8) and len({tuple(x) for x in a}) > 1
 
 
+def test_engine_calls_sample_one_line_per_row_and_say_which_ended():
+    """A sampled candidate is one line: it ends at its first newline (then `ended`) or at the token
+    budget (then not), never past a newline."""
+    calls, _, tok, engine, stop, timer = _calls(max_batch=8, seed=3, temperature=1.0)
+    try:
+        rows = calls.sample_lines(torch.tensor(tok.encode("The sea ")), 8, 30)
+    finally:
+        timer.cancel()
+        engine.close(10)
+    nl = tok.encode("\n")[0]
+    assert len(rows) == 8 and any(ended for _, _, ended in rows) and not all(ended for _, _, ended in rows)
+    for ids, score, ended in rows:
+        assert nl not in ids[:-1] and ended == (ids[-1] == nl) and (ended or len(ids) == 30)
+        assert score < 0
+
+
 def test_engine_calls_stop_when_told_and_free_their_rows():
     calls, _, tok, engine, stop, timer = _calls(max_batch=2)
     timer.cancel()
@@ -464,7 +480,11 @@ def test_a_form_whose_search_fails_is_a_500_or_an_error_event_and_the_server_goe
     body = {"rhyme": "AA", "lines": 2, "seed": 1}
     with TestClient(app, raise_server_exceptions=False) as c:
         with failing_decode_steps(app):
+            caplog.set_level(logging.INFO, logger="gpt_small.serve")
             r = c.post("/v1/poem", json=body)
+            logged = [rec.getMessage() for rec in caplog.records if rec.name == "gpt_small.serve"
+                      and rec.levelno == logging.INFO]
+            assert re.fullmatch(r"POST /v1/poem 500 tokens=0 ms=\d+", logged[-1]), logged  # not "(client left)"
             assert r.status_code == 500 and r.json() == {"error": {
                 "message": "internal error (logged by the server)", "type": "server_error", "param": None,
                 "code": None}}
