@@ -230,11 +230,13 @@ def test_a_form_waits_for_free_rows_but_not_in_a_full_queue():
             got: list = []
             t = threading.Thread(target=lambda: got.append(c.post("/v1/poem", json=body)))
             t.start()
-            deadline = time.monotonic() + 30  # admitted: its candidates take the free row
+            deadline = time.monotonic() + 10  # admitted: its candidates take the free row at once
             while not got and app.state.engine.stats()["active"] < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)
+            admitted = bool(got) or app.state.engine.stats()["active"] == 2
             app.state.engine.cancel(busy)  # then both rows are its own
             t.join(60)
+            assert admitted, "the form did not take the free row"
             assert got and got[0].status_code == 200, got and got[0].text  # one free row, no queue: it runs
             busy.clear()
             hold_a_row()
@@ -399,6 +401,15 @@ def test_engine_calls_stop_when_told_and_free_their_rows():
             time.sleep(0.02)
         stats = engine.stats()
         assert stats["active"] == 0 and stats["queued"] == 0 and stats["cancelled"] == 2  # the third never got a row
+        threading.Timer(0.5, stop.set).start()
+        stop.clear()
+        with pytest.raises(Cancelled):  # every row running, none waiting for room: told all the same
+            calls.score_continuations(torch.tensor(tok.encode("The sea ")), [tok.encode("a") * 5000] * 2)
+        deadline = time.monotonic() + 30
+        while engine.stats()["active"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stats = engine.stats()
+        assert stats["active"] == 0 and stats["cancelled"] == 4
         with pytest.raises(Cancelled):  # told before it starts: nothing is submitted
             calls.next_token_logprobs(torch.tensor(tok.encode("a")))
         assert engine.stats()["cancelled"] == stats["cancelled"]
