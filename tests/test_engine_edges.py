@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from gpt_small.generate import generate_tokens
 from gpt_small.serve.engine import Engine, QueueFull, Sequence
@@ -55,6 +56,7 @@ def test_with_every_row_busy_the_queue_takes_exactly_max_queue(max_queue):
     finally:
         _stop(engine, busy + waiting)
     assert all(s.finish_reason == "cancelled" for s in busy + waiting)
+    assert all(s.text == "" and s.new_ids == [] for s in waiting)  # never started: no text at all
 
 
 def test_a_request_of_several_samples_is_queued_all_or_none():
@@ -292,7 +294,7 @@ def test_close_finishes_what_runs_and_waits_then_takes_nothing_new():
         assert s.new_ids == alone
 
 
-def test_a_failure_outside_any_row_ends_every_live_and_arriving_sequence_once():
+def test_a_failure_outside_any_row_ends_every_live_and_arriving_sequence_once(caplog):
     """A bug that escapes the round (here: the step raises once, after clearing the model's cache)
     ends the live rows and the arrivals of that round with an error, each exactly once, and the
     engine starts over with a fresh cache: the next sequence is what it would be alone."""
@@ -333,6 +335,9 @@ def test_a_failure_outside_any_row_ends_every_live_and_arriving_sequence_once():
     alone = [int(t) for t in generate_tokens(reference, tok.encode("the "), max_new_tokens=20, temperature=1.0,
                                              seed=7, banned_ids=[tok.unk_id])]
     assert again.finish_reason == "length" and again.new_ids == alone
+    failed = [r for r in caplog.records if r.name == "gpt_small.serve" and r.levelname == "ERROR"]
+    assert [r.getMessage() for r in failed] == ["decode step failed; ending the live requests"]
+    assert "injected failure outside any row" in str(failed[0].exc_info[1])
 
 
 class PiecesTokenizer:
@@ -601,3 +606,45 @@ def test_close_waits_no_longer_than_its_timeout():
     engine.cancel(busy)
     engine.close(30)
     assert not engine._thread.is_alive() and busy[0].finish_reason == "cancelled"
+
+
+def test_a_fresh_engine_has_the_documented_defaults_and_a_daemon_worker():
+    """`Engine(model, tok)`: the queue bound, batch and prefill defaults; every counter at zero before
+    any sample (what /healthz shows at start); its decode loop on a daemon thread named for thread
+    dumps, so a process that never closes it still exits."""
+    from gpt_small.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_BATCH
+
+    model, tok = make_model()
+    engine = Engine(model, tok)
+    try:
+        stats = engine.stats()
+        assert (stats["max_queue"], stats["max_batch"], stats["prefill_batch"]) == (
+            64, DEFAULT_MAX_BATCH, DEFAULT_PREFILL_BATCH)
+        assert {k: stats[k] for k in ("active", "queued", "finished", "cancelled", "tokens", "steps", "peak_batch",
+                                      "prefills", "prefill_rows")} == dict.fromkeys(
+            ("active", "queued", "finished", "cancelled", "tokens", "steps", "peak_batch", "prefills", "prefill_rows"), 0)
+        assert [t.daemon for t in threading.enumerate() if t.name == "gpt-small-decode"] == [True]
+    finally:
+        engine.close(10)
+
+
+def test_a_tokenizer_without_an_unknown_id_samples_every_token():
+    """A byte-level BPE tokenizer has no unknown token: nothing is banned, and a sample runs to its
+    budget (a char tokenizer's unknown id is never sampled: the other test files)."""
+    from gpt_small.model import GPT, GPTConfig
+    from gpt_small.tokenizer import train_bpe
+
+    tok = train_bpe("the sea and the seas, the shore and the shores; " * 40, vocab_size=300)
+    assert getattr(tok, "unk_id", None) is None
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
+    engine = Engine(model, tok, max_batch=2)
+    assert engine.banned == []
+    done = threading.Event()
+    seq = _seq(tok, "the sea", 1, 12, on_event=lambda kind, v: kind == "done" and done.set())
+    try:
+        engine.submit([seq])
+        assert done.wait(30)
+    finally:
+        engine.close(10)
+    assert seq.finish_reason == "length" and len(seq.new_ids) == 12
