@@ -620,6 +620,7 @@ def test_a_fresh_engine_has_the_documented_defaults_and_a_daemon_worker():
         stats = engine.stats()
         assert (stats["max_queue"], stats["max_batch"], stats["prefill_batch"]) == (
             64, DEFAULT_MAX_BATCH, DEFAULT_PREFILL_BATCH)
+        assert stats["window_keep"] == 32  # generate's rule: half the model's 64-token window
         assert {k: stats[k] for k in ("active", "queued", "finished", "cancelled", "tokens", "steps", "peak_batch",
                                       "prefills", "prefill_rows")} == dict.fromkeys(
             ("active", "queued", "finished", "cancelled", "tokens", "steps", "peak_batch", "prefills", "prefill_rows"), 0)
