@@ -223,7 +223,7 @@ async def form_poem(request: Request, req: Any, engine: Engine, model: Any, toke
 
     threading.Thread(target=work, name="gpt-small-form", daemon=True).start()
     head = req.prompt.rpartition("\n")[2]  # the prompt's unfinished line, which the first line finishes
-    pid, first_at, chosen = R.new_id("poem"), [None], [0]
+    pid, first_at = R.new_id("poem"), [None]
 
     def piece(m: dict[str, Any]) -> str:
         text = m["text"][len(head):] if m["line"] == 1 else m["text"]
