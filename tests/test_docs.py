@@ -121,3 +121,13 @@ def test_the_checks_can_fail(tmp_path: Path) -> None:
     assert "nowhere" not in anchors(page) and "speed" in anchors(page)
     assert [m.group(1) for m in LINK.finditer(page.read_text())] == ["missing.md", "#nowhere"]
     assert slug("`make poem`: ten minutes on two CPU cores") == "make-poem-ten-minutes-on-two-cpu-cores"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_curl_with_a_body_sends_json(page: Path) -> None:
+    """The server refuses a body that is not Content-Type: application/json (415), and curl's -d
+    sends form encoding: a command copied from the docs must name the JSON type."""
+    text = page.read_text()
+    commands = re.findall(r"curl\b(?:[^\n]|\\\n)*", text)  # a command, its continued lines included
+    bad = [c for c in commands if re.search(r"\s(-d|--data)\b", c) and "application/json" not in c]
+    assert not bad, bad
