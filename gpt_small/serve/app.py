@@ -43,7 +43,6 @@ from .protocol import (HTTP_LIMITS, STREAM_ERROR, ApiError, CompletionRequest, H
 log = logging.getLogger("gpt_small.serve")
 
 _POLL = 0.5  # seconds between checks for a client that left while no text was coming
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class LogRequests:
@@ -218,7 +217,7 @@ def sse_response(request: Request, seqs: list[Sequence], queue: asyncio.Queue, s
         if usage is not None:
             yield R.sse(usage(R.usage(prompt_tokens, sum(len(q.new_ids) for q in seqs))))
         yield R.sse("[DONE]")
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=_SSE_HEADERS)
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=R.SSE_HEADERS)
 
 
 async def finished(request: Request, seqs: list[Sequence], queue: asyncio.Queue) -> None:
@@ -346,7 +345,7 @@ async def poem(request: Request) -> Response:
                 elif value == "error":
                     yield R.sse(STREAM_ERROR)
             yield R.sse("[DONE]")
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=_SSE_HEADERS)
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=R.SSE_HEADERS)
     await finished(request, [seq], queue)
     return JSONResponse(result())
 

@@ -284,8 +284,7 @@ async def form_poem(request: Request, req: Any, engine: Engine, model: Any, toke
                 log.exception("a poem in a form failed")
                 yield R.sse(STREAM_ERROR)
             yield R.sse("[DONE]")
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=R.SSE_HEADERS)
     async for kind, value in items():
         if kind == "done":
             return JSONResponse(result(value))

@@ -13,6 +13,10 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
+# a stream's headers: no caching, and no buffering by a proxy (nginx) between the server and the client
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
 def sse(data: dict[str, Any] | str) -> bytes:
     """One server-sent event: `data: <json>` and a blank line (`data: [DONE]` ends OpenAI's streams)."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
